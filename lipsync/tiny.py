@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import zlib
+from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
+
+from lipsync.config import CONFIG_DIR
+from lipsync.weights import WeightPaths, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -32,3 +38,30 @@ def random_parameters_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Mo
             values += 1.0
         param.copy_(values.to(param.dtype))
     return module
+
+
+TINY_VAE_CONFIG = CONFIG_DIR / "tiny" / "vae_config.json"
+"""Tiny AutoencoderKL: 4 blocks like sd-vae-ft-mse, so 8x downsampling and 4 latent channels."""
+
+
+def write_tiny_vae(folder: str | Path, seed: int = 0) -> Path:
+    """Write a seeded random tiny VAE as a diffusers folder (config.json + safetensors), like sd-vae-ft-mse."""
+    vae = AutoencoderKL.from_config(json.loads(TINY_VAE_CONFIG.read_text()))
+    random_parameters_(vae, seed)
+    folder = Path(folder)
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_tiny_weights(dest: str | Path | None = None, seed: int = 0) -> WeightPaths:
+    """Write the tiny UNet, Whisper and VAE in the weights config's "tiny" layout below ``dest``.
+
+    ``dest`` defaults to the tiny version's root in the weights config.
+    """
+    paths = weight_paths("tiny", dest)
+    for path in (paths.unet, paths.whisper):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_tiny_unet(paths.unet, paths.unet_config, seed)
+    write_tiny_whisper(paths.whisper, seed)
+    write_tiny_vae(paths.vae_dir, seed)
+    return paths

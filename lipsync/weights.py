@@ -1,0 +1,246 @@
+"""Checkpoint layout (``configs/weights.yaml``), presence checks and verified Hub downloads.
+
+Downloads go through ``huggingface_hub``, so ``HF_ENDPOINT`` selects a mirror (the hub reads it once,
+at import) and ``HF_TOKEN`` / the stored login are used as usual. No exact sizes are published for the
+LatentSync checkpoints, so each file is checked against the size the server reports for it, plus the
+sanity floors from the config.
+
+Resuming, as huggingface_hub 2.4 does it: a connection dropped mid-transfer is resumed in-process with
+an HTTP ``Range`` request (up to 5 times), and Xet-backed repos reuse the ``hf_xet`` chunk cache across
+runs. A partial ``*.incomplete`` file left by a killed process is *not* resumed: each download writes
+to its own temporary file (huggingface_hub PR #4228), so an interrupted plain-HTTP download restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+from lipsync.config import CONFIG_DIR, ConfigError
+
+REPO_ROOT = CONFIG_DIR.parent
+"""Relative ``root`` and ``unet_config`` paths in the weights config are taken from here."""
+
+WEIGHTS_CONFIG = CONFIG_DIR / "weights.yaml"
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint file is missing, corrupt, or not the file the weights config describes."""
+
+
+class DownloadError(WeightsError):
+    """A file could not be fetched from the Hub (connection, HTTP or transfer failure)."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One checkpoint file: where it lands below a root and, if downloadable, its Hub origin.
+
+    The layout is the one ``hf_hub_download(repo, filename, local_dir=root / local_dir)`` produces,
+    so ``filename`` is both the name inside the repo and the path below ``local_dir``.
+    """
+
+    filename: str
+    local_dir: str
+    repo: str | None = None
+    revision: str = "main"
+    size: int | None = None
+    min_size: int | None = None
+
+    def path(self, root: Path) -> Path:
+        return root / self.local_dir / self.filename
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """The VAE folder (shared by all versions) and the latent scaling official inference forces."""
+
+    local_dir: str
+    files: tuple[WeightFile, ...]
+    scaling_factor: float
+    shift_factor: float
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """One LatentSync version: its UNet config, default root and version-specific files."""
+
+    name: str
+    root: Path
+    unet_config: Path
+    unet: WeightFile
+    whisper: WeightFile
+
+    @property
+    def downloadable(self) -> bool:
+        return self.unet.repo is not None
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Parsed ``configs/weights.yaml``."""
+
+    vae: VAESpec
+    versions: dict[str, VersionSpec]
+
+    def version(self, name: str) -> VersionSpec:
+        try:
+            return self.versions[name]
+        except KeyError:
+            known = ", ".join(self.versions)
+            raise ConfigError(f"unknown weights version {name!r} (known: {known})") from None
+
+    def files(self, version: str) -> tuple[WeightFile, ...]:
+        """Every file ``version`` needs, UNet first."""
+        spec = self.version(version)
+        return (spec.unet, spec.whisper, *self.vae.files)
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    """Local paths of everything inference loads for one version."""
+
+    unet_config: Path
+    unet: Path
+    whisper: Path
+    vae_dir: Path
+    vae_files: tuple[str, ...]
+    """Names of the files ``vae_dir`` must hold (diffusers folder format)."""
+
+    @property
+    def required(self) -> tuple[Path, ...]:
+        return (self.unet_config, self.unet, self.whisper, *(self.vae_dir / name for name in self.vae_files))
+
+
+def _file_entry(entry: Any, where: str, **origin: Any) -> WeightFile:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(entry).__name__}")
+    try:
+        return WeightFile(**origin, **entry)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
+    """Parse the weights config at ``path``; malformed content raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        vae, versions = raw["vae"], raw["versions"]
+        vae_origin = {"repo": vae["repo"], "revision": vae.get("revision", "main")}
+        vae_spec = VAESpec(
+            local_dir=vae["local_dir"],
+            files=tuple(
+                _file_entry(entry, f"vae.files.{name}", filename=name, local_dir=vae["local_dir"], **vae_origin)
+                for name, entry in vae["files"].items()
+            ),
+            scaling_factor=float(vae["scaling_factor"]),
+            shift_factor=float(vae["shift_factor"]),
+        )
+        specs = {}
+        for name, version in versions.items():
+            origin = {"repo": version.get("repo"), "revision": version.get("revision", "main")}
+            specs[str(name)] = VersionSpec(
+                name=str(name),
+                root=REPO_ROOT / version["root"],
+                unet_config=REPO_ROOT / version["unet_config"],
+                unet=_file_entry(version["unet"], f"versions.{name}.unet", **origin),
+                whisper=_file_entry(version["whisper"], f"versions.{name}.whisper", **origin),
+            )
+    except OSError as exc:
+        raise ConfigError(f"cannot read weights config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"weights config {path} is not valid YAML: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"weights config {path} is malformed ({type(exc).__name__}: {exc})") from None
+    return WeightsConfig(vae=vae_spec, versions=specs)
+
+
+def weight_paths(version: str, root: str | Path | None = None, config: WeightsConfig | None = None) -> WeightPaths:
+    """Resolve the local paths of ``version`` below ``root`` (default: the version's root in the config)."""
+    config = config or load_weights_config()
+    spec = config.version(version)
+    root = spec.root if root is None else Path(root)
+    return WeightPaths(
+        unet_config=spec.unet_config,
+        unet=spec.unet.path(root),
+        whisper=spec.whisper.path(root),
+        vae_dir=root / config.vae.local_dir,
+        vae_files=tuple(file.filename for file in config.vae.files),
+    )
+
+
+def missing(paths: WeightPaths) -> list[Path]:
+    """The required files that do not exist, in load order (empty when everything is in place)."""
+    return [path for path in paths.required if not path.is_file()]
+
+
+def download_file(file: WeightFile, root: Path, *, endpoint: str | None = None) -> Path:
+    """Fetch ``file`` into ``root`` (no-op when an up-to-date copy is there) and verify its size.
+
+    The server's metadata is read first, so a wrong file (size below ``min_size``) is rejected before
+    gigabytes are transferred, and the download is pinned to the commit that metadata came from.
+    """
+    if file.repo is None:
+        raise WeightsError(f"{file.filename} is generated locally and has no Hub origin")
+    url = hf_hub_url(file.repo, file.filename, revision=file.revision, endpoint=endpoint)
+    try:
+        metadata = get_hf_file_metadata(url, endpoint=endpoint)
+    except (httpx2.HTTPError, OSError) as exc:
+        raise DownloadError(f"cannot get metadata of {url}: {exc}") from exc
+    reported = metadata.size
+    if reported is None:
+        raise WeightsError(f"{url}: the server reports no size, so the download cannot be verified")
+    if file.size is not None and reported != file.size:
+        raise WeightsError(f"{url}: the server reports {reported:,} bytes, the weights config expects {file.size:,}")
+    if file.min_size is not None and reported < file.min_size:
+        raise WeightsError(
+            f"{url}: the server reports {reported:,} bytes, expected at least {file.min_size:,} "
+            "(wrong repo or version?)"
+        )
+    try:
+        local = Path(
+            hf_hub_download(
+                file.repo,
+                file.filename,
+                revision=metadata.commit_hash,
+                local_dir=root / file.local_dir,
+                endpoint=endpoint,
+            )
+        )
+    except (httpx2.HTTPError, OSError) as exc:
+        raise DownloadError(f"downloading {url} failed: {exc}") from exc
+    actual = local.stat().st_size
+    if actual != reported:
+        raise WeightsError(
+            f"{local} has {actual:,} bytes but the server reports {reported:,} for {url}; delete it and download again"
+        )
+    return local
+
+
+def download_weights(
+    version: str,
+    root: str | Path | None = None,
+    *,
+    endpoint: str | None = None,
+    config: WeightsConfig | None = None,
+) -> WeightPaths:
+    """Download and verify every file ``version`` needs below ``root``; return the resolved paths.
+
+    ``endpoint`` overrides ``HF_ENDPOINT`` for this call (e.g. a mirror chosen at run time).
+    """
+    config = config or load_weights_config()
+    spec = config.version(version)
+    if not spec.downloadable:
+        raise WeightsError(
+            f"version {version!r} is generated locally, not downloaded: run scripts/make_tiny_weights.py"
+        )
+    root = spec.root if root is None else Path(root)
+    for file in config.files(version):
+        download_file(file, root, endpoint=endpoint)
+    return weight_paths(version, root, config)
