@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+from whisper.model import ModelDimensions, Whisper
 
 from lipsync.config import CONFIG_DIR
 from lipsync.weights import WeightPaths, weight_paths
@@ -65,3 +67,16 @@ def write_tiny_weights(dest: str | Path | None = None, seed: int = 0) -> WeightP
     write_tiny_whisper(paths.whisper, seed)
     write_tiny_vae(paths.vae_dir, seed)
     return paths
+
+
+TINY_WHISPER_DIMS = CONFIG_DIR / "tiny" / "whisper_dims.json"
+"""Tiny Whisper: the real ``tiny`` layout (4 encoder blocks, 1500 positions, 80 mels) at width 64."""
+
+
+def write_tiny_whisper(path: str | Path, seed: int = 0, dims_path: str | Path | None = None) -> Path:
+    """Write a seeded random Whisper as an OpenAI checkpoint (``{"dims", "model_state_dict"}``) like ``tiny.pt``."""
+    dims = ModelDimensions(**json.loads(Path(dims_path or TINY_WHISPER_DIMS).read_text()))
+    model = random_parameters_(Whisper(dims), seed)
+    path = Path(path)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
