@@ -1,0 +1,63 @@
+"""ResNet pieces of the LatentSync UNet, on frames folded into the batch.
+
+Every tensor between blocks has the layout ``(B·F, C, H, W)`` (frames of one sample next to each
+other), so plain 2-D convolutions apply per frame without copies. What differs from diffusers'
+``ResnetBlock2D`` is normalisation: the official model applies ``nn.GroupNorm`` to the 5-D
+``(B, C, F, H, W)`` tensor, so ResNet statistics are pooled over all frames of a window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FramePooledGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover ``num_frames`` consecutive batch rows (one window).
+
+    Equal to ``nn.GroupNorm`` on ``(B, C, F, H, W)`` while taking ``(B·F, C, H, W)``; statistics
+    are computed in fp32 whatever the input dtype.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+        frames_in_batch, channels, height, width = hidden_states.shape
+        grouped = hidden_states.reshape(frames_in_batch // num_frames, num_frames, self.num_groups, -1)
+        variance, mean = torch.var_mean(grouped.float(), dim=(1, 3), correction=0, keepdim=True)
+        normalised = (grouped.float() - mean) * torch.rsqrt(variance + self.eps)
+        normalised = normalised.view(frames_in_batch, channels, height, width).to(hidden_states.dtype)
+        if self.affine:
+            normalised = normalised * self.weight[:, None, None] + self.bias[:, None, None]
+        return normalised
+
+
+class ResnetBlock3D(nn.Module):
+    """Pre-activation residual block with a timestep bias and frame-pooled GroupNorm."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = FramePooledGroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = FramePooledGroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``frame_temb`` is the timestep embedding repeated per frame: ``(B·F, temb_channels)``."""
+        residual = hidden_states
+        hidden_states = self.conv1(F.silu(self.norm1(hidden_states, num_frames)))
+        hidden_states = hidden_states + self.time_emb_proj(F.silu(frame_temb))[:, :, None, None]
+        hidden_states = self.conv2(F.silu(self.norm2(hidden_states, num_frames)))
+        if self.conv_shortcut is not None:
+            residual = self.conv_shortcut(residual)
+        return residual + hidden_states
