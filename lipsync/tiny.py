@@ -13,6 +13,7 @@ from torch import nn
 from whisper.model import ModelDimensions, Whisper
 
 from lipsync.config import CONFIG_DIR
+from lipsync.models.loading import build_unet
 from lipsync.weights import WeightPaths, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
@@ -79,4 +80,12 @@ def write_tiny_whisper(path: str | Path, seed: int = 0, dims_path: str | Path | 
     model = random_parameters_(Whisper(dims), seed)
     path = Path(path)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+def write_tiny_unet(path: str | Path, config_path: str | Path, seed: int = 0) -> Path:
+    """Write a seeded random UNet as an official checkpoint (``{"state_dict", "global_step"}``)."""
+    model = random_parameters_(build_unet(config_path), seed)
+    path = Path(path)
+    torch.save({"state_dict": model.state_dict(), "global_step": 0}, path)
     return path

@@ -1,0 +1,189 @@
+"""DDIM sampling with classifier-free guidance over 16-frame windows, and face generation.
+
+The official pipeline denoises one window per UNet call. Here several windows of equal length
+share one call: each window is its own batch element, so the frame-pooled ResNet GroupNorm keeps
+per-window statistics and the result equals window-by-window denoising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+from lipsync.config import CONFIG_DIR
+from lipsync.models.unet import UNet3DConditionModel
+from lipsync.vae import decode_latents, encode_latents
+
+SCHEDULER_CONFIG = CONFIG_DIR / "scheduler_config.json"
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling knobs; defaults come from a LatentSync config's ``data`` and ``run`` sections."""
+
+    num_frames: int = 16
+    steps: int = 20
+    guidance_scale: float = 1.5
+    seed: int = 1247
+    windows_per_call: int = 4
+    """How many windows share one UNet call (×2 batch rows with guidance): a memory/speed knob."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "SamplingSettings":
+        data, run = config.get("data", {}), config.get("run", {})
+        values = {
+            "num_frames": data.get("num_frames", cls.num_frames),
+            "steps": run.get("inference_steps", cls.steps),
+            "guidance_scale": run.get("guidance_scale", cls.guidance_scale),
+            "seed": run.get("seed", cls.seed),
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {self.steps}")
+        if not 0.0 <= self.guidance_scale <= 20.0:
+            raise ValueError(f"guidance_scale must be in 0..20, got {self.guidance_scale}")
+        if self.num_frames < 1 or self.windows_per_call < 1:
+            raise ValueError("num_frames and windows_per_call must be positive")
+
+
+def load_scheduler(path: str | Path = SCHEDULER_CONFIG) -> DDIMScheduler:
+    """The DDIM scheduler from LatentSync's ``scheduler_config.json``."""
+    return DDIMScheduler.from_config(DDIMScheduler.load_config(str(path)))
+
+
+def initial_noise(generator: torch.Generator, latent_size: int) -> torch.Tensor:
+    """One Gaussian latent ``(1, 4, 1, h, w)`` shared by every frame of a video (official behaviour)."""
+    return torch.randn((1, LATENT_CHANNELS, 1, latent_size, latent_size), generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def denoise(
+    unet: UNet3DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    mask: torch.Tensor,
+    masked_latents: torch.Tensor,
+    reference_latents: torch.Tensor,
+    audio: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Run the DDIM loop on ``W`` windows of ``F`` frames at once.
+
+    Args:
+        latents: starting noise ``(W, 4, F, h, w)``.
+        mask: ``(W, 1, F, h, w)``, 1 = keep, 0 = generate.
+        masked_latents, reference_latents: ``(W, 4, F, h, w)`` scaled VAE latents.
+        audio: per-frame audio tokens ``(W·F, tokens, dim)`` (window-major).
+    Returns:
+        denoised latents ``(W, 4, F, h, w)`` in fp32. Guidance follows the official order: the
+        unconditional half (all-zero audio) comes first; guidance ≤ 1 runs the conditional half only.
+    """
+    device, dtype = unet.conv_in.weight.device, unet.dtype
+    use_guidance = guidance_scale > 1.0
+    copies = 2 if use_guidance else 1
+    condition = torch.cat([mask, masked_latents, reference_latents], dim=1).to(device, dtype).repeat(copies, 1, 1, 1, 1)
+    audio = audio.to(device, dtype)
+    if use_guidance:
+        audio = torch.cat([torch.zeros_like(audio), audio])
+    latents = latents.to(device, torch.float32)
+    scheduler.set_timesteps(steps, device=device)
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, timestep).to(dtype).repeat(copies, 1, 1, 1, 1)
+        noise = unet(torch.cat([model_input, condition], dim=1), timestep, audio).float()
+        if use_guidance:
+            unconditional, conditional = noise.chunk(2)
+            noise = unconditional + guidance_scale * (conditional - unconditional)
+        latents = scheduler.step(noise, timestep, latents).prev_sample
+    return latents
+
+
+class FaceGenerator:
+    """Turns aligned faces plus their audio windows into lip-synced faces (latent diffusion).
+
+    Holds the models; call it with consecutive frames of one video, in order. The caller draws the
+    video's shared ``noise`` once (``initial_noise``) and passes one ``generator`` for VAE sampling.
+    """
+
+    def __init__(self, unet: UNet3DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler, settings: SamplingSettings) -> None:
+        self.unet, self.vae, self.scheduler, self.settings = unet, vae, scheduler, settings
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        faces: torch.Tensor,
+        audio: torch.Tensor,
+        mask: torch.Tensor,
+        noise: torch.Tensor,
+        generator: torch.Generator,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Generate faces for ``N`` frames.
+
+        Args:
+            faces: aligned faces ``(N, 3, R, R)`` in [-1, 1].
+            audio: per-frame audio windows ``(N, tokens, dim)``.
+            mask: ``(R, R)`` mouth mask, 1 = keep, 0 = generate.
+            noise: ``(1, 4, 1, R/8, R/8)`` shared initial noise.
+            generator: CPU generator for the VAE's latent sampling.
+            on_window: called with (windows done, windows total) after each UNet batch.
+        Returns:
+            ``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0 (the mouth), the input
+            face where it is 1, as the official pipeline composes them before paste-back.
+        """
+        count, _, size, _ = faces.shape
+        if audio.shape[0] != count:
+            raise ValueError(f"{count} faces but {audio.shape[0]} audio windows")
+        if mask.shape != (size, size):
+            raise ValueError(f"mask must be ({size}, {size}), got {tuple(mask.shape)}")
+        mask = mask.to(faces.dtype)
+        latent_size = size // 8
+        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
+        masked = encode_latents(self.vae, faces * mask, generator).float().cpu()
+        reference = encode_latents(self.vae, faces, generator).float().cpu()
+
+        frames = self.settings.num_frames
+        windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
+        generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
+        for group in _equal_length_groups(windows, self.settings.windows_per_call):
+            length = group[0].stop - group[0].start
+            stacked = lambda tensor: torch.stack([tensor[window] for window in group]).transpose(1, 2)  # noqa: E731
+            latents = denoise(
+                self.unet,
+                self.scheduler,
+                noise.expand(len(group), -1, length, -1, -1),
+                latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
+                stacked(masked),
+                stacked(reference),
+                torch.cat([audio[window] for window in group]),
+                self.settings.steps,
+                self.settings.guidance_scale,
+            )
+            for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
+                generated[window] = window_latents
+            if on_window is not None:
+                on_window(windows.index(group[-1]) + 1, len(windows))
+        decoded = decode_latents(self.vae, generated).float().cpu().clamp(-1, 1)
+        return decoded * (1 - mask) + faces * mask
+
+
+def _equal_length_groups(windows: list[slice], group_size: int) -> list[list[slice]]:
+    """Consecutive windows in groups of at most ``group_size``, never mixing lengths."""
+    groups: list[list[slice]] = []
+    for window in windows:
+        length = window.stop - window.start
+        if groups and len(groups[-1]) < group_size and groups[-1][0].stop - groups[-1][0].start == length:
+            groups[-1].append(window)
+        else:
+            groups.append([window])
+    return groups
