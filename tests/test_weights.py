@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import torch
 import yaml
 from huggingface_hub._local_folder import get_local_download_paths  # private: only to fake a stale partial file
 
@@ -303,3 +304,29 @@ def test_cli_honours_hf_endpoint(hub: FakeHub, served: dict, tmp_path: Path) -> 
     assert result.stderr.startswith(f"error: {hub.url}/{UNET_REPO}/resolve/main/latentsync_unet.pt")
     assert "expected at least 5,000,000,000" in result.stderr
     assert hub.requests and "Traceback" not in result.stderr
+
+
+# --- tiny set -------------------------------------------------------------------------------------
+
+
+def test_write_tiny_weights(tmp_path: Path) -> None:
+    from lipsync.tiny import write_tiny_weights
+    from lipsync.vae import load_vae
+
+    paths = write_tiny_weights(tmp_path / "tiny", seed=0)
+    assert paths == weight_paths("tiny", tmp_path / "tiny")
+    assert missing(paths) == []
+    assert set(torch.load(paths.unet, map_location="cpu", weights_only=True)) == {"state_dict", "global_step"}
+    assert set(torch.load(paths.whisper, map_location="cpu", weights_only=True)) == {"dims", "model_state_dict"}
+    assert load_vae(paths.vae_dir).config.latent_channels == 4
+
+
+def test_make_tiny_weights_script(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_weights.py"), "--dest", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert missing(weight_paths("tiny", tmp_path / "t")) == []
