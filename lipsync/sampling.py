@@ -149,10 +149,10 @@ class FaceGenerator:
         mask = mask.to(faces.dtype)
         latent_size = size // 8
         latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
-        masked = encode_latents(self.vae, faces * mask, generator).float().cpu()
-        reference = encode_latents(self.vae, faces, generator).float().cpu()
-
         frames = self.settings.num_frames
+        masked = encode_latents(self.vae, faces * mask, generator, chunk_size=frames).float().cpu()
+        reference = encode_latents(self.vae, faces, generator, chunk_size=frames).float().cpu()
+
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
@@ -173,7 +173,7 @@ class FaceGenerator:
                 generated[window] = window_latents
             if on_window is not None:
                 on_window(windows.index(group[-1]) + 1, len(windows))
-        decoded = decode_latents(self.vae, generated).float().cpu().clamp(-1, 1)
+        decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
 
 

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL
 
 from lipsync.config import CONFIG_DIR, load_config
 from lipsync.models.loading import build_unet
+from lipsync.weights import load_weights_config
 from lipsync.sampling import FaceGenerator, SamplingSettings, initial_noise, load_scheduler
 
 VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
@@ -46,7 +47,8 @@ def bench(config_path: Path, dtype: torch.dtype, steps: int, windows_per_call: i
     frames, size = config["data"]["num_frames"], config["data"]["resolution"]
     unet = build_unet(config_path, device="cuda").to(dtype).eval()
     vae = AutoencoderKL.from_config(json.loads(VAE_ARCHITECTURE.read_text())).to("cuda", dtype).eval()
-    vae.register_to_config(scaling_factor=0.18215)
+    latent_scale = load_weights_config().vae
+    vae.register_to_config(scaling_factor=latent_scale.scaling_factor, shift_factor=latent_scale.shift_factor)
     latent = size // 8
     cross_dim = config["model"]["cross_attention_dim"]
 
