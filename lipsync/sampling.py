@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 
 from lipsync.config import CONFIG_DIR
 from lipsync.models.unet import UNet3DConditionModel
+from lipsync.timing import StageTimer
 from lipsync.vae import decode_latents, encode_latents
 
 SCHEDULER_CONFIG = CONFIG_DIR / "scheduler_config.json"
@@ -115,8 +116,16 @@ class FaceGenerator:
     video's shared ``noise`` once (``initial_noise``) and passes one ``generator`` for VAE sampling.
     """
 
-    def __init__(self, unet: UNet3DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler, settings: SamplingSettings) -> None:
+    def __init__(
+        self,
+        unet: UNet3DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: DDIMScheduler,
+        settings: SamplingSettings,
+        timer: StageTimer | None = None,
+    ) -> None:
         self.unet, self.vae, self.scheduler, self.settings = unet, vae, scheduler, settings
+        self.timer = timer or StageTimer()
 
     @torch.no_grad()
     def __call__(
@@ -150,30 +159,33 @@ class FaceGenerator:
         latent_size = size // 8
         latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
         frames = self.settings.num_frames
-        masked = encode_latents(self.vae, faces * mask, generator, chunk_size=frames).float().cpu()
-        reference = encode_latents(self.vae, faces, generator, chunk_size=frames).float().cpu()
+        with self.timer.stage("vae_encode"):
+            masked = encode_latents(self.vae, faces * mask, generator, chunk_size=frames).float().cpu()
+            reference = encode_latents(self.vae, faces, generator, chunk_size=frames).float().cpu()
 
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
             length = group[0].stop - group[0].start
             stacked = lambda tensor: torch.stack([tensor[window] for window in group]).transpose(1, 2)  # noqa: E731
-            latents = denoise(
-                self.unet,
-                self.scheduler,
-                noise.expand(len(group), -1, length, -1, -1),
-                latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
-                stacked(masked),
-                stacked(reference),
-                torch.cat([audio[window] for window in group]),
-                self.settings.steps,
-                self.settings.guidance_scale,
-            )
+            with self.timer.stage("denoise"):
+                latents = denoise(
+                    self.unet,
+                    self.scheduler,
+                    noise.expand(len(group), -1, length, -1, -1),
+                    latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
+                    stacked(masked),
+                    stacked(reference),
+                    torch.cat([audio[window] for window in group]),
+                    self.settings.steps,
+                    self.settings.guidance_scale,
+                )
             for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
                 generated[window] = window_latents
             if on_window is not None:
                 on_window(windows.index(group[-1]) + 1, len(windows))
-        decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
+        with self.timer.stage("vae_decode"):
+            decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
 
 
