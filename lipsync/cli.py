@@ -1,0 +1,92 @@
+"""``lipsync`` command line: ``lipsync run --video V --audio A --out O``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lipsync.audio import AudioError
+from lipsync.config import ConfigError
+from lipsync.media import MediaError
+from lipsync.pipeline import JobCancelled, LipSyncPipeline, NoFaceError
+from lipsync.timeline import LoopMode
+from lipsync.tiny import write_tiny_weights
+from lipsync.weights import WeightsError, missing, weight_paths
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync", description="Lip-sync a talking-head video to a speech track (LatentSync).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="lip-sync one video")
+    run.add_argument("--video", type=Path, required=True, help="input video (any common container/codec)")
+    run.add_argument("--audio", type=Path, required=True, help="driving speech (audio file, or a video with sound)")
+    run.add_argument("--out", type=Path, required=True, help="output mp4 (H.264 + AAC)")
+    run.add_argument("--version", choices=["1.5", "1.6"], default="1.5", help="LatentSync version (1.5: 256 px, 1.6: 512 px)")
+    run.add_argument("--tiny", action="store_true", help="use tiny random demo weights (written on first use); output is not a real lip-sync")
+    run.add_argument("--checkpoints", type=Path, help="weights root (default: as in configs/weights.yaml)")
+    run.add_argument("--steps", type=int, help="DDIM steps (config default 20)")
+    run.add_argument("--guidance", type=float, help="classifier-free guidance scale (config default 1.5)")
+    run.add_argument("--seed", type=int, help="random seed (config default 1247)")
+    run.add_argument("--loop-mode", choices=[mode.value for mode in LoopMode], default=LoopMode.PINGPONG.value,
+                     help="how to extend a video shorter than the audio")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=sorted(_DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
+    return parser
+
+
+def _weights(args: argparse.Namespace):
+    if args.tiny:
+        paths = weight_paths("tiny", args.checkpoints)
+        if missing(paths):
+            print(f"writing tiny demo weights to {paths.unet.parent}", file=sys.stderr)
+            paths = write_tiny_weights(args.checkpoints)
+        return paths
+    paths = weight_paths(args.version, args.checkpoints)
+    absent = missing(paths)
+    if absent:
+        listed = "\n  ".join(str(path) for path in absent)
+        raise SystemExit(
+            f"error: LatentSync {args.version} weights are missing:\n  {listed}\n"
+            f"Download them with: python scripts/download_weights.py --version {args.version}\n"
+            "or run with --tiny to use random demo weights."
+        )
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        paths = _weights(args)
+        pipeline = LipSyncPipeline.from_weights(
+            paths, args.device, _DTYPES.get(args.dtype), windows_per_call=args.windows_per_call
+        )
+        with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+
+            def progress(fraction: float, stage: str) -> None:
+                bar.set_description_str(stage)
+                bar.update(round(100 * fraction) - bar.n)
+
+            result = pipeline.run(
+                args.video, args.audio, args.out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                loop_mode=args.loop_mode, progress=progress,
+            )
+    except (MediaError, AudioError, NoFaceError, WeightsError, ConfigError, ValueError, JobCancelled) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
