@@ -1,0 +1,8 @@
+"""The one exception the media layer raises for bad input files."""
+
+
+class MediaError(ValueError):
+    """A video cannot be used: missing, not a media file, truncated, no video, or no decoder for it.
+
+    Raised with a message meant for the person who supplied the file, so callers can show it as is.
+    """

@@ -1,0 +1,151 @@
+"""Opening a video file and checking, before any decoding, that it can be used.
+
+Everything here reads container headers only: which stream is the video, whether FFmpeg has a decoder
+for it, whether the file still holds all the data its index points at, and what duration the header
+declares. Bad files become a :class:`MediaError` whose message says what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+from av.container import InputContainer
+from av.stream import Disposition
+from av.video.stream import VideoStream
+
+from lipsync.media.errors import MediaError
+
+_MP4_SIGNATURE = b"ftyp"
+"""Bytes 4–8 of every MP4/MOV file: the type of its first box."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file declares, with the picture size as it is displayed (rotation applied)."""
+
+    path: Path
+    container: str
+    """FFmpeg demuxer name, e.g. ``"mov,mp4,m4a,3gp,3g2,mj2"`` or ``"matroska,webm"``."""
+    codec: str
+    """FFmpeg decoder name, e.g. ``"hevc"``."""
+    width: int
+    height: int
+    fps: float
+    """Average source frame rate (frames are resampled to a fixed rate when read)."""
+    duration: float
+    """Seconds of video the header declares (the container's duration when the stream has none, else 0)."""
+    frame_count: int
+    """Source frames: the header's count where the container stores one (MP4/MOV), else duration × fps."""
+    rotation: int
+    """Degrees (0, 90, 180, 270) the stored picture is turned counter-clockwise for display."""
+    has_audio: bool
+
+    def frames_at(self, fps: int) -> int:
+        """How many frames resampling to ``fps`` gives (exact for a stream that fills its duration)."""
+        return round(self.duration * fps)
+
+
+def open_video(path: str | Path) -> tuple[InputContainer, VideoStream]:
+    """Open ``path`` and return it with its video stream, or raise :class:`MediaError` saying why not.
+
+    The caller owns (and must close) the container. The video stream is the highest-resolution one
+    FFmpeg can decode, which is how the ffmpeg CLI picks; cover images of audio files do not count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path} is empty")
+    try:
+        container = av.open(str(path))
+    except av.InvalidDataError:
+        if _looks_like_mp4(path):
+            raise MediaError(
+                f"{path} is an MP4/MOV file without its index (moov atom): the file is truncated or was "
+                "never finished (e.g. the recording or upload stopped early)"
+            ) from None
+        raise MediaError(f"{path} is not a video file FFmpeg can read (unknown format, or corrupt)") from None
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot open {path}: {exc}") from None
+    try:
+        stream = _video_stream(container, path)
+        _check_complete(stream, path)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream
+
+
+def declared_duration(stream: VideoStream) -> float | None:
+    """Seconds the header says the video stream lasts, or None where it does not say.
+
+    MP4/MOV store a per-stream duration; Matroska/WebM written by FFmpeg or mkvmerge carry a
+    ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``) per track instead. Live-written WebM has neither.
+    """
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")
+    if tag is None:
+        return None
+    try:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
+def video_info(path: Path, container: InputContainer, stream: VideoStream, rotation: int) -> VideoInfo:
+    """Collect :class:`VideoInfo` for an opened stream whose display rotation is known."""
+    fps = stream.average_rate or stream.guessed_rate or Fraction(0)
+    duration = declared_duration(stream)
+    if duration is None:
+        duration = container.duration / av.time_base if container.duration else 0.0
+    width, height = (stream.height, stream.width) if rotation % 180 else (stream.width, stream.height)
+    return VideoInfo(
+        path=path,
+        container=container.format.name,
+        codec=stream.codec_context.name,
+        width=width,
+        height=height,
+        fps=float(fps),
+        duration=duration,
+        frame_count=stream.frames or round(duration * float(fps)),
+        rotation=rotation,
+        has_audio=bool(container.streams.audio),
+    )
+
+
+def _looks_like_mp4(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(8)[4:8] == _MP4_SIGNATURE
+
+
+def _video_stream(container: InputContainer, path: Path) -> VideoStream:
+    covers = {s.index for s in container.streams.video if s.disposition & Disposition.attached_pic}
+    videos = [s for s in container.streams.video if s.index not in covers]
+    if not videos:
+        contents = ", ".join(sorted({s.type for s in container.streams if s.index not in covers})) or "no streams"
+        if covers:
+            contents += " and a cover image"
+        raise MediaError(f"{path} has no video stream (it holds {contents}); a video file is needed here")
+    decodable = [s for s in videos if s.codec_context is not None]
+    if not decodable:
+        raise MediaError(
+            f"{path}: its video codec is not supported (this FFmpeg build has no decoder for it); "
+            "convert the video to H.264, HEVC or VP9 first, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`"
+        )
+    return max(decodable, key=lambda s: s.width * s.height)
+
+
+def _check_complete(stream: VideoStream, path: Path) -> None:
+    """Raise if the container's sample index points past the end of the file (MP4/MOV cut short)."""
+    size = path.stat().st_size
+    end = max((entry.pos + max(entry.size, 0) for entry in stream.index_entries), default=0)
+    if end > size:
+        raise MediaError(
+            f"{path} is truncated: its index points to {end:,} bytes of data but the file has {size:,} "
+            f"({100 * size / end:.0f}%); the recording or upload stopped early"
+        )

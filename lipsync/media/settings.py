@@ -1,0 +1,44 @@
+"""Media settings (``configs/media.yaml``): the resampling frame rate and the encoder parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lipsync.config import CONFIG_DIR, ConfigError
+
+MEDIA_CONFIG = CONFIG_DIR / "media.yaml"
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Every field of ``configs/media.yaml``; the file's comments say why each value was chosen."""
+
+    fps: int
+    truncation_tolerance: float
+    video_codec: str
+    crf: int
+    preset: str
+    pix_fmt: str
+    audio_codec: str
+    audio_bitrate: int
+    movflags: str
+
+    @classmethod
+    def load(cls, path: str | Path = MEDIA_CONFIG) -> MediaSettings:
+        """Read the settings at ``path``; a missing, unknown or ill-typed field raises :class:`ConfigError`."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+            settings = cls(**raw)
+        except OSError as exc:
+            raise ConfigError(f"cannot read media config {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"media config {path} is not valid YAML: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"media config {path} is malformed: {exc}") from None
+        if not isinstance(settings.fps, int) or settings.fps <= 0:
+            raise ConfigError(f"media config {path}: fps must be a positive integer, got {settings.fps!r}")
+        return settings
