@@ -1,0 +1,47 @@
+"""What a face detector gives the aligner: three alignment points, a box and a score, for one face.
+
+Official alignment (facts §5.6) needs only three points per frame: the centres of both eyebrows and
+of the nose, each the mean of a fixed set of landmarks. Backends differ in their landmark schemes, so
+each maps its own landmarks to these three points and the rest of the pipeline never sees the scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from lipsync.faces.settings import PointSets
+
+
+@dataclass(frozen=True)
+class FaceLandmarks:
+    """One detected face, in full-frame pixel coordinates (pixel centres at integers)."""
+
+    points: np.ndarray
+    """(3, 2) float64 (x, y): image-left brow centre, image-right brow centre, nose centre."""
+    box: tuple[float, float, float, float]
+    """Detector box (x1, y1, x2, y2)."""
+    score: float
+    """Detector confidence in [0, 1]."""
+
+
+class FaceDetector(Protocol):
+    """Finds the largest face in an RGB frame; ``None`` when no face passes the backend's checks."""
+
+    def detect(self, frame: np.ndarray) -> FaceLandmarks | None:
+        """``frame``: (H, W, 3) uint8 RGB."""
+        ...
+
+
+def alignment_points(landmarks: np.ndarray, point_sets: PointSets) -> np.ndarray:
+    """The (3, 2) means of ``landmarks[indices]`` for the brow and nose index sets, as float64."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    return np.stack([landmarks[list(indices)].mean(axis=0) for indices in point_sets.sets])
+
+
+def check_frame(frame: np.ndarray) -> None:
+    """Reject anything but an (H, W, 3) uint8 image, which both backends' models assume."""
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.dtype} {frame.shape}")
