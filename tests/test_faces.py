@@ -264,6 +264,7 @@ def test_aligner_warps_points_onto_the_template(settings: FaceSettings) -> None:
     aligned = aligner.align(frame, points + 0.3)  # sub-pixel offsets vanish: points are rounded first
     np.testing.assert_allclose(aligned.affine, known, atol=1e-9)
     assert aligned.image.shape == (256, 256, 3) and aligned.image.dtype == np.uint8
+    np.testing.assert_array_equal(aligner.warp(frame, aligned.affine), aligned.image)
 
     crop = cv2.warpAffine(frame, aligned.affine, aligner.crop_size)
     for x, y in np.round(aligner.template).astype(int):

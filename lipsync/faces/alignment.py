@@ -114,6 +114,13 @@ class FaceAligner:
     def align(self, frame: np.ndarray, points: np.ndarray) -> AlignedFace:
         """Warp ``frame`` ((H, W, 3) uint8 RGB) so that ``points`` land on the template; advances the EMA."""
         affine = self.transform(points)
+        return AlignedFace(self.warp(frame, affine), affine)
+
+    def warp(self, frame: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """The (R, R, 3) uint8 face that a frame→crop ``affine`` (from :meth:`transform`) cuts from ``frame``.
+
+        Stateless, so a pipeline can compute all affines in one pass and warp in another.
+        """
         crop = cv2.warpAffine(
             frame.astype(np.float32),
             affine,
@@ -122,5 +129,4 @@ class FaceAligner:
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=(self.settings.border_value,) * 3,
         ).astype(np.uint8)
-        face = cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
-        return AlignedFace(face, affine)
+        return cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
