@@ -19,6 +19,20 @@ class ConfigError(ValueError):
     """A config file is missing, unreadable or lacks a required section."""
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse the YAML file at ``path``; an unreadable file or bad YAML raises :class:`ConfigError`.
+
+    ``what`` names the file in messages (e.g. ``"faces config"``).
+    """
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Return the config at ``path`` as ``{"model": {...}, "data": {...}, "run": {...}}``.
 

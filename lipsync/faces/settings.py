@@ -6,9 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lipsync.config import CONFIG_DIR, ConfigError
+from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
 
 FACES_CONFIG = CONFIG_DIR / "faces.yaml"
 REPO_ROOT = CONFIG_DIR.parent
@@ -85,14 +83,9 @@ class FaceSettings:
     @classmethod
     def load(cls, path: str | Path = FACES_CONFIG) -> FaceSettings:
         """Read the settings at ``path``; a missing, unknown or ill-shaped field raises :class:`ConfigError`."""
-        path = Path(path)
+        raw = read_yaml(path, "faces config")
         try:
-            raw = yaml.safe_load(path.read_text())
             return cls._from_raw(raw)
-        except OSError as exc:
-            raise ConfigError(f"cannot read faces config {path}: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"faces config {path} is not valid YAML: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigError(f"faces config {path} is malformed: {exc}") from None
 

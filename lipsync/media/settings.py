@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from lipsync.config import CONFIG_DIR, ConfigError
+from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
 
 MEDIA_CONFIG = CONFIG_DIR / "media.yaml"
 
@@ -29,14 +27,9 @@ class MediaSettings:
     @classmethod
     def load(cls, path: str | Path = MEDIA_CONFIG) -> MediaSettings:
         """Read the settings at ``path``; a missing, unknown or ill-typed field raises :class:`ConfigError`."""
-        path = Path(path)
+        raw = read_yaml(path, "media config")
         try:
-            raw = yaml.safe_load(path.read_text())
             settings = cls(**raw)
-        except OSError as exc:
-            raise ConfigError(f"cannot read media config {path}: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"media config {path} is not valid YAML: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"media config {path} is malformed: {exc}") from None
         if not isinstance(settings.fps, int) or settings.fps <= 0:
