@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from lipsync.audio import AudioError
 from lipsync.config import ConfigError
+from lipsync.faces import FaceDetector
 from lipsync.media import MediaError
 from lipsync.pipeline import JobCancelled, LipSyncPipeline, NoFaceError
 from lipsync.timeline import LoopMode
 from lipsync.tiny import write_tiny_weights
-from lipsync.weights import WeightsError, missing, weight_paths
+from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed (config default 1247)")
     run.add_argument("--loop-mode", choices=[mode.value for mode in LoopMode], default=LoopMode.PINGPONG.value,
                      help="how to extend a video shorter than the audio")
+    run.add_argument("--detector", choices=["mediapipe", "insightface"], default="mediapipe",
+                     help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
+                     "its pretrained models are for non-commercial research use only)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=sorted(_DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
@@ -61,12 +65,34 @@ def _weights(args: argparse.Namespace):
     return paths
 
 
+def _detector(args: argparse.Namespace) -> FaceDetector | None:
+    """The chosen face detector (``None``: the pipeline's MediaPipe default); checked before any heavy work."""
+    if args.detector == "mediapipe":
+        return None
+    from lipsync.faces.insightface_backend import InsightFaceDetector  # opt-in backend
+
+    models = auxiliary_paths(args.checkpoints)
+    absent = [str(path) for path in models if not path.is_file()]
+    if absent:
+        dest = f" --dest {args.checkpoints}" if args.checkpoints else ""
+        raise SystemExit(
+            f"error: InsightFace models missing ({', '.join(absent)}); download them with "
+            f"python scripts/download_weights.py --insightface{dest} "
+            "(their licence allows non-commercial research use only)"
+        )
+    try:
+        return InsightFaceDetector(*models)
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        detector = _detector(args)
         paths = _weights(args)
         pipeline = LipSyncPipeline.from_weights(
-            paths, args.device, _DTYPES.get(args.dtype), windows_per_call=args.windows_per_call
+            paths, args.device, _DTYPES.get(args.dtype), detector, windows_per_call=args.windows_per_call
         )
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 

@@ -82,11 +82,21 @@ class VersionSpec:
 
 
 @dataclass(frozen=True)
+class AuxiliarySpec:
+    """The opt-in InsightFace backend's ONNX models (non-commercial weights) and their default root."""
+
+    root: Path
+    detector: WeightFile
+    landmarks: WeightFile
+
+
+@dataclass(frozen=True)
 class WeightsConfig:
     """Parsed ``configs/weights.yaml``."""
 
     vae: VAESpec
     versions: dict[str, VersionSpec]
+    auxiliary: AuxiliarySpec
 
     def version(self, name: str) -> VersionSpec:
         try:
@@ -131,7 +141,7 @@ def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-        vae, versions = raw["vae"], raw["versions"]
+        vae, versions, auxiliary = raw["vae"], raw["versions"], raw["auxiliary"]
         vae_origin = {"repo": vae["repo"], "revision": vae.get("revision", "main")}
         vae_spec = VAESpec(
             local_dir=vae["local_dir"],
@@ -152,13 +162,20 @@ def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
                 unet=_file_entry(version["unet"], f"versions.{name}.unet", **origin),
                 whisper=_file_entry(version["whisper"], f"versions.{name}.whisper", **origin),
             )
+        aux_origin = {"repo": auxiliary["repo"], "revision": auxiliary.get("revision", "main")}
+        aux_files = auxiliary["files"]
+        aux_spec = AuxiliarySpec(
+            root=REPO_ROOT / auxiliary["root"],
+            detector=_file_entry(aux_files["detector"], "auxiliary.files.detector", **aux_origin),
+            landmarks=_file_entry(aux_files["landmarks_106"], "auxiliary.files.landmarks_106", **aux_origin),
+        )
     except OSError as exc:
         raise ConfigError(f"cannot read weights config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"weights config {path} is not valid YAML: {exc}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ConfigError(f"weights config {path} is malformed ({type(exc).__name__}: {exc})") from None
-    return WeightsConfig(vae=vae_spec, versions=specs)
+    return WeightsConfig(vae=vae_spec, versions=specs, auxiliary=aux_spec)
 
 
 def weight_paths(version: str, root: str | Path | None = None, config: WeightsConfig | None = None) -> WeightPaths:
@@ -173,6 +190,13 @@ def weight_paths(version: str, root: str | Path | None = None, config: WeightsCo
         vae_dir=root / config.vae.local_dir,
         vae_files=tuple(file.filename for file in config.vae.files),
     )
+
+
+def auxiliary_paths(root: str | Path | None = None, config: WeightsConfig | None = None) -> tuple[Path, Path]:
+    """Local paths of the InsightFace models ``(detector, landmarks)`` below ``root`` (default: the config's)."""
+    aux = (config or load_weights_config()).auxiliary
+    root = aux.root if root is None else Path(root)
+    return aux.detector.path(root), aux.landmarks.path(root)
 
 
 def missing(paths: WeightPaths) -> list[Path]:
@@ -244,3 +268,22 @@ def download_weights(
     for file in config.files(version):
         download_file(file, root, endpoint=endpoint)
     return weight_paths(version, root, config)
+
+
+def download_auxiliary(
+    root: str | Path | None = None,
+    *,
+    endpoint: str | None = None,
+    config: WeightsConfig | None = None,
+) -> tuple[Path, Path]:
+    """Download and verify the InsightFace models below ``root``; return ``(detector, landmarks)``.
+
+    Their pretrained weights are for non-commercial research use only, so this is never implied by
+    :func:`download_weights`.
+    """
+    config = config or load_weights_config()
+    aux = config.auxiliary
+    root = aux.root if root is None else Path(root)
+    for file in (aux.detector, aux.landmarks):
+        download_file(file, root, endpoint=endpoint)
+    return auxiliary_paths(root, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from lipsync.weights import (
     WEIGHTS_CONFIG,
     DownloadError,
     WeightsError,
+    auxiliary_paths,
+    download_auxiliary,
     download_weights,
     load_weights_config,
     missing,
@@ -32,6 +35,8 @@ from lipsync.weights import (
 
 UNET_REPO = "ByteDance/LatentSync-1.5"
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
+AUX_REPO = "ByteDance/LatentSync-1.6"
+AUX_FILES = ("auxiliary/models/buffalo_l/det_10g.onnx", "auxiliary/models/buffalo_l/2d106det.onnx")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: resume points fall on its multiples
 
@@ -137,6 +142,8 @@ def small_config(tmp_path: Path):
     """The real weights config with the UNet size floor lowered so tiny payloads pass."""
     raw = yaml.safe_load(WEIGHTS_CONFIG.read_text())
     raw["versions"]["1.5"]["unet"]["min_size"] = 1024
+    for entry in raw["auxiliary"]["files"].values():
+        entry["min_size"] = 1024
     path = tmp_path / "weights.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_weights_config(path)
@@ -149,10 +156,11 @@ def _dead_endpoint() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _run_cli(dest: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(dest: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_ENDPOINT": endpoint}
+    script = str(REPO_ROOT / "scripts" / "download_weights.py")
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "download_weights.py"), "--version", "1.5", "--dest", str(dest)],
+        [sys.executable, script, *(args or ("--version", "1.5")), "--dest", str(dest)],
         capture_output=True,
         text=True,
         env=env,
@@ -193,6 +201,14 @@ def test_config_origins() -> None:
     assert [file.repo for file in config.files("1.6")] == ["ByteDance/LatentSync-1.6"] * 2 + [VAE_REPO] * 2
     assert config.version("1.5").unet.min_size == 5_000_000_000
     assert not config.version("tiny").downloadable
+
+
+def test_auxiliary_paths(tmp_path: Path) -> None:
+    assert auxiliary_paths() == tuple(REPO_ROOT / "checkpoints" / name for name in AUX_FILES)
+    assert auxiliary_paths(tmp_path) == tuple(tmp_path / name for name in AUX_FILES)
+    aux = load_weights_config().auxiliary
+    assert aux.detector.repo == aux.landmarks.repo == AUX_REPO
+    assert (aux.detector.min_size, aux.landmarks.min_size) == (10_000_000, 3_000_000)
 
 
 def test_missing_lists_absent_files(tmp_path: Path) -> None:
@@ -304,6 +320,71 @@ def test_cli_honours_hf_endpoint(hub: FakeHub, served: dict, tmp_path: Path) -> 
     assert result.stderr.startswith(f"error: {hub.url}/{UNET_REPO}/resolve/main/latentsync_unet.pt")
     assert "expected at least 5,000,000,000" in result.stderr
     assert hub.requests and "Traceback" not in result.stderr
+
+
+# --- InsightFace models (opt-in, non-commercial) ----------------------------------------------------
+
+
+def test_download_auxiliary(hub: FakeHub, small_config, tmp_path: Path) -> None:
+    payloads = {name: os.urandom(2048 + index) for index, name in enumerate(AUX_FILES)}
+    for name, data in payloads.items():
+        hub.add(AUX_REPO, name, data)
+    detector, landmarks = download_auxiliary(tmp_path, endpoint=hub.url, config=small_config)
+    assert (detector, landmarks) == auxiliary_paths(tmp_path, small_config)
+    assert detector == tmp_path / "auxiliary/models/buffalo_l/det_10g.onnx"
+    assert landmarks == tmp_path / "auxiliary/models/buffalo_l/2d106det.onnx"
+    assert detector.read_bytes() == payloads[AUX_FILES[0]] and landmarks.read_bytes() == payloads[AUX_FILES[1]]
+
+
+def test_download_script_insightface_flag(hub: FakeHub, tmp_path: Path) -> None:
+    help_text = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "download_weights.py"), "--help"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    assert "--insightface" in help_text and "non-commercial" in " ".join(help_text.split())
+    for name in AUX_FILES:
+        hub.add(AUX_REPO, name, os.urandom(2048))
+    result = _run_cli(tmp_path, hub.url, "--insightface")  # alone: the InsightFace models only
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {hub.url}/{AUX_REPO}/resolve/main/{AUX_FILES[0]}")
+    assert "expected at least 10,000,000" in result.stderr
+    assert not any("latentsync_unet.pt" in key for _, key, _ in hub.requests)
+
+
+def _lipsync_run_insightface(checkpoints: Path, tmp_path: Path) -> list[str]:
+    """``lipsync run --tiny --detector insightface``, which must fail; its non-blank stderr lines."""
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "lipsync.cli", "run", "--tiny", "--checkpoints", str(checkpoints),
+            "--detector", "insightface", "--video", str(tmp_path / "v.mp4"), "--audio", str(tmp_path / "a.wav"),
+            "--out", str(tmp_path / "out.mp4"),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_lipsync_run_insightface_without_models_is_one_line(tmp_path: Path) -> None:
+    """Checked before anything heavy: no tiny weights are written, the inputs are never opened."""
+    checkpoints = tmp_path / "checkpoints"
+    lines = _lipsync_run_insightface(checkpoints, tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("error: InsightFace models missing")
+    assert "download_weights.py --insightface" in lines[0] and "non-commercial" in lines[0]
+    assert str(checkpoints / AUX_FILES[0]) in lines[0]
+    assert not checkpoints.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("insightface") is not None, reason="insightface is installed")
+def test_lipsync_run_insightface_not_installed_is_one_line(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for model in auxiliary_paths(checkpoints):
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.write_bytes(b"onnx")
+    lines = _lipsync_run_insightface(checkpoints, tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("error: the InsightFace face backend needs")
+    assert "[insightface]" in lines[0]
+    assert not (checkpoints / "latentsync_unet.pt").exists()
 
 
 # --- tiny set -------------------------------------------------------------------------------------
