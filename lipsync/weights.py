@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-import yaml
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from lipsync.config import CONFIG_DIR, ConfigError
+from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
 
 REPO_ROOT = CONFIG_DIR.parent
 """Relative ``root`` and ``unet_config`` paths in the weights config are taken from here."""
@@ -138,9 +137,8 @@ def _file_entry(entry: Any, where: str, **origin: Any) -> WeightFile:
 
 def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
     """Parse the weights config at ``path``; malformed content raises :class:`ConfigError`."""
-    path = Path(path)
+    raw = read_yaml(path, "weights config")
     try:
-        raw = yaml.safe_load(path.read_text())
         vae, versions, auxiliary = raw["vae"], raw["versions"], raw["auxiliary"]
         vae_origin = {"repo": vae["repo"], "revision": vae.get("revision", "main")}
         vae_spec = VAESpec(
@@ -169,10 +167,6 @@ def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
             detector=_file_entry(aux_files["detector"], "auxiliary.files.detector", **aux_origin),
             landmarks=_file_entry(aux_files["landmarks_106"], "auxiliary.files.landmarks_106", **aux_origin),
         )
-    except OSError as exc:
-        raise ConfigError(f"cannot read weights config {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"weights config {path} is not valid YAML: {exc}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ConfigError(f"weights config {path} is malformed ({type(exc).__name__}: {exc})") from None
     return WeightsConfig(vae=vae_spec, versions=specs, auxiliary=aux_spec)
