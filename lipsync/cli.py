@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lipsync.audio import AudioError
+from lipsync.audio import AudioError, AudioSettings
 from lipsync.config import ConfigError
 from lipsync.faces import FaceDetector
 from lipsync.media import MediaError
-from lipsync.pipeline import JobCancelled, LipSyncPipeline, NoFaceError
+from lipsync.pipeline import JobCancelled, LipSyncPipeline, NoFaceError, check_inputs
 from lipsync.timeline import LoopMode
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         detector = _detector(args)
         paths = _weights(args)
+        check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
         pipeline = LipSyncPipeline.from_weights(
             paths, args.device, _DTYPES.get(args.dtype), detector, windows_per_call=args.windows_per_call
         )

@@ -211,6 +211,17 @@ class LipSyncPipeline:
         return _Analysis(filled, [affine is not None for affine in affines]), info
 
 
+def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:
+    """Fail fast on unusable inputs before any model is loaded: raises ``MediaError``/``AudioError``.
+
+    Opening a ``VideoReader`` probes the container and decodes the first frame; ``load_audio``
+    decodes the speech track and rejects an empty one.
+    """
+    with VideoReader(video):
+        pass
+    load_audio(audio, sample_rate)
+
+
 class _Progress:
     """Maps per-stage fractions onto one rising [0, 1] scale."""
 
