@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -383,3 +384,14 @@ def test_media_settings(tmp_path: Path) -> None:
     broken.write_text("fps: 25\n")
     with pytest.raises(ConfigError, match="malformed"):
         MediaSettings.load(broken)
+
+
+def test_output_file_gets_the_umask_permissions_not_private_temp_ones(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "out.mp4"
+        with VideoWriter(path, 32, 32) as writer:
+            writer.write(np.zeros((32, 32, 3), np.uint8))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

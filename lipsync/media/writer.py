@@ -25,7 +25,7 @@ Decisions:
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -75,8 +75,9 @@ class VideoWriter:
         self._audio_written = 0
         if not self.path.parent.is_dir():
             raise MediaError(f"output folder does not exist: {self.path.parent}")
-        descriptor, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(descriptor)
+        # A unique name created with the umask's permissions (mkstemp would make the result 0600).
+        temp = str(self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.part")
+        os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         self._temp = Path(temp)
         # Deletes the temporary file unless close() finished it, also when the writer is dropped unclosed.
         self._unfinished = weakref.finalize(self, self._temp.unlink, missing_ok=True)
