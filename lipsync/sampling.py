@@ -167,15 +167,14 @@ class FaceGenerator:
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
             length = group[0].stop - group[0].start
-            stacked = lambda tensor: torch.stack([tensor[window] for window in group]).transpose(1, 2)  # noqa: E731
             with self.timer.stage("denoise"):
                 latents = denoise(
                     self.unet,
                     self.scheduler,
                     noise.expand(len(group), -1, length, -1, -1),
                     latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
-                    stacked(masked),
-                    stacked(reference),
+                    _stack_windows(masked, group),
+                    _stack_windows(reference, group),
                     torch.cat([audio[window] for window in group]),
                     self.settings.steps,
                     self.settings.guidance_scale,
@@ -187,6 +186,11 @@ class FaceGenerator:
         with self.timer.stage("vae_decode"):
             decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
+
+
+def _stack_windows(frames: torch.Tensor, windows: list[slice]) -> torch.Tensor:
+    """Per-frame tensors ``(N, C, h, w)`` → windows as batch elements ``(W, C, F, h, w)``."""
+    return torch.stack([frames[window] for window in windows]).transpose(1, 2)
 
 
 def _equal_length_groups(windows: list[slice], group_size: int) -> list[list[slice]]:
