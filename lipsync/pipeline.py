@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lipsync.audio import AudioFeatureExtractor, load_audio
+from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.config import load_config
 from lipsync.faces import FaceAligner, FaceDetector, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
@@ -135,9 +135,10 @@ class LipSyncPipeline:
         report("audio", 0.0)
         with timer.stage("audio"):
             waveform = load_audio(audio, self.audio.settings.sample_rate)
-            windows = self.audio.frame_windows(self.audio(waveform))
+            features = self.audio(waveform)
         fps = self.audio.settings.video_fps
-        output_frames = min(len(windows), max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        available = window_count(len(features), self.audio.settings.positions_per_frame)
+        output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
 
         analysis, info = self._analyse(Path(video), output_frames, timer, report, should_cancel)
         order = source_frames(output_frames, len(analysis.affines), loop_mode)
@@ -165,7 +166,7 @@ class LipSyncPipeline:
 
                 generated = generator(
                     torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                    windows[start : start + len(sources)],
+                    self.audio.frame_windows(features, len(sources), first_frame=start),
                     self.mask,
                     noise,
                     random,

@@ -398,3 +398,11 @@ def test_parity_long(extractor: AudioFeatureExtractor, demo_waveform: np.ndarray
     windows = extractor.frame_windows(features)
     assert len(windows) == reference["num_chunks"].item()
     assert _rel_error(windows[-1], reference["last_chunk"]) <= 1e-4
+
+
+def test_windows_of_a_frame_range_equal_that_slice_of_all_windows() -> None:
+    settings = AudioSettings.from_config(TINY_CONFIG)
+    features = torch.randn(101, 5, 8, generator=torch.Generator().manual_seed(9))
+    every = frame_windows(features, settings)
+    torch.testing.assert_close(frame_windows(features, settings, 7, first_frame=20), every[20:27], rtol=0, atol=0)
+    torch.testing.assert_close(frame_windows(features, settings, first_frame=40), every[40:], rtol=0, atol=0)
