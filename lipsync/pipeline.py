@@ -23,7 +23,7 @@ from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.config import load_config
 from lipsync.faces import FaceAligner, FaceDetector, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
-from lipsync.media import MediaError, VideoReader, VideoWriter
+from lipsync.media import VideoInfo, VideoReader, VideoWriter
 from lipsync.models import load_unet
 from lipsync.sampling import FaceGenerator, SamplingSettings, initial_noise, load_scheduler
 from lipsync.timeline import LoopMode, source_frames
@@ -186,7 +186,7 @@ class LipSyncPipeline:
 
     def _analyse(
         self, video: Path, max_frames: int, timer: StageTimer, report: "_Progress", should_cancel: Callable[[], bool] | None
-    ) -> tuple[_Analysis, Any]:
+    ) -> tuple[_Analysis, VideoInfo]:
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         affines: list[np.ndarray | None] = []
         with VideoReader(video) as reader:
