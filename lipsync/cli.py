@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from lipsync.audio import AudioError, AudioSettings
 from lipsync.config import ConfigError
-from lipsync.faces import FaceDetector
+from lipsync.faces import DetectorPool
 from lipsync.media import MediaError
-from lipsync.pipeline import JobCancelled, LipSyncPipeline, NoFaceError, check_inputs
+from lipsync.pipeline import LipSyncPipeline, NoFaceError, check_inputs
+from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
@@ -65,7 +66,7 @@ def _weights(args: argparse.Namespace):
     return paths
 
 
-def _detector(args: argparse.Namespace) -> FaceDetector | None:
+def _detectors(args: argparse.Namespace) -> DetectorPool | None:
     """The chosen face detector (``None``: the pipeline's MediaPipe default); checked before any heavy work."""
     if args.detector == "mediapipe":
         return None
@@ -81,19 +82,20 @@ def _detector(args: argparse.Namespace) -> FaceDetector | None:
             "(their licence allows non-commercial research use only)"
         )
     try:
-        return InsightFaceDetector(*models)
+        first = InsightFaceDetector(*models)
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
+    return DetectorPool(lambda: InsightFaceDetector(*models), [first])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        detector = _detector(args)
+        detectors = _detectors(args)
         paths = _weights(args)
         check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
         pipeline = LipSyncPipeline.from_weights(
-            paths, args.device, _DTYPES.get(args.dtype), detector, windows_per_call=args.windows_per_call
+            paths, args.device, _DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call
         )
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 

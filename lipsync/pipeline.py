@@ -19,13 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusers import AutoencoderKL
+
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
+from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import load_config
-from lipsync.faces import FaceAligner, FaceDetector, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
+from lipsync.faces import DetectorPool, FaceAligner, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.media import VideoInfo, VideoReader, VideoWriter
 from lipsync.models import load_unet
-from lipsync.sampling import FaceGenerator, SamplingSettings, initial_noise, load_scheduler
+from lipsync.sampling import (
+    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, SamplingSettings, initial_noise, load_scheduler,
+)
 from lipsync.timeline import LoopMode, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
@@ -39,10 +44,6 @@ _PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2
 
 class NoFaceError(ValueError):
     """No frame of the video shows a face the detector accepts."""
-
-
-class JobCancelled(Exception):
-    """The caller's cancellation check returned True; raised between windows."""
 
 
 @dataclass
@@ -68,19 +69,27 @@ class _Analysis:
 
 
 class LipSyncPipeline:
-    """Loaded models plus settings; :meth:`run` processes one job."""
+    """Loaded models plus settings; :meth:`run` processes one job.
+
+    Several threads may call :meth:`run` at once when the denoiser is a ``WindowBatcher``: each job
+    borrows its own face detector, and their windows share UNet calls.
+    """
 
     def __init__(
         self,
-        generator: FaceGenerator,
+        vae: AutoencoderKL,
+        denoiser: Denoiser,
         audio: AudioFeatureExtractor,
-        detector: FaceDetector,
+        detectors: DetectorPool,
         config: dict[str, Any],
+        windows_per_call: int | None = None,
         face_settings: FaceSettings | None = None,
     ) -> None:
-        self.generator = generator
+        self.vae = vae
+        self.denoiser = denoiser
         self.audio = audio
-        self.detector = detector
+        self.detectors = detectors
+        self.windows_per_call = windows_per_call
         self.config = config
         self.resolution: int = config["data"]["resolution"]
         self.face_settings = face_settings or FaceSettings.load()
@@ -92,19 +101,35 @@ class LipSyncPipeline:
         paths: WeightPaths,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        detector: FaceDetector | None = None,
+        detectors: DetectorPool | None = None,
         windows_per_call: int | None = None,
+        batching: BatchingSettings | None = None,
+        on_batch: BatchObserver | None = None,
     ) -> LipSyncPipeline:
-        """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU."""
+        """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
+
+        With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
+        (``on_batch`` sees each call's size); without it, each job's windows run on their own.
+        """
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         config = load_config(paths.unet_config)
-        settings = SamplingSettings.from_config(config, windows_per_call=windows_per_call)
-        generator = FaceGenerator(
-            load_unet(paths.unet_config, paths.unet, device, dtype), load_vae(paths.vae_dir, device, dtype), load_scheduler(), settings
+        unet = load_unet(paths.unet_config, paths.unet, device, dtype)
+        denoiser: Denoiser = (
+            DirectDenoiser(unet, load_scheduler()) if batching is None
+            else WindowBatcher(unet, load_scheduler(), batching, on_batch)
         )
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, device)
-        return cls(generator, audio, detector or MediaPipeFaceDetector(), config)
+        return cls(
+            load_vae(paths.vae_dir, device, dtype), denoiser, audio, detectors or DetectorPool(MediaPipeFaceDetector),
+            config, windows_per_call,
+        )
+
+    def close(self) -> None:
+        """Stop a shared batcher's worker and free the face detectors."""
+        if isinstance(self.denoiser, WindowBatcher):
+            self.denoiser.close()
+        self.detectors.close()
 
     def run(
         self,
@@ -117,7 +142,7 @@ class LipSyncPipeline:
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
         progress: ProgressCallback | None = None,
-        should_cancel: Callable[[], bool] | None = None,
+        should_cancel: CancelCheck | None = None,
     ) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``.
 
@@ -127,9 +152,9 @@ class LipSyncPipeline:
         loop_mode = LoopMode.parse(loop_mode)
         settings = SamplingSettings.from_config(
             self.config, steps=steps, guidance_scale=guidance_scale, seed=seed,
-            windows_per_call=self.generator.settings.windows_per_call,
+            windows_per_call=self.windows_per_call,
         )
-        timer = StageTimer(self.generator.unet.conv_in.weight.device)
+        timer = StageTimer(self.vae.device)
         report = _Progress(progress)
 
         report("audio", 0.0)
@@ -144,7 +169,7 @@ class LipSyncPipeline:
         order = source_frames(output_frames, len(analysis.affines), loop_mode)
         faceless = sum(not analysis.has_face[index] for index in order)
 
-        generator = FaceGenerator(self.generator.unet, self.generator.vae, self.generator.scheduler, settings, timer)
+        generator = FaceGenerator(self.vae, self.denoiser, settings, timer)
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
@@ -171,6 +196,7 @@ class LipSyncPipeline:
                     noise,
                     random,
                     on_window=on_window,
+                    should_cancel=should_cancel,
                 )
                 generated = generated.permute(0, 2, 3, 1).numpy()
                 for frame, index, face in zip(originals, sources, generated):
@@ -185,15 +211,15 @@ class LipSyncPipeline:
         return LipSyncResult(Path(output), output_frames, faceless, timer.as_dict())
 
     def _analyse(
-        self, video: Path, max_frames: int, timer: StageTimer, report: "_Progress", should_cancel: Callable[[], bool] | None
+        self, video: Path, max_frames: int, timer: StageTimer, report: "_Progress", should_cancel: CancelCheck | None
     ) -> tuple[_Analysis, VideoInfo]:
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         affines: list[np.ndarray | None] = []
-        with VideoReader(video) as reader:
+        with VideoReader(video) as reader, self.detectors.borrow() as detector:
             expected = max(1, min(max_frames, reader.info.frames_at(self.audio.settings.video_fps)))
             for frame in _timed(islice(iter(reader), max_frames), timer, "decode"):
                 with timer.stage("detect_align"):
-                    face = self.detector.detect(frame)
+                    face = detector.detect(frame)
                     affines.append(None if face is None else aligner.transform(face.points))
                 if len(affines) % 16 == 0:
                     _check_cancel(should_cancel)
@@ -235,7 +261,7 @@ class _Progress:
             self.callback(low + (high - low) * min(max(fraction, 0.0), 1.0), stage)
 
 
-def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+def _check_cancel(should_cancel: CancelCheck | None) -> None:
     if should_cancel is not None and should_cancel():
         raise JobCancelled("the job was cancelled")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -77,7 +77,8 @@ def denoise(
     reference_latents: torch.Tensor,
     audio: torch.Tensor,
     steps: int,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
+    active: Callable[[], Sequence[bool]] | None = None,
 ) -> torch.Tensor:
     """Run the DDIM loop on ``W`` windows of ``F`` frames at once.
 
@@ -86,45 +87,121 @@ def denoise(
         mask: ``(W, 1, F, h, w)``, 1 = keep, 0 = generate.
         masked_latents, reference_latents: ``(W, 4, F, h, w)`` scaled VAE latents.
         audio: per-frame audio tokens ``(W·F, tokens, dim)`` (window-major).
+        guidance_scale: one scale, or one per window ``(W,)``; every window must agree on whether
+            guidance is on (scale > 1), since that decides the UNet call's shape.
+        active: asked before every step; windows it reports False for are dropped from the
+            remaining UNet calls (a cancelled job stops costing GPU time within one step) and
+            come back unfinished. A dropped window never comes back.
     Returns:
         denoised latents ``(W, 4, F, h, w)`` in fp32. Guidance follows the official order: the
         unconditional half (all-zero audio) comes first; guidance ≤ 1 runs the conditional half only.
     """
     device, dtype = unet.conv_in.weight.device, unet.dtype
-    use_guidance = guidance_scale > 1.0
+    windows, frames = latents.shape[0], latents.shape[2]
+    scales = torch.as_tensor(guidance_scale, dtype=torch.float32).expand(windows).to(device)
+    guided = scales > 1.0
+    use_guidance = bool(guided.all())
+    if bool(guided.any()) != use_guidance:
+        raise ValueError("windows sharing a UNet call must all use guidance or all skip it")
     copies = 2 if use_guidance else 1
-    condition = torch.cat([mask, masked_latents, reference_latents], dim=1).to(device, dtype).repeat(copies, 1, 1, 1, 1)
-    audio = audio.to(device, dtype)
-    if use_guidance:
-        audio = torch.cat([torch.zeros_like(audio), audio])
-    latents = latents.to(device, torch.float32)
+    all_condition = torch.cat([mask, masked_latents, reference_latents], dim=1).to(device, dtype)
+    all_audio = audio.to(device, dtype).unflatten(0, (windows, frames))
+    result = latents.to(device, torch.float32).clone()
+    rows = torch.arange(windows, device=device)
+    condition = None
     scheduler.set_timesteps(steps, device=device)
     for timestep in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, timestep).to(dtype).repeat(copies, 1, 1, 1, 1)
-        noise = unet(torch.cat([model_input, condition], dim=1), timestep, audio).float()
+        keep = rows if active is None else rows[torch.tensor(list(active()), device=device)[rows]]
+        if len(keep) == 0:
+            break
+        if condition is None or len(keep) != len(rows):
+            rows = keep
+            condition = all_condition[rows].repeat(copies, 1, 1, 1, 1)
+            window_audio = all_audio[rows].flatten(0, 1)
+            if use_guidance:
+                window_audio = torch.cat([torch.zeros_like(window_audio), window_audio])
+            row_scales = scales[rows].view(-1, 1, 1, 1, 1)
+        current = result[rows]
+        model_input = scheduler.scale_model_input(current, timestep).to(dtype).repeat(copies, 1, 1, 1, 1)
+        noise = unet(torch.cat([model_input, condition], dim=1), timestep, window_audio).float()
         if use_guidance:
             unconditional, conditional = noise.chunk(2)
-            noise = unconditional + guidance_scale * (conditional - unconditional)
-        latents = scheduler.step(noise, timestep, latents).prev_sample
-    return latents
+            noise = unconditional + row_scales * (conditional - unconditional)
+        result[rows] = scheduler.step(noise, timestep, current).prev_sample
+    return result
+
+
+class JobCancelled(Exception):
+    """The caller's cancellation check returned True; raised between windows or DDIM steps."""
+
+
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """``W`` consecutive windows of one job, all ``F`` frames long, ready for one DDIM loop."""
+
+    latents: torch.Tensor
+    """Starting noise ``(W, 4, F, h, w)``."""
+    mask: torch.Tensor
+    """``(W, 1, F, h, w)``, 1 = keep, 0 = generate."""
+    masked_latents: torch.Tensor
+    reference_latents: torch.Tensor
+    audio: torch.Tensor
+    """``(W·F, tokens, dim)``, window-major."""
+    steps: int
+    guidance_scale: float
+
+    @property
+    def windows(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def shape_key(self) -> tuple[int, bool, tuple[int, ...]]:
+        """What windows must share to ride in one UNet call: step count, guidance on/off, latent shape."""
+        return self.steps, self.guidance_scale > 1.0, tuple(self.latents.shape[1:])
+
+
+class Denoiser(Protocol):
+    """Runs the DDIM loop for a job's windows; raises ``JobCancelled`` once ``should_cancel`` says so."""
+
+    def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor: ...
+
+
+class DirectDenoiser:
+    """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls."""
+
+    def __init__(self, unet: UNet3DConditionModel, scheduler: DDIMScheduler) -> None:
+        self.unet, self.scheduler = unet, scheduler
+
+    def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor:
+        active = None if should_cancel is None else (lambda: [not should_cancel()] * batch.windows)
+        latents = denoise(
+            self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
+            batch.audio, batch.steps, batch.guidance_scale, active=active,
+        )
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("the job was cancelled")
+        return latents
 
 
 class FaceGenerator:
     """Turns aligned faces plus their audio windows into lip-synced faces (latent diffusion).
 
-    Holds the models; call it with consecutive frames of one video, in order. The caller draws the
-    video's shared ``noise`` once (``initial_noise``) and passes one ``generator`` for VAE sampling.
+    Holds the VAE and a :class:`Denoiser`; call it with consecutive frames of one video, in order.
+    The caller draws the video's shared ``noise`` once (``initial_noise``) and passes one
+    ``generator`` for VAE sampling.
     """
 
     def __init__(
         self,
-        unet: UNet3DConditionModel,
         vae: AutoencoderKL,
-        scheduler: DDIMScheduler,
+        denoiser: Denoiser,
         settings: SamplingSettings,
         timer: StageTimer | None = None,
     ) -> None:
-        self.unet, self.vae, self.scheduler, self.settings = unet, vae, scheduler, settings
+        self.vae, self.denoiser, self.settings = vae, denoiser, settings
         self.timer = timer or StageTimer()
 
     @torch.no_grad()
@@ -136,6 +213,7 @@ class FaceGenerator:
         noise: torch.Tensor,
         generator: torch.Generator,
         on_window: Callable[[int, int], None] | None = None,
+        should_cancel: CancelCheck | None = None,
     ) -> torch.Tensor:
         """Generate faces for ``N`` frames.
 
@@ -146,6 +224,7 @@ class FaceGenerator:
             noise: ``(1, 4, 1, R/8, R/8)`` shared initial noise.
             generator: CPU generator for the VAE's latent sampling.
             on_window: called with (windows done, windows total) after each UNet batch.
+            should_cancel: checked by the denoiser before every DDIM step.
         Returns:
             ``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0 (the mouth), the input
             face where it is 1, as the official pipeline composes them before paste-back.
@@ -167,18 +246,17 @@ class FaceGenerator:
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
             length = group[0].stop - group[0].start
+            batch = WindowBatch(
+                noise.expand(len(group), -1, length, -1, -1),
+                latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
+                _stack_windows(masked, group),
+                _stack_windows(reference, group),
+                torch.cat([audio[window] for window in group]),
+                self.settings.steps,
+                self.settings.guidance_scale,
+            )
             with self.timer.stage("denoise"):
-                latents = denoise(
-                    self.unet,
-                    self.scheduler,
-                    noise.expand(len(group), -1, length, -1, -1),
-                    latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
-                    _stack_windows(masked, group),
-                    _stack_windows(reference, group),
-                    torch.cat([audio[window] for window in group]),
-                    self.settings.steps,
-                    self.settings.guidance_scale,
-                )
+                latents = self.denoiser(batch, should_cancel)
             for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
                 generated[window] = window_latents
             if on_window is not None:

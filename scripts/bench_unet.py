@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL
 from lipsync.config import CONFIG_DIR, load_config
 from lipsync.models.loading import build_unet
 from lipsync.weights import load_weights_config
-from lipsync.sampling import FaceGenerator, SamplingSettings, initial_noise, load_scheduler
+from lipsync.sampling import DirectDenoiser, FaceGenerator, SamplingSettings, initial_noise, load_scheduler
 
 VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,7 +58,7 @@ def bench(config_path: Path, dtype: torch.dtype, steps: int, windows_per_call: i
     step_times = timed(lambda: unet(sample, timestep, audio), repeats * 5)
 
     settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows_per_call)
-    generator_model = FaceGenerator(unet, vae, load_scheduler(), settings)
+    generator_model = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
     count = frames * windows_per_call
     faces = torch.rand(count, 3, size, size) * 2 - 1
     face_audio = torch.randn(count, 50, cross_dim)

@@ -182,8 +182,9 @@ def face_regions(
     crop_w, crop_h = aligner.crop_size
     generate = cv2.resize(1 - pipeline.mask.numpy().astype(np.float32), (crop_w, crop_h), interpolation=cv2.INTER_NEAREST)
     regions = []
-    for frame in frames:
-        face = pipeline.detector.detect(frame)
+    with pipeline.detectors.borrow() as detector:
+        faces = [detector.detect(frame) for frame in frames]
+    for frame, face in zip(frames, faces):
         if face is None:
             regions.append(None)
             continue
@@ -352,7 +353,7 @@ def test_cancelling_after_the_first_window_leaves_no_output(
     """
     unet_calls: list[int] = []
     progress: list[tuple[float, str]] = []
-    hook = pipeline.generator.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    hook = pipeline.denoiser.unet.register_forward_hook(lambda *_: unet_calls.append(1))
     try:
         with pytest.raises(JobCancelled, match="cancelled"):
             pipeline.run(

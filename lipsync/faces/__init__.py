@@ -5,7 +5,7 @@ imported from :mod:`lipsync.faces.insightface_backend` only by those who opt in.
 """
 
 from lipsync.faces.alignment import AlignedFace, FaceAligner, crop_size, similarity_transform, template_points
-from lipsync.faces.detection import FaceDetector, FaceLandmarks
+from lipsync.faces.detection import DetectorPool, FaceDetector, FaceLandmarks
 from lipsync.faces.mask import load_mask, render_mask_image
 from lipsync.faces.mediapipe_backend import MediaPipeFaceDetector
 from lipsync.faces.paste import FacePaster
@@ -14,6 +14,7 @@ from lipsync.faces.settings import FACES_CONFIG, FaceSettings
 __all__ = [
     "FACES_CONFIG",
     "AlignedFace",
+    "DetectorPool",
     "FaceAligner",
     "FaceDetector",
     "FaceLandmarks",

@@ -7,6 +7,9 @@ each maps its own landmarks to these three points and the rest of the pipeline n
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,3 +48,36 @@ def check_frame(frame: np.ndarray) -> None:
     """Reject anything but an (H, W, 3) uint8 image, which both backends' models assume."""
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.dtype} {frame.shape}")
+
+
+class DetectorPool:
+    """Face detectors for concurrent jobs: backends keep per-graph state and are not thread-safe.
+
+    A job borrows one detector for its analysis pass; a detector is built only when every existing
+    one is busy, so the pool grows to the number of jobs analysed at the same time.
+    """
+
+    def __init__(self, factory: Callable[[], FaceDetector], ready: list[FaceDetector] | None = None) -> None:
+        self.factory = factory
+        self._idle: list[FaceDetector] = list(ready or [])
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self) -> Iterator[FaceDetector]:
+        with self._lock:
+            detector = self._idle.pop() if self._idle else None
+        detector = detector or self.factory()
+        try:
+            yield detector
+        finally:
+            with self._lock:
+                self._idle.append(detector)
+
+    def close(self) -> None:
+        """Close the idle detectors that have a ``close`` method."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for detector in idle:
+            close = getattr(detector, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,158 @@
+"""``WindowBatcher``: one GPU shared by concurrent jobs, their windows riding in the same UNet calls.
+
+Every job thread hands its next windows to the batcher and blocks until they are denoised. A single
+worker thread owns the UNet: it waits a moment (``max_delay_ms``) for windows from other jobs,
+stacks up to ``max_windows`` compatible windows (same step count, guidance on/off and latent shape)
+into one DDIM loop, and hands each job its rows back. Per-window guidance scales and per-job noise
+travel with the windows, so a shared call computes exactly what separate calls would.
+
+Before every DDIM step the worker asks each job whether it was cancelled and drops that job's rows,
+so a cancelled job stops using the GPU within one step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler
+
+from lipsync.models.unet import UNet3DConditionModel
+from lipsync.sampling import CancelCheck, JobCancelled, WindowBatch, denoise
+
+BatchObserver = Callable[[int, int], None]
+"""Called after each shared DDIM loop with (windows in the call, jobs in the call)."""
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """How long the worker waits to fill a call, and how full a call may get."""
+
+    max_windows: int = 8
+    """Windows per DDIM loop (each is one batch row, two with guidance): bounds GPU memory."""
+    max_delay_ms: float = 10.0
+    """How long the first waiting window waits for company before its call starts."""
+
+    def __post_init__(self) -> None:
+        if self.max_windows < 1 or self.max_delay_ms < 0:
+            raise ValueError("max_windows must be positive and max_delay_ms not negative")
+
+
+@dataclass(eq=False)
+class _Waiting:
+    batch: WindowBatch
+    should_cancel: CancelCheck | None
+    future: Future = field(default_factory=Future)
+
+    def cancelled(self) -> bool:
+        return self.should_cancel is not None and self.should_cancel()
+
+
+class WindowBatcher:
+    """A :class:`~lipsync.sampling.Denoiser` that many threads may call at once."""
+
+    def __init__(
+        self,
+        unet: UNet3DConditionModel,
+        scheduler: DDIMScheduler,
+        settings: BatchingSettings | None = None,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self.unet, self.scheduler = unet, scheduler
+        self.settings = settings or BatchingSettings()
+        self.on_batch = on_batch
+        self._waiting: list[_Waiting] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="window-batcher", daemon=True)
+        self._worker.start()
+
+    def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor:
+        waiting = _Waiting(batch, should_cancel)
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the window batcher is closed")
+            self._waiting.append(waiting)
+            self._changed.notify_all()
+        return waiting.future.result()
+
+    def close(self) -> None:
+        """Stop the worker after its current call; windows still waiting fail with ``RuntimeError``."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._worker.join()
+        for waiting in self._waiting:
+            waiting.future.set_exception(RuntimeError("the window batcher was closed"))
+        self._waiting.clear()
+
+    def _serve(self) -> None:
+        while (group := self._next_group()) is not None:
+            self._run(group)
+
+    def _next_group(self) -> list[_Waiting] | None:
+        """Wait for windows, give others ``max_delay_ms`` to join, then take the oldest compatible ones."""
+        with self._changed:
+            while not self._waiting and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.settings.max_delay_ms / 1000
+            while sum(w.batch.windows for w in self._waiting) < self.settings.max_windows and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            key, group, total = self._waiting[0].batch.shape_key, [], 0
+            for waiting in self._waiting:
+                fits = not group or total + waiting.batch.windows <= self.settings.max_windows
+                if waiting.batch.shape_key == key and fits:
+                    group.append(waiting)
+                    total += waiting.batch.windows
+            self._waiting = [waiting for waiting in self._waiting if waiting not in group]
+            return group
+
+    def _run(self, group: list[_Waiting]) -> None:
+        live = []
+        for waiting in group:
+            if waiting.cancelled():
+                waiting.future.set_exception(JobCancelled("the job was cancelled"))
+            else:
+                live.append(waiting)
+        if not live:
+            return
+        owners = [index for index, waiting in enumerate(live) for _ in range(waiting.batch.windows)]
+
+        def active() -> list[bool]:
+            on = [not waiting.cancelled() for waiting in live]
+            return [on[owner] for owner in owners]
+
+        batches = [waiting.batch for waiting in live]
+        try:
+            latents = denoise(
+                self.unet,
+                self.scheduler,
+                torch.cat([batch.latents for batch in batches]),
+                torch.cat([batch.mask for batch in batches]),
+                torch.cat([batch.masked_latents for batch in batches]),
+                torch.cat([batch.reference_latents for batch in batches]),
+                torch.cat([batch.audio for batch in batches]),
+                batches[0].steps,
+                torch.tensor([batch.guidance_scale for batch in batches for _ in range(batch.windows)]),
+                active=active,
+            )
+        except Exception as exc:  # the jobs get the error; the worker stays up for the next call
+            for waiting in live:
+                waiting.future.set_exception(exc)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(owners), len(live))
+        for waiting, rows in zip(live, latents.split([batch.windows for batch in batches])):
+            if waiting.cancelled():
+                waiting.future.set_exception(JobCancelled("the job was cancelled"))
+            else:
+                waiting.future.set_result(rows)

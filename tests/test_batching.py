@@ -1,0 +1,130 @@
+"""WindowBatcher: concurrent jobs share UNet calls, get exactly their own results, and can be cancelled."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from lipsync import load_unet
+from lipsync.batching import BatchingSettings, WindowBatcher
+from lipsync.sampling import JobCancelled, WindowBatch, denoise, load_scheduler
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tiny_weights):
+    return load_unet(tiny_weights.unet_config, tiny_weights.unet)
+
+
+def _batch(seed: int, windows: int = 1, guidance: float = 1.5, steps: int = STEPS, frames: int = 16) -> WindowBatch:
+    """Random but seeded inputs in the tiny UNet's shapes (latent 16×16, audio 50×64 tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = lambda channels: torch.randn(windows, channels, frames, 16, 16, generator=generator)  # noqa: E731
+    return WindowBatch(
+        latents(4), (latents(1) > 0).float(), latents(4), latents(4),
+        torch.randn(windows * frames, 50, 64, generator=generator), steps, guidance,
+    )
+
+
+def _alone(unet, batch: WindowBatch) -> torch.Tensor:
+    return denoise(
+        unet, load_scheduler(), batch.latents, batch.mask, batch.masked_latents, batch.reference_latents, batch.audio,
+        batch.steps, batch.guidance_scale,
+    )
+
+
+def _run_together(batcher: WindowBatcher, batches: list[WindowBatch], cancel=None) -> list:
+    """Submit all batches at once from their own threads; results or the exceptions raised."""
+    start = threading.Barrier(len(batches))
+
+    def job(index: int):
+        start.wait()
+        try:
+            return batcher(batches[index], None if cancel is None else cancel[index])
+        except Exception as exc:  # returned so the test can look at it
+            return exc
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        return list(pool.map(job, range(len(batches))))
+
+
+def test_concurrent_jobs_share_one_call_and_get_their_own_results(tiny_unet) -> None:
+    calls: list[tuple[int, int]] = []
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_windows=8, max_delay_ms=500), lambda w, j: calls.append((w, j)))
+    batches = [_batch(1, windows=2, guidance=1.5), _batch(2, windows=1, guidance=3.0), _batch(3, windows=1, guidance=2.0)]
+    try:
+        results = _run_together(batcher, batches)
+    finally:
+        batcher.close()
+    assert calls == [(4, 3)]
+    for batch, result in zip(batches, results):
+        expected = _alone(tiny_unet, batch)
+        assert result.shape == expected.shape
+        assert (result - expected).norm() / expected.norm() <= 1e-5
+
+
+def test_a_call_never_exceeds_max_windows_nor_mixes_step_counts(tiny_unet) -> None:
+    calls: list[tuple[int, int]] = []
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_windows=3, max_delay_ms=300), lambda w, j: calls.append((w, j)))
+    batches = [_batch(1, windows=2), _batch(2, windows=2), _batch(3, windows=1, steps=2)]
+    try:
+        results = _run_together(batcher, batches)
+    finally:
+        batcher.close()
+    assert all(windows <= 3 for windows, _ in calls)
+    assert sum(windows for windows, _ in calls) == 5 and len(calls) >= 2
+    for batch, result in zip(batches, results):
+        assert (result - _alone(tiny_unet, batch)).norm() <= 1e-5 * result.norm()
+
+
+def test_a_cancelled_job_leaves_the_call_within_one_step(tiny_unet) -> None:
+    """Job 0 is cancelled after the second UNet call: later calls carry only job 1's rows."""
+    rows_per_call: list[int] = []
+    hook = tiny_unet.register_forward_hook(lambda _m, args, _o: rows_per_call.append(args[0].shape[0]))
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_windows=8, max_delay_ms=500))
+    batches = [_batch(1, windows=2), _batch(2, windows=1)]
+    try:
+        results = _run_together(batcher, batches, cancel=[lambda: len(rows_per_call) >= 2, lambda: False])
+    finally:
+        hook.remove()
+        batcher.close()
+    assert isinstance(results[0], JobCancelled)
+    assert rows_per_call == [2 * 3] * 2 + [2 * 1] * (STEPS - 2)  # windows per call, doubled by guidance
+    assert (results[1] - _alone(tiny_unet, batches[1])).norm() <= 1e-5 * results[1].norm()
+
+
+def test_a_job_cancelled_while_waiting_never_reaches_the_unet(tiny_unet) -> None:
+    calls: list[tuple[int, int]] = []
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_delay_ms=0), lambda w, j: calls.append((w, j)))
+    try:
+        with pytest.raises(JobCancelled):
+            batcher(_batch(1), lambda: True)
+    finally:
+        batcher.close()
+    assert calls == []
+
+
+def test_errors_reach_the_job_and_the_batcher_keeps_serving(tiny_unet) -> None:
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_delay_ms=0))
+    try:
+        broken = _batch(1)
+        broken = WindowBatch(broken.latents, broken.mask, broken.masked_latents, broken.reference_latents, broken.audio[:5], STEPS, 1.5)
+        with pytest.raises(RuntimeError):
+            batcher(broken)
+        good = _batch(2)
+        assert (batcher(good) - _alone(tiny_unet, good)).norm() <= 1e-5 * _alone(tiny_unet, good).norm()
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher(_batch(3))
+
+
+def test_settings_reject_nonsense() -> None:
+    with pytest.raises(ValueError):
+        BatchingSettings(max_windows=0)
+    with pytest.raises(ValueError):
+        BatchingSettings(max_delay_ms=-1)
