@@ -26,7 +26,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     """
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -43,7 +43,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"UNet config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"UNet config {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

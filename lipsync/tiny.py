@@ -14,7 +14,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from lipsync.config import CONFIG_DIR
 from lipsync.models.loading import build_unet
-from lipsync.weights import WeightPaths, weight_paths
+from lipsync.weights import WeightPaths, WeightsError, missing, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -49,7 +49,7 @@ TINY_VAE_CONFIG = CONFIG_DIR / "tiny" / "vae_config.json"
 
 def write_tiny_vae(folder: str | Path, seed: int = 0) -> Path:
     """Write a seeded random tiny VAE as a diffusers folder (config.json + safetensors), like sd-vae-ft-mse."""
-    vae = AutoencoderKL.from_config(json.loads(TINY_VAE_CONFIG.read_text()))
+    vae = AutoencoderKL.from_config(json.loads(TINY_VAE_CONFIG.read_text(encoding="utf-8")))
     random_parameters_(vae, seed)
     folder = Path(folder)
     vae.save_pretrained(folder, safe_serialization=True)
@@ -76,7 +76,7 @@ TINY_WHISPER_DIMS = CONFIG_DIR / "tiny" / "whisper_dims.json"
 
 def write_tiny_whisper(path: str | Path, seed: int = 0, dims_path: str | Path | None = None) -> Path:
     """Write a seeded random Whisper as an OpenAI checkpoint (``{"dims", "model_state_dict"}``) like ``tiny.pt``."""
-    dims = ModelDimensions(**json.loads(Path(dims_path or TINY_WHISPER_DIMS).read_text()))
+    dims = ModelDimensions(**json.loads(Path(dims_path or TINY_WHISPER_DIMS).read_text(encoding="utf-8")))
     model = random_parameters_(Whisper(dims), seed)
     path = Path(path)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
@@ -89,3 +89,44 @@ def write_tiny_unet(path: str | Path, config_path: str | Path, seed: int = 0) ->
     path = Path(path)
     torch.save({"state_dict": model.state_dict(), "global_step": 0}, path)
     return path
+
+
+def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, WeightPaths]:
+    """The weight set a server should load: ``(version name, paths)``.
+
+    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto": LatentSync
+    1.5 when all its files are present below ``root``, the tiny demo weights otherwise. Tiny weights
+    are written on first use; a named real version must be present (``WeightsError`` otherwise).
+    """
+    if choice == "auto":
+        choice = "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+    tiny_root = root if root is None else Path(root) / "tiny"
+    paths = weight_paths(choice, tiny_root if choice == "tiny" else root)
+    absent = missing(paths)
+    if absent and choice == "tiny":
+        return choice, write_tiny_weights(tiny_root)
+    if absent:
+        raise WeightsError(
+            f"LatentSync {choice} weights are missing: {', '.join(map(str, absent))}; "
+            f"download them with: python scripts/download_weights.py --version {choice}"
+        )
+    return choice, paths
+
+
+FULL_VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
+FULL_WHISPER_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"
+
+
+def write_random_weights(version: str, root: str | Path) -> WeightPaths:
+    """Full-size default-initialised weights of ``version`` in the official layout and formats below ``root``.
+
+    For benchmarks on machines without the real checkpoints: speed does not depend on the values.
+    """
+    paths = weight_paths(version, root)
+    paths.unet.parent.mkdir(parents=True, exist_ok=True)
+    paths.whisper.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": build_unet(paths.unet_config).state_dict(), "global_step": 0}, paths.unet)
+    dims = json.loads(FULL_WHISPER_DIMS.read_text(encoding="utf-8"))
+    torch.save({"dims": dims, "model_state_dict": Whisper(ModelDimensions(**dims)).state_dict()}, paths.whisper)
+    AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).save_pretrained(paths.vae_dir)
+    return paths

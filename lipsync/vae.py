@@ -38,7 +38,7 @@ def load_vae(
         raise WeightsError(f"VAE folder {folder} lacks {', '.join(absent)}")
     config_path = folder / "config.json"
     try:
-        class_name = json.loads(config_path.read_text()).get("_class_name")
+        class_name = json.loads(config_path.read_text(encoding="utf-8")).get("_class_name")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise WeightsError(f"VAE config {config_path} is not a JSON object: {exc}") from None
     if class_name != "AutoencoderKL":

@@ -17,29 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from whisper.model import ModelDimensions, Whisper
 
-from lipsync.config import CONFIG_DIR
-from lipsync.models import build_unet
 from lipsync.pipeline import LipSyncPipeline
-from lipsync.weights import WeightPaths, weight_paths
+from lipsync.tiny import write_random_weights
 
-VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
-WHISPER_TINY_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def write_random_weights(version: str, root: Path) -> WeightPaths:
-    """Full-size default-initialised weights in the official layout and formats below ``root``."""
-    paths = weight_paths(version, root)
-    paths.unet.parent.mkdir(parents=True, exist_ok=True)
-    paths.whisper.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": build_unet(paths.unet_config).state_dict(), "global_step": 0}, paths.unet)
-    dims = json.loads(WHISPER_TINY_DIMS.read_text())
-    torch.save({"dims": dims, "model_state_dict": Whisper(ModelDimensions(**dims)).state_dict()}, paths.whisper)
-    AutoencoderKL.from_config(json.loads(VAE_ARCHITECTURE.read_text())).save_pretrained(paths.vae_dir)
-    return paths
 
 
 def main() -> None:

@@ -3,10 +3,13 @@ loaded through the real loaders, exactly like downloaded weights."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.config import CONFIG_DIR
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightPaths
@@ -20,3 +23,21 @@ TINY_UNET_CONFIG = CONFIG_DIR / "unet" / "tiny.yaml"
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> WeightPaths:
     """The full tiny weight set (UNet .pt, Whisper .pt, VAE folder), seed 0, official formats."""
     return write_tiny_weights(tmp_path_factory.mktemp("tiny-weights"), seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A real ``tritonserver`` on loopback (CPU, tiny weights written by the model on first load), via our launcher."""
+    root = tmp_path_factory.mktemp("triton")
+    settings = TritonSettings.load(
+        device="cpu", weights="tiny", checkpoints=str(root / "checkpoints"), workdir=root / "serve",
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), startup_timeout_s=300,
+    )
+    with TritonServer(settings) as server:
+        yield server

@@ -1,0 +1,239 @@
+"""Run the real Triton server bundled in the ``nvidia-pytriton`` wheel with our model repository.
+
+No Docker: the wheel ships ``tritonserver`` 2.51, its Python backend and one backend stub per Python
+version. What the server needs around it (``docs/triton-without-docker.md``):
+
+- a backend directory holding the Python backend and the stub built for *this* Python;
+- ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and this interpreter's ``libpython`` first
+  (a distro libpython of another patch release breaks the stub);
+- ``PATH`` starting with the environment the stub should run in: the stub takes ``sys.prefix`` from
+  the first ``python3`` there, and that environment needs ``numpy<2`` and this package.
+
+The model repository is rendered into the work folder from ``model_repository/``: only the
+``lipsync`` model's instance kind, GPU list and weight parameters change, from configuration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from lipsync.config import CONFIG_DIR, read_yaml
+
+REPO_ROOT = CONFIG_DIR.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
+PIPELINE_MODEL = "lipsync"
+
+
+class TritonError(RuntimeError):
+    """The server could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """Where the server listens and what the ``lipsync`` model loads; defaults in ``configs/serving.yaml``."""
+
+    address: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    device: str = "auto"
+    gpus: tuple[int, ...] = ()
+    weights: str = "auto"
+    checkpoints: str = ""
+    workdir: Path = Path(".serve")
+    startup_timeout_s: float = 600.0
+    exit_timeout_s: int = 30
+    python_env: Path = field(default_factory=lambda: Path(sys.prefix))
+    """Environment the backend stub runs in (``numpy<2`` and this package installed)."""
+
+    @classmethod
+    def load(cls, path: Path = SERVING_CONFIG, **overrides: Any) -> TritonSettings:
+        values = dict(read_yaml(path, "serving config")["triton"])
+        values["gpus"] = tuple(values.get("gpus") or ())
+        values["workdir"] = REPO_ROOT / values["workdir"]
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        settings = cls(**values)
+        if settings.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, not {settings.device!r}")
+        return settings
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP endpoint, as ``tritonclient.http`` takes it."""
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}/metrics"
+
+
+def bundled_triton() -> Path:
+    """The folder holding ``pytriton/`` and ``nvidia_pytriton.libs/``: ``$TRITON_DIST`` or the installed wheel.
+
+    Found without importing ``pytriton`` (its import pulls in its own Python-side server).
+    """
+    if os.environ.get("TRITON_DIST"):
+        root = Path(os.environ["TRITON_DIST"])
+    else:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or spec.origin is None:
+            raise TritonError("the Triton server is not installed: pip install nvidia-pytriton==0.7.0")
+        root = Path(spec.origin).parent.parent
+    if not (root / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
+        raise TritonError(f"no tritonserver binary below {root}")
+    return root
+
+
+def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY) -> Path:
+    """Copy ``source`` into ``workdir/model_repository``, placing the ``lipsync`` model per ``settings``."""
+    dest = settings.workdir / "model_repository"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    config_path = dest / PIPELINE_MODEL / "config.pbtxt"
+    config = text_format.Parse(config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+    del config.instance_group[:]
+    group = config.instance_group.add(count=1)
+    if settings.resolved_device() == "gpu":
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
+        group.gpus.extend(settings.gpus)
+    else:
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+    config.parameters["weights"].string_value = settings.weights
+    config.parameters["checkpoints"].string_value = str(settings.checkpoints)
+    config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
+    return dest
+
+
+class TritonServer:
+    """``tritonserver`` as a child process: :meth:`start`, :meth:`wait_ready`, :meth:`stop` (SIGTERM)."""
+
+    def __init__(self, settings: TritonSettings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.log_path = settings.workdir / "triton.log"
+
+    def command(self, repository: Path, backends: Path) -> list[str]:
+        s = self.settings
+        dist = bundled_triton() / "pytriton" / "tritonserver"
+        command = [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={dist / 'caches'}",
+            f"--http-address={s.address}", f"--http-port={s.http_port}",
+            f"--grpc-address={s.address}", f"--grpc-port={s.grpc_port}",
+            f"--metrics-address={s.address}", f"--metrics-port={s.metrics_port}",
+            f"--exit-timeout-secs={s.exit_timeout_s}",
+        ]
+        if s.resolved_device() == "cpu":  # no CUDA: skip pinned/CUDA pools and the DCGM GPU metrics
+            command += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+        return command
+
+    def environment(self) -> dict[str, str]:
+        root = bundled_triton()
+        libraries = [str(root / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
+        env["PATH"] = os.pathsep.join([str(self.settings.python_env / "bin"), env.get("PATH", "")])
+        return env
+
+    def backend_directory(self) -> Path:
+        """The Python backend beside the stub built for this interpreter's X.Y."""
+        dist = bundled_triton() / "pytriton" / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise TritonError(f"the bundled Triton has no Python backend stub for Python {version}")
+        backend = self.settings.workdir / "backends" / "python"
+        backend.mkdir(parents=True, exist_ok=True)
+        files = {name: dist / "backends" / "python" / name for name in ("libtriton_python.so", "triton_python_backend_utils.py")}
+        files["triton_python_backend_stub"] = stub
+        for name, source in files.items():  # copy, then rename: a stub of an earlier server may still be running
+            temp = backend / f".{name}.new"
+            shutil.copy2(source, temp)
+            os.replace(temp, backend / name)
+        return backend.parent
+
+    def start(self) -> None:
+        self.settings.workdir.mkdir(parents=True, exist_ok=True)
+        command = self.command(render_repository(self.settings), self.backend_directory())
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def ready(self) -> bool:
+        try:
+            return httpx2.get(f"{self.settings.http_url}/v2/health/ready", timeout=2).status_code == 200
+        except httpx2.HTTPError:
+            return False
+
+    def wait_ready(self) -> None:
+        """Block until ``/v2/health/ready`` answers 200; raise with the log's tail if the server dies or times out."""
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while not self.ready():
+            if self.process is None or self.process.poll() is not None:
+                raise TritonError(f"tritonserver exited while starting:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TritonError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton unloads models, running jobs get ``exit_timeout_s``), then SIGKILL; the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(self.settings.exit_timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+

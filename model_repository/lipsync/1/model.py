@@ -1,0 +1,192 @@
+"""Triton adapter for ``lipsync``: request tensors → ``lipsync.jobs.run_job`` → streamed responses.
+
+Decoupled: ``execute`` starts one thread per request and returns; each thread streams progress, then
+the final video, through the request's response sender. The instance's ``LipSyncPipeline`` shares
+one ``WindowBatcher``, so windows of all running jobs ride in the same UNet calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from lipsync.batching import BatchingSettings
+from lipsync.jobs import JobOptions, JobOutput, run_job
+from lipsync.pipeline import LipSyncPipeline
+from lipsync.sampling import JobCancelled
+from lipsync.timeline import LoopMode
+from lipsync.tiny import weights_for
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+
+
+class _Metrics:
+    """Our families on Triton's ``/metrics``, next to its own ``nv_inference_*``."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        # Families must outlive their metrics, so both are kept.
+        self.labels = labels
+        self.families = {
+            name: pb_utils.MetricFamily(name, description, kind)
+            for name, description, kind in [
+                ("lipsync_jobs_total", "Finished jobs by outcome", pb_utils.MetricFamily.COUNTER),
+                ("lipsync_frames_generated_total", "Video frames written by finished jobs", pb_utils.MetricFamily.COUNTER),
+                ("lipsync_active_jobs", "Jobs running now", pb_utils.MetricFamily.GAUGE),
+                ("lipsync_unet_batch_windows", "16-frame windows per shared DDIM loop (all jobs)", pb_utils.MetricFamily.HISTOGRAM),
+                ("lipsync_unet_batch_jobs", "Jobs whose windows shared one DDIM loop", pb_utils.MetricFamily.HISTOGRAM),
+                ("lipsync_stage_seconds", "Wall time per pipeline stage per job", pb_utils.MetricFamily.HISTOGRAM),
+            ]
+        }
+        self.frames = self.families["lipsync_frames_generated_total"].Metric(labels=labels)
+        self.active = self.families["lipsync_active_jobs"].Metric(labels=labels)
+        self.batch_windows = self.families["lipsync_unet_batch_windows"].Metric(labels=labels, buckets=_BATCH_BUCKETS)
+        self.batch_jobs = self.families["lipsync_unet_batch_jobs"].Metric(labels=labels, buckets=_BATCH_BUCKETS)
+        self._outcomes: dict[str, object] = {}
+        self._stages: dict[str, object] = {}
+
+    def observe_batch(self, windows: int, jobs: int) -> None:
+        self.batch_windows.observe(windows)
+        self.batch_jobs.observe(jobs)
+
+    def finished(self, outcome: str, output: JobOutput | None = None) -> None:
+        if outcome not in self._outcomes:
+            self._outcomes[outcome] = self.families["lipsync_jobs_total"].Metric(labels=self.labels | {"outcome": outcome})
+        self._outcomes[outcome].increment(1)
+        if output is None:
+            return
+        self.frames.increment(output.result.frames)
+        for stage, seconds in output.result.seconds.items():
+            if stage not in self._stages:
+                self._stages[stage] = self.families["lipsync_stage_seconds"].Metric(
+                    labels=self.labels | {"stage": stage}, buckets=_STAGE_BUCKETS
+                )
+            self._stages[stage].observe(seconds)
+
+
+class _ProgressStream:
+    """Sends a progress response when the stage changes or the fraction rose by ``step``."""
+
+    def __init__(self, sender, step: float) -> None:
+        self.sender, self.step = sender, step
+        self.last = (-1.0, "")
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if stage != self.last[1] or fraction >= self.last[0] + self.step:
+            self.last = (fraction, stage)
+            self.sender.send(pb_utils.InferenceResponse([_float("PROGRESS", fraction), _text("STAGE", stage)]))
+
+
+def _float(name: str, value: float) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value], dtype=np.float32))
+
+
+def _text(name: str, value: str | bytes) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value if isinstance(value, bytes) else value.encode()], dtype=np.object_))
+
+
+def _optional(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+
+def _bytes(request, name: str) -> bytes:
+    value = _optional(request, name)
+    if value is None:
+        raise ValueError(f"input {name} is missing")
+    return bytes(value)
+
+
+def _options(request, served_version: str) -> JobOptions:
+    version = _optional(request, "VERSION")
+    if version is not None and version.decode() not in ("", served_version):
+        raise ValueError(f"this server runs LatentSync {served_version}, not {version.decode()!r}")
+    steps, guidance, seed, loop_mode = (_optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE"))
+    return JobOptions(
+        steps=None if steps is None else int(steps),
+        guidance_scale=None if guidance is None else float(guidance),
+        seed=None if seed is None else int(seed),
+        loop_mode=LoopMode.PINGPONG if loop_mode is None else LoopMode.parse(loop_mode.decode()),
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        on_gpu = args["model_instance_kind"] == "GPU"
+        device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+        if on_gpu:
+            torch.cuda.set_device(device)
+        self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
+        self.metrics = _Metrics({"model": args["model_name"], "instance": args["model_instance_name"]})
+        self.pipeline = LipSyncPipeline.from_weights(
+            paths,
+            device,
+            _DTYPES.get(params["dtype"]),
+            windows_per_call=int(params["windows_per_call"]),
+            batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
+            on_batch=self.metrics.observe_batch,
+        )
+        self.progress_step = float(params["progress_step"])
+        self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
+        self.jobs: set[threading.Thread] = set()
+        self.logger = pb_utils.Logger
+        self.logger.log_info(f"lipsync: LatentSync {self.version} on {device}, {self.pipeline.vae.dtype}")
+
+    def execute(self, requests) -> None:
+        for request in requests:
+            self.slots.acquire()  # a full instance holds the next request in Triton's queue
+            job = threading.Thread(target=self._serve, args=(request,), daemon=True)
+            self.jobs.add(job)
+            job.start()
+
+    def _serve(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            self.metrics.active.increment(1)
+            options = _options(request, self.version)
+            output = run_job(
+                self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
+                progress=_ProgressStream(sender, self.progress_step), should_cancel=request.is_cancelled,
+            )
+        except JobCancelled as exc:
+            self._fail(sender, "cancelled", "CANCELLED", f"{exc}")
+        except ValueError as exc:
+            self._fail(sender, "rejected", "INVALID_ARG", f"invalid input: {exc}")
+        except Exception as exc:  # reported to the client; the instance stays up for the next job
+            self.logger.log_error(f"lipsync: job failed: {exc!r}")
+            self._fail(sender, "failed", "INTERNAL", f"internal error: {exc}")
+        else:
+            info = json.dumps(output.info() | {"version": self.version})
+            final = pb_utils.InferenceResponse(
+                [_text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _text("INFO", info)]
+            )
+            sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.metrics.finished("succeeded", output)
+        finally:
+            self.metrics.active.increment(-1)
+            self.slots.release()
+            self.jobs.discard(threading.current_thread())
+
+    def _fail(self, sender, outcome: str, code: str, message: str) -> None:
+        """End the stream with STAGE "failed" and INFO {"error", "code"}, then the Triton error itself.
+
+        The structured response comes first because BLS callers (``lipsync_unary``) never see error
+        responses of a decoupled model in Triton 2.51, and stream clients get the code as data.
+        """
+        info = json.dumps({"error": message, "code": code})
+        sender.send(pb_utils.InferenceResponse([_text("STAGE", "failed"), _text("INFO", info)]))
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))))
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.metrics.finished(outcome)
+
+    def finalize(self) -> None:
+        for job in list(self.jobs):
+            job.join()
+        self.pipeline.close()

@@ -1,0 +1,32 @@
+"""Triton adapter for ``lipsync_unary``: forwards a request to the streaming ``lipsync`` model (BLS)
+and answers with its final response only, for clients that call plain ``infer``."""
+
+from __future__ import annotations
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+_INPUTS = ("VIDEO", "AUDIO", "STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "VERSION")
+_OUTPUTS = ["VIDEO_OUT", "INFO"]
+# A failed job's last response has STAGE "failed" and INFO {"error", "code"} (code: a TritonError name).
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [self._forward(request) for request in requests]
+
+    def _forward(self, request) -> pb_utils.InferenceResponse:
+        inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+        job = pb_utils.InferenceRequest(model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"])
+        final = None
+        for response in job.exec(decoupled=True):
+            stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
+            if stage is not None and stage.as_numpy()[0] == b"failed":
+                failure = json.loads(pb_utils.get_output_tensor_by_name(response, "INFO").as_numpy()[0])
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], getattr(pb_utils.TritonError, failure["code"])))
+            if pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
+                final = response
+        if final is None:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError("lipsync ended without a video", pb_utils.TritonError.INTERNAL))
+        return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(final, name) for name in _OUTPUTS])
