@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
     triton.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
     triton.add_argument("--checkpoints", help="weights root")
+    triton.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     triton.add_argument("--address", help="listen address (default 127.0.0.1)")
     triton.add_argument("--http-port", type=int)
     triton.add_argument("--grpc-port", type=int)
@@ -28,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_triton(args: argparse.Namespace) -> int:
     settings = TritonSettings.load(
-        device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, address=args.address,
+        device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype, address=args.address,
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port, workdir=args.workdir,
     )
     server = TritonServer(settings)

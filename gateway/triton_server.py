@@ -55,6 +55,7 @@ class TritonSettings:
     gpus: tuple[int, ...] = ()
     weights: str = "auto"
     checkpoints: str = ""
+    dtype: str = "auto"
     workdir: Path = Path(".serve")
     startup_timeout_s: float = 600.0
     exit_timeout_s: int = 30
@@ -130,6 +131,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
     config.parameters["weights"].string_value = settings.weights
     config.parameters["checkpoints"].string_value = str(settings.checkpoints)
+    config.parameters["dtype"].string_value = settings.dtype
     config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
     return dest
 

@@ -11,6 +11,7 @@ A job runs in two passes over the video so that memory does not grow with its le
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -24,7 +25,7 @@ from diffusers import AutoencoderKL
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import load_config
-from lipsync.faces import DetectorPool, FaceAligner, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
+from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.media import VideoInfo, VideoReader, VideoWriter
 from lipsync.models import load_unet
@@ -39,6 +40,8 @@ from lipsync.weights import WeightPaths
 ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
+_ANALYSIS_CHUNK = 16
+"""Frames detected in parallel between two cancellation checks of the analysis pass."""
 _PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 1.0)}
 
 
@@ -84,12 +87,15 @@ class LipSyncPipeline:
         config: dict[str, Any],
         windows_per_call: int | None = None,
         face_settings: FaceSettings | None = None,
+        detect_threads: int = 4,
     ) -> None:
         self.vae = vae
         self.denoiser = denoiser
         self.audio = audio
         self.detectors = detectors
         self.windows_per_call = windows_per_call
+        self.detect_threads = detect_threads
+        """Frames of the analysis pass detected at once, each thread with a detector from the pool."""
         self.config = config
         self.resolution: int = config["data"]["resolution"]
         self.face_settings = face_settings or FaceSettings.load()
@@ -105,6 +111,7 @@ class LipSyncPipeline:
         windows_per_call: int | None = None,
         batching: BatchingSettings | None = None,
         on_batch: BatchObserver | None = None,
+        detect_threads: int = 4,
     ) -> LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
 
@@ -122,7 +129,7 @@ class LipSyncPipeline:
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, device)
         return cls(
             load_vae(paths.vae_dir, device, dtype), denoiser, audio, detectors or DetectorPool(MediaPipeFaceDetector),
-            config, windows_per_call,
+            config, windows_per_call, detect_threads=detect_threads,
         )
 
     def close(self) -> None:
@@ -177,11 +184,24 @@ class LipSyncPipeline:
         batch = settings.num_frames * settings.windows_per_call
         total_windows = -(-output_frames // settings.num_frames)
         frames = _timed(frames_in_order(video, order), timer, "decode")
-        with VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer:
+
+        def finish(originals: list[np.ndarray], sources: list[int], generated: np.ndarray) -> None:
+            for frame, index, face in zip(originals, sources, generated):
+                if analysis.has_face[index]:
+                    with timer.stage("paste", sync=False):
+                        frame = paster.paste(frame, face, analysis.affines[index])
+                with timer.stage("encode", sync=False):
+                    writer.write(frame)
+
+        # Paste-back and encoding of one batch run on a second thread while the next batch is on
+        # the GPU; waiting for the previous batch before queueing the next keeps the frame order and
+        # holds at most two batches of frames.
+        with VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer, ThreadPoolExecutor(1) as finisher:
+            finishing: Future | None = None
             for start in range(0, output_frames, batch):
                 sources = order[start : start + batch]
                 originals = list(islice(frames, len(sources)))
-                with timer.stage("detect_align"):
+                with timer.stage("detect_align", sync=False):
                     faces = np.stack([aligner.warp(frame, analysis.affines[index]) for frame, index in zip(originals, sources)])
                 done_before = start // settings.num_frames
 
@@ -198,14 +218,12 @@ class LipSyncPipeline:
                     on_window=on_window,
                     should_cancel=should_cancel,
                 )
-                generated = generated.permute(0, 2, 3, 1).numpy()
-                for frame, index, face in zip(originals, sources, generated):
-                    if analysis.has_face[index]:
-                        with timer.stage("paste"):
-                            frame = paster.paste(frame, face, analysis.affines[index])
-                    with timer.stage("encode"):
-                        writer.write(frame)
-            with timer.stage("encode"):
+                if finishing is not None:
+                    finishing.result()
+                finishing = finisher.submit(finish, originals, sources, generated.permute(0, 2, 3, 1).numpy())
+            if finishing is not None:
+                finishing.result()
+            with timer.stage("encode", sync=False):
                 writer.close()
         report("generate", 1.0)
         return LipSyncResult(Path(output), output_frames, faceless, timer.as_dict())
@@ -215,15 +233,15 @@ class LipSyncPipeline:
     ) -> tuple[_Analysis, VideoInfo]:
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         affines: list[np.ndarray | None] = []
-        with VideoReader(video) as reader, self.detectors.borrow() as detector:
+        with VideoReader(video) as reader, ThreadPoolExecutor(self.detect_threads) as pool:
             expected = max(1, min(max_frames, reader.info.frames_at(self.audio.settings.video_fps)))
-            for frame in _timed(islice(iter(reader), max_frames), timer, "decode"):
-                with timer.stage("detect_align"):
-                    face = detector.detect(frame)
-                    affines.append(None if face is None else aligner.transform(face.points))
-                if len(affines) % 16 == 0:
-                    _check_cancel(should_cancel)
-                    report("analyse", min(1.0, len(affines) / expected))
+            frames = _timed(islice(iter(reader), max_frames), timer, "decode")
+            while chunk := list(islice(frames, _ANALYSIS_CHUNK)):
+                with timer.stage("detect_align", sync=False):
+                    for face in pool.map(self._detect, chunk):
+                        affines.append(None if face is None else aligner.transform(face.points))
+                _check_cancel(should_cancel)
+                report("analyse", min(1.0, len(affines) / expected))
             info = reader.info
         found = [index for index, affine in enumerate(affines) if affine is not None]
         if not found:
@@ -236,6 +254,11 @@ class LipSyncPipeline:
                 affine = affines[min(candidates, key=lambda candidate: abs(candidate - index))]
             filled.append(affine)
         return _Analysis(filled, [affine is not None for affine in affines]), info
+
+
+    def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
+        with self.detectors.borrow() as detector:
+            return detector.detect(frame)
 
 
 def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:
@@ -269,7 +292,7 @@ def _check_cancel(should_cancel: CancelCheck | None) -> None:
 def _timed(frames: Iterator[np.ndarray], timer: StageTimer, stage: str) -> Iterator[np.ndarray]:
     iterator = iter(frames)
     while True:
-        with timer.stage(stage):
+        with timer.stage(stage, sync=False):
             frame = next(iterator, None)
         if frame is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -11,23 +12,31 @@ import torch
 
 
 class StageTimer:
-    """Accumulates seconds per stage name; GPU work is synchronised so it lands in its own stage."""
+    """Accumulates seconds per stage name; GPU work is synchronised so it lands in its own stage.
+
+    Stages may run on several threads at once (paste/encode beside the GPU work), so their sum can
+    exceed the job's wall time. CPU-only stages pass ``sync=False``: a device sync there would make
+    them wait for another thread's GPU work.
+    """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._sync = torch.device(device).type == "cuda" if device is not None else False
+        self._lock = threading.Lock()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self._sync:
+    def stage(self, name: str, sync: bool = True) -> Iterator[None]:
+        sync = sync and self._sync
+        if sync:
             torch.cuda.synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self._sync:
+            if sync:
                 torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - start
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - start
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}

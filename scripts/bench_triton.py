@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -79,7 +80,9 @@ def main() -> None:
     if args.version != "tiny" and missing(weight_paths(args.version, args.checkpoints)):
         print(f"writing full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
         write_random_weights(args.version, args.checkpoints)
-    settings = TritonSettings.load(device=args.device, weights=args.version, checkpoints=str(args.checkpoints), workdir=args.workdir)
+    settings = TritonSettings.load(
+        device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir
+    )
     job = JobRequest(args.video.read_bytes(), args.audio.read_bytes(), steps=args.steps)
     started = time.perf_counter()
     with TritonServer(settings) as server:
@@ -91,7 +94,7 @@ def main() -> None:
     for level in levels:
         if single is not None:
             level["wall_vs_one_job"] = round(level["wall_s"] / single["wall_s"], 2)
-    report = {"version": args.version, "steps": args.steps, "server_ready_s": round(ready_s, 1), "warmup": warmup, "levels": levels}
+    report = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "server_ready_s": round(ready_s, 1), "warmup": warmup, "levels": levels}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")

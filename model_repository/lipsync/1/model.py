@@ -132,6 +132,7 @@ class TritonPythonModel:
             windows_per_call=int(params["windows_per_call"]),
             batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
             on_batch=self.metrics.observe_batch,
+            detect_threads=int(params["detect_threads"]),
         )
         self.progress_step = float(params["progress_step"])
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
