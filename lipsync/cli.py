@@ -14,13 +14,12 @@ from lipsync.audio import AudioError, AudioSettings
 from lipsync.config import ConfigError
 from lipsync.faces import DetectorPool
 from lipsync.media import MediaError
-from lipsync.pipeline import LipSyncPipeline, NoFaceError, check_inputs
+from lipsync.pipeline import DTYPES, LipSyncPipeline, NoFaceError, check_inputs
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
                      "its pretrained models are for non-commercial research use only)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", choices=sorted(_DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
     return parser
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = _weights(args)
         check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
         pipeline = LipSyncPipeline.from_weights(
-            paths, args.device, _DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call
+            paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call
         )
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 

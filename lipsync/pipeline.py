@@ -37,6 +37,9 @@ from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""Precision names the CLI, the Triton model config and the benchmarks accept."""
+
 ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 

@@ -18,11 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lipsync.pipeline import LipSyncPipeline
+from lipsync.pipeline import DTYPES, LipSyncPipeline
 from lipsync.tiny import write_random_weights
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

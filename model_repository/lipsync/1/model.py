@@ -16,12 +16,11 @@ import triton_python_backend_utils as pb_utils
 
 from lipsync.batching import BatchingSettings
 from lipsync.jobs import JobOptions, JobOutput, run_job
-from lipsync.pipeline import LipSyncPipeline
+from lipsync.pipeline import DTYPES, LipSyncPipeline
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import weights_for
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -128,7 +127,7 @@ class TritonPythonModel:
         self.pipeline = LipSyncPipeline.from_weights(
             paths,
             device,
-            _DTYPES.get(params["dtype"]),
+            DTYPES.get(params["dtype"]),
             windows_per_call=int(params["windows_per_call"]),
             batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
             on_batch=self.metrics.observe_batch,
