@@ -40,6 +40,9 @@ class _Metrics:
                 ("lipsync_unet_batch_windows", "16-frame windows per shared DDIM loop (all jobs)", pb_utils.MetricFamily.HISTOGRAM),
                 ("lipsync_unet_batch_jobs", "Jobs whose windows shared one DDIM loop", pb_utils.MetricFamily.HISTOGRAM),
                 ("lipsync_stage_seconds", "Wall time per pipeline stage per job", pb_utils.MetricFamily.HISTOGRAM),
+                ("lipsync_gpu_utilization_ratio", "GPU busy fraction (NVML) of this instance's GPU", pb_utils.MetricFamily.GAUGE),
+                ("lipsync_gpu_memory_used_bytes", "Memory in use on this instance's GPU, all processes", pb_utils.MetricFamily.GAUGE),
+                ("lipsync_gpu_memory_allocated_bytes", "GPU memory held by this instance's tensors", pb_utils.MetricFamily.GAUGE),
             ]
         }
         self.frames = self.families["lipsync_frames_generated_total"].Metric(labels=labels)
@@ -66,6 +69,35 @@ class _Metrics:
                     labels=self.labels | {"stage": stage}, buckets=_STAGE_BUCKETS
                 )
             self._stages[stage].observe(seconds)
+
+
+class _GpuSampler:
+    """Samples this instance's GPU into gauges every ``interval_s`` on a daemon thread.
+
+    Triton's own DCGM-based ``nv_gpu_*`` metrics read 0 on some VMs (our H100 machine), so the
+    instance reports its GPU itself: utilisation through NVML (``torch.cuda.utilization``), memory
+    through the CUDA driver.
+    """
+
+    def __init__(self, metrics: _Metrics, device: torch.device, interval_s: float) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.utilization = metrics.families["lipsync_gpu_utilization_ratio"].Metric(labels=metrics.labels)
+        self.used = metrics.families["lipsync_gpu_memory_used_bytes"].Metric(labels=metrics.labels)
+        self.allocated = metrics.families["lipsync_gpu_memory_allocated_bytes"].Metric(labels=metrics.labels)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.used.set(total - free)
+            self.allocated.set(torch.cuda.memory_allocated(self.device))
+            self.utilization.set(torch.cuda.utilization(self.device) / 100)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 class _ProgressStream:
@@ -134,6 +166,7 @@ class TritonPythonModel:
             detect_threads=int(params["detect_threads"]),
         )
         self.progress_step = float(params["progress_step"])
+        self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
@@ -189,4 +222,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         for job in list(self.jobs):
             job.join()
+        if self.gpu is not None:
+            self.gpu.stop()
         self.pipeline.close()
