@@ -36,6 +36,18 @@ def scrape(url: str, *names: str) -> dict[str, float]:
     }
 
 
+GPU_GAUGES = ("lipsync_gpu_utilization_ratio", "lipsync_gpu_memory_used_bytes")
+
+
+def sample_gpu(url: str, jobs: list, interval_s: float = 1.0) -> list[dict[str, float]]:
+    """The model's GPU gauges, read every ``interval_s`` until all ``jobs`` are done."""
+    samples = []
+    while not all(job.done() for job in jobs):
+        samples.append(scrape(url, *GPU_GAUGES))
+        time.sleep(interval_s)
+    return samples
+
+
 BATCH_SAMPLES = (
     "lipsync_unet_batch_windows_sum", "lipsync_unet_batch_windows_count",
     "lipsync_unet_batch_jobs_sum", "lipsync_unet_batch_jobs_count",
@@ -45,9 +57,12 @@ BATCH_SAMPLES = (
 def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> dict:
     before = scrape(settings.metrics_url, *BATCH_SAMPLES)
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda _: run_job(settings.grpc_url, job), range(concurrency)))
+    with ThreadPoolExecutor(concurrency + 1) as pool:
+        jobs = [pool.submit(run_job, settings.grpc_url, job) for _ in range(concurrency)]
+        utilization = pool.submit(sample_gpu, settings.metrics_url, jobs)
+        results = [future.result() for future in jobs]
     wall = time.perf_counter() - started
+    samples = utilization.result()
     after = scrape(settings.metrics_url, *BATCH_SAMPLES)
     delta = {name: after[name] - before[name] for name in BATCH_SAMPLES}
     calls = delta["lipsync_unet_batch_windows_count"]
@@ -59,6 +74,8 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> di
         "ddim_loops": int(calls),
         "mean_windows_per_loop": round(delta["lipsync_unet_batch_windows_sum"] / calls, 2) if calls else 0,
         "mean_jobs_per_loop": round(delta["lipsync_unet_batch_jobs_sum"] / calls, 2) if calls else 0,
+        "gpu_utilization_mean": round(sum(s["lipsync_gpu_utilization_ratio"] for s in samples) / len(samples), 3) if samples else None,
+        "gpu_memory_used_peak_gib": round(max(s["lipsync_gpu_memory_used_bytes"] for s in samples) / 2**30, 2) if samples else None,
         "stage_seconds_first_job": results[0].info["seconds"],
     }
 
