@@ -1,0 +1,85 @@
+"""``lipsync-serve triton``: the rendered model repository, readiness and a clean SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from conftest import free_port
+from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
+
+
+def _rendered(tmp_path: Path, **overrides) -> model_config_pb2.ModelConfig:
+    settings = TritonSettings.load(workdir=tmp_path, **overrides)
+    repository = render_repository(settings)
+    return text_format.Parse((repository / "lipsync" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_cpu_rendering_places_one_cpu_instance_with_the_chosen_weights(tmp_path: Path) -> None:
+    config = _rendered(tmp_path, device="cpu", weights="tiny", checkpoints="/data/ckpt", dtype="fp32")
+    assert [(group.kind, group.count) for group in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
+    assert config.parameters["weights"].string_value == "tiny"
+    assert config.parameters["checkpoints"].string_value == "/data/ckpt"
+    assert config.parameters["dtype"].string_value == "fp32"
+    assert config.model_transaction_policy.decoupled
+    assert (tmp_path / "model_repository" / "lipsync_unary" / "config.pbtxt").is_file()
+
+
+def test_gpu_rendering_lists_the_configured_gpus(tmp_path: Path) -> None:
+    config = _rendered(tmp_path, device="gpu", gpus=(0, 1))
+    [group] = config.instance_group
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
+    every_gpu = _rendered(tmp_path, device="gpu")
+    assert list(every_gpu.instance_group[0].gpus) == []  # Triton then places one instance per visible GPU
+
+
+def test_unknown_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="device"):
+        TritonSettings.load(device="tpu")
+
+
+def test_a_server_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
+    port = free_port()
+    settings = TritonSettings.load(device="cpu", weights="tiny", workdir=tmp_path, http_port=port, grpc_port=port, metrics_port=free_port())
+    with pytest.raises(TritonError, match="exited while starting"):
+        with TritonServer(settings):
+            pass
+
+
+@pytest.mark.slow
+def test_cli_serves_until_sigterm_then_exits_cleanly(tmp_path: Path) -> None:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "triton", "--device", "cpu", "--weights", "tiny",
+         "--checkpoints", str(tmp_path / "ckpt"), "--workdir", str(tmp_path / "serve"),
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _ready(http):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server not ready in 300 s"
+            time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not _ready(http)
+    assert "successfully unloaded 'lipsync'" in (tmp_path / "serve" / "triton.log").read_text()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx2.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+    except httpx2.HTTPError:
+        return False
