@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import ApiKeys
@@ -169,6 +169,25 @@ class Gateway:
         return cancelled
 
 
+def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The owner id of the request's Bearer key; 401 without an accepted one."""
+    scheme, _, key = (authorization or "").partition(" ")
+    found = request.app.state.gateway.keys.owner(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    if found is None:
+        raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)")
+    return found
+
+
+def _idempotency(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= _MAX_IDEMPOTENCY_KEY):
+        raise ApiError(422, f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters")
+    return idempotency_key
+
+
+Owner = Annotated[str, Depends(_owner)]
+Idempotency = Annotated[str | None, Depends(_idempotency)]
+
+
 def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
     gateway = Gateway(settings, keys)
 
@@ -187,7 +206,8 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
         return _failed(exc.status_code, exc.reason)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    @app.exception_handler(ValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
         problems = []
         for error in exc.errors():  # field and message only: never echo the (possibly huge) input
             where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "header"))
@@ -209,21 +229,6 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
         route = request.scope.get("route")
         gateway.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
-
-    def owner(authorization: Annotated[str | None, Header()] = None) -> str:
-        scheme, _, key = (authorization or "").partition(" ")
-        found = gateway.keys.owner(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-        if found is None:
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)")
-        return found
-
-    def idempotency(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
-        if idempotency_key is not None and not (0 < len(idempotency_key) <= _MAX_IDEMPOTENCY_KEY):
-            raise ApiError(422, f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters")
-        return idempotency_key
-
-    Owner = Annotated[str, Depends(owner)]
-    Idempotency = Annotated[str | None, Depends(idempotency)]
 
     @app.post("/lipsync/submit")
     def submit(body: SubmitRequest, who: Owner, key: Idempotency) -> dict[str, str]:
@@ -271,15 +276,17 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
 
     @app.get("/lipsync/result/{request_id}")
     def result(
-        request_id: str, token: str | None = None, authorization: Annotated[str | None, Header()] = None,
+        request: Request, request_id: str, token: str | None = None, authorization: Annotated[str | None, Header()] = None,
     ) -> FileResponse:
         """The video, for its owner's key or the unguessable ``token`` of the status's URL (players cannot send headers)."""
         if not is_job_id(request_id):
             raise ApiError(400, "request_id is not a valid request id")
+        if token is None and authorization is None:
+            raise ApiError(401, "the result URL's token or the owner's API key is required")
         job = gateway.store.get(request_id)
         allowed = job is not None and job.status == SUCCEED and (
             (token is not None and job.result_token is not None and hmac.compare_digest(token, job.result_token))
-            or (authorization is not None and hmac.compare_digest(owner(authorization), job.owner))
+            or (authorization is not None and hmac.compare_digest(_owner(request, authorization), job.owner))
         )
         path = gateway.data.result(request_id)
         if not allowed or not path.is_file():

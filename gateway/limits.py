@@ -1,14 +1,24 @@
-"""Request body cap as ASGI middleware: by ``Content-Length`` up front, and by counting chunked bodies."""
+"""Request body cap as ASGI middleware: by ``Content-Length`` up front, and by counting chunked bodies.
+
+A body that outgrows the cap while it is read raises an HTTP 413 error inside the app, so FastAPI's
+body parsing passes it on (it turns other parse errors into 400) to the app's JSON error handler.
+"""
 
 from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _message(limit))
+
+
+def _message(limit: int) -> str:
+    return f"request body larger than {limit / (1024 * 1024):g} MB"
 
 
 class BodyLimit:
@@ -33,7 +43,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -48,9 +58,7 @@ class BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {"status": "Failed", "reason": f"request body larger than {self.limit / (1024 * 1024):g} MB"}
-        ).encode()
+        body = json.dumps({"status": "Failed", "reason": _message(self.limit)}).encode()
         await send({
             "type": "http.response.start", "status": 413,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -193,7 +193,7 @@ class JobStore:
         """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
         return self._finish_running(
             job_id, SUCCEED, "", result_token=secrets.token_urlsafe(32), inference_s=inference_s,
-            info=json.dumps(info), progress=1.0,
+            info=json.dumps(info), progress=1.0, stage="done",
         )
 
     def fail(self, job_id: str, reason: str) -> bool:
