@@ -24,6 +24,9 @@ from gateway.triton_client import JobRequest, TritonJobError, run_job
 
 log = logging.getLogger(__name__)
 
+WAITING_FOR_TRITON = "waiting for Triton"
+"""The stage a job shows while its worker waits for Triton to come back."""
+
 
 def triton_ready(url: str) -> bool:
     """Triton answers on gRPC and the ``lipsync`` model is loaded."""
@@ -120,6 +123,7 @@ class Worker:
                 self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
             return
         if error.kind == "unavailable":
+            self.store.set_progress(job.id, 0.0, WAITING_FOR_TRITON)
             if job.attempts < self.settings.max_attempts and self._await_triton():
                 self.store.requeue(job.id, "re-queued: Triton was unavailable")
                 self._wake.set()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ import pytest
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from conftest import free_port
+from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import KEYS, GatewayProcess
 from lipsync.media import VideoReader
 
@@ -230,3 +233,26 @@ def test_fifty_clients_submitting_and_polling_get_no_server_error(gateway, clip)
     metrics = httpx2.get(f"{gateway.url}/metrics", timeout=10).text
     assert "lipsync_gateway_queue_depth 0.0" in metrics
     assert 'lipsync_gateway_jobs{state="InProgress"} 0.0' in metrics
+
+
+def test_a_job_is_retried_once_when_triton_restarts(clip, long_audio, tmp_path) -> None:
+    settings = TritonSettings.load(
+        device="cpu", weights="tiny", checkpoints=str(tmp_path / "checkpoints"), workdir=tmp_path / "serve",
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), startup_timeout_s=300,
+    )
+    first = TritonServer(settings)
+    with first:
+        process = GatewayProcess(tmp_path / "data", settings.grpc_url, free_port()).start()
+        client = Client(process.url)
+        request_id = client.job(clip[0], long_audio, inference_steps=2)
+        client.wait(request_id, until=lambda s: s["status"] == "InProgress" and s["progress"] > 0)
+        os.killpg(first.process.pid, signal.SIGKILL)  # Triton dies mid-job, with its model processes
+        first.process.wait()
+    try:
+        waiting = client.wait(request_id, until=lambda s: s["stage"] == "waiting for Triton" or s["status"] in FINISHED)
+        assert waiting[-1]["status"] == "InProgress", waiting[-1]
+        with TritonServer(settings):
+            final = client.wait(request_id)[-1]
+        assert final["status"] == "Succeed", final
+    finally:
+        process.stop()
