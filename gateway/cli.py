@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)")
     up.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
     up.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
+    up.add_argument("--checkpoints", help="weights root")
     up.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
+    up.add_argument("--http-port", type=int, help="Triton's HTTP port")
+    up.add_argument("--metrics-port", type=int, help="Triton's metrics port")
+    up.add_argument("--workdir", type=Path, help="Triton's rendered repository, backend folder and triton.log")
     _gateway_arguments(up)
     return parser
 
@@ -52,12 +56,13 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys-file", help="file of API keys (one per line, or sha256:<hex>)")
     parser.add_argument("--concurrency", type=int, help="jobs streamed to Triton at once")
     parser.add_argument("--max-body-mb", type=float, help="request body cap")
+    parser.add_argument("--public-url", help="base of result URLs sent in webhooks (default http://host:port)")
 
 
 def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> GatewaySettings:
     return GatewaySettings.load(
         address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
-        concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc,
+        concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
     )
 
 
@@ -95,7 +100,10 @@ def _serve_gateway(args: argparse.Namespace) -> int:
 
 
 def _serve_all(args: argparse.Namespace) -> int:
-    triton_settings = TritonSettings.load(device=args.device, weights=args.weights, grpc_port=args.grpc_port)
+    triton_settings = TritonSettings.load(
+        device=args.device, weights=args.weights, checkpoints=args.checkpoints, grpc_port=args.grpc_port,
+        http_port=args.http_port, metrics_port=args.metrics_port, workdir=args.workdir,
+    )
     settings = _gateway_settings(args, triton_settings.grpc_url)
     keys = _keys(settings, local=True)
     server = TritonServer(triton_settings)
