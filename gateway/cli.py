@@ -92,6 +92,7 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     if not len(keys):
         print(f"error: no API key configured: set ${settings.api_keys_env} or gateway.api_keys_file", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, _interrupt)  # uvicorn re-raises the signal once it has shut down
     try:
         _run_gateway(settings, keys)
     except KeyboardInterrupt:

@@ -208,12 +208,16 @@ class JobStore:
             ).rowcount
         return changed == 1
 
-    def requeue(self, job_id: str, reason: str) -> bool:
-        """``InProgress`` → ``InQueue`` (the job keeps its place: its submission order)."""
+    def requeue(self, job_id: str, reason: str, refund: bool = False) -> bool:
+        """``InProgress`` → ``InQueue`` (the job keeps its place: its submission order).
+
+        ``refund``: the attempt does not count (the gateway stopped it on purpose).
+        """
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '' WHERE id = ? AND status = ?",
-                (IN_QUEUE, reason, job_id, IN_PROGRESS),
+                "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '', attempts = attempts - ?"
+                " WHERE id = ? AND status = ?",
+                (IN_QUEUE, reason, int(refund), job_id, IN_PROGRESS),
             ).rowcount
         return changed == 1
 

@@ -118,7 +118,7 @@ class Worker:
     def _failed(self, job: Job, error: TritonJobError) -> None:
         if error.kind == "cancelled":
             if self._stop.is_set():
-                self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran")
+                self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
             else:  # through the API (already committed as Cancelled: fail() changes nothing), or by Triton itself
                 self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
             return

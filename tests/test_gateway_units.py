@@ -112,6 +112,14 @@ def test_restart_requeues_running_jobs_with_attempts_left_and_fails_the_rest(sto
     assert store.counts()["InProgress"] == 0
 
 
+def test_a_job_stopped_on_purpose_keeps_its_attempt(store) -> None:
+    job_id = queue(store)
+    store.claim_next()
+    store.requeue(job_id, "re-queued: the gateway stopped while the job ran", refund=True)
+    assert store.get(job_id).attempts == 0
+    assert store.claim_next().attempts == 1
+
+
 def test_concurrent_claims_never_hand_out_a_job_twice(store) -> None:
     ids = {queue(store) for _ in range(40)}
     claimed: list[str] = []
