@@ -159,13 +159,14 @@ class Gateway:
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):
             raise ApiError(409, f"the job has already finished ({job.status})")
-        cancelled = self.store.cancel(job.id, "cancelled by the client")
+        if not self.store.cancel(job.id, "cancelled by the client"):  # it ended meanwhile
+            raise ApiError(409, "the job has already finished")
+        cancelled = self.store.get(job.id)
         assert cancelled is not None
-        if cancelled.status == CANCELLED:
-            if job.status == IN_QUEUE:  # a running job's worker drops its inputs when its stream ends
-                self.data.drop_inputs(job.id)
-            self.metrics.finished.labels(CANCELLED).inc()
-            self.notify(job.id)
+        if cancelled.started_at is None:  # never claimed; a claimed job's worker drops the inputs when it stops
+            self.data.drop_inputs(job.id)
+        self.metrics.finished.labels(CANCELLED).inc()
+        self.notify(job.id)
         return cancelled
 
 

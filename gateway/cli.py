@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="run the REST gateway against a running Triton")
     _gateway_arguments(gateway)
     gateway.add_argument("--triton-grpc", help="host:port of Triton's gRPC (default: configs/serving.yaml)")
-    up = commands.add_parser("up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)")
+    up = commands.add_parser(
+        "up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)"
+    )
     up.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
     up.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
     up.add_argument("--checkpoints", help="weights root")

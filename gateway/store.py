@@ -221,14 +221,17 @@ class JobStore:
             ).rowcount
         return changed == 1
 
-    def cancel(self, job_id: str, reason: str) -> Job | None:
-        """A queued or running job → ``Cancelled`` (a running one's worker notices and cancels its Triton stream)."""
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """A queued or running job → ``Cancelled`` (a running one's worker notices and cancels its Triton stream).
+
+        False if the job had already ended.
+        """
         with self._transaction() as db:
-            db.execute(
+            changed = db.execute(
                 "UPDATE jobs SET status = ?, reason = ?, finished_at = ? WHERE id = ? AND status IN (?, ?)",
                 (CANCELLED, reason, time.time(), job_id, IN_QUEUE, IN_PROGRESS),
-            )
-        return self.get(job_id)
+            ).rowcount
+        return changed == 1
 
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """After a restart: jobs left ``InProgress`` go back to the queue, or fail once out of attempts.

@@ -125,7 +125,8 @@ def test_a_chunked_body_over_the_cap_gets_413(gateway) -> None:
     ids=["no key", "wrong key", "not bearer", "empty key"],
 )
 def test_requests_without_an_accepted_key_get_401(gateway, media, headers) -> None:
-    for path, body in (("submit", submit_body(media)), ("status", {"request_id": "0" * 32}), ("cancel", {"request_id": "0" * 32})):
+    unknown = {"request_id": "0" * 32}
+    for path, body in (("submit", submit_body(media)), ("status", unknown), ("cancel", unknown)):
         response = httpx2.post(f"{gateway.url}/lipsync/{path}", headers=headers, json=body, timeout=60)
         assert response.status_code == 401, (path, response.text)
         assert response.json()["status"] == "Failed"
