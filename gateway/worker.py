@@ -116,18 +116,19 @@ class Worker:
             self.data.result(job.id).unlink(missing_ok=True)
 
     def _failed(self, job: Job, error: TritonJobError) -> None:
-        if error.kind == "cancelled":
-            if self._stop.is_set():
-                self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
-            else:  # through the API (already committed as Cancelled: fail() changes nothing), or by Triton itself
-                self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
-            return
-        if error.kind == "unavailable":
+        if error.kind == "unavailable" and job.attempts < self.settings.max_attempts:
             self.store.set_progress(job.id, 0.0, WAITING_FOR_TRITON)
-            if job.attempts < self.settings.max_attempts and self._await_triton():
+            if self._await_triton():
                 self.store.requeue(job.id, "re-queued: Triton was unavailable")
                 self._wake.set()
                 return
+        if self._stop.is_set() and error.kind in ("cancelled", "unavailable"):  # stopping: the next start reruns it
+            self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
+            return
+        if error.kind == "cancelled":  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
+            self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
+            return
+        if error.kind == "unavailable":
             self._finish(job, self.store.fail(job.id, "Triton was unavailable"))
             return
         reason = str(error) if error.kind == "invalid" else f"inference failed: {error}"
