@@ -1,4 +1,8 @@
-"""``lipsync-serve``: run the service locally. ``lipsync-serve triton`` starts the Triton server."""
+"""``lipsync-serve``: run the service locally.
+
+``up`` starts Triton, then the gateway in front of it (the README's main command); ``gateway`` runs the
+gateway alone against a running Triton; ``triton`` runs Triton alone.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
+import uvicorn
+
+from gateway.auth import ApiKeys, local_key
+from gateway.settings import GatewaySettings
 from gateway.triton_server import TritonError, TritonServer, TritonSettings
+
+LOCAL_KEY_FILE = "local_api_key"
+"""In the data directory: the key ``up`` makes when no key is configured."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +35,103 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument("--grpc-port", type=int)
     triton.add_argument("--metrics-port", type=int)
     triton.add_argument("--workdir", type=Path, help="rendered repository, backend folder and triton.log")
+    gateway = commands.add_parser("gateway", help="run the REST gateway against a running Triton")
+    _gateway_arguments(gateway)
+    gateway.add_argument("--triton-grpc", help="host:port of Triton's gRPC (default: configs/serving.yaml)")
+    up = commands.add_parser(
+        "up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)"
+    )
+    up.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
+    up.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
+    up.add_argument("--checkpoints", help="weights root")
+    up.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
+    up.add_argument("--http-port", type=int, help="Triton's HTTP port")
+    up.add_argument("--metrics-port", type=int, help="Triton's metrics port")
+    up.add_argument("--workdir", type=Path, help="Triton's rendered repository, backend folder and triton.log")
+    _gateway_arguments(up)
     return parser
+
+
+def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", dest="gateway_address", help="gateway listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gateway port (default 8080)")
+    parser.add_argument("--data-dir", type=Path, help="job table, inputs and results")
+    parser.add_argument("--api-keys-file", help="file of API keys (one per line, or sha256:<hex>)")
+    parser.add_argument("--concurrency", type=int, help="jobs streamed to Triton at once")
+    parser.add_argument("--max-body-mb", type=float, help="request body cap")
+    parser.add_argument("--public-url", help="base of result URLs sent in webhooks (default http://host:port)")
+
+
+def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> GatewaySettings:
+    return GatewaySettings.load(
+        address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
+        concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
+    )
+
+
+def _keys(settings: GatewaySettings, local: bool) -> ApiKeys:
+    """Configured keys; with none and ``local``, the data directory's local key (made on first use, printed)."""
+    keys = ApiKeys.load(settings.api_keys_env, settings.api_keys_file)
+    if len(keys) or not local:
+        return keys
+    key_file = settings.data_dir / LOCAL_KEY_FILE
+    key = local_key(key_file)
+    print(f"no API key configured (${settings.api_keys_env} or api_keys_file): using the local key in {key_file}:\n"
+          f"    {key}", file=sys.stderr)
+    return ApiKeys.load(settings.api_keys_env, None, extra=[key])
+
+
+def _run_gateway(settings: GatewaySettings, keys: ApiKeys) -> None:
+    from gateway.app import create_app  # FastAPI and the media checks load only for the commands that serve
+
+    print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {settings.triton_grpc}, "
+          f"data {settings.data_dir})", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port)).run()
+
+
+def _serve_gateway(args: argparse.Namespace) -> int:
+    settings = _gateway_settings(args, args.triton_grpc)
+    keys = _keys(settings, local=False)
+    if not len(keys):
+        print(f"error: no API key configured: set ${settings.api_keys_env} or gateway.api_keys_file", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)  # uvicorn re-raises the signal once it has shut down
+    try:
+        _run_gateway(settings, keys)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _serve_all(args: argparse.Namespace) -> int:
+    triton_settings = TritonSettings.load(
+        device=args.device, weights=args.weights, checkpoints=args.checkpoints, grpc_port=args.grpc_port,
+        http_port=args.http_port, metrics_port=args.metrics_port, workdir=args.workdir,
+    )
+    settings = _gateway_settings(args, triton_settings.grpc_url)
+    keys = _keys(settings, local=True)
+    server = TritonServer(triton_settings)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.start()
+        print(f"starting Triton ({triton_settings.resolved_device()}, weights {triton_settings.weights}); "
+              f"log: {server.log_path}", file=sys.stderr)
+        server.wait_ready()
+        _run_gateway(settings, keys)
+        return 0
+    except TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping Triton", file=sys.stderr)
+        server.stop()
+
+
+def _interrupt(*_: object) -> None:
+    """SIGTERM takes the Ctrl-C path."""
+    raise KeyboardInterrupt
 
 
 def _serve_triton(args: argparse.Namespace) -> int:
@@ -33,8 +140,7 @@ def _serve_triton(args: argparse.Namespace) -> int:
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port, workdir=args.workdir,
     )
     server = TritonServer(settings)
-    stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731 - turn SIGTERM into the Ctrl-C path
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start()
         print(f"starting Triton ({settings.resolved_device()}, weights {settings.weights}); log: {server.log_path}", file=sys.stderr)
@@ -53,7 +159,8 @@ def _serve_triton(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return _serve_triton(args)
+    commands = {"triton": _serve_triton, "gateway": _serve_gateway, "up": _serve_all}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,281 @@
+"""The job table: SQLite in WAL mode, one row per job, every state change committed before it returns.
+
+Callers acknowledge a change to a client only after the method that made it returned, so what a
+client was told survives a crash of the gateway. Transitions are guarded by the state they start
+from (``UPDATE … WHERE status = 'InProgress'``): a job cancelled while its worker is still talking to
+Triton stays ``Cancelled`` whatever the worker reports afterwards.
+
+States: ``InQueue`` → ``InProgress`` → ``Succeed`` | ``Failed`` | ``Cancelled``; ``InProgress`` goes
+back to ``InQueue`` when Triton went away or the gateway restarted and the job has attempts left.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IN_QUEUE, IN_PROGRESS, SUCCEED, FAILED, CANCELLED = "InQueue", "InProgress", "Succeed", "Failed", "Cancelled"
+STATES = (IN_QUEUE, IN_PROGRESS, SUCCEED, FAILED, CANCELLED)
+FINISHED = (SUCCEED, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order: the queue's order
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,                    -- id of the API key that submitted it
+    idempotency_key TEXT,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    progress REAL NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    params TEXT NOT NULL,                   -- JSON: the Triton job options
+    webhook_url TEXT,
+    webhook_state TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result_token TEXT,
+    inference_s REAL,
+    info TEXT,                              -- JSON: the model's INFO of a finished job
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    UNIQUE (owner, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    seq: int
+    id: str
+    owner: str
+    idempotency_key: str | None
+    status: str
+    reason: str
+    progress: float
+    stage: str
+    params: dict[str, Any]
+    webhook_url: str | None
+    webhook_state: str | None
+    attempts: int
+    result_token: str | None
+    inference_s: float | None
+    info: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        values = dict(row)
+        values["params"] = json.loads(values["params"])
+        values["info"] = json.loads(values["info"]) if values["info"] else None
+        return cls(**values)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+def new_job_id() -> str:
+    """128 random bits as hex: ids cannot be guessed, and are safe as file names."""
+    return secrets.token_hex(16)
+
+
+class JobStore:
+    """Thread-safe access to ``jobs.db``: one connection, serialised by a lock, autocommit per statement."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before a client hears of it
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple = ()) -> Job | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return Job.from_row(row) if row else None
+
+    def create(
+        self, job_id: str, owner: str, params: dict[str, Any], webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Queue a job; with an ``idempotency_key`` this owner used before, return that job instead.
+
+        Returns ``(job, created)``.
+        """
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO jobs (id, owner, idempotency_key, status, params, webhook_url, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, owner, idempotency_key, IN_QUEUE, json.dumps(params), webhook_url, time.time()),
+                )
+        except sqlite3.IntegrityError:
+            existing = self.find_idempotent(owner, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        job = self.get(job_id)
+        assert job is not None
+        return job, True
+
+    def find_idempotent(self, owner: str, idempotency_key: str | None) -> Job | None:
+        if idempotency_key is None:
+            return None
+        return self._one("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key))
+
+    def get(self, job_id: str) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next job to run; 0 when the job is not queued."""
+        if job.status != IN_QUEUE:
+            return 0
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq <= ?", (IN_QUEUE, job.seq)
+            ).fetchone()[0]
+
+    def claim_next(self) -> Job | None:
+        """Move the oldest queued job to ``InProgress`` (one more attempt) and return it."""
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (IN_QUEUE,)).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, progress = 0, stage = ''"
+                " WHERE id = ?",
+                (IN_PROGRESS, time.time(), row["id"]),
+            )
+        return self.get(row["id"])
+
+    def set_progress(self, job_id: str, progress: float, stage: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET progress = MAX(progress, ?), stage = ? WHERE id = ? AND status = ?",
+                (progress, stage, job_id, IN_PROGRESS),
+            )
+
+    def is_running(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row["status"] == IN_PROGRESS
+
+    def succeed(self, job_id: str, inference_s: float, info: dict[str, Any]) -> bool:
+        """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
+        return self._finish_running(
+            job_id, SUCCEED, "", result_token=secrets.token_urlsafe(32), inference_s=inference_s,
+            info=json.dumps(info), progress=1.0, stage="done",
+        )
+
+    def fail(self, job_id: str, reason: str) -> bool:
+        return self._finish_running(job_id, FAILED, reason)
+
+    def _finish_running(self, job_id: str, status: str, reason: str, **fields: Any) -> bool:
+        fields |= {"status": status, "reason": reason, "finished_at": time.time()}
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._transaction() as db:
+            changed = db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status = ?", (*fields.values(), job_id, IN_PROGRESS)
+            ).rowcount
+        return changed == 1
+
+    def requeue(self, job_id: str, reason: str, refund: bool = False) -> bool:
+        """``InProgress`` → ``InQueue`` (the job keeps its place: its submission order).
+
+        ``refund``: the attempt does not count (the gateway stopped it on purpose).
+        """
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '', attempts = attempts - ?"
+                " WHERE id = ? AND status = ?",
+                (IN_QUEUE, reason, int(refund), job_id, IN_PROGRESS),
+            ).rowcount
+        return changed == 1
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """A queued or running job → ``Cancelled`` (a running one's worker notices and cancels its Triton stream).
+
+        False if the job had already ended.
+        """
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, reason = ?, finished_at = ? WHERE id = ? AND status IN (?, ?)",
+                (CANCELLED, reason, time.time(), job_id, IN_QUEUE, IN_PROGRESS),
+            ).rowcount
+        return changed == 1
+
+    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """After a restart: jobs left ``InProgress`` go back to the queue, or fail once out of attempts.
+
+        Returns the ids ``(requeued, failed)``.
+        """
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (IN_PROGRESS,)).fetchall()
+            requeued = [row["id"] for row in rows if row["attempts"] < max_attempts]
+            failed = [row["id"] for row in rows if row["attempts"] >= max_attempts]
+            for job_id in requeued:
+                db.execute(
+                    "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '' WHERE id = ?",
+                    (IN_QUEUE, "re-queued: the gateway restarted while the job ran", job_id),
+                )
+            for job_id in failed:
+                db.execute(
+                    "UPDATE jobs SET status = ?, reason = ?, finished_at = ? WHERE id = ?",
+                    (FAILED, f"the gateway restarted while the job ran, {max_attempts} times", time.time(), job_id),
+                )
+        return requeued, failed
+
+    def set_webhook_state(self, job_id: str, state: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET webhook_state = ? WHERE id = ?", (state, job_id))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (every state present, zero when none)."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {state: 0 for state in STATES} | {row["status"]: row["n"] for row in rows}
+
+    def finished_before(self, timestamp: float) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM jobs WHERE status IN ({', '.join('?' * len(FINISHED))}) AND finished_at < ?",
+                (*FINISHED, timestamp),
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def all_ids(self) -> set[str]:
+        with self._lock:
+            return {row["id"] for row in self._db.execute("SELECT id FROM jobs").fetchall()}
+
+    def delete(self, job_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

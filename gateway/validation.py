@@ -1,0 +1,62 @@
+"""Checking uploads by their content (FFmpeg through PyAV), never by name or declared type.
+
+A video must open as a video FFmpeg decodes, with all the data its index points at and a first frame
+(:class:`lipsync.media.VideoReader`); an audio must have an audio stream with a decodable first
+frame (an audio file or a video with sound). Messages name the field, never a server path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+
+import av
+
+from lipsync.media import MediaError, VideoReader
+
+_DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class InvalidInput(ValueError):
+    """An input the client must fix; the message is safe to return."""
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Strict base64 (line breaks and a ``data:…;base64,`` prefix allowed); empty or malformed → InvalidInput."""
+    match = _DATA_URL.match(value)
+    text = _WHITESPACE.sub("", value[match.end():] if match else value)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{field} is not valid base64") from None
+    if not data:
+        raise InvalidInput(f"{field} is empty")
+    return data
+
+
+def check_video(path: Path, field: str) -> None:
+    try:
+        with VideoReader(path):
+            pass
+    except MediaError as exc:
+        raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
+
+
+def check_audio(path: Path, field: str) -> None:
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.best("audio")
+            if stream is None:
+                raise InvalidInput(f"{field} has no audio stream")
+            for _ in container.decode(stream):
+                return
+    except av.FFmpegError:
+        raise InvalidInput(f"{field} is not an audio or video file FFmpeg can decode") from None
+    raise InvalidInput(f"{field} has an audio stream but no audio in it")
+
+
+def _without_path(message: str, path: Path) -> str:
+    return message.replace(str(path), "the file").replace(str(path.parent), "")

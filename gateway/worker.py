@@ -1,0 +1,161 @@
+"""Feeds queued jobs to Triton: ``concurrency`` threads, each streaming one job at a time over gRPC.
+
+A thread claims the oldest queued job (committed as ``InProgress``), streams it with
+:func:`gateway.triton_client.run_job`, writes progress into the table as it arrives, and checks the
+table between responses: a job that left ``InProgress`` (cancelled through the API) has its Triton
+stream cancelled. When Triton is unavailable the job waits for it to come back and is re-queued if it
+has an attempt left. Every ending is committed before the finish callback (webhook) runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import tritonclient.grpc as grpcclient
+
+from gateway.metrics import Metrics
+from gateway.settings import GatewaySettings
+from gateway.storage import DataDir
+from gateway.store import Job, JobStore
+from gateway.triton_client import JobRequest, TritonJobError, run_job
+
+log = logging.getLogger(__name__)
+
+WAITING_FOR_TRITON = "waiting for Triton"
+"""The stage a job shows while its worker waits for Triton to come back."""
+
+
+def triton_ready(url: str) -> bool:
+    """Triton answers on gRPC and the ``lipsync`` model is loaded."""
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            return client.is_server_ready() and client.is_model_ready("lipsync")
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - any failure to ask means "not ready"
+        return False
+
+
+class Worker:
+    def __init__(
+        self, settings: GatewaySettings, store: JobStore, data: DataDir, metrics: Metrics,
+        on_finished: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.data = data
+        self.metrics = metrics
+        self.on_finished = on_finished
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for index in range(self.settings.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"job-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        cleaner = threading.Thread(target=self._clean, name="retention", daemon=True)
+        cleaner.start()
+        self._threads.append(cleaner)
+
+    def wake(self) -> None:
+        """A job was queued: let an idle thread look now rather than at its next poll."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Cancel running Triton streams and put their jobs back in the queue (the next start resumes them)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
+                log.exception("job %s failed in the gateway", job.id)
+                self._finish(job, self.store.fail(job.id, "internal error in the gateway"))
+
+    def _run(self, job: Job) -> None:
+        self.metrics.queue_wait.observe(time.time() - job.created_at)
+        params = job.params
+        request = JobRequest(
+            video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(),
+            steps=params["inference_steps"], guidance_scale=params["guidance_scale"], seed=params["seed"],
+            loop_mode=params.get("loop_mode"), version=params.get("version"),
+        )
+        started = time.monotonic()
+        try:
+            result = run_job(
+                self.settings.triton_grpc, request,
+                on_progress=lambda fraction, stage: self.store.set_progress(job.id, fraction, stage),
+                should_cancel=lambda: self._stop.is_set() or not self.store.is_running(job.id),
+                poll_s=self.settings.cancel_poll_s, timeout_s=self.settings.job_timeout_s,
+            )
+        except TritonJobError as exc:
+            self._failed(job, exc)
+            return
+        inference_s = time.monotonic() - started
+        self.data.write_result(job.id, result.video)
+        if self.store.succeed(job.id, inference_s, result.info):
+            self.metrics.inference.observe(inference_s)
+            self._finish(job, True)
+        else:  # cancelled while the last response was on its way
+            self.data.result(job.id).unlink(missing_ok=True)
+
+    def _failed(self, job: Job, error: TritonJobError) -> None:
+        if error.kind == "unavailable" and job.attempts < self.settings.max_attempts:
+            self.store.set_progress(job.id, 0.0, WAITING_FOR_TRITON)
+            if self._await_triton():
+                self.store.requeue(job.id, "re-queued: Triton was unavailable")
+                self._wake.set()
+                return
+        if self._stop.is_set() and error.kind in ("cancelled", "unavailable"):  # stopping: the next start reruns it
+            self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
+            return
+        if error.kind == "cancelled":  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
+            self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
+            return
+        if error.kind == "unavailable":
+            self._finish(job, self.store.fail(job.id, "Triton was unavailable"))
+            return
+        reason = str(error) if error.kind == "invalid" else f"inference failed: {error}"
+        self._finish(job, self.store.fail(job.id, reason))
+
+    def _await_triton(self) -> bool:
+        deadline = time.monotonic() + self.settings.triton_wait_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if triton_ready(self.settings.triton_grpc):
+                return True
+            time.sleep(1.0)
+        return False
+
+    def _finish(self, job: Job, changed: bool) -> None:
+        """After a committed ending (``changed``): drop the inputs, count it, call back."""
+        self.data.drop_inputs(job.id)
+        if not changed:
+            return
+        finished = self.store.get(job.id)
+        if finished is not None:
+            self.metrics.finished.labels(finished.status).inc()
+            self.metrics.latency.labels(finished.status).observe(time.time() - finished.created_at)
+        self.on_finished(job.id)
+
+    def _clean(self) -> None:
+        while not self._stop.wait(self.settings.cleanup_interval_s):
+            try:
+                self.data.cleanup(self.store, self.settings.retention_h * 3600)
+            except OSError:
+                log.exception("retention cleanup failed")

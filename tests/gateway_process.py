@@ -1,0 +1,51 @@
+"""The gateway as its users run it: a ``lipsync-serve gateway`` process, here on a free port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+
+KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
+"""Two accepted API keys (two owners)."""
+
+
+class GatewayProcess:
+    def __init__(self, data_dir: Path, triton_grpc: str, port: int, concurrency: int = 1, max_body_mb: float = 5) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [
+            sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--data-dir", str(data_dir),
+            "--triton-grpc", triton_grpc, "--concurrency", str(concurrency), "--max-body-mb", str(max_body_mb),
+        ]
+        self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> GatewayProcess:
+        env = dict(os.environ, LIPSYNC_API_KEYS=",".join(KEYS))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx2.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx2.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
