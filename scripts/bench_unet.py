@@ -1,9 +1,12 @@
 """Baseline speed and memory of one 16-frame window: full-size UNet + VAE, random weights.
 
-Measures, per config (1.5 = 256 px, 1.6 = 512 px) and dtype: the UNet step at the official call
-shape (CFG batch 2 × 16 frames), one whole window (2 VAE encodes, 20 DDIM steps with CFG, 1 VAE
-decode) through ``FaceGenerator``, and peak GPU memory. Random weights: speed does not depend on
-their values. Prints a markdown table; ``--json`` also writes the numbers.
+Measures, per config (1.5 = 256 px, 1.6 = 512 px), dtype and windows per call: the UNet step at
+the official call shape (CFG batch 2 × 16 frames), the UNet step at that call's shape (CFG batch
+2·W × 16 frames) per window, one whole window (2 VAE encodes, 20 DDIM steps with CFG, 1 VAE
+decode) through ``FaceGenerator``, and peak GPU memory. ``--compile`` compiles the UNet first
+(``lipsync.models.compiled``; the first call of each shape, not timed, compiles). ``--profile``
+writes a ``torch.profiler`` table of one official-shape step per dtype. Random weights: speed
+does not depend on their values. Prints a markdown table; ``--json`` also writes the numbers.
 
     python scripts/bench_unet.py --json $OUT/bench_unet.json
 """
@@ -28,10 +31,39 @@ VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def timed(fn, repeats: int) -> list[float]:
-    """Wall seconds of ``fn`` per call (CUDA-synchronised), after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
+def compile_modes() -> tuple[str, ...]:
+    """Compile modes this checkout offers (an older ``lipsync`` without them is benchmarked eager)."""
+    try:
+        from lipsync.models.compiled import COMPILE_MODES
+    except ImportError:
+        return ("off",)
+    return COMPILE_MODES
+
+
+def profile_step(step, path: Path) -> None:
+    """Write the top CUDA kernels and the launch count of one ``step()`` call to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(event.count for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    path.write_text(f"CUDA kernel launches in one step: {kernels}\n{table}\n")
+
+
+def timed(fn, repeats: int, warmup_s: float = 1.0) -> list[float]:
+    """Wall seconds of ``fn`` per call (CUDA-synchronised), after ``warmup_s`` (one call at least) of warm-up.
+
+    The warm-up also lets the GPU leave its idle clocks, which otherwise inflate the first timings.
+    """
+    start = time.perf_counter()
+    while True:
+        fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - start >= warmup_s:
+            break
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -41,46 +73,103 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
+def fp32_reference(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """The fp32 model's output with TF32 off everywhere: what a fast path's error is measured against."""
+    conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return unet(sample.float(), timestep, audio.float()).float()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+
+
+def first_call(fn) -> float:
+    """Seconds of ``fn``'s first call (compilation of a new shape, cuDNN autotuning)."""
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def bench(config_path: Path, dtype: torch.dtype, steps: int, windows_per_call: int, repeats: int) -> dict:
+def bench(
+    config_path: Path, dtype: torch.dtype, steps: int, windows_per_call: list[int], repeats: int,
+    compile_mode: str = "off", profile_path: Path | None = None,
+) -> list[dict]:
+    """One row per windows-per-call count, sharing one (possibly compiled) UNet."""
     config = load_config(config_path)
     frames, size = config["data"]["num_frames"], config["data"]["resolution"]
-    unet = build_unet(config_path, device="cuda").to(dtype).eval()
+    unet = build_unet(config_path, device="cuda").eval()
+    latent = size // 8
+    cross_dim = config["model"]["cross_attention_dim"]
+    timestep = torch.tensor(951, device="cuda")
+    sample = torch.randn(2, 13, frames, latent, latent, device="cuda").to(dtype)
+    audio = torch.randn(2 * frames, 50, cross_dim, device="cuda").to(dtype)
+    reference = fp32_reference(unet, sample, timestep, audio)
+    unet.to(dtype)
+    if compile_mode != "off":
+        from lipsync.models.compiled import compile_unet
+
+        compile_unet(unet, compile_mode)
     vae = AutoencoderKL.from_config(json.loads(VAE_ARCHITECTURE.read_text())).to("cuda", dtype).eval()
     latent_scale = load_weights_config().vae
     vae.register_to_config(scaling_factor=latent_scale.scaling_factor, shift_factor=latent_scale.shift_factor)
-    latent = size // 8
-    cross_dim = config["model"]["cross_attention_dim"]
 
-    sample = torch.randn(2, 13, frames, latent, latent, device="cuda", dtype=dtype)
-    audio = torch.randn(2 * frames, 50, cross_dim, device="cuda", dtype=dtype)
-    timestep = torch.tensor(951, device="cuda")
-    step_times = timed(lambda: unet(sample, timestep, audio), repeats * 5)
+    def step_at(windows: int):
+        sample = torch.randn(2 * windows, 13, frames, latent, latent, device="cuda", dtype=dtype)
+        audio = torch.randn(2 * windows * frames, 50, cross_dim, device="cuda", dtype=dtype)
+        return lambda: unet(sample, timestep, audio)
 
-    settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows_per_call)
-    generator_model = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
-    count = frames * windows_per_call
-    faces = torch.rand(count, 3, size, size) * 2 - 1
-    face_audio = torch.randn(count, 50, cross_dim)
-    mask = torch.ones(size, size)
-    mask[size // 2 :, size // 8 : -size // 8] = 0
-    noise = initial_noise(torch.Generator().manual_seed(0), latent)
+    official_step = step_at(1)
+    official_first_s = first_call(official_step)
+    output = unet(sample, timestep, audio).float()
+    relative_error = ((output - reference).norm() / reference.norm()).item()
+    step_times = timed(official_step, repeats * 5)
+    if profile_path is not None:
+        try:
+            profile_step(official_step, profile_path)
+        except Exception as exc:  # a profiler problem must not lose the timings
+            print(f"profiling failed: {type(exc).__name__}: {exc}", flush=True)
+    del official_step
 
-    def run() -> None:
-        generator_model(faces, face_audio, mask, noise, torch.Generator().manual_seed(1))
+    rows = []
+    for windows in windows_per_call:
+        call_step = step_at(windows)
+        first_s = official_first_s if windows == 1 else first_call(call_step)
+        call_step_times = timed(call_step, repeats * 2)
+        del call_step
 
-    torch.cuda.reset_peak_memory_stats()
-    window_times = timed(run, repeats)
-    return {
-        "config": config_path.name,
-        "resolution": size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "windows_per_call": windows_per_call,
-        "unet_step_ms": 1000 * statistics.median(step_times),
-        "window_s": statistics.median(window_times) / windows_per_call,
-        "seconds_per_video_second": statistics.median(window_times) / windows_per_call / frames * config["data"]["video_fps"],
-        "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+        settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows)
+        generator_model = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
+        count = frames * windows
+        faces = torch.rand(count, 3, size, size) * 2 - 1
+        face_audio = torch.randn(count, 50, cross_dim)
+        mask = torch.ones(size, size)
+        mask[size // 2 :, size // 8 : -size // 8] = 0
+        noise = initial_noise(torch.Generator().manual_seed(0), latent)
+
+        def run() -> None:
+            generator_model(faces, face_audio, mask, noise, torch.Generator().manual_seed(1))
+
+        torch.cuda.reset_peak_memory_stats()
+        window_times = timed(run, repeats)
+        rows.append({
+            "config": config_path.name,
+            "resolution": size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "compile": compile_mode,
+            "windows_per_call": windows,
+            "unet_step_ms": 1000 * statistics.median(step_times),
+            "window_step_ms": 1000 * statistics.median(call_step_times) / windows,
+            "official_first_call_s": official_first_s,
+            "first_call_s": first_s,
+            "window_s": statistics.median(window_times) / windows,
+            "seconds_per_video_second": statistics.median(window_times) / windows / frames * config["data"]["video_fps"],
+            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "rel_error_vs_fp32": relative_error,
+        })
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -90,6 +179,8 @@ def main() -> None:
     parser.add_argument("--windows-per-call", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", nargs="+", choices=compile_modes(), default=["off"], help="UNet compile modes to bench")
+    parser.add_argument("--profile", type=Path, help="folder for one profiler table per config and dtype")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -97,17 +188,25 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
     for config_path in args.configs:
-        for dtype_name in args.dtypes:
-            for windows in args.windows_per_call:
-                rows.append(bench(config_path, DTYPES[dtype_name], args.steps, windows, args.repeats))
+        for compile_mode in args.compile:
+            for dtype_name in args.dtypes:
+                profile_path = None
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    profile_path = args.profile / f"{config_path.stem}_{dtype_name}_{compile_mode}.txt"
+                rows += bench(config_path, DTYPES[dtype_name], args.steps, args.windows_per_call, args.repeats, compile_mode, profile_path)
+                torch._dynamo.reset()
                 torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
-    print("\n| config | px | dtype | windows/call | UNet step (ms, B=2×16) | s / window | s / video-second | peak VRAM (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| config | px | dtype | compile | windows/call | UNet step (ms, B=2×16) | UNet step per window (ms, B=2W×16) "
+        "| s / window | s / video-second | peak VRAM (GiB) | first call (s): B=2×16 / B=2W×16 | rel. error vs fp32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['config']} | {row['resolution']} | {row['dtype']} | {row['windows_per_call']} | {row['unet_step_ms']:.1f} "
-            f"| {row['window_s']:.3f} | {row['seconds_per_video_second']:.3f} | {row['peak_vram_gib']:.2f} |"
+            f"| {row['config']} | {row['resolution']} | {row['dtype']} | {row['compile']} | {row['windows_per_call']} "
+            f"| {row['unet_step_ms']:.1f} | {row['window_step_ms']:.1f} | {row['window_s']:.3f} "
+            f"| {row['seconds_per_video_second']:.3f} | {row['peak_vram_gib']:.2f} | {row['official_first_call_s']:.1f} / {row['first_call_s']:.1f} | {row['rel_error_vs_fp32']:.1e} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))

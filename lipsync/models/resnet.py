@@ -16,19 +16,19 @@ from torch import nn
 class FramePooledGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics cover ``num_frames`` consecutive batch rows (one window).
 
-    Equal to ``nn.GroupNorm`` on ``(B, C, F, H, W)`` while taking ``(B·F, C, H, W)``; statistics
-    are computed in fp32 whatever the input dtype.
+    Equal to ``nn.GroupNorm`` on ``(B, C, F, H, W)`` while taking ``(B·F, C, H, W)``. It runs
+    exactly that: one transposing copy puts the frames among the normalised dims, so a single
+    ``F.group_norm`` kernel (fp32 statistics whatever the input dtype, affine fused) pools them.
+    With ``fuse_silu`` the activation that always follows is applied before the copy back.
     """
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_frames: int, fuse_silu: bool = False) -> torch.Tensor:
         frames_in_batch, channels, height, width = hidden_states.shape
-        grouped = hidden_states.reshape(frames_in_batch // num_frames, num_frames, self.num_groups, -1)
-        variance, mean = torch.var_mean(grouped.float(), dim=(1, 3), correction=0, keepdim=True)
-        normalised = (grouped.float() - mean) * torch.rsqrt(variance + self.eps)
-        normalised = normalised.view(frames_in_batch, channels, height, width).to(hidden_states.dtype)
-        if self.affine:
-            normalised = normalised * self.weight[:, None, None] + self.bias[:, None, None]
-        return normalised
+        windows = hidden_states.view(frames_in_batch // num_frames, num_frames, channels, height * width).transpose(1, 2)
+        normalised = F.group_norm(windows, self.num_groups, self.weight, self.bias, self.eps)
+        if fuse_silu:
+            normalised = F.silu(normalised, inplace=True)
+        return normalised.transpose(1, 2).reshape(frames_in_batch, channels, height, width)
 
 
 class ResnetBlock3D(nn.Module):
@@ -55,9 +55,9 @@ class ResnetBlock3D(nn.Module):
     def forward(self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``frame_temb`` is the timestep embedding repeated per frame: ``(B·F, temb_channels)``."""
         residual = hidden_states
-        hidden_states = self.conv1(F.silu(self.norm1(hidden_states, num_frames)))
+        hidden_states = self.conv1(self.norm1(hidden_states, num_frames, fuse_silu=True))
         hidden_states = hidden_states + self.time_emb_proj(F.silu(frame_temb))[:, :, None, None]
-        hidden_states = self.conv2(F.silu(self.norm2(hidden_states, num_frames)))
+        hidden_states = self.conv2(self.norm2(hidden_states, num_frames, fuse_silu=True))
         if self.conv_shortcut is not None:
             residual = self.conv_shortcut(residual)
         return residual + hidden_states

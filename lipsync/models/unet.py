@@ -128,7 +128,7 @@ class UNet3DConditionModel(nn.Module):
             del skips[-len(block.resnets):]
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
             hidden_states = block(hidden_states, block_skips, frame_temb, audio, num_frames, upsample_size)
-        hidden_states = self.conv_out(F.silu(self.conv_norm_out(hidden_states, num_frames)))
+        hidden_states = self.conv_out(self.conv_norm_out(hidden_states, num_frames, fuse_silu=True))
         return hidden_states.view(batch, num_frames, -1, height, width).transpose(1, 2)
 
 
