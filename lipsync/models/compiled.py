@@ -5,7 +5,8 @@ motion module's layout copies around the same cuBLAS/cuDNN/flash kernels), so ou
 the dtype's rounding of eager. It is done in place (``nn.Module.compile``): the module, its
 parameters and its state-dict keys stay the same object, so strict loading and the callers that
 read ``unet.dtype`` are unaffected. ``dynamic=False`` specialises on each input shape: every new
-windows-per-call count costs one compilation (about a minute for the full-size UNet on an H100).
+windows-per-call count costs one compilation (full-size UNet on an H100: ~21 s for the
+official 2×16-frame call, ~135 s for a 4-window 8×16 call; see docs/speed-notes.md).
 """
 
 from __future__ import annotations
