@@ -6,7 +6,7 @@ the dtype's rounding of eager. It is done in place (``nn.Module.compile``): the 
 parameters and its state-dict keys stay the same object, so strict loading and the callers that
 read ``unet.dtype`` are unaffected. ``dynamic=False`` specialises on each input shape: every new
 windows-per-call count costs one compilation (full-size UNet on an H100: ~21 s for the
-official 2×16-frame call, ~135 s for a 4-window 8×16 call; see docs/speed-notes.md).
+official 2×16-frame call, ~135 s for a 4-window 8×16 call; see docs/benchmarks.md, "UNet speed, exact mode").
 """
 
 from __future__ import annotations
