@@ -25,31 +25,38 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipsync-serve", description="Serve LatentSync lip-sync (Triton + gateway).")
     commands = parser.add_subparsers(dest="command", required=True)
     triton = commands.add_parser("triton", help="run the Triton server with this model repository until SIGTERM/Ctrl-C")
-    triton.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs (default: configs/serving.yaml)")
-    triton.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
-    triton.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
-    triton.add_argument("--checkpoints", help="weights root")
-    triton.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
+    _triton_arguments(triton)
     triton.add_argument("--address", help="listen address (default 127.0.0.1)")
-    triton.add_argument("--http-port", type=int)
-    triton.add_argument("--grpc-port", type=int)
-    triton.add_argument("--metrics-port", type=int)
-    triton.add_argument("--workdir", type=Path, help="rendered repository, backend folder and triton.log")
     gateway = commands.add_parser("gateway", help="run the REST gateway against a running Triton")
     _gateway_arguments(gateway)
     gateway.add_argument("--triton-grpc", help="host:port of Triton's gRPC (default: configs/serving.yaml)")
     up = commands.add_parser(
         "up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)"
     )
-    up.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
-    up.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
-    up.add_argument("--checkpoints", help="weights root")
-    up.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
-    up.add_argument("--http-port", type=int, help="Triton's HTTP port")
-    up.add_argument("--metrics-port", type=int, help="Triton's metrics port")
-    up.add_argument("--workdir", type=Path, help="Triton's rendered repository, backend folder and triton.log")
+    _triton_arguments(up)
     _gateway_arguments(up)
     return parser
+
+
+def _triton_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the lipsync model runs and what it loads; defaults in configs/serving.yaml."""
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
+    parser.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
+    parser.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
+    parser.add_argument("--checkpoints", help="weights root")
+    parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--http-port", type=int, help="Triton's HTTP port")
+    parser.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
+    parser.add_argument("--metrics-port", type=int, help="Triton's metrics port")
+    parser.add_argument("--workdir", type=Path, help="Triton's rendered repository, backend folder and triton.log")
+
+
+def _triton_settings(args: argparse.Namespace) -> TritonSettings:
+    return TritonSettings.load(
+        device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
+        address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, workdir=args.workdir,
+    )
 
 
 def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +111,7 @@ def _serve_gateway(args: argparse.Namespace) -> int:
 
 
 def _serve_all(args: argparse.Namespace) -> int:
-    triton_settings = TritonSettings.load(
-        device=args.device, weights=args.weights, checkpoints=args.checkpoints, grpc_port=args.grpc_port,
-        http_port=args.http_port, metrics_port=args.metrics_port, workdir=args.workdir,
-    )
+    triton_settings = _triton_settings(args)
     settings = _gateway_settings(args, triton_settings.grpc_url)
     keys = _keys(settings, local=True)
     server = TritonServer(triton_settings)
@@ -135,10 +139,7 @@ def _interrupt(*_: object) -> None:
 
 
 def _serve_triton(args: argparse.Namespace) -> int:
-    settings = TritonSettings.load(
-        device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype, address=args.address,
-        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port, workdir=args.workdir,
-    )
+    settings = _triton_settings(args)
     server = TritonServer(settings)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
