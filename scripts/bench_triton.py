@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx2
 
+from gateway.metrics import sample_sum
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.tiny import write_random_weights
@@ -30,10 +30,7 @@ from lipsync.weights import missing, weight_paths
 def scrape(url: str, *names: str) -> dict[str, float]:
     """Sum of each named sample over all label sets on ``/metrics``."""
     text = httpx2.get(url, timeout=10).text
-    return {
-        name: sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
-        for name in names
-    }
+    return {name: sample_sum(text, name) for name in names}
 
 
 GPU_GAUGES = ("lipsync_gpu_utilization_ratio", "lipsync_gpu_memory_used_bytes")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from conftest import free_port
+from gateway.metrics import sample_sum
 from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import KEYS, GatewayProcess
 from lipsync.media import VideoReader
@@ -78,13 +78,7 @@ class Client:
 
 
 def triton_metric(triton, name: str, **labels: str) -> float:
-    text = httpx2.get(triton.settings.metrics_url, timeout=10).text
-    total = 0.0
-    for match in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", text, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match.group(2))
-    return total
+    return sample_sum(httpx2.get(triton.settings.metrics_url, timeout=10).text, name, **labels)
 
 
 def check_mp4(data: bytes, tmp_path: Path, frames: int) -> None:

@@ -4,12 +4,12 @@ created, no upload is left behind, and the gateway keeps serving."""
 from __future__ import annotations
 
 import base64
-import re
 
 import httpx2
 import pytest
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from gateway.metrics import sample_sum
 from gateway_process import KEYS
 
 pytestmark = [
@@ -36,8 +36,7 @@ def media(tmp_path_factory) -> dict[str, str]:
 
 
 def job_count(url: str) -> float:
-    text = httpx2.get(f"{url}/metrics", timeout=10).text
-    return sum(float(value) for value in re.findall(r"^lipsync_gateway_jobs\{[^}]*\} (\S+)$", text, re.MULTILINE))
+    return sample_sum(httpx2.get(f"{url}/metrics", timeout=10).text, "lipsync_gateway_jobs")
 
 
 def submit_body(media: dict[str, str], **changes) -> dict:

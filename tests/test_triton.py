@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, flat, speech, write_video, write_wav
+from gateway.metrics import sample_sum
 from lipsync.media import VideoReader
 
 pytestmark = [
@@ -100,13 +101,7 @@ def _check_video(data: bytes, tmp_path: Path, frames: int) -> None:
 
 def metric(triton, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` on Triton's /metrics whose labels include ``labels``."""
-    text = httpx2.get(triton.settings.metrics_url, timeout=10).text
-    total = 0.0
-    for match in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", text, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match.group(2))
-    return total
+    return sample_sum(httpx2.get(triton.settings.metrics_url, timeout=10).text, name, **labels)
 
 
 def test_grpc_stream_reports_rising_progress_then_the_video(triton, clip, tmp_path) -> None:
