@@ -60,10 +60,15 @@ class Metrics:
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` (e.g. ``x_total``, ``x_count``) in Prometheus text whose labels include ``labels``."""
+    """Sum of the samples called ``name`` (e.g. ``x_total``, ``x_count``) in Prometheus text whose labels include ``labels``.
+
+    The parser names every counter sample ``<family>_total``, also for exporters such as Triton that
+    leave the suffix off (``nv_inference_request_success``), so a counter matches with or without it.
+    """
+    names = {name, f"{name}_total"}
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
+        if sample.name in names and all(sample.labels.get(key) == value for key, value in labels.items())
     )
