@@ -219,8 +219,24 @@ class TritonServer:
         try:
             return self.process.wait(self.settings.exit_timeout_s + 30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+            return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL the server and its backend stubs (a crash, or a server that will not stop).
+
+        Stubs of a SIGKILLed server can outlive it, so they are found by the backend folder in their
+        command line and killed too; their shared-memory regions go with them.
+        """
+        os.killpg(self.process.pid, signal.SIGKILL)
+        code = self.process.wait()
+        backends = str(self.settings.workdir / "backends")
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and backends in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+        return code
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import threading
 import time
@@ -242,8 +241,7 @@ def test_a_job_is_retried_once_when_triton_restarts(clip, long_audio, tmp_path) 
         client = Client(process.url)
         request_id = client.job(clip[0], long_audio, inference_steps=2)
         client.wait(request_id, until=lambda s: s["status"] == "InProgress" and s["progress"] > 0)
-        os.killpg(first.process.pid, signal.SIGKILL)  # Triton dies mid-job, with its model processes
-        first.process.wait()
+        first.kill()  # Triton dies mid-job, with its model processes
     try:
         waiting = client.wait(request_id, until=lambda s: s["stage"] == "waiting for Triton" or s["status"] in FINISHED)
         assert waiting[-1]["status"] == "InProgress", waiting[-1]
