@@ -213,30 +213,34 @@ class TritonServer:
 
     def stop(self) -> int | None:
         """SIGTERM (Triton unloads models, running jobs get ``exit_timeout_s``), then SIGKILL; the exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(self.settings.exit_timeout_s + 30)
-        except subprocess.TimeoutExpired:
-            return self.kill()
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.settings.exit_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                return self.kill()
+        self._reap_stubs()
+        return self.process.returncode
 
     def kill(self) -> int:
-        """SIGKILL the server and its backend stubs (a crash, or a server that will not stop).
-
-        Stubs of a SIGKILLed server can outlive it, so they are found by the backend folder in their
-        command line and killed too; their shared-memory regions go with them.
-        """
+        """SIGKILL the server and its backend stubs (a crash, or a server that will not stop)."""
         os.killpg(self.process.pid, signal.SIGKILL)
         code = self.process.wait()
+        self._reap_stubs()
+        return code
+
+    def _reap_stubs(self) -> None:
+        """Kill backend stubs of this server that outlived it (seen after SIGKILL and after some
+        SIGTERM shutdowns); they are found by the backend folder in their command line."""
         backends = str(self.settings.workdir / "backends")
         for proc in Path("/proc").iterdir():
             try:
                 if proc.name.isdigit() and backends in (proc / "cmdline").read_bytes().decode(errors="replace"):
                     os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
+            except OSError:
                 continue
-        return code
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
