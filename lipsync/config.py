@@ -42,10 +42,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"UNet config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"UNet config {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "UNet config")
     if not isinstance(raw, dict):
         raise ConfigError(f"UNet config {path} must be a mapping, got {type(raw).__name__}")
     if "model" in raw:

@@ -26,8 +26,8 @@ from lipsync.config import CONFIG_DIR, load_config
 from lipsync.models.loading import build_unet
 from lipsync.weights import load_weights_config
 from lipsync.sampling import DirectDenoiser, FaceGenerator, SamplingSettings, initial_noise, load_scheduler
+from lipsync.tiny import FULL_VAE_ARCHITECTURE
 
-VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -111,7 +111,7 @@ def bench(
         from lipsync.models.compiled import compile_unet
 
         compile_unet(unet, compile_mode)
-    vae = AutoencoderKL.from_config(json.loads(VAE_ARCHITECTURE.read_text())).to("cuda", dtype).eval()
+    vae = AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).to("cuda", dtype).eval()
     latent_scale = load_weights_config().vae
     vae.register_to_config(scaling_factor=latent_scale.scaling_factor, shift_factor=latent_scale.shift_factor)
 
