@@ -122,8 +122,8 @@ def run_job(
 
 
 def _job_error(error: InferenceServerException) -> TritonJobError:
-    message = error.message() if hasattr(error, "message") else str(error)
-    status = str(error.status() or "") if hasattr(error, "status") else ""
+    message = error.message() or str(error)
+    status = str(error.status() or "")
     if "UNAVAILABLE" in status or "failed to connect" in message.lower() or "Socket closed" in message:
         return TritonJobError(f"Triton is unavailable: {message}", "unavailable")
     return TritonJobError(message, "internal")

@@ -21,7 +21,6 @@ from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipsync", description="Lip-sync a talking-head video to a speech track (LatentSync).")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from diffusers import AutoencoderKL
 
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
@@ -257,7 +256,6 @@ class LipSyncPipeline:
                 affine = affines[min(candidates, key=lambda candidate: abs(candidate - index))]
             filled.append(affine)
         return _Analysis(filled, [affine is not None for affine in affines]), info
-
 
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
