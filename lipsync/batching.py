@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler
 
-from lipsync.models.unet import UNet3DConditionModel
-from lipsync.sampling import CancelCheck, JobCancelled, WindowBatch, denoise
+from lipsync.sampling import CancelCheck, JobCancelled, NoisePredictor, WindowBatch, denoise
 
 BatchObserver = Callable[[int, int], None]
 """Called after each shared DDIM loop with (windows in the call, jobs in the call)."""
@@ -57,7 +56,7 @@ class WindowBatcher:
 
     def __init__(
         self,
-        unet: UNet3DConditionModel,
+        unet: NoisePredictor,
         scheduler: DDIMScheduler,
         settings: BatchingSettings | None = None,
         on_batch: BatchObserver | None = None,
@@ -144,6 +143,7 @@ class WindowBatcher:
                 batches[0].steps,
                 torch.tensor([batch.guidance_scale for batch in batches for _ in range(batch.windows)]),
                 active=active,
+                cache_interval=batches[0].cache_interval,
             )
         except Exception as exc:  # the jobs get the error; the worker stays up for the next call
             for waiting in live:

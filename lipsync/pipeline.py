@@ -1,15 +1,18 @@
 """``LipSyncPipeline``: one object that loads the models once and lip-syncs many videos.
 
-A job runs in two passes over the video so that memory does not grow with its length:
+A job runs in two passes over the video so that memory does not grow with its length, and the
+passes overlap so the GPU starts early:
 
-1. *analyse* — decode at 25 fps, detect the face and compute each frame's smoothed alignment
-   (only the 2×3 affine is kept per frame);
-2. *generate* — decode again in output order (looping when the audio is longer), warp the faces
-   with the stored affines, generate a batch of windows, paste back and encode, batch by batch.
+1. *analyse* (its own thread, ``lipsync.analysis``) — decode at 25 fps, detect the face and compute
+   each frame's smoothed alignment (only the 2×3 affine is kept per frame);
+2. *generate* — decode again in output order (looping when the audio is longer), wait until the
+   batch's alignments are final, warp the faces, generate a batch of windows; paste-back and
+   encoding of that batch run on a third thread while the next batch is generated.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,20 +24,25 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import load_config
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
-from lipsync.media import VideoInfo, VideoReader, VideoWriter
+from lipsync.media import VideoReader, VideoWriter
 from lipsync.models import load_unet
+from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
-    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, SamplingSettings, initial_noise, load_scheduler,
+    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, SamplingSettings, initial_noise,
+    load_scheduler,
 )
 from lipsync.timeline import LoopMode, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
+
+__all__ = ["DTYPES", "JobCancelled", "LipSyncPipeline", "LipSyncResult", "NoFaceError", "check_inputs"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """Precision names the CLI, the Triton model config and the benchmarks accept."""
@@ -43,12 +51,8 @@ ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
 _ANALYSIS_CHUNK = 16
-"""Frames detected in parallel between two cancellation checks of the analysis pass."""
+"""Frames detected in parallel, and published to generation, at a time."""
 _PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 1.0)}
-
-
-class NoFaceError(ValueError):
-    """No frame of the video shows a face the detector accepts."""
 
 
 @dataclass
@@ -64,13 +68,6 @@ class LipSyncResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"output": str(self.output)}
-
-
-@dataclass(frozen=True)
-class _Analysis:
-    affines: list[np.ndarray]
-    """One frame→crop affine per analysed frame; face-less frames borrow the nearest face's."""
-    has_face: list[bool]
 
 
 class LipSyncPipeline:
@@ -114,16 +111,22 @@ class LipSyncPipeline:
         batching: BatchingSettings | None = None,
         on_batch: BatchObserver | None = None,
         detect_threads: int = 4,
+        cuda_graphs: bool | None = None,
     ) -> LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
 
         With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
+        ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``).
         """
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         config = load_config(paths.unet_config)
-        unet = load_unet(paths.unet_config, paths.unet, device, dtype)
+        unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs:
+            unet = GraphedUNet(unet)
         denoiser: Denoiser = (
             DirectDenoiser(unet, load_scheduler()) if batching is None
             else WindowBatcher(unet, load_scheduler(), batching, on_batch)
@@ -150,17 +153,20 @@ class LipSyncPipeline:
         guidance_scale: float | None = None,
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
+        mode: str = "exact",
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``.
+
+        ``mode`` names a sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast``.
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
         """
         loop_mode = LoopMode.parse(loop_mode)
         settings = SamplingSettings.from_config(
-            self.config, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
             windows_per_call=self.windows_per_call,
         )
         timer = StageTimer(self.vae.device)
@@ -174,92 +180,94 @@ class LipSyncPipeline:
         available = window_count(len(features), self.audio.settings.positions_per_frame)
         output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
 
-        analysis, info = self._analyse(Path(video), output_frames, timer, report, should_cancel)
-        order = source_frames(output_frames, len(analysis.affines), loop_mode)
-        faceless = sum(not analysis.has_face[index] for index in order)
-
+        info = probe(Path(video))
+        track = FaceTrack(Path(video).name)
+        aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         generator = FaceGenerator(self.vae, self.denoiser, settings, timer)
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         paster = FacePaster(aligner.crop_size, self.face_settings.paste)
         batch = settings.num_frames * settings.windows_per_call
         total_windows = -(-output_frames // settings.num_frames)
-        frames = _timed(frames_in_order(video, order), timer, "decode")
+        frames = _generation_frames(Path(video), output_frames, track, loop_mode, timer)
+        faceless = 0
 
-        def finish(originals: list[np.ndarray], sources: list[int], generated: np.ndarray) -> None:
-            for frame, index, face in zip(originals, sources, generated):
-                if analysis.has_face[index]:
+        def finish(originals: list[np.ndarray], placements: list[tuple[np.ndarray, bool]], generated: np.ndarray) -> None:
+            for frame, (affine, has_face), face in zip(originals, placements, generated):
+                if has_face:
                     with timer.stage("paste", sync=False):
-                        frame = paster.paste(frame, face, analysis.affines[index])
+                        frame = paster.paste(frame, face, affine)
                 with timer.stage("encode", sync=False):
                     writer.write(frame)
 
-        # Paste-back and encoding of one batch run on a second thread while the next batch is on
-        # the GPU; waiting for the previous batch before queueing the next keeps the frame order and
-        # holds at most two batches of frames.
-        with VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer, ThreadPoolExecutor(1) as finisher:
-            finishing: Future | None = None
-            for start in range(0, output_frames, batch):
-                sources = order[start : start + batch]
-                originals = list(islice(frames, len(sources)))
-                with timer.stage("detect_align", sync=False):
-                    faces = np.stack([aligner.warp(frame, analysis.affines[index]) for frame, index in zip(originals, sources)])
-                done_before = start // settings.num_frames
+        # Three threads: the analysis detects faces ahead of generation (lipsync.analysis); this
+        # thread warps and generates a batch; the finisher pastes back and encodes the previous batch
+        # while the next one is on the GPU. Waiting for the previous batch before queueing the next
+        # keeps the frame order and holds at most two batches of frames.
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
+            VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="finisher") as finisher,
+        ):
+            analysis.submit(
+                analyse, Path(video), output_frames, self._detect, aligner, track, timer,
+                threads=self.detect_threads, chunk=_ANALYSIS_CHUNK,
+                on_progress=lambda fraction: report("analyse", fraction), should_cancel=should_cancel,
+            )
+            try:
+                finishing: Future | None = None
+                for start in range(0, output_frames, batch):
+                    sources, originals = zip(*islice(frames, batch))
+                    track.wait_for(max(sources))
+                    placements = [track.alignment(index) for index in sources]
+                    faceless += sum(not has_face for _, has_face in placements)
+                    with timer.stage("detect_align", sync=False):
+                        faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+                    done_before = start // settings.num_frames
 
-                def on_window(done: int, _total: int) -> None:
-                    _check_cancel(should_cancel)
-                    report("generate", (done_before + done) / total_windows)
+                    def on_window(done: int, _total: int) -> None:
+                        _check_cancel(should_cancel)
+                        report("generate", (done_before + done) / total_windows)
 
-                generated = generator(
-                    torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                    self.audio.frame_windows(features, len(sources), first_frame=start),
-                    self.mask,
-                    noise,
-                    random,
-                    on_window=on_window,
-                    should_cancel=should_cancel,
-                )
+                    generated = generator(
+                        torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                        self.audio.frame_windows(features, len(sources), first_frame=start),
+                        self.mask,
+                        noise,
+                        random,
+                        on_window=on_window,
+                        should_cancel=should_cancel,
+                    )
+                    if finishing is not None:
+                        finishing.result()
+                    finishing = finisher.submit(finish, originals, placements, generated.permute(0, 2, 3, 1).numpy())
                 if finishing is not None:
                     finishing.result()
-                finishing = finisher.submit(finish, originals, sources, generated.permute(0, 2, 3, 1).numpy())
-            if finishing is not None:
-                finishing.result()
+            finally:
+                track.stop()
             with timer.stage("encode", sync=False):
                 writer.close()
         report("generate", 1.0)
         return LipSyncResult(Path(output), output_frames, faceless, timer.as_dict())
 
-    def _analyse(
-        self, video: Path, max_frames: int, timer: StageTimer, report: "_Progress", should_cancel: CancelCheck | None
-    ) -> tuple[_Analysis, VideoInfo]:
-        aligner = FaceAligner(self.resolution, self.face_settings.alignment)
-        affines: list[np.ndarray | None] = []
-        with VideoReader(video) as reader, ThreadPoolExecutor(self.detect_threads) as pool:
-            expected = max(1, min(max_frames, reader.info.frames_at(self.audio.settings.video_fps)))
-            frames = _timed(islice(iter(reader), max_frames), timer, "decode")
-            while chunk := list(islice(frames, _ANALYSIS_CHUNK)):
-                with timer.stage("detect_align", sync=False):
-                    for face in pool.map(self._detect, chunk):
-                        affines.append(None if face is None else aligner.transform(face.points))
-                _check_cancel(should_cancel)
-                report("analyse", min(1.0, len(affines) / expected))
-            info = reader.info
-        found = [index for index, affine in enumerate(affines) if affine is not None]
-        if not found:
-            raise NoFaceError(f"no face was found in any of the {len(affines)} frames of {video.name}")
-        nearest = np.searchsorted(found, np.arange(len(affines)))
-        filled = []
-        for index, affine in enumerate(affines):
-            if affine is None:
-                candidates = [found[min(nearest[index], len(found) - 1)], found[max(nearest[index] - 1, 0)]]
-                affine = affines[min(candidates, key=lambda candidate: abs(candidate - index))]
-            filled.append(affine)
-        return _Analysis(filled, [affine is not None for affine in affines]), info
-
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
             return detector.detect(frame)
+
+
+def _generation_frames(
+    video: Path, output_frames: int, track: FaceTrack, loop_mode: LoopMode, timer: StageTimer
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(source frame index, frame)`` for each output frame, decoded as generation needs them.
+
+    The video plays forward first, before the analysis knows its length; once it ends, the output
+    goes on with the looped order (:func:`lipsync.timeline.source_frames`) of the analysed frames.
+    """
+    with VideoReader(video) as reader:
+        yield from enumerate(timed(islice(iter(reader), output_frames), timer, "decode"))
+    video_frames = track.wait_until_done()
+    rest = source_frames(output_frames, video_frames, loop_mode)[video_frames:]
+    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"))
 
 
 def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:
@@ -274,27 +282,29 @@ def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None
 
 
 class _Progress:
-    """Maps per-stage fractions onto one rising [0, 1] scale."""
+    """Maps per-stage fractions onto one rising [0, 1] scale.
+
+    The analysis and generation threads both report; a value below one already reported (the
+    analysis still running while generation is ahead) is dropped, so callers see progress only rise.
+    """
 
     def __init__(self, callback: ProgressCallback | None) -> None:
         self.callback = callback
+        self._reported = -1.0
+        self._lock = threading.Lock()
 
     def __call__(self, stage: str, fraction: float) -> None:
-        if self.callback is not None:
-            low, high = _PROGRESS_SPAN[stage]
-            self.callback(low + (high - low) * min(max(fraction, 0.0), 1.0), stage)
+        if self.callback is None:
+            return
+        low, high = _PROGRESS_SPAN[stage]
+        value = low + (high - low) * min(max(fraction, 0.0), 1.0)
+        with self._lock:
+            if value < self._reported:
+                return
+            self._reported = value
+            self.callback(value, stage)
 
 
 def _check_cancel(should_cancel: CancelCheck | None) -> None:
     if should_cancel is not None and should_cancel():
         raise JobCancelled("the job was cancelled")
-
-
-def _timed(frames: Iterator[np.ndarray], timer: StageTimer, stage: str) -> Iterator[np.ndarray]:
-    iterator = iter(frames)
-    while True:
-        with timer.stage(stage, sync=False):
-            frame = next(iterator, None)
-        if frame is None:
-            return
-        yield frame

@@ -14,12 +14,12 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
-from lipsync.config import CONFIG_DIR
-from lipsync.models.unet import UNet3DConditionModel
+from lipsync.config import CONFIG_DIR, read_yaml
 from lipsync.timing import StageTimer
 from lipsync.vae import decode_latents, encode_latents
 
 SCHEDULER_CONFIG = CONFIG_DIR / "scheduler_config.json"
+SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
 LATENT_CHANNELS = 4
 
 
@@ -33,9 +33,12 @@ class SamplingSettings:
     seed: int = 1247
     windows_per_call: int = 4
     """How many windows share one UNet call (×2 batch rows with guidance): a memory/speed knob."""
+    cache_interval: int = 1
+    """1 = exact. ``n > 1``: fast mode's feature caching, a full UNet pass every ``n``-th step (see :func:`denoise`)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "SamplingSettings":
+    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> "SamplingSettings":
+        """Defaults from ``config``, then the named mode (``configs/sampling_modes.yaml``), then ``overrides``."""
         data, run = config.get("data", {}), config.get("run", {})
         values = {
             "num_frames": data.get("num_frames", cls.num_frames),
@@ -43,6 +46,7 @@ class SamplingSettings:
             "guidance_scale": run.get("guidance_scale", cls.guidance_scale),
             "seed": run.get("seed", cls.seed),
         }
+        values.update(sampling_mode(mode))
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)
         settings.validate()
@@ -55,6 +59,21 @@ class SamplingSettings:
             raise ValueError(f"guidance_scale must be in 0..20, got {self.guidance_scale}")
         if self.num_frames < 1 or self.windows_per_call < 1:
             raise ValueError("num_frames and windows_per_call must be positive")
+        if not 1 <= self.cache_interval <= self.steps:
+            raise ValueError(f"cache_interval must be in 1..steps ({self.steps}), got {self.cache_interval}")
+
+
+def sampling_modes() -> dict[str, dict[str, Any]]:
+    """The named sampling modes: ``{"exact": {...}, "fast": {...}}``."""
+    return read_yaml(SAMPLING_MODES, "sampling modes")
+
+
+def sampling_mode(name: str) -> dict[str, Any]:
+    """The :class:`SamplingSettings` fields mode ``name`` sets; an unknown name raises ``ValueError``."""
+    modes = sampling_modes()
+    if name not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {name!r}")
+    return dict(modes[name])
 
 
 def load_scheduler(path: str | Path = SCHEDULER_CONFIG) -> DDIMScheduler:
@@ -67,9 +86,26 @@ def initial_noise(generator: torch.Generator, latent_size: int) -> torch.Tensor:
     return torch.randn((1, LATENT_CHANNELS, 1, latent_size, latent_size), generator=generator, dtype=torch.float32)
 
 
+class NoisePredictor(Protocol):
+    """What :func:`denoise` calls: :class:`UNet3DConditionModel` or a wrapper that runs it faster."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_caching(
+        self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor, deep_features: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def denoise(
-    unet: UNet3DConditionModel,
+    unet: NoisePredictor,
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
     mask: torch.Tensor,
@@ -79,6 +115,7 @@ def denoise(
     steps: int,
     guidance_scale: float | torch.Tensor,
     active: Callable[[], Sequence[bool]] | None = None,
+    cache_interval: int = 1,
 ) -> torch.Tensor:
     """Run the DDIM loop on ``W`` windows of ``F`` frames at once.
 
@@ -92,11 +129,16 @@ def denoise(
         active: asked before every step; windows it reports False for are dropped from the
             remaining UNet calls (a cancelled job stops costing GPU time within one step) and
             come back unfinished. A dropped window never comes back.
+        cache_interval: 1 runs the full UNet every step (exact). ``n > 1`` is feature caching
+            (DeepCache): every ``n``-th step runs the full UNet and keeps its deep features, the
+            steps between run only the UNet's outer blocks around them (an approximation).
     Returns:
         denoised latents ``(W, 4, F, h, w)`` in fp32. Guidance follows the official order: the
         unconditional half (all-zero audio) comes first; guidance ≤ 1 runs the conditional half only.
     """
-    device, dtype = unet.conv_in.weight.device, unet.dtype
+    if cache_interval < 1:
+        raise ValueError(f"cache_interval must be at least 1, got {cache_interval}")
+    device, dtype = unet.device, unet.dtype
     windows, frames = latents.shape[0], latents.shape[2]
     scales = torch.as_tensor(guidance_scale, dtype=torch.float32).expand(windows).to(device)
     guided = scales > 1.0
@@ -108,13 +150,16 @@ def denoise(
     all_audio = audio.to(device, dtype).unflatten(0, (windows, frames))
     result = latents.to(device, torch.float32).clone()
     rows = torch.arange(windows, device=device)
-    condition = None
+    condition = deep_features = None
     scheduler.set_timesteps(steps, device=device)
-    for timestep in scheduler.timesteps:
+    for step, timestep in enumerate(scheduler.timesteps):
         keep = rows if active is None else rows[torch.tensor(list(active()), device=device)[rows]]
         if len(keep) == 0:
             break
         if condition is None or len(keep) != len(rows):
+            if deep_features is not None:
+                still = torch.isin(rows, keep)
+                deep_features = deep_features.unflatten(0, (copies, len(rows), frames))[:, still].flatten(0, 2)
             rows = keep
             condition = all_condition[rows].repeat(copies, 1, 1, 1, 1)
             window_audio = all_audio[rows].flatten(0, 1)
@@ -123,7 +168,14 @@ def denoise(
             row_scales = scales[rows].view(-1, 1, 1, 1, 1)
         current = result[rows]
         model_input = scheduler.scale_model_input(current, timestep).to(dtype).repeat(copies, 1, 1, 1, 1)
-        noise = unet(torch.cat([model_input, condition], dim=1), timestep, window_audio).float()
+        sample = torch.cat([model_input, condition], dim=1)
+        if cache_interval == 1:
+            noise = unet(sample, timestep, window_audio)
+        elif step % cache_interval == 0:
+            noise, deep_features = unet.forward_caching(sample, timestep, window_audio)
+        else:
+            noise = unet.forward_shallow(sample, timestep, window_audio, deep_features)
+        noise = noise.float()
         if use_guidance:
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + row_scales * (conditional - unconditional)
@@ -152,15 +204,16 @@ class WindowBatch:
     """``(W·F, tokens, dim)``, window-major."""
     steps: int
     guidance_scale: float
+    cache_interval: int = 1
 
     @property
     def windows(self) -> int:
         return self.latents.shape[0]
 
     @property
-    def shape_key(self) -> tuple[int, bool, tuple[int, ...]]:
-        """What windows must share to ride in one UNet call: step count, guidance on/off, latent shape."""
-        return self.steps, self.guidance_scale > 1.0, tuple(self.latents.shape[1:])
+    def shape_key(self) -> tuple[int, bool, int, tuple[int, ...]]:
+        """What windows must share to ride in one DDIM loop: steps, guidance on/off, caching, latent shape."""
+        return self.steps, self.guidance_scale > 1.0, self.cache_interval, tuple(self.latents.shape[1:])
 
 
 class Denoiser(Protocol):
@@ -172,14 +225,14 @@ class Denoiser(Protocol):
 class DirectDenoiser:
     """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls."""
 
-    def __init__(self, unet: UNet3DConditionModel, scheduler: DDIMScheduler) -> None:
+    def __init__(self, unet: NoisePredictor, scheduler: DDIMScheduler) -> None:
         self.unet, self.scheduler = unet, scheduler
 
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor:
         active = None if should_cancel is None else (lambda: [not should_cancel()] * batch.windows)
         latents = denoise(
             self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
-            batch.audio, batch.steps, batch.guidance_scale, active=active,
+            batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
         )
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled")
@@ -254,6 +307,7 @@ class FaceGenerator:
                 torch.cat([audio[window] for window in group]),
                 self.settings.steps,
                 self.settings.guidance_scale,
+                self.settings.cache_interval,
             )
             with self.timer.stage("denoise"):
                 latents = self.denoiser(batch, should_cancel)

@@ -80,13 +80,15 @@ class DownBlock3D(_Layers):
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=1, name="op")])
 
     def forward(
-        self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int
+        self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int,
+        downsample: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``downsample=False`` skips the downsampler (a shallow pass that never uses its output)."""
         skips = []
         for index in range(len(self.resnets)):
             hidden_states = self.layer(index, hidden_states, frame_temb, audio, num_frames)
             skips.append(hidden_states)
-        if hasattr(self, "downsamplers"):
+        if downsample and hasattr(self, "downsamplers"):
             hidden_states = self.downsamplers[0](hidden_states)
             skips.append(hidden_states)
         return hidden_states, skips

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -94,6 +95,10 @@ class UNet3DConditionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Predict the noise ε.
 
@@ -105,6 +110,41 @@ class UNet3DConditionModel(nn.Module):
         Returns:
             ``(B, out_channels, F, h, w)``.
         """
+        return self.forward_caching(sample, timestep, encoder_hidden_states)[0]
+
+    def forward_caching(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full pass, also returning the *deep features*: the input of the last up block.
+
+        Feature caching (DeepCache) keeps them for the next steps, which run only :meth:`forward_shallow`.
+        """
+        call, hidden_states, skips = self._shallow_down(sample, timestep, encoder_hidden_states, downsample=True)
+        for block in self.down_blocks[1:]:
+            hidden_states, block_skips = block(hidden_states, call.temb, call.audio, call.frames)
+            skips.extend(block_skips)
+        hidden_states = self.mid_block(hidden_states, call.temb, call.audio, call.frames)
+        for block in self.up_blocks[:-1]:
+            block_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            hidden_states = block(hidden_states, block_skips, call.temb, call.audio, call.frames, tuple(skips[-1].shape[-2:]))
+        return self._shallow_up(call, hidden_states, skips), hidden_states
+
+    def forward_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor,
+        deep_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """DeepCache's cheap pass: the first down block and the last up block around cached deep features.
+
+        ``deep_features`` come from :meth:`forward_caching` on a call of the same shape. The result
+        approximates :meth:`forward` (the deeper blocks' output changes slowly between nearby steps).
+        """
+        call, _, skips = self._shallow_down(sample, timestep, encoder_hidden_states, downsample=False)
+        return self._shallow_up(call, deep_features, skips)
+
+    def _shallow_down(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor, downsample: bool
+    ) -> tuple[_Call, torch.Tensor, list[torch.Tensor]]:
         batch, _, num_frames, height, width = sample.shape
         audio = encoder_hidden_states.flatten(0, 1) if encoder_hidden_states.ndim == 4 else encoder_hidden_states
         if audio.shape[0] != batch * num_frames:
@@ -113,22 +153,32 @@ class UNet3DConditionModel(nn.Module):
             )
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
         temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
-        frame_temb = temb.repeat_interleave(num_frames, dim=0)
+        call = _Call(batch, num_frames, temb.repeat_interleave(num_frames, dim=0), audio)
 
-        hidden_states = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width)
-        hidden_states = self.conv_in(hidden_states)
+        hidden_states = self.conv_in(sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width))
         skips = [hidden_states]
-        for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, frame_temb, audio, num_frames)
-            skips.extend(block_skips)
-        hidden_states = self.mid_block(hidden_states, frame_temb, audio, num_frames)
-        for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
-            hidden_states = block(hidden_states, block_skips, frame_temb, audio, num_frames, upsample_size)
-        hidden_states = self.conv_out(self.conv_norm_out(hidden_states, num_frames, fuse_silu=True))
-        return hidden_states.view(batch, num_frames, -1, height, width).transpose(1, 2)
+        hidden_states, block_skips = self.down_blocks[0](hidden_states, call.temb, audio, num_frames, downsample)
+        skips.extend(block_skips)
+        return call, hidden_states, skips
+
+    def _shallow_up(self, call: _Call, hidden_states: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The last up block over the first skips, then the output head; back to ``(B, C, F, h, w)``."""
+        hidden_states = self.up_blocks[-1](hidden_states, skips, call.temb, call.audio, call.frames, None)
+        hidden_states = self.conv_out(self.conv_norm_out(hidden_states, call.frames, fuse_silu=True))
+        height, width = hidden_states.shape[-2:]
+        return hidden_states.view(call.batch, call.frames, -1, height, width).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every block of one UNet call shares."""
+
+    batch: int
+    frames: int
+    temb: torch.Tensor
+    """Timestep embedding per frame ``(B·F, temb_channels)``."""
+    audio: torch.Tensor
+    """Audio tokens per frame ``(B·F, tokens, dim)``."""
 
 
 def _block_kind(types: dict[str, bool], block_type: str) -> bool:
