@@ -291,11 +291,17 @@ class FaceGenerator:
         latent_size = size // 8
         latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
         frames = self.settings.num_frames
-        with self.timer.stage("vae_encode"):
-            masked = encode_latents(self.vae, faces * mask, generator, chunk_size=frames).float().cpu()
-            reference = encode_latents(self.vae, faces, generator, chunk_size=frames).float().cpu()
-
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
+        # Window by window, masked faces first, as official draws its VAE sampling noise: the
+        # result does not depend on how many windows share a call.
+        with self.timer.stage("vae_encode"):
+            encoded = [
+                (encode_latents(self.vae, faces[window] * mask, generator), encode_latents(self.vae, faces[window], generator))
+                for window in windows
+            ]
+            masked = torch.cat([pair[0] for pair in encoded]).float().cpu()
+            reference = torch.cat([pair[1] for pair in encoded]).float().cpu()
+
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
             length = group[0].stop - group[0].start

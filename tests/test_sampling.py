@@ -115,3 +115,83 @@ def test_faces_end_to_end_with_real_audio(tiny_weights) -> None:
     assert torch.equal(first[:, :, keep], faces[:, :, keep])
     assert not torch.allclose(first[:, :, ~keep], faces[:, :, ~keep])
     assert progress[:2] == [(1, 2), (2, 2)]
+
+
+def _random_call(config: dict, batch: int = 2, frames: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    latent = config["data"]["resolution"] // 8
+    sample = torch.randn(batch, config["model"]["in_channels"], frames, latent, latent, generator=generator)
+    audio = torch.randn(batch * frames, 50, config["model"]["cross_attention_dim"], generator=generator)
+    return sample, torch.tensor(500), audio
+
+
+def test_shallow_pass_over_its_own_deep_features_is_the_full_pass(tiny_unet) -> None:
+    sample, timestep, audio = _random_call(load_config(TINY_UNET_CONFIG))
+    full = tiny_unet(sample, timestep, audio)
+    cached, deep = tiny_unet.forward_caching(sample, timestep, audio)
+    assert torch.equal(cached, full)
+    assert torch.allclose(tiny_unet.forward_shallow(sample, timestep, audio, deep), full, atol=1e-6)
+
+
+def test_feature_caching_approximates_exact_sampling(tiny_unet, reference) -> None:
+    inputs = _official_inputs(reference)
+    exact = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5)
+    again = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5, cache_interval=1)
+    cached = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5, cache_interval=3)
+    assert torch.equal(exact, again)
+    assert not torch.equal(cached, exact)
+    assert (cached - exact).norm() / exact.norm() < 0.5
+
+
+def test_feature_caching_keeps_each_windows_cache_when_another_window_leaves(tiny_unet, reference) -> None:
+    """A cancelled window leaves mid-loop; the remaining one goes on with its own cached rows."""
+    solo = denoise(tiny_unet, load_scheduler(), **_official_inputs(reference), steps=8, guidance_scale=1.5, cache_interval=3)
+    asked = []
+
+    def active() -> list[bool]:
+        asked.append(None)
+        return [True, len(asked) <= 2]  # window 1 leaves before step 3 (a cached step)
+
+    pair = _official_inputs(reference, windows=2)
+    pair["latents"][1] += 1.0  # the second window differs, so mixing the rows up would show
+    both = denoise(tiny_unet, load_scheduler(), **pair, steps=8, guidance_scale=1.5, cache_interval=3, active=active)
+    assert (both[0] - solo[0]).norm() / solo[0].norm() < 1e-5
+
+
+def test_sampling_modes_come_from_config() -> None:
+    config = load_config(TINY_UNET_CONFIG)
+    assert SamplingSettings.from_config(config).cache_interval == 1
+    assert SamplingSettings.from_config(config, "fast").cache_interval == 3
+    assert SamplingSettings.from_config(config, "fast", cache_interval=2).cache_interval == 2
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SamplingSettings.from_config(config, "turbo")
+    with pytest.raises(ValueError, match="cache_interval"):
+        SamplingSettings.from_config(config, "fast", steps=2)
+
+
+@needs_demo
+def test_generated_faces_do_not_depend_on_windows_per_call(tiny_weights) -> None:
+    """VAE sampling noise is drawn window by window (official order), whatever the call grouping."""
+    config = load_config(TINY_UNET_CONFIG)
+    size, frames = config["data"]["resolution"], 36
+    audio_extractor = AudioFeatureExtractor.from_checkpoint(tiny_weights.whisper, config)
+    audio = audio_extractor.frame_windows(audio_extractor.load(DEMO_AUDIO))[:frames]
+    faces = _demo_faces(frames, size)
+    mask = torch.ones(size, size)
+    mask[size // 2 :] = 0
+    vae = load_vae(tiny_weights.vae_dir)
+    unet = load_unet(tiny_weights.unet_config, tiny_weights.unet)
+    results = []
+    for windows in (1, 3):
+        settings = SamplingSettings.from_config(config, steps=2, windows_per_call=windows)
+        generator = torch.Generator().manual_seed(5)
+        generate = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
+        results.append(generate(faces, audio, mask, initial_noise(generator, size // 8), generator))
+    assert (results[0] - results[1]).abs().max() < 1e-3  # batched fp32 convolutions round differently
+
+
+def test_cuda_graphs_need_a_cuda_unet(tiny_unet) -> None:
+    from lipsync.models.graphed import GraphedUNet
+
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedUNet(tiny_unet)
