@@ -59,7 +59,7 @@ from lipsync.models import load_unet  # noqa: E402
 from lipsync.models.graphed import GraphedUNet  # noqa: E402
 from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
 from lipsync.sampling import (  # noqa: E402
-    DirectDenoiser, FaceGenerator, NoisePredictor, SamplingSettings, initial_noise, load_scheduler,
+    Denoiser, DirectDenoiser, FaceGenerator, NoisePredictor, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
 )
 from lipsync.tiny import write_random_weights, write_tiny_weights  # noqa: E402
 from lipsync.vae import load_vae  # noqa: E402
@@ -147,19 +147,36 @@ def aligned_faces(video: Path, count: int, detectors: DetectorPool, resolution: 
     return torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def generate(pipeline: LipSyncPipeline, faces: torch.Tensor, audio: torch.Tensor, variant: Variant) -> torch.Tensor:
-    """``FaceGenerator`` over ``faces`` in the pipeline's batches, with the job's seed."""
+class RecordingDenoiser:
+    """A :class:`~lipsync.sampling.Denoiser` that keeps every denoised latent batch it returns."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner, self.latents = inner, []
+
+    def __call__(self, batch: WindowBatch, should_cancel=None) -> torch.Tensor:
+        latents = self.inner(batch, should_cancel)
+        self.latents.append(latents.float().cpu())
+        return latents
+
+
+def generate(pipeline: LipSyncPipeline, faces: torch.Tensor, audio: torch.Tensor, variant: Variant) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FaceGenerator`` over ``faces`` in the pipeline's batches, with the job's seed.
+
+    Returns the generated faces and the denoised latents (windows × 4 × frames × h × w) before decoding.
+    """
     settings = SamplingSettings.from_config(
         pipeline.config, variant.mode, steps=variant.steps, windows_per_call=variant.windows_per_call
     )
-    generator = FaceGenerator(pipeline.vae, pipeline.denoiser, settings)
+    recorder = RecordingDenoiser(pipeline.denoiser)
+    generator = FaceGenerator(pipeline.vae, recorder, settings)
     random = torch.Generator().manual_seed(settings.seed)
     noise = initial_noise(random, pipeline.resolution // 8)
     batch = settings.num_frames * settings.windows_per_call
-    return torch.cat([
+    faces = torch.cat([
         generator(faces[start : start + batch], audio[start : start + batch], pipeline.mask, noise, random)
         for start in range(0, len(faces), batch)
     ])
+    return faces, torch.cat([latents.transpose(1, 2).flatten(0, 1) for latents in recorder.latents])
 
 
 def warm_up(pipeline: LipSyncPipeline, frames: int, audio: torch.Tensor, variant: Variant) -> None:
@@ -261,14 +278,17 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
     reference_unet = load_unet(paths.unet_config, paths.unet, device, torch.float32)
     reference_vae = load_vae(paths.vae_dir, device, torch.float32)
     reference_variant = Variant("fp32", "eager", 1)
-    reference = generate(pipeline_for(reference_variant, reference_unet, reference_vae), check_faces, check_audio, reference_variant)
+    reference_faces, reference_latents = generate(
+        pipeline_for(reference_variant, reference_unet, reference_vae), check_faces, check_audio, reference_variant
+    )
     mask = pipeline.mask
     for row in rows:
-        candidate = generated[row.variant]
+        faces, latents = generated[row.variant]
         if row.variant.startswith("fast"):
-            exact = generated[f"exact-w{row.variant.split('-w')[1].split('-')[0]}"]
-            row.quality = {f"vs_exact_{key}": round(value, 4) for key, value in mouth_metrics(candidate, exact, mask).items()}
-        row.quality["vs_fp32_rel_l2"] = round(mouth_metrics(candidate, reference, mask)["rel_l2"], 5)
+            exact_faces = generated[f"exact-w{row.variant.split('-w')[1].split('-')[0]}"][0]
+            row.quality = {f"vs_exact_{key}": round(value, 4) for key, value in mouth_metrics(faces, exact_faces, mask).items()}
+        row.quality["vs_fp32_rel_l2"] = round(mouth_metrics(faces, reference_faces, mask)["rel_l2"], 5)
+        row.quality["vs_fp32_latents_rel_l2"] = round(float((latents - reference_latents).norm() / reference_latents.norm()), 5)
 
     micro = {}
     if device.type == "cuda":
@@ -280,8 +300,6 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
             step_ms(models["graphs"], windows, config, "forward_shallow") / windows, 2
         )
     detectors.close()
-    del models, unet, vae, reference_unet, reference_vae
-    torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows, {"setup_s": round(setup_s, 1), "video_frames": len(job_audio), **micro}
 
 
@@ -289,7 +307,7 @@ def markdown(rows: list[Row], extras: dict[str, dict[str, Any]]) -> str:
     stages = ["decode", "detect_align", "audio", "vae_encode", "denoise", "vae_decode", "paste", "encode"]
     lines = [
         "| version | variant | " + " | ".join(stages) + " | wall s | s / video-s | peak VRAM GiB | GPU busy % | "
-        "rel. err. vs fp32 | PSNR / SSIM vs exact |",
+        "rel. err. vs fp32: latents / mouth pixels | PSNR / SSIM vs exact |",
         "|---" * (len(stages) + 8) + "|",
     ]
     for row in rows:
@@ -299,7 +317,7 @@ def markdown(rows: list[Row], extras: dict[str, dict[str, Any]]) -> str:
             f"| {row.version} | {row.variant} | "
             + " | ".join(f"{row.stages_s.get(stage, 0.0):.2f}" for stage in stages)
             + f" | **{row.wall_s:.2f}** | **{row.s_per_video_s:.3f}** | {row.peak_vram_gib} | {row.gpu_busy_pct} | "
-            f"{row.quality.get('vs_fp32_rel_l2', ''):.2e} | {versus} |"
+            f"{row.quality['vs_fp32_latents_rel_l2']:.2e} / {row.quality['vs_fp32_rel_l2']:.2e} | {versus} |"
         )
     for version, extra in extras.items():
         lines.append(f"\n{version}: " + ", ".join(f"{key}: {value}" for key, value in extra.items()))
@@ -329,6 +347,8 @@ def main() -> None:
         for version in versions:
             version_rows, extras[version] = bench_version(version, args, device, Path(scratch))
             rows += version_rows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the version's models are gone with bench_version's frame
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),

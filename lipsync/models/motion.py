@@ -1,7 +1,7 @@
 """AnimateDiff-style motion module ("Vanilla" temporal transformer) of LatentSync 1.5/1.6.
 
 Spatial positions are folded into the batch and each position attends over the frames of its
-window. Differences from diffusers' ``AnimateDiffTransformer3D`` that matter for exactness:
+window; the whole temporal transformer runs in that ``(B·H·W, F, C)`` layout. Differences from diffusers' ``AnimateDiffTransformer3D`` that matter for exactness:
 GroupNorm statistics are per frame here, and the sinusoidal positions are added to the attention
 input (after each LayerNorm), never to the residual stream.
 """
@@ -42,15 +42,9 @@ class TemporalSelfAttention(Attention):
         super().__init__(query_dim=dim, heads=heads, dim_head=head_dim, bias=False)
         self.pos_encoder = SinusoidalPositions(dim, max_frames)
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """``hidden_states``: ``(B·F, tokens, C)`` → same shape."""
-        frames_in_batch, tokens, channels = hidden_states.shape
-        batch = frames_in_batch // num_frames
-        temporal = hidden_states.view(batch, num_frames, tokens, channels).transpose(1, 2)
-        temporal = temporal.reshape(batch * tokens, num_frames, channels)
-        attended = super().forward(self.pos_encoder(temporal))
-        attended = attended.view(batch, tokens, num_frames, channels).transpose(1, 2)
-        return attended.reshape(frames_in_batch, tokens, channels)
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``sequences``: ``(B·H·W, F, C)``, the frames of one spatial position each → same shape."""
+        return super().forward(self.pos_encoder(sequences))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -65,10 +59,11 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``sequences``: ``(B·H·W, F, C)``; LayerNorms and the feed-forward act per token."""
         for attention, norm in zip(self.attention_blocks, self.norms):
-            hidden_states = attention(norm(hidden_states), num_frames) + hidden_states
-        return self.ff(self.ff_norm(hidden_states)) + hidden_states
+            sequences = attention(norm(sequences)) + sequences
+        return self.ff(self.ff_norm(sequences)) + sequences
 
 
 class TemporalTransformer(nn.Module):
@@ -86,13 +81,20 @@ class TemporalTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, dim)
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``(B·F, C, H, W)`` → same shape.
+
+        The temporal blocks work in one layout, ``(B·H·W, F, C)``: a single copy moves the normed
+        input there, and the way back is fused into the residual addition.
+        """
         frames_in_batch, channels, height, width = hidden_states.shape
-        tokens = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(frames_in_batch, height * width, channels)
-        tokens = self.proj_in(tokens)
+        batch = frames_in_batch // num_frames
+        normed = self.norm(hidden_states).view(batch, num_frames, channels, height * width)
+        sequences = normed.permute(0, 3, 1, 2).reshape(batch * height * width, num_frames, channels)
+        sequences = self.proj_in(sequences)
         for block in self.transformer_blocks:
-            tokens = block(tokens, num_frames)
-        tokens = self.proj_out(tokens)
-        return tokens.view(frames_in_batch, height, width, channels).permute(0, 3, 1, 2) + hidden_states
+            sequences = block(sequences)
+        sequences = self.proj_out(sequences).view(batch, height * width, num_frames, channels).permute(0, 2, 3, 1)
+        return (hidden_states.view(batch, num_frames, channels, height * width) + sequences).view(hidden_states.shape)
 
 
 class MotionModule(nn.Module):
