@@ -59,6 +59,7 @@ class JobOptions(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     loop_mode: Literal["pingpong", "loop", "cut"] | None = None
     version: Literal["1.5", "1.6"] | None = None
+    mode: Literal["exact", "fast"] | None = None
     webhook_url: AnyHttpUrl | None = None
 
 
@@ -141,7 +142,7 @@ class Gateway:
                 "inference_steps": options.inference_steps or defaults.inference_steps,
                 "guidance_scale": defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale,
                 "seed": defaults.seed if options.seed is None else options.seed,
-                "loop_mode": options.loop_mode, "version": options.version,
+                "loop_mode": options.loop_mode, "version": options.version, "mode": options.mode,
             }
             job_id = new_job_id()
             self.data.adopt(staged, job_id)
@@ -254,12 +255,14 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
         seed: Annotated[int | None, Form()] = None,
         loop_mode: Annotated[str | None, Form()] = None,
         version: Annotated[str | None, Form()] = None,
+        mode: Annotated[str | None, Form()] = None,
         webhook_url: Annotated[str | None, Form()] = None,
     ) -> dict[str, str]:
         """Multipart variant of submit: the files as parts (no base64), options as form fields."""
         options = JobOptions.model_validate({
             "inference_steps": inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-            "loop_mode": loop_mode or None, "version": version or None, "webhook_url": webhook_url or None,
+            "loop_mode": loop_mode or None, "version": version or None, "mode": mode or None,
+            "webhook_url": webhook_url or None,
         })
         staged = gateway.data.staging()
         for part, name in ((video, "video"), (audio, "audio")):

@@ -42,12 +42,13 @@ class JobRequest:
     seed: int | None = None
     loop_mode: str | None = None
     version: str | None = None
+    mode: str | None = None
 
     def inputs(self) -> list[grpcclient.InferInput]:
         values: dict[str, tuple[str, Any]] = {
             "VIDEO": ("BYTES", self.video), "AUDIO": ("BYTES", self.audio), "STEPS": ("INT32", self.steps),
             "GUIDANCE": ("FP32", self.guidance_scale), "SEED": ("INT64", self.seed),
-            "LOOP_MODE": ("BYTES", self.loop_mode), "VERSION": ("BYTES", self.version),
+            "LOOP_MODE": ("BYTES", self.loop_mode), "VERSION": ("BYTES", self.version), "MODE": ("BYTES", self.mode),
         }
         numpy_types = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
         inputs = []

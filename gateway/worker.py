@@ -94,7 +94,7 @@ class Worker:
         request = JobRequest(
             video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(),
             steps=params["inference_steps"], guidance_scale=params["guidance_scale"], seed=params["seed"],
-            loop_mode=params.get("loop_mode"), version=params.get("version"),
+            loop_mode=params.get("loop_mode"), version=params.get("version"), mode=params.get("mode"),
         )
         started = time.monotonic()
         try:

@@ -26,6 +26,8 @@ class JobOptions:
     guidance_scale: float | None = None
     seed: int | None = None
     loop_mode: LoopMode = LoopMode.PINGPONG
+    mode: str = "exact"
+    """Sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast`` (feature caching)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def run_job(
         try:
             result = pipeline.run(
                 video_path, audio_path, output, steps=options.steps, guidance_scale=options.guidance_scale,
-                seed=options.seed, loop_mode=options.loop_mode, progress=progress, should_cancel=should_cancel,
+                seed=options.seed, loop_mode=options.loop_mode, mode=options.mode, progress=progress, should_cancel=should_cancel,
             )
         except ValueError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")

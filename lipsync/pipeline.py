@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from av.video.frame import VideoFrame
 from diffusers import AutoencoderKL
 
 from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
-from lipsync.config import load_config
+from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.media import VideoReader, VideoWriter
@@ -50,8 +51,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
-_ANALYSIS_CHUNK = 16
-"""Frames detected in parallel, and published to generation, at a time."""
+PIPELINE_CONFIG = CONFIG_DIR / "pipeline.yaml"
 _PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 1.0)}
 
 
@@ -70,6 +70,23 @@ class LipSyncResult:
         return asdict(self) | {"output": str(self.output)}
 
 
+@dataclass(frozen=True)
+class PipelineSettings:
+    """CPU-side parallelism of one job; defaults in ``configs/pipeline.yaml``."""
+
+    detect_threads: int = 4
+    finish_threads: int = 4
+    analysis_chunk: int = 16
+
+    @classmethod
+    def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | None) -> PipelineSettings:
+        values = read_yaml(path, "pipeline config") | {key: value for key, value in overrides.items() if value is not None}
+        settings = cls(**values)
+        if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk) < 1:
+            raise ValueError(f"pipeline settings must be positive, got {settings}")
+        return settings
+
+
 class LipSyncPipeline:
     """Loaded models plus settings; :meth:`run` processes one job.
 
@@ -86,15 +103,14 @@ class LipSyncPipeline:
         config: dict[str, Any],
         windows_per_call: int | None = None,
         face_settings: FaceSettings | None = None,
-        detect_threads: int = 4,
+        settings: PipelineSettings | None = None,
     ) -> None:
         self.vae = vae
         self.denoiser = denoiser
         self.audio = audio
         self.detectors = detectors
         self.windows_per_call = windows_per_call
-        self.detect_threads = detect_threads
-        """Frames of the analysis pass detected at once, each thread with a detector from the pool."""
+        self.settings = settings or PipelineSettings.load()
         self.config = config
         self.resolution: int = config["data"]["resolution"]
         self.face_settings = face_settings or FaceSettings.load()
@@ -110,7 +126,7 @@ class LipSyncPipeline:
         windows_per_call: int | None = None,
         batching: BatchingSettings | None = None,
         on_batch: BatchObserver | None = None,
-        detect_threads: int = 4,
+        settings: PipelineSettings | None = None,
         cuda_graphs: bool | None = None,
     ) -> LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
@@ -134,7 +150,7 @@ class LipSyncPipeline:
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, device)
         return cls(
             load_vae(paths.vae_dir, device, dtype), denoiser, audio, detectors or DetectorPool(MediaPipeFaceDetector),
-            config, windows_per_call, detect_threads=detect_threads,
+            config, windows_per_call, settings=settings,
         )
 
     def close(self) -> None:
@@ -192,26 +208,32 @@ class LipSyncPipeline:
         frames = _generation_frames(Path(video), output_frames, track, loop_mode, timer)
         faceless = 0
 
-        def finish(originals: list[np.ndarray], placements: list[tuple[np.ndarray, bool]], generated: np.ndarray) -> None:
-            for frame, (affine, has_face), face in zip(originals, placements, generated):
-                if has_face:
-                    with timer.stage("paste", sync=False):
-                        frame = paster.paste(frame, face, affine)
-                with timer.stage("encode", sync=False):
-                    writer.write(frame)
+        def prepare(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
+            affine, has_face = placement
+            if has_face:
+                with timer.stage("paste", sync=False):
+                    frame = paster.paste(frame, face, affine)
+            with timer.stage("encode", sync=False):
+                return writer.picture(frame)
 
-        # Three threads: the analysis detects faces ahead of generation (lipsync.analysis); this
-        # thread warps and generates a batch; the finisher pastes back and encodes the previous batch
-        # while the next one is on the GPU. Waiting for the previous batch before queueing the next
-        # keeps the frame order and holds at most two batches of frames.
+        def finish(originals: list[np.ndarray], placements: list[tuple[np.ndarray, bool]], generated: np.ndarray) -> None:
+            for picture in finishers.map(prepare, originals, placements, generated):
+                with timer.stage("encode", sync=False):
+                    writer.write_picture(picture)
+
+        # The analysis thread detects faces ahead of generation (lipsync.analysis); this thread warps
+        # and generates a batch; meanwhile the previous batch is pasted back and converted to YUV on
+        # the finisher threads and encoded, in order, by the encoder thread. Waiting for the previous
+        # batch before queueing the next keeps the frame order and holds at most two batches of frames.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
             VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
-            ThreadPoolExecutor(1, thread_name_prefix="finisher") as finisher,
+            ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
+            ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
         ):
             analysis.submit(
                 analyse, Path(video), output_frames, self._detect, aligner, track, timer,
-                threads=self.detect_threads, chunk=_ANALYSIS_CHUNK,
+                threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
                 on_progress=lambda fraction: report("analyse", fraction), should_cancel=should_cancel,
             )
             try:
@@ -240,7 +262,7 @@ class LipSyncPipeline:
                     )
                     if finishing is not None:
                         finishing.result()
-                    finishing = finisher.submit(finish, originals, placements, generated.permute(0, 2, 3, 1).numpy())
+                    finishing = encoder.submit(finish, originals, placements, generated.permute(0, 2, 3, 1).numpy())
                 if finishing is not None:
                     finishing.result()
             finally:

@@ -248,7 +248,7 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
     def pipeline_for(variant: Variant, model: NoisePredictor | None = None, model_vae=None) -> LipSyncPipeline:
         denoiser = DirectDenoiser(model or models[variant.unet], load_scheduler())
         return LipSyncPipeline(vae if model_vae is None else model_vae, denoiser, audio, detectors, config,
-                               variant.windows_per_call, detect_threads=args.detect_threads)
+                               variant.windows_per_call)
 
     waveform = load_audio(args.audio, audio.settings.sample_rate)
     features = audio(waveform)
@@ -333,7 +333,6 @@ def main() -> None:
     parser.add_argument("--official-root", type=Path, help="local export of the official LatentSync package")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--check-frames", type=int, default=32, help="frames of the fp32 / exact-vs-fast checks")
-    parser.add_argument("--detect-threads", type=int, default=4)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()

@@ -58,6 +58,7 @@ CASES = {
     "steps not a number": lambda m: {"json": submit_body(m, inference_steps="many")},
     "unknown loop mode": lambda m: {"json": submit_body(m, loop_mode="sideways")},
     "unknown version": lambda m: {"json": submit_body(m, version="../1.5")},
+    "unknown sampling mode": lambda m: {"json": submit_body(m, mode="turbo")},
     "file webhook": lambda m: {"json": submit_body(m, webhook_url="file:///etc/passwd")},
     "unknown field": lambda m: {"json": submit_body(m, output_path="/etc/passwd")},
     "idempotency key too long": lambda m: {"json": submit_body(m), "headers": {"Idempotency-Key": "k" * 201}},

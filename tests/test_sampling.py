@@ -166,7 +166,7 @@ def test_sampling_modes_come_from_config() -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         SamplingSettings.from_config(config, "turbo")
     with pytest.raises(ValueError, match="cache_interval"):
-        SamplingSettings.from_config(config, "fast", steps=2)
+        SamplingSettings.from_config(config, "fast", cache_interval=0)
 
 
 @needs_demo

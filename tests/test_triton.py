@@ -117,9 +117,9 @@ def test_grpc_stream_reports_rising_progress_then_the_video(triton, clip, tmp_pa
     _check_video(result.as_numpy("VIDEO_OUT")[0], tmp_path, info["frames"])
 
 
-def test_http_unary_job_returns_the_video(triton, clip, tmp_path) -> None:
+def test_http_unary_job_in_fast_mode_returns_the_video(triton, clip, tmp_path) -> None:
     client = httpclient.InferenceServerClient(triton.settings.http_address, network_timeout=600, connection_timeout=600)
-    result = client.infer("lipsync_unary", _inputs(httpclient, *clip, SEED=np.int64(7), LOOP_MODE="pingpong"))
+    result = client.infer("lipsync_unary", _inputs(httpclient, *clip, SEED=np.int64(7), LOOP_MODE="pingpong", MODE="fast"))
     info = json.loads(result.as_numpy("INFO")[0])
     _check_video(result.as_numpy("VIDEO_OUT")[0], tmp_path, info["frames"])
 
@@ -153,6 +153,7 @@ def test_cancelling_a_running_job_stops_it_within_one_window(triton, clip) -> No
         ("clip", "garbage", {}, "audio"),
         ("clip", "speech", {"VERSION": "9.9"}, "9.9"),
         ("clip", "speech", {"LOOP_MODE": "sideways"}, "sideways"),
+        ("clip", "speech", {"MODE": "turbo"}, "mode must be one of"),
         ("clip", "speech", {"GUIDANCE": np.float32(-2.0)}, "guidance"),
     ],
 )

@@ -84,6 +84,7 @@ class VideoWriter:
         try:
             self._container = av.open(temp, "w", format=_CONTAINER_FORMAT, options={"movflags": settings.movflags})
             self._video = self._add_video_stream(settings)
+            self._pix_fmt = self._video.pix_fmt
             self._audio_stream = None if self._audio is None else self._add_audio_stream(settings)
         except BaseException:
             self._discard()
@@ -96,15 +97,24 @@ class VideoWriter:
 
     def write(self, frame: np.ndarray) -> None:
         """Encode one frame and the audio that plays during it."""
+        self.write_picture(self.picture(frame))
+
+    def picture(self, frame: np.ndarray) -> VideoFrame:
+        """``frame`` converted to the stream's pixel format, ready for :meth:`write_picture`.
+
+        The colour conversion is the costly half of writing a frame and touches no writer state, so
+        several threads may call this at once while one thread writes the pictures in order.
+        """
         if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
             raise ValueError(
                 f"expected a ({self.height}, {self.width}, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}"
             )
         width, height = self.output_size
         picture = VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
-        picture = picture.reformat(
-            format=self._video.pix_fmt, dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
-        )
+        return picture.reformat(format=self._pix_fmt, dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+
+    def write_picture(self, picture: VideoFrame) -> None:
+        """Encode the next frame (from :meth:`picture`) and the audio that plays during it."""
         picture.pts = self.frames_written
         self._container.mux(self._video.encode(picture))
         self.frames_written += 1

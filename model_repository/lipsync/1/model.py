@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from lipsync.batching import BatchingSettings
 from lipsync.jobs import JobOptions, JobOutput, run_job
-from lipsync.pipeline import DTYPES, LipSyncPipeline
+from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import weights_for
@@ -137,12 +137,15 @@ def _options(request, served_version: str) -> JobOptions:
     version = _optional(request, "VERSION")
     if version is not None and version.decode() not in ("", served_version):
         raise ValueError(f"this server runs LatentSync {served_version}, not {version.decode()!r}")
-    steps, guidance, seed, loop_mode = (_optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE"))
+    steps, guidance, seed, loop_mode, mode = (
+        _optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "MODE")
+    )
     return JobOptions(
         steps=None if steps is None else int(steps),
         guidance_scale=None if guidance is None else float(guidance),
         seed=None if seed is None else int(seed),
         loop_mode=LoopMode.PINGPONG if loop_mode is None else LoopMode.parse(loop_mode.decode()),
+        mode="exact" if mode is None else mode.decode(),
     )
 
 
@@ -163,7 +166,9 @@ class TritonPythonModel:
             windows_per_call=int(params["windows_per_call"]),
             batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
             on_batch=self.metrics.observe_batch,
-            detect_threads=int(params["detect_threads"]),
+            settings=PipelineSettings.load(
+                detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"])
+            ),
         )
         self.progress_step = float(params["progress_step"])
         self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
