@@ -1,0 +1,37 @@
+"""The speed-table script runs end to end (tiny model, CPU), so the H100 run does not find it broken."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_FIXTURES
+from clips import speech, write_wav
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO_VIDEO.is_file(), reason=f"shared demo fixtures not found at {SHARED_FIXTURES}")
+def test_bench_pipeline_writes_the_table_with_quality_checks(tmp_path) -> None:
+    audio = write_wav(tmp_path / "speech.wav", speech(0.8))
+    report, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--tiny", "--video", str(DEMO_VIDEO),
+         "--audio", str(audio), "--check-frames", "20", "--variants", "exact-w4", "fast-w4-s10",
+         "--json", str(report), "--markdown", str(table)],
+        check=True, cwd=REPO, timeout=900,
+    )
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    assert set(rows) == {"exact-w4", "fast-w4-s10"}
+    for row in rows.values():
+        assert row["wall_s"] > 0 and {"denoise", "encode", "paste"} <= set(row["stages_s"])
+    assert rows["exact-w4"]["quality"]["vs_fp32_latents_rel_l2"] < 1e-4  # fp32 on CPU: the reference itself
+    fast = rows["fast-w4-s10"]["quality"]
+    assert fast["vs_exact_psnr_db"] > 10 and 0 < fast["vs_exact_ssim"] <= 1
+    assert "| tiny | fast-w4-s10 |" in table.read_text()
