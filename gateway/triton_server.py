@@ -7,7 +7,9 @@ version. What the server needs around it (``docs/triton-without-docker.md``):
 - ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and this interpreter's ``libpython`` first
   (a distro libpython of another patch release breaks the stub);
 - ``PATH`` starting with the environment the stub should run in: the stub takes ``sys.prefix`` from
-  the first ``python3`` there, and that environment needs ``numpy<2`` and this package.
+  the first ``python3`` there, and that environment needs ``numpy<2`` and this package;
+- ``TORCHINDUCTOR_CACHE_DIR`` in the work folder (unless set), so the kernels of a compiled UNet
+  (``compile_unet``) outlive a restart.
 
 The model repository is rendered into the work folder from ``model_repository/``: only the
 ``lipsync`` model's instance kind, GPU list and weight parameters change, from configuration.
@@ -167,6 +169,8 @@ class TritonServer:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
         env["PATH"] = os.pathsep.join([str(self.settings.python_env / "bin"), env.get("PATH", "")])
+        # Compiled UNet kernels (compile_unet) kept across restarts: a restart loads them instead of recompiling.
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.settings.workdir / "inductor-cache"))
         return env
 
     def backend_directory(self) -> Path:

@@ -14,7 +14,7 @@ from lipsync.audio import AudioError, AudioSettings
 from lipsync.config import ConfigError
 from lipsync.faces import DetectorPool
 from lipsync.media import MediaError
-from lipsync.pipeline import DTYPES, LipSyncPipeline, NoFaceError, check_inputs
+from lipsync.pipeline import DTYPES, LipSyncPipeline, NoFaceError, PipelineSettings, check_inputs
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import write_tiny_weights
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
+    run.add_argument("--compile-unet", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the UNet through torch.compile (default: configs/pipeline.yaml); compiling takes minutes, "
+                          "so it pays off for long clips or a server, not one short clip")
     return parser
 
 
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = _weights(args)
         check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
         pipeline = LipSyncPipeline.from_weights(
-            paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call
+            paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call,
+            settings=PipelineSettings.load(compile_unet=args.compile_unet),
         )
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 

@@ -33,6 +33,7 @@ from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, 
 from lipsync.frames import frames_in_order
 from lipsync.media import VideoReader, VideoWriter
 from lipsync.models import load_unet
+from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, SamplingSettings, initial_noise,
@@ -72,18 +73,22 @@ class LipSyncResult:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """CPU-side parallelism of one job; defaults in ``configs/pipeline.yaml``."""
+    """CPU-side parallelism of one job and how the UNet runs; defaults in ``configs/pipeline.yaml``."""
 
     detect_threads: int = 4
     finish_threads: int = 4
     analysis_chunk: int = 16
+    compile_unet: bool = False
+    """Run the UNet through ``torch.compile`` (``CompiledUNet``); the first job pays the compilation."""
 
     @classmethod
-    def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | None) -> PipelineSettings:
+    def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | None) -> PipelineSettings:
         values = read_yaml(path, "pipeline config") | {key: value for key, value in overrides.items() if value is not None}
         settings = cls(**values)
         if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk) < 1:
             raise ValueError(f"pipeline settings must be positive, got {settings}")
+        if not isinstance(settings.compile_unet, bool):
+            raise ValueError(f"compile_unet must be true or false, got {settings.compile_unet!r}")
         return settings
 
 
@@ -133,12 +138,16 @@ class LipSyncPipeline:
 
         With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
-        ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``).
+        ``settings.compile_unet`` compiles the UNet (``CompiledUNet``); ``cuda_graphs`` (default: on
+        for CUDA) replays it from CUDA graphs (``GraphedUNet``).
         """
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
         unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
+        if settings.compile_unet:
+            unet = CompiledUNet(unet)
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:

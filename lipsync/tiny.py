@@ -14,6 +14,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from lipsync.config import CONFIG_DIR
 from lipsync.models.loading import build_unet
+from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import WeightPaths, WeightsError, missing, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
@@ -113,7 +114,6 @@ def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, Weigh
     return choice, paths
 
 
-FULL_VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
 FULL_WHISPER_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"
 
 

@@ -14,7 +14,11 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.utils.torch_utils import randn_tensor
 
+from lipsync.config import CONFIG_DIR
 from lipsync.weights import WeightsConfig, WeightsError, load_weights_config
+
+FULL_VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
+"""``sd-vae-ft-mse``'s architecture (its ``config.json``), for random full-size stand-ins in benchmarks."""
 
 
 def load_vae(

@@ -10,6 +10,8 @@ each variant:
   at the official call shape: one 16-frame window per UNet call (CFG batch 2 × 16), eager.
 - ``eager-w1``: our UNet at the same call shape, eager.
 - ``exact-wN``: our UNet replayed from CUDA graphs (``GraphedUNet``), N windows per call.
+- ``compiled-wN`` (with ``--compiled``): as exact, the UNet compiled first (``CompiledUNet``, the
+  ``compile_unet`` setting); its warm-up includes the compilation (minutes per batch-size range).
 - ``fast-wN[-sK]``: as exact, with the ``fast`` sampling mode (feature caching), K DDIM steps.
 
 Every variant runs once untimed on its own call shapes first (CUDA-graph capture, cuDNN algorithm
@@ -56,6 +58,7 @@ from lipsync.config import load_config  # noqa: E402
 from lipsync.faces import DetectorPool, FaceAligner, MediaPipeFaceDetector  # noqa: E402
 from lipsync.media import VideoReader  # noqa: E402
 from lipsync.models import load_unet  # noqa: E402
+from lipsync.models.compiled import CompiledUNet  # noqa: E402
 from lipsync.models.graphed import GraphedUNet  # noqa: E402
 from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
 from lipsync.sampling import (  # noqa: E402
@@ -121,12 +124,14 @@ class GpuBusySampler:
         return round(statistics.fmean(self.samples), 1) if self.samples else None
 
 
-def variants(version: str, device: torch.device, official: bool) -> list[Variant]:
+def variants(version: str, device: torch.device, official: bool, compiled: bool = False) -> list[Variant]:
     graphs = "graphs" if device.type == "cuda" else "eager"
     windows = WINDOWS[version]
     chosen = [Variant("official", "official", 1)] if official else []
     chosen.append(Variant("eager-w1", "eager", 1))
     chosen += [Variant(f"exact-w{count}", graphs, count) for count in windows]
+    if compiled and device.type == "cuda":
+        chosen.append(Variant(f"compiled-w{windows[-1]}", "compiled-graphs", windows[-1]))
     chosen += [
         Variant(f"fast-w{windows[-1]}" + ("" if steps == 20 else f"-s{steps}"), graphs, windows[-1], "fast", steps)
         for steps in FAST_STEPS
@@ -235,6 +240,8 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
     models: dict[str, NoisePredictor] = {"eager": unet}
     if device.type == "cuda":
         models["graphs"] = GraphedUNet(unet)
+        if args.compiled:
+            models["compiled-graphs"] = GraphedUNet(CompiledUNet(unet))
     if args.official_root:
         from official_baseline import OfficialUNet, load_official_unet
 
@@ -259,7 +266,7 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
 
     rows, generated = [], {}
     output = scratch / f"{version}.mp4"
-    for variant in variants(version, device, bool(args.official_root)):
+    for variant in variants(version, device, bool(args.official_root), args.compiled):
         if args.variants and variant.name not in args.variants:
             continue
         pipeline = pipeline_for(variant)
@@ -337,6 +344,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--check-frames", type=int, default=32, help="frames of the fp32 / exact-vs-fast checks")
     parser.add_argument("--variants", nargs="+", help="run only these variants (names as in the table)")
+    parser.add_argument("--compiled", action="store_true", help="add the compiled UNet's variant (GPU; compiles for minutes)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()

@@ -1,14 +1,19 @@
 """Baseline speed and memory of one 16-frame window: full-size UNet + VAE, random weights.
 
-Measures, per config (1.5 = 256 px, 1.6 = 512 px), dtype and windows per call: the UNet step at
-the official call shape (CFG batch 2 × 16 frames), the UNet step at that call's shape (CFG batch
-2·W × 16 frames) per window, one whole window (2 VAE encodes, 20 DDIM steps with CFG, 1 VAE
-decode) through ``FaceGenerator``, and peak GPU memory. ``--compile`` compiles the UNet first
-(``lipsync.models.compiled``; the first call of each shape, not timed, compiles). ``--profile``
-writes a ``torch.profiler`` table of one official-shape step per dtype. Random weights: speed
-does not depend on their values. Prints a markdown table; ``--json`` also writes the numbers.
+Measures, per config (1.5 = 256 px, 1.6 = 512 px), dtype, way of running the UNet and windows per
+call: the UNet step at the official call shape (CFG batch 2 × 16 frames), the UNet step at that
+call's shape (CFG batch 2·W × 16 frames) per window, one whole window (2 VAE encodes, 20 DDIM steps
+with CFG, 1 VAE decode) through ``FaceGenerator``, peak GPU memory, the seconds of each shape's first
+call (compilation, graph capture) and the official-shape output's error against fp32.
 
-    python scripts/bench_unet.py --json $OUT/bench_unet.json
+``--predictors`` picks the ways of running the UNet (``PREDICTORS``): ``eager``, ``graphs``
+(``GraphedUNet``), ``compiled`` (``CompiledUNet``: one compilation, batch size symbolic) and
+``compiled-graphs`` (the compiled kernels replayed from CUDA graphs). ``--profile`` writes a
+``torch.profiler`` table of one official-shape step each. Random weights: speed does not depend on
+their values. Prints each row as it is measured and a markdown table at the end; ``--json`` writes
+the numbers (after every row, so a run cut short keeps what it measured).
+
+    python scripts/bench_unet.py --predictors graphs compiled-graphs --json $OUT/bench_unet.json
 """
 
 from __future__ import annotations
@@ -23,21 +28,22 @@ import torch
 from diffusers import AutoencoderKL
 
 from lipsync.config import CONFIG_DIR, load_config
+from lipsync.models.compiled import CompiledUNet
+from lipsync.models.graphed import GraphedUNet
 from lipsync.models.loading import build_unet
+from lipsync.models.unet import UNet3DConditionModel
+from lipsync.sampling import DirectDenoiser, FaceGenerator, NoisePredictor, SamplingSettings, initial_noise, load_scheduler
+from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import load_weights_config
-from lipsync.sampling import DirectDenoiser, FaceGenerator, SamplingSettings, initial_noise, load_scheduler
-from lipsync.tiny import FULL_VAE_ARCHITECTURE
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def compile_modes() -> tuple[str, ...]:
-    """Compile modes this checkout offers (an older ``lipsync`` without them is benchmarked eager)."""
-    try:
-        from lipsync.models.compiled import COMPILE_MODES
-    except ImportError:
-        return ("off",)
-    return COMPILE_MODES
+PREDICTORS = {
+    "eager": lambda unet: unet,
+    "graphs": GraphedUNet,
+    "compiled": CompiledUNet,
+    "compiled-graphs": lambda unet: GraphedUNet(CompiledUNet(unet)),
+}
+"""Ways of running the UNet: name → wrapper of the loaded module."""
 
 
 def profile_step(step, path: Path) -> None:
@@ -73,7 +79,7 @@ def timed(fn, repeats: int, warmup_s: float = 1.0) -> list[float]:
     return times
 
 
-def fp32_reference(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+def fp32_reference(unet: UNet3DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
     """The fp32 model's output with TF32 off everywhere: what a fast path's error is measured against."""
     conv_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,9 +100,9 @@ def first_call(fn) -> float:
 @torch.no_grad()
 def bench(
     config_path: Path, dtype: torch.dtype, steps: int, windows_per_call: list[int], repeats: int,
-    compile_mode: str = "off", profile_path: Path | None = None,
+    predictor: str = "eager", profile_path: Path | None = None,
 ) -> list[dict]:
-    """One row per windows-per-call count, sharing one (possibly compiled) UNet."""
+    """One row per windows-per-call count, sharing one UNet run the ``predictor`` way."""
     config = load_config(config_path)
     frames, size = config["data"]["num_frames"], config["data"]["resolution"]
     unet = build_unet(config_path, device="cuda").eval()
@@ -106,11 +112,7 @@ def bench(
     sample = torch.randn(2, 13, frames, latent, latent, device="cuda").to(dtype)
     audio = torch.randn(2 * frames, 50, cross_dim, device="cuda").to(dtype)
     reference = fp32_reference(unet, sample, timestep, audio)
-    unet.to(dtype)
-    if compile_mode != "off":
-        from lipsync.models.compiled import compile_unet
-
-        compile_unet(unet, compile_mode)
+    model: NoisePredictor = PREDICTORS[predictor](unet.to(dtype))
     vae = AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).to("cuda", dtype).eval()
     latent_scale = load_weights_config().vae
     vae.register_to_config(scaling_factor=latent_scale.scaling_factor, shift_factor=latent_scale.shift_factor)
@@ -118,11 +120,11 @@ def bench(
     def step_at(windows: int):
         sample = torch.randn(2 * windows, 13, frames, latent, latent, device="cuda", dtype=dtype)
         audio = torch.randn(2 * windows * frames, 50, cross_dim, device="cuda", dtype=dtype)
-        return lambda: unet(sample, timestep, audio)
+        return lambda: model(sample, timestep, audio)
 
     official_step = step_at(1)
     official_first_s = first_call(official_step)
-    output = unet(sample, timestep, audio).float()
+    output = model(sample, timestep, audio).float()
     relative_error = ((output - reference).norm() / reference.norm()).item()
     step_times = timed(official_step, repeats * 5)
     if profile_path is not None:
@@ -140,7 +142,7 @@ def bench(
         del call_step
 
         settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows)
-        generator_model = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
+        generator_model = FaceGenerator(vae, DirectDenoiser(model, load_scheduler()), settings)
         count = frames * windows
         faces = torch.rand(count, 3, size, size) * 2 - 1
         face_audio = torch.randn(count, 50, cross_dim)
@@ -157,7 +159,7 @@ def bench(
             "config": config_path.name,
             "resolution": size,
             "dtype": str(dtype).removeprefix("torch."),
-            "compile": compile_mode,
+            "predictor": predictor,
             "windows_per_call": windows,
             "unet_step_ms": 1000 * statistics.median(step_times),
             "window_step_ms": 1000 * statistics.median(call_step_times) / windows,
@@ -179,7 +181,7 @@ def main() -> None:
     parser.add_argument("--windows-per-call", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", nargs="+", choices=compile_modes(), default=["off"], help="UNet compile modes to bench")
+    parser.add_argument("--predictors", nargs="+", choices=sorted(PREDICTORS), default=["eager"], help="ways of running the UNet")
     parser.add_argument("--profile", type=Path, help="folder for one profiler table per config and dtype")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -188,23 +190,25 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
     for config_path in args.configs:
-        for compile_mode in args.compile:
+        for predictor in args.predictors:
             for dtype_name in args.dtypes:
                 profile_path = None
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    profile_path = args.profile / f"{config_path.stem}_{dtype_name}_{compile_mode}.txt"
-                rows += bench(config_path, DTYPES[dtype_name], args.steps, args.windows_per_call, args.repeats, compile_mode, profile_path)
+                    profile_path = args.profile / f"{config_path.stem}_{dtype_name}_{predictor}.txt"
+                rows += bench(config_path, DTYPES[dtype_name], args.steps, args.windows_per_call, args.repeats, predictor, profile_path)
+                if args.json:
+                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
     print(
-        "\n| config | px | dtype | compile | windows/call | UNet step (ms, B=2×16) | UNet step per window (ms, B=2W×16) "
+        "\n| config | px | dtype | predictor | windows/call | UNet step (ms, B=2×16) | UNet step per window (ms, B=2W×16) "
         "| s / window | s / video-second | peak VRAM (GiB) | first call (s): B=2×16 / B=2W×16 | rel. error vs fp32 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['config']} | {row['resolution']} | {row['dtype']} | {row['compile']} | {row['windows_per_call']} "
+            f"| {row['config']} | {row['resolution']} | {row['dtype']} | {row['predictor']} | {row['windows_per_call']} "
             f"| {row['unet_step_ms']:.1f} | {row['window_step_ms']:.1f} | {row['window_s']:.3f} "
             f"| {row['seconds_per_video_second']:.3f} | {row['peak_vram_gib']:.2f} | {row['official_first_call_s']:.1f} / {row['first_call_s']:.1f} | {row['rel_error_vs_fp32']:.1e} |"
         )

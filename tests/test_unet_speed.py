@@ -1,4 +1,7 @@
-"""Speed-path pieces of the UNet: the frame-pooled GroupNorm and opt-in compilation."""
+"""Speed-path pieces of the UNet: the frame-pooled GroupNorm and opt-in compilation (``CompiledUNet``).
+
+Compilation is checked with the ``aot_eager`` backend: the same graph capture with a symbolic batch
+size that Inductor compiles on the GPU, without minutes of C++ code generation on the CPU."""
 
 from __future__ import annotations
 
@@ -6,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from conftest import TINY_UNET_CONFIG
 from lipsync.models import build_unet
-from lipsync.models.compiled import compile_unet
+from lipsync.models.compiled import CompiledUNet
 from lipsync.models.resnet import FramePooledGroupNorm
 
 
@@ -47,20 +51,69 @@ def test_pooled_group_norm_keeps_bf16_within_its_rounding() -> None:
     assert ((ours.double() - reference).norm() / reference.norm()).item() < 1e-2
 
 
-def test_compile_off_returns_the_module_untouched() -> None:
-    unet = build_unet(TINY_UNET_CONFIG)
-    keys = list(unet.state_dict())
-    assert compile_unet(unet, "off") is unet
-    assert list(unet.state_dict()) == keys
+def _inputs(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random tiny-UNet inputs for ``batch`` rows of 16 frames at 16×16 latents."""
+    sample = torch.randn(batch, 13, 16, 16, 16, generator=generator)
+    audio = torch.randn(batch * 16, 50, 64, generator=generator)
+    return sample, torch.tensor(501), audio
 
 
-def test_compile_is_in_place_and_keeps_the_state_dict_keys() -> None:
-    unet = build_unet(TINY_UNET_CONFIG)
-    keys = list(unet.state_dict())
-    assert compile_unet(unet, "default") is unet
-    assert list(unet.state_dict()) == keys
+@pytest.fixture(scope="module")
+def random_tiny_unet() -> nn.Module:
+    """The tiny UNet with every weight random (its zero-initialised motion outputs would hide errors)."""
+    unet = build_unet(TINY_UNET_CONFIG).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return unet
 
 
-def test_unknown_compile_mode_is_rejected() -> None:
-    with pytest.raises(ValueError, match="max-autotune"):
-        compile_unet(build_unet(TINY_UNET_CONFIG), "max-autotune")  # type: ignore[arg-type]
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@torch.no_grad()
+def test_compiled_unet_equals_eager_at_every_batch_size_from_one_compilation(random_tiny_unet) -> None:
+    """Batches of 4 rows and more share one compilation (2–3 rows get a second one, see CompiledUNet)."""
+    compiled = CompiledUNet(random_tiny_unet, backend="aot_eager")
+    generator = torch.Generator().manual_seed(0)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for batch in (4, 6):
+        sample, timestep, audio = _inputs(batch, generator)
+        assert _relative(compiled(sample, timestep, audio), random_tiny_unet(sample, timestep, audio)) < 1e-5
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert compiled.dtype == random_tiny_unet.dtype and compiled.device == random_tiny_unet.device
+
+
+@torch.no_grad()
+def test_compiled_feature_caching_passes_equal_eager(random_tiny_unet) -> None:
+    compiled = CompiledUNet(random_tiny_unet, backend="aot_eager")
+    sample, timestep, audio = _inputs(2, torch.Generator().manual_seed(1))
+    noise, deep = compiled.forward_caching(sample, timestep, audio)
+    eager_noise, eager_deep = random_tiny_unet.forward_caching(sample, timestep, audio)
+    assert _relative(noise, eager_noise) < 1e-5 and _relative(deep, eager_deep) < 1e-5
+    shallow = compiled.forward_shallow(sample, torch.tensor(481), audio, deep)
+    assert _relative(shallow, random_tiny_unet.forward_shallow(sample, torch.tensor(481), audio, eager_deep)) < 1e-5
+
+
+def test_compiling_leaves_the_module_and_its_keys_alone(random_tiny_unet) -> None:
+    keys = list(random_tiny_unet.state_dict())
+    compiled = CompiledUNet(random_tiny_unet)
+    assert compiled.unet is random_tiny_unet
+    assert list(random_tiny_unet.state_dict()) == keys
+
+
+def test_pipeline_compiles_its_unet_when_the_settings_say_so(tiny_weights) -> None:
+    from lipsync.pipeline import LipSyncPipeline, PipelineSettings
+
+    compiled = LipSyncPipeline.from_weights(tiny_weights, settings=PipelineSettings.load(compile_unet=True))
+    assert isinstance(compiled.denoiser.unet, CompiledUNet)
+    assert not isinstance(LipSyncPipeline.from_weights(tiny_weights).denoiser.unet, CompiledUNet)
+
+
+def test_compile_flag_must_be_a_boolean() -> None:
+    from lipsync.pipeline import PipelineSettings
+
+    with pytest.raises(ValueError, match="compile_unet"):
+        PipelineSettings.load(compile_unet="yes")

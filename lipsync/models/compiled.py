@@ -1,38 +1,83 @@
-"""Opt-in ``torch.compile`` of the UNet for fixed call shapes.
+"""``CompiledUNet``: the UNet's three passes through ``torch.compile``, one compilation for every batch size.
 
-Compilation keeps the math (Inductor fuses the GroupNorm/SiLU/residual elementwise work and the
-motion module's layout copies around the same cuBLAS/cuDNN/flash kernels), so outputs stay within
-the dtype's rounding of eager. It is done in place (``nn.Module.compile``): the module, its
-parameters and its state-dict keys stay the same object, so strict loading and the callers that
-read ``unet.dtype`` are unaffected. ``dynamic=False`` specialises on each input shape: every new
-windows-per-call count costs one compilation (full-size UNet on an H100: ~21 s for the
-official 2×16-frame call, ~135 s for a 4-window 8×16 call; see docs/benchmarks.md, "UNet speed, exact mode").
+Compilation keeps the math: Inductor fuses the GroupNorm/SiLU/residual elementwise work and the
+motion module's layout copies around the same cuBLAS/cuDNN/attention kernels, so outputs stay within
+the dtype's rounding of eager. The module is not touched (its parameters and state-dict keys stay
+as loaded); the wrapper holds one compiled function per pass.
+
+The batch dimension (windows per call × 2 for guidance) is compiled as a symbol, so the batcher's
+varying call sizes share compilations instead of paying minutes for each size (full-size UNet on an
+H100 with sizes fixed: ~21 s for the official 2×16-frame call, ~135 s for a 4-window call;
+docs/benchmarks.md). A pass still compiles up to three times: for a batch of one row (sizes 0 and 1
+are always specialised), for 2–3 rows and for 4 rows or more (diffusers' ``Upsample2D`` switches to a
+contiguous copy at 64 frames, and the compiler guards on that). Frames, latent size and token count
+stay fixed. Wrap the result
+in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled kernels are then replayed
+from one CUDA graph per call shape, without the per-call launch and guard overhead.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 
 from lipsync.models.unet import UNet3DConditionModel
 
-CompileMode = Literal["off", "default", "reduce-overhead"]
-COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead")
-# One compiled graph per distinct call shape: windows per call (1..N) with and without guidance.
-RECOMPILE_LIMIT = 32
+COMPILE_MODE = "default"
+"""Inductor without its own CUDA graphs (``GraphedUNet`` captures them) and without autotuning
+(``max-autotune`` did not finish within a 10-minute device call)."""
 
 
-def compile_unet(unet: UNet3DConditionModel, mode: CompileMode = "default") -> UNet3DConditionModel:
-    """Compile ``unet`` in place and return it; ``mode="off"`` returns it untouched.
+class CompiledUNet:
+    """:class:`~lipsync.sampling.NoisePredictor` running ``unet``'s passes as compiled functions.
 
-    ``"reduce-overhead"`` adds CUDA graphs: a call's output is overwritten by the next call of the
-    same shape, so callers must consume (copy) it first, as ``lipsync.sampling.denoise`` does.
+    Each pass compiles on its first call of each batch range (the first job pays it).
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; expected one of {COMPILE_MODES}")
-    if mode == "off":
-        return unet
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    unet.compile(mode=mode, dynamic=False, fullgraph=True)
-    return unet
+
+    def __init__(self, unet: UNet3DConditionModel, backend: str = "inductor") -> None:
+        """``backend``: ``torch.compile``'s; tests use ``"aot_eager"`` (the same graph capture, no code generation)."""
+        self.unet = unet
+        options = {"backend": backend, "fullgraph": True, "dynamic": False}
+        if backend == "inductor":
+            options["mode"] = COMPILE_MODE
+        self._forward = torch.compile(unet.forward, **options)
+        self._forward_caching = torch.compile(unet.forward_caching, **options)
+        self._forward_shallow = torch.compile(unet.forward_shallow, **options)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor) -> torch.Tensor:
+        sample, audio = _batch_symbolic(sample, audio)
+        return self._forward(sample, timestep, audio)
+
+    def forward_caching(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sample, audio = _batch_symbolic(sample, audio)
+        return self._forward_caching(sample, timestep, audio)
+
+    def forward_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor, deep_features: torch.Tensor
+    ) -> torch.Tensor:
+        sample, audio = _batch_symbolic(sample, audio)
+        _mark_batch(deep_features)
+        return self._forward_shallow(sample, timestep, audio, deep_features)
+
+
+def _batch_symbolic(sample: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark the batch dimension of the inputs as a symbol for the compiler (no copy)."""
+    _mark_batch(sample)
+    _mark_batch(audio)
+    return sample, audio
+
+
+def _mark_batch(tensor: torch.Tensor) -> None:
+    """A batch of one (one window without guidance) cannot be a symbol: the compiler specialises on
+    sizes 0 and 1, so that call size gets a compilation of its own."""
+    if tensor.shape[0] > 1:
+        torch._dynamo.mark_dynamic(tensor, 0)

@@ -1,10 +1,11 @@
-"""``GraphedUNet``: the eager UNet replayed from CUDA graphs, one graph per call shape.
+"""``GraphedUNet``: the UNet replayed from CUDA graphs, one graph per call shape.
 
 At the call shapes of this pipeline the eager UNet is bound by kernel launches: the GPU waits for
 Python to issue some thousand small kernels per call. A CUDA graph records those launches once and
 replays them with one call, running the same kernels on the same data, so the result is bit-identical
-to eager while the launch overhead disappears. Unlike ``torch.compile`` nothing is generated, so
-capturing a new shape takes a few eager calls (well under a second) instead of minutes.
+to the wrapped model while the launch overhead disappears. Capturing a new shape takes a few calls of
+the wrapped model (well under a second for the eager UNet). The wrapped model may also be a
+:class:`~lipsync.models.compiled.CompiledUNet`: its fused kernels are then what the graphs replay.
 
 Each distinct input signature (method, shapes, dtypes) gets its own graph, captured on first use
 and replayed afterwards; inputs are copied into the graph's static tensors and outputs copied out.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from lipsync.models.compiled import CompiledUNet
 from lipsync.models.unet import UNet3DConditionModel
 
 _WARMUP_CALLS = 2
@@ -54,13 +56,13 @@ class _CapturedCall:
 
 
 class GraphedUNet:
-    """Drop-in :class:`~lipsync.sampling.NoisePredictor` over a CUDA ``UNet3DConditionModel``.
+    """Drop-in :class:`~lipsync.sampling.NoisePredictor` over a CUDA ``UNet3DConditionModel`` or ``CompiledUNet``.
 
     ``max_graphs`` bounds how many shapes are kept (each holds its static tensors; activations
     share the pool). Calls beyond it run eagerly rather than capture more.
     """
 
-    def __init__(self, unet: UNet3DConditionModel, max_graphs: int = 64) -> None:
+    def __init__(self, unet: UNet3DConditionModel | CompiledUNet, max_graphs: int = 64) -> None:
         if unet.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the UNet on a CUDA device, not {unet.device}")
         self.unet = unet
@@ -83,7 +85,7 @@ class GraphedUNet:
         return len(self._graphs)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor) -> torch.Tensor:
-        return self._run("forward", self.unet.forward, sample, self._timestep(timestep), audio)
+        return self._run("forward", self.unet, sample, self._timestep(timestep), audio)
 
     def forward_caching(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor

@@ -149,6 +149,13 @@ def _options(request, served_version: str) -> JobOptions:
     )
 
 
+def _flag(value: str) -> bool | None:
+    """A config.pbtxt boolean parameter: "true"/"false", or "" for the pipeline config's default."""
+    if value not in ("true", "false", ""):
+        raise ValueError(f"expected true, false or empty, got {value!r}")
+    return None if value == "" else value == "true"
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -167,7 +174,8 @@ class TritonPythonModel:
             batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
             on_batch=self.metrics.observe_batch,
             settings=PipelineSettings.load(
-                detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"])
+                detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
+                compile_unet=_flag(params["compile_unet"]),
             ),
         )
         self.progress_step = float(params["progress_step"])
