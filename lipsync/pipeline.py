@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ class PipelineSettings:
     finish_threads: int = 4
     analysis_chunk: int = 16
     compile_unet: bool = False
-    """Run the UNet through ``torch.compile`` (``CompiledUNet``); the first job pays the compilation."""
+    """Run the UNet through ``torch.compile`` (``CompiledUNet``); compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
 
     @classmethod
     def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | None) -> PipelineSettings:
@@ -161,6 +161,28 @@ class LipSyncPipeline:
             load_vae(paths.vae_dir, device, dtype), denoiser, audio, detectors or DetectorPool(MediaPipeFaceDetector),
             config, windows_per_call, settings=settings,
         )
+
+    def warm_up(self, mode: str = "exact") -> None:
+        """Generate from dummy inputs at each UNet batch-size range a job of ``mode`` can reach.
+
+        That is one window and ``max(2, windows_per_call)`` windows per call, with guidance: the
+        compiled UNet (``compile_unet``) has one compilation for 2–3 batch rows and one for 4 or more
+        (see ``CompiledUNet``), and the CUDA graphs, cuDNN's algorithm search and the VAE get their
+        first calls. A server calls this before it reports ready, so no job pays minutes of
+        compilation; other shapes (no guidance, other modes) still compile on first use.
+        """
+        settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
+        frames = settings.num_frames * max(2, settings.windows_per_call)
+        sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
+        features = self.audio(np.zeros(sample_rate * (frames // fps + 2), np.float32))
+        random = torch.Generator().manual_seed(settings.seed)
+        noise = initial_noise(random, self.resolution // 8)
+        for windows in (1, max(2, settings.windows_per_call)):
+            count = settings.num_frames * windows
+            # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
+            short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
+            faces = torch.zeros(count, 3, self.resolution, self.resolution)
+            FaceGenerator(self.vae, self.denoiser, short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
 
     def close(self) -> None:
         """Stop a shared batcher's worker and free the face detectors."""

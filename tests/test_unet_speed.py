@@ -117,3 +117,24 @@ def test_compile_flag_must_be_a_boolean() -> None:
 
     with pytest.raises(ValueError, match="compile_unet"):
         PipelineSettings.load(compile_unet="yes")
+
+
+class _CallRecorder:
+    """A noise predictor that records the batch rows of every call to the one it wraps."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.rows = inner, []
+        self.dtype, self.device = inner.dtype, inner.device
+
+    def __call__(self, sample, timestep, audio):
+        self.rows.append(sample.shape[0])
+        return self.inner(sample, timestep, audio)
+
+
+def test_warm_up_reaches_both_compiled_batch_ranges_with_guidance(tiny_weights) -> None:
+    from lipsync.pipeline import LipSyncPipeline
+
+    pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=4)
+    recorder = pipeline.denoiser.unet = _CallRecorder(pipeline.denoiser.unet)
+    pipeline.warm_up()
+    assert set(recorder.rows) == {2, 8}  # 1 window and 4 windows, each twice for guidance

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import torch
@@ -166,6 +167,10 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
         self.metrics = _Metrics({"model": args["model_name"], "instance": args["model_instance_name"]})
+        settings = PipelineSettings.load(
+            detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
+            compile_unet=_flag(params["compile_unet"]),
+        )
         self.pipeline = LipSyncPipeline.from_weights(
             paths,
             device,
@@ -173,11 +178,13 @@ class TritonPythonModel:
             windows_per_call=int(params["windows_per_call"]),
             batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
             on_batch=self.metrics.observe_batch,
-            settings=PipelineSettings.load(
-                detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
-                compile_unet=_flag(params["compile_unet"]),
-            ),
+            settings=settings,
         )
+        if on_gpu or settings.compile_unet:
+            # Compile (compile_unet), capture CUDA graphs and pick cuDNN algorithms before reporting ready.
+            started = time.monotonic()
+            self.pipeline.warm_up()
+            pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s")
         self.progress_step = float(params["progress_step"])
         self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
