@@ -1,4 +1,4 @@
-"""``CompiledUNet``: the UNet's three passes through ``torch.compile``, one compilation for every batch size.
+"""``CompiledUNet``: the UNet's three passes through ``torch.compile``, with a symbolic batch size.
 
 Compilation keeps the math: Inductor fuses the GroupNorm/SiLU/residual elementwise work and the
 motion module's layout copies around the same cuBLAS/cuDNN/attention kernels, so outputs stay within
@@ -11,9 +11,9 @@ H100 with sizes fixed: ~21 s for the official 2×16-frame call, ~135 s for a 4-w
 docs/benchmarks.md). A pass still compiles up to three times: for a batch of one row (sizes 0 and 1
 are always specialised), for 2–3 rows and for 4 rows or more (diffusers' ``Upsample2D`` switches to a
 contiguous copy at 64 frames, and the compiler guards on that). Frames, latent size and token count
-stay fixed. Wrap the result
-in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled kernels are then replayed
-from one CUDA graph per call shape, without the per-call launch and guard overhead.
+stay fixed. Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
+kernels are then replayed from one CUDA graph per call shape, without the per-call launch and guard
+overhead.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ COMPILE_MODE = "default"
 class CompiledUNet:
     """:class:`~lipsync.sampling.NoisePredictor` running ``unet``'s passes as compiled functions.
 
-    Each pass compiles on its first call of each batch range (the first job pays it).
+    Each pass compiles on its first call in each batch range: in ``LipSyncPipeline.warm_up`` or the first job.
     """
 
     def __init__(self, unet: UNet3DConditionModel, backend: str = "inductor") -> None:
