@@ -172,12 +172,12 @@ class LipSyncPipeline:
         compilation; other shapes (no guidance, other modes) still compile on first use.
         """
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
-        frames = settings.num_frames * max(2, settings.windows_per_call)
+        largest = max(2, settings.windows_per_call)
         sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
-        features = self.audio(np.zeros(sample_rate * (frames // fps + 2), np.float32))
+        features = self.audio(np.zeros(sample_rate * (settings.num_frames * largest // fps + 2), np.float32))
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        for windows in (1, max(2, settings.windows_per_call)):
+        for windows in (1, largest):
             count = settings.num_frames * windows
             # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
             short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)

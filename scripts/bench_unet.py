@@ -11,7 +11,7 @@ call (compilation, graph capture) and the official-shape output's error against 
 ``compiled-graphs`` (the compiled kernels replayed from CUDA graphs). ``--profile`` writes a
 ``torch.profiler`` table of one official-shape step each. Random weights: speed does not depend on
 their values. Prints each row as it is measured and a markdown table at the end; ``--json`` writes
-the numbers (after every row, so a run cut short keeps what it measured).
+the numbers (after each config, predictor and dtype, so a run cut short keeps what it finished).
 
     python scripts/bench_unet.py --predictors graphs compiled-graphs --json $OUT/bench_unet.json
 """
@@ -212,8 +212,6 @@ def main() -> None:
             f"| {row['unet_step_ms']:.1f} | {row['window_step_ms']:.1f} | {row['window_s']:.3f} "
             f"| {row['seconds_per_video_second']:.3f} | {row['peak_vram_gib']:.2f} | {row['official_first_call_s']:.1f} / {row['first_call_s']:.1f} | {row['rel_error_vs_fp32']:.1e} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
