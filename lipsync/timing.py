@@ -10,13 +10,16 @@ from contextlib import contextmanager
 
 import torch
 
+from lipsync.gpu_guard import GPU_GUARD
+
 
 class StageTimer:
     """Accumulates seconds per stage name; GPU work is synchronised so it lands in its own stage.
 
     Stages may run on several threads at once (paste/encode beside the GPU work), so their sum can
     exceed the job's wall time. CPU-only stages pass ``sync=False``: a device sync there would make
-    them wait for another thread's GPU work.
+    them wait for another thread's GPU work. A device sync holds the GPU guard: it would invalidate
+    another thread's CUDA-graph capture.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
@@ -28,15 +31,20 @@ class StageTimer:
     def stage(self, name: str, sync: bool = True) -> Iterator[None]:
         sync = sync and self._sync
         if sync:
-            torch.cuda.synchronize()
+            _synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
             if sync:
-                torch.cuda.synchronize()
+                _synchronize()
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}
+
+
+def _synchronize() -> None:
+    with GPU_GUARD.shared():
+        torch.cuda.synchronize()
