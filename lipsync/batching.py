@@ -91,6 +91,8 @@ class WindowBatcher:
         self._waiting.clear()
 
     def _serve(self) -> None:
+        if self.unet.device.type == "cuda":
+            torch.cuda.set_device(self.unet.device)  # threads start on device 0; the UNet may be on another GPU
         while (group := self._next_group()) is not None:
             self._run(group)
 

@@ -24,20 +24,21 @@ class StageTimer:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._sync = torch.device(device).type == "cuda" if device is not None else False
+        self._device = torch.device(device) if device is not None else None
+        self._sync = self._device is not None and self._device.type == "cuda"
         self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str, sync: bool = True) -> Iterator[None]:
         sync = sync and self._sync
         if sync:
-            _synchronize()
+            _synchronize(self._device)
         start = time.perf_counter()
         try:
             yield
         finally:
             if sync:
-                _synchronize()
+                _synchronize(self._device)
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 
@@ -45,6 +46,6 @@ class StageTimer:
         return {name: round(value, 4) for name, value in self.seconds.items()}
 
 
-def _synchronize() -> None:
+def _synchronize(device: torch.device) -> None:
     with GPU_GUARD.shared():
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)

@@ -164,14 +164,28 @@ def main() -> None:
     )
     video = args.video.read_bytes()
     job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
-    report: dict = {"version": args.version, "dtype": args.dtype, "steps": args.steps}
+    report: dict = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "levels": []}
+
+    def save() -> None:
+        """Write what is measured so far: a run cut short still leaves its finished phases."""
+        single = next((level for level in report["levels"] if level["concurrency"] == 1), None)
+        for level in report["levels"]:
+            if single is not None:
+                level["wall_vs_one_job"] = round(level["wall_s"] / single["wall_s"], 2)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
     started = time.perf_counter()
     with TritonServer(settings) as server:
         report["server_ready_s"] = round(time.perf_counter() - started, 1)
         report["warmup"] = run_level(settings, job, 1)
-        levels = [run_level(settings, job, concurrency) for concurrency in args.concurrency]
+        save()
+        for concurrency in args.concurrency:
+            report["levels"].append(run_level(settings, job, concurrency))
+            save()
         if args.stress:
             report["stress"] = stress(settings, video, args.audio, *args.stress)
+            save()
         print(server.log_tail(5), file=sys.stderr)
     report["inductor_cache_files"] = cache_files(settings)
     if args.restart:
@@ -179,14 +193,8 @@ def main() -> None:
         with TritonServer(settings):
             report["server_ready_warm_s"] = round(time.perf_counter() - started, 1)
             report["after_restart"] = run_level(settings, job, 1)
-    single = next((level for level in levels if level["concurrency"] == 1), None)
-    for level in levels:
-        if single is not None:
-            level["wall_vs_one_job"] = round(level["wall_s"] / single["wall_s"], 2)
-    report["levels"] = levels
+    save()
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

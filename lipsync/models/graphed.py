@@ -48,7 +48,7 @@ class _CapturedCall:
                     function(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with GPU_GUARD.exclusive(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        with GPU_GUARD.exclusive(), torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             outputs = function(*self.inputs)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.returns_tuple = isinstance(outputs, tuple)
@@ -113,7 +113,9 @@ class GraphedUNet:
     @torch.no_grad()
     def _run(self, name: str, function: TensorFunction, *inputs: torch.Tensor):
         key = (name, *((tuple(tensor.shape), tensor.dtype) for tensor in inputs))
-        with self._lock:
+        # The calling thread's current device may be another GPU (each thread starts on device 0):
+        # streams, the capture and the replay must all be on the UNet's device.
+        with self._lock, torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
                 if len(self._graphs) >= self.max_graphs:

@@ -165,7 +165,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         on_gpu = args["model_instance_kind"] == "GPU"
-        device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+        device = self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
         if on_gpu:
             torch.cuda.set_device(device)
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
@@ -205,6 +205,8 @@ class TritonPythonModel:
             job.start()
 
     def _serve(self, request) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
         try:
             self.metrics.active.increment(1)
