@@ -8,11 +8,11 @@ version. What the server needs around it (``docs/triton-without-docker.md``):
   (a distro libpython of another patch release breaks the stub);
 - ``PATH`` starting with the environment the stub should run in: the stub takes ``sys.prefix`` from
   the first ``python3`` there, and that environment needs ``numpy<2`` and this package;
-- ``TORCHINDUCTOR_CACHE_DIR`` in the work folder (unless set), so the kernels of a compiled UNet
-  (``compile_unet``) outlive a restart.
-
 The model repository is rendered into the work folder from ``model_repository/``: only the
-``lipsync`` model's instance kind, GPU list and weight parameters change, from configuration.
+``lipsync`` model's instance kind, GPU list, weight parameters and kernel cache folder change, from
+configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
+across restarts; it travels as a model parameter because the backend stubs do not see the server's
+environment variables.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ class TritonSettings:
             raise ValueError(f"device must be auto, cpu or gpu, not {settings.device!r}")
         return settings
 
+    def kernel_cache_dir(self) -> Path:
+        """Where the compiled UNet's kernels are kept across restarts (absolute: the stubs run elsewhere)."""
+        return (self.workdir / "inductor-cache").resolve()
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
@@ -134,6 +138,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
     config.parameters["weights"].string_value = settings.weights
     config.parameters["checkpoints"].string_value = str(settings.checkpoints)
     config.parameters["dtype"].string_value = settings.dtype
+    config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
     config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
     return dest
 
@@ -169,8 +174,6 @@ class TritonServer:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
         env["PATH"] = os.pathsep.join([str(self.settings.python_env / "bin"), env.get("PATH", "")])
-        # Compiled UNet kernels (compile_unet) kept across restarts: a restart loads them instead of recompiling.
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((self.settings.workdir / "inductor-cache").resolve()))
         return env
 
     def backend_directory(self) -> Path:

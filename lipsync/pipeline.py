@@ -13,6 +13,7 @@ passes overlap so the GPU starts early:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -171,29 +172,35 @@ class LipSyncPipeline:
             config, windows_per_call, settings=settings,
         )
 
-    def warm_up(self, mode: str = "exact", max_windows: int | None = None) -> None:
-        """Generate from dummy inputs at every UNet call shape a job of ``mode`` can reach with full windows.
+    def warm_up(
+        self, mode: str = "exact", max_windows: int | None = None, log: Callable[[str], None] | None = None
+    ) -> None:
+        """Generate from dummy inputs at the UNet call shapes a job of ``mode`` reaches most, with guidance.
 
-        That is every count of windows per call from 1 to ``max_windows`` (default: ``windows_per_call``;
-        a server passes its batcher's cap, since calls mix windows of several jobs), with guidance.
-        The compiled UNet compiles its batch-size ranges (see ``CompiledUNet``), ``GraphedUNet``
-        captures a graph per count, cuDNN picks its algorithms and the VAE gets its first calls. A
-        server calls this before it reports ready, so no job pays minutes of compilation and no
-        capture happens beside running jobs; other shapes (the shorter last window, no guidance,
-        other modes) are captured on first use, safely (``GpuGuard``), and run eagerly uncompiled.
+        That is 1 window, ``windows_per_call`` windows (one job) and ``max_windows`` windows (the
+        batcher's cap, when calls mix windows of several jobs): the compiled UNet compiles both of
+        its batch-size ranges (see ``CompiledUNet``), ``GraphedUNet`` captures those shapes, cuDNN
+        picks its algorithms and the VAE gets its first calls. A server calls this before it
+        reports ready, so no job pays minutes of compilation. Other shapes (other window counts,
+        the shorter last window, no guidance, other modes) are captured on first use — safely
+        beside running jobs (``GpuGuard``) and in well under a second — and the shorter last
+        window runs uncompiled. ``log`` gets one line per shape with its seconds.
         """
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
-        largest = max(2, max_windows or settings.windows_per_call)
+        counts = sorted({1, settings.windows_per_call, max_windows or settings.windows_per_call})
         sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
-        features = self.audio(np.zeros(sample_rate * (settings.num_frames * largest // fps + 2), np.float32)).cpu()
+        features = self.audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        for windows in range(1, largest + 1):
+        for windows in counts:
+            started = time.monotonic()
             count = settings.num_frames * windows
             # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
             short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
             faces = torch.zeros(count, 3, self.resolution, self.resolution)
             FaceGenerator(self.vae, self.denoiser, short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
+            if log is not None:
+                log(f"lipsync: warm-up, {windows} window(s) per UNet call: {time.monotonic() - started:.1f} s")
 
     def close(self) -> None:
         """Stop a shared batcher's worker and free the face detectors."""

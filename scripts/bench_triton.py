@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--version", choices=["1.5", "1.6", "tiny"], default="1.5")
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lipsync-bench-weights"))
     parser.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4], help="levels to time (none: skip)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))

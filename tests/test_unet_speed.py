@@ -164,11 +164,13 @@ class _CallRecorder:
         return self.inner(sample, timestep, audio)
 
 
-def test_warm_up_reaches_every_window_count_up_to_the_batchers_cap_with_guidance(tiny_weights) -> None:
-    """Every call shape of full windows is compiled and captured before serving (both compiled batch ranges)."""
+def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights) -> None:
+    """Both compiled batch ranges, one job's call and the batcher's largest call are ready before serving."""
     from lipsync.pipeline import LipSyncPipeline
 
     pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=2)
     recorder = pipeline.denoiser.unet = _CallRecorder(pipeline.denoiser.unet)
-    pipeline.warm_up(max_windows=4)
-    assert set(recorder.rows) == {2, 4, 6, 8}  # 1 to 4 windows, each twice for guidance
+    lines: list[str] = []
+    pipeline.warm_up(max_windows=4, log=lines.append)
+    assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
+    assert len(lines) == 3

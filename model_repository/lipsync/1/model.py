@@ -168,6 +168,8 @@ class TritonPythonModel:
         device = self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
         if on_gpu:
             torch.cuda.set_device(device)
+        if params["kernel_cache_dir"]:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = params["kernel_cache_dir"]  # read by Inductor when it compiles
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
         self.metrics = _Metrics({"model": args["model_name"], "instance": args["model_instance_name"]})
         settings = PipelineSettings.load(
@@ -187,7 +189,7 @@ class TritonPythonModel:
         if on_gpu or settings.compiles_on(device):
             # Compile, capture CUDA graphs and pick cuDNN algorithms before reporting ready.
             started = time.monotonic()
-            self.pipeline.warm_up(max_windows=batching.max_windows)
+            self.pipeline.warm_up(max_windows=batching.max_windows, log=pb_utils.Logger.log_info)
             cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default")
             pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s (kernel cache: {cache})")
         self.progress_step = float(params["progress_step"])
