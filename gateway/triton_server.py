@@ -292,7 +292,7 @@ class TritonServer:
     def exit_reason(self) -> str:
         """How the server ended (status or signal) and the end of its log."""
         code = self.process.returncode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
         return f"tritonserver (pid {self.process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail(15)}"
 
     def stop(self) -> int | None:
@@ -329,11 +329,7 @@ class TritonServer:
     def _stubs(self) -> list[psutil.Process]:
         """Backend stubs started from this work folder: their command line names its backend folder."""
         backends = f"{self.settings.workdir / 'backends'}{os.sep}"
-        stubs = []
-        for process in psutil.process_iter(["cmdline"]):
-            if backends in " ".join(process.info["cmdline"] or ()):
-                stubs.append(process)
-        return stubs
+        return [process for process in psutil.process_iter(["cmdline"]) if backends in " ".join(process.info["cmdline"] or ())]
 
     def _reap_stubs(self) -> None:
         """Kill backend stubs of this server that outlived it (seen after SIGKILL and after some SIGTERM shutdowns)."""
@@ -356,3 +352,9 @@ class TritonServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
