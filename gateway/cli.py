@@ -1,7 +1,8 @@
 """``lipsync-serve``: run the service locally.
 
 ``up`` starts Triton, then the gateway in front of it (the README's main command); ``gateway`` runs the
-gateway alone against a running Triton; ``triton`` runs Triton alone.
+gateway alone against a running Triton; ``triton`` runs Triton alone. ``up`` and ``triton`` exit with
+status 1 when their Triton exits on its own (crash, kill), so a supervisor sees it and can restart them.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
 
 from gateway.auth import ApiKeys, local_key
+from gateway.ports import Listener
 from gateway.settings import GatewaySettings
 from gateway.triton_server import TritonError, TritonServer, TritonSettings
 
@@ -88,12 +91,24 @@ def _keys(settings: GatewaySettings, local: bool) -> ApiKeys:
     return ApiKeys.load(settings.api_keys_env, None, extra=[key])
 
 
-def _run_gateway(settings: GatewaySettings, keys: ApiKeys) -> None:
+def _run_gateway(settings: GatewaySettings, keys: ApiKeys, triton: TritonServer | None = None) -> int:
+    """Serve until SIGTERM/Ctrl-C (0), or until ``triton`` exits on its own (1: the gateway stops with it)."""
     from gateway.app import create_app  # FastAPI and the media checks load only for the commands that serve
 
     print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {settings.triton_grpc}, "
           f"data {settings.data_dir})", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port)).run()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port))
+    triton_exited = threading.Event()
+
+    def stop_gateway(reason: str) -> None:
+        print(f"error: {reason}\nstopping the gateway", file=sys.stderr)
+        triton_exited.set()
+        server.should_exit = True
+
+    if triton is not None:
+        triton.watch(stop_gateway)
+    server.run()
+    return 1 if triton_exited.is_set() else 0
 
 
 def _serve_gateway(args: argparse.Namespace) -> int:
@@ -104,10 +119,9 @@ def _serve_gateway(args: argparse.Namespace) -> int:
         return 1
     signal.signal(signal.SIGTERM, _interrupt)  # uvicorn re-raises the signal once it has shut down
     try:
-        _run_gateway(settings, keys)
+        return _run_gateway(settings, keys)
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 def _serve_all(args: argparse.Namespace) -> int:
@@ -117,19 +131,19 @@ def _serve_all(args: argparse.Namespace) -> int:
     server = TritonServer(triton_settings)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        server.start()
+        server.start(other_listeners=[Listener("gateway", settings.address, settings.port)])
         print(f"starting Triton ({triton_settings.resolved_device()}, weights {triton_settings.weights}); "
               f"log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
-        _run_gateway(settings, keys)
-        return 0
+        return _run_gateway(settings, keys, server)
     except TritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        print("stopping Triton", file=sys.stderr)
+        if server.process is not None:
+            print("stopping Triton", file=sys.stderr)
         server.stop()
 
 
@@ -147,7 +161,9 @@ def _serve_triton(args: argparse.Namespace) -> int:
         print(f"starting Triton ({settings.resolved_device()}, weights {settings.weights}); log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
         print(f"ready: HTTP {settings.http_url}  gRPC {settings.grpc_url}  metrics {settings.metrics_url}", file=sys.stderr)
-        return server.process.wait()
+        server.process.wait()
+        print(f"error: {server.exit_reason()}", file=sys.stderr)
+        return 1
     except TritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,32 +13,49 @@ The model repository is rendered into the work folder from ``model_repository/``
 configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
 across restarts; it travels as a model parameter because the backend stubs do not see the server's
 environment variables.
+
+One launcher serves from a work folder at a time (``triton.pid`` there is locked while it lives and
+records its ``tritonserver``). Starting stops a Triton that a killed launcher left behind in the folder,
+refuses ports that are taken, and keeps earlier logs as ``triton.log.1`` … ``.N``; the server gets
+SIGTERM if its launcher dies.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import psutil
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from gateway.logfiles import rotate
+from gateway.pidfile import PidFile, WorkFolderInUse
+from gateway.ports import Listener, listens, taken
+from gateway.processes import ProcessRecord, die_with_parent, kill_and_wait
 from lipsync.config import CONFIG_DIR, read_yaml
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = CONFIG_DIR.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
 PIPELINE_MODEL = "lipsync"
+PID_FILE = "triton.pid"
+"""In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.pidfile`)."""
 
 
 class TritonError(RuntimeError):
@@ -61,6 +78,8 @@ class TritonSettings:
     workdir: Path = Path(".serve")
     startup_timeout_s: float = 600.0
     exit_timeout_s: int = 30
+    log_files_kept: int = 5
+    """Logs of earlier runs kept beside ``triton.log`` as ``triton.log.1`` (the last) … ``.N``."""
     python_env: Path = field(default_factory=lambda: Path(sys.prefix))
     """Environment the backend stub runs in (``numpy<2`` and this package installed)."""
 
@@ -103,6 +122,10 @@ class TritonSettings:
     def metrics_url(self) -> str:
         return f"http://{self.address}:{self.metrics_port}/metrics"
 
+    def listeners(self) -> list[Listener]:
+        return [Listener("Triton HTTP", self.address, self.http_port), Listener("Triton gRPC", self.address, self.grpc_port),
+                Listener("Triton metrics", self.address, self.metrics_port)]
+
 
 def bundled_triton() -> Path:
     """The folder holding ``pytriton/`` and ``nvidia_pytriton.libs/``: ``$TRITON_DIST`` or the installed wheel.
@@ -144,12 +167,14 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
 
 
 class TritonServer:
-    """``tritonserver`` as a child process: :meth:`start`, :meth:`wait_ready`, :meth:`stop` (SIGTERM)."""
+    """``tritonserver`` as a child process: :meth:`start`, :meth:`wait_ready`, :meth:`watch`, :meth:`stop` (SIGTERM)."""
 
     def __init__(self, settings: TritonSettings) -> None:
         self.settings = settings
         self.process: subprocess.Popen | None = None
         self.log_path = settings.workdir / "triton.log"
+        self.pid_file: PidFile | None = None
+        self._stopping = False
 
     def command(self, repository: Path, backends: Path) -> list[str]:
         s = self.settings
@@ -193,15 +218,52 @@ class TritonServer:
             os.replace(temp, backend / name)
         return backend.parent
 
-    def start(self) -> None:
+    def start(self, other_listeners: Sequence[Listener] = ()) -> None:
+        """Claim the work folder, stop a Triton left behind in it, check that Triton's ports and
+        ``other_listeners`` (what the caller opens once Triton is ready) are free, keep the last log, start
+        ``tritonserver`` in a session of its own and record it. Call from the thread that will stop it: the
+        server gets SIGTERM when that thread ends (:func:`gateway.processes.die_with_parent`)."""
+        self._stopping = False
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
-        command = self.command(render_repository(self.settings), self.backend_directory())
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        try:
+            self.pid_file = PidFile.claim(self.settings.workdir / PID_FILE)
+        except WorkFolderInUse as exc:
+            raise TritonError(str(exc)) from None
+        try:
+            self._stop_left_behind(self.pid_file.previous.get("triton"))
+            busy = taken([*self.settings.listeners(), *other_listeners])
+            if busy:
+                raise TritonError("\n".join(busy) + "\nstop that process or choose other ports")
+            rotate(self.log_path, self.settings.log_files_kept)
+            command = self.command(render_repository(self.settings), self.backend_directory())
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    command, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=die_with_parent(signal.SIGTERM),
+                )
+            self.pid_file.record(launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(self.process.pid))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _stop_left_behind(self, triton: ProcessRecord | None) -> None:
+        """SIGKILL what a killed launcher left running from this work folder: the ``tritonserver`` of the
+        PID file if that process still runs (same PID, start time and command line) with its process group,
+        and any backend stub of this folder."""
+        server = triton.process() if triton is not None else None
+        if server is not None:
+            log.warning("stopping the Triton left behind in %s by an earlier run (%s)", self.settings.workdir, triton.describe())
+            if os.getpgid(server.pid) == server.pid:  # its own session: the group is its stubs and their workers
+                os.killpg(server.pid, signal.SIGKILL)
+        left = kill_and_wait([*([server] if server is not None else []), *self._stubs()])
+        if left:
+            raise TritonError(f"could not stop the Triton processes left in {self.settings.workdir}: "
+                              + ", ".join(str(process.pid) for process in left))
 
     def ready(self) -> bool:
+        """Our server answers ready (it listens on the HTTP port itself: not another server there)."""
+        if self.process is None or not listens(self.process.pid, self.settings.http_port):
+            return False
         try:
             return httpx2.get(f"{self.settings.http_url}/v2/health/ready", timeout=2).status_code == 200
         except httpx2.HTTPError:
@@ -218,9 +280,30 @@ class TritonServer:
                 raise TritonError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
 
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Call ``on_exit`` with :meth:`exit_reason`, from a thread, if the server exits without :meth:`stop`
+        or :meth:`kill` asking it to."""
+        process = self.process
+
+        def wait() -> None:
+            process.wait()
+            if not self._stopping:
+                on_exit(self.exit_reason())
+
+        threading.Thread(target=wait, name="triton-watch", daemon=True).start()
+
+    def exit_reason(self) -> str:
+        """How the server ended (status or signal) and the end of its log."""
+        code = self.process.returncode
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        return f"tritonserver (pid {self.process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail(15)}"
+
     def stop(self) -> int | None:
-        """SIGTERM (Triton unloads models, running jobs get ``exit_timeout_s``), then SIGKILL; the exit code."""
+        """SIGTERM (Triton unloads models, running jobs get ``exit_timeout_s``), then SIGKILL; the exit code.
+        Releases the work folder."""
+        self._stopping = True
         if self.process is None:
+            self._release()
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -229,25 +312,31 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 return self.kill()
         self._reap_stubs()
+        self._release()
         return self.process.returncode
 
     def kill(self) -> int:
-        """SIGKILL the server and its backend stubs (a crash, or a server that will not stop)."""
+        """SIGKILL the server and its backend stubs (a crash, or a server that will not stop); releases the work folder."""
+        self._stopping = True
         os.killpg(self.process.pid, signal.SIGKILL)
         code = self.process.wait()
         self._reap_stubs()
+        self._release()
         return code
 
+    def _release(self) -> None:
+        if self.pid_file is not None:
+            self.pid_file.release()
+            self.pid_file = None
+
+    def _stubs(self) -> list[psutil.Process]:
+        """Backend stubs started from this work folder: their command line names its backend folder."""
+        backends = f"{self.settings.workdir / 'backends'}{os.sep}"
+        return [process for process in psutil.process_iter(["cmdline"]) if backends in " ".join(process.info["cmdline"] or ())]
+
     def _reap_stubs(self) -> None:
-        """Kill backend stubs of this server that outlived it (seen after SIGKILL and after some
-        SIGTERM shutdowns); they are found by the backend folder in their command line."""
-        backends = str(self.settings.workdir / "backends")
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and backends in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+        """Kill backend stubs of this server that outlived it (seen after SIGKILL and after some SIGTERM shutdowns)."""
+        kill_and_wait(self._stubs())
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
@@ -266,3 +355,9 @@ class TritonServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
