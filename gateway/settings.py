@@ -36,9 +36,9 @@ class GatewaySettings:
     cancel_poll_s: float = 0.5
     retention_h: float = 24
     cleanup_interval_s: float = 600
-    webhook_attempts: int = 10
+    webhook_attempts: int = 12
     webhook_backoff_s: float = 2.0
-    webhook_backoff_max_s: float = 900.0
+    webhook_backoff_max_s: float = 3600.0
     webhook_timeout_s: float = 10.0
     webhook_concurrency: int = 32
     webhook_per_owner: int = 4

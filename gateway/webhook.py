@@ -91,7 +91,8 @@ class Webhooks:
     def close(self) -> None:
         """Cancel what is in flight and stop; pending deliveries stay in the outbox for the next start."""
         if self._loop is not None and self._main is not None:
-            self._loop.call_soon_threadsafe(self._main.cancel)
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self._loop.call_soon_threadsafe(self._main.cancel)
         if self._thread is not None:
             self._thread.join(_STOP_JOIN_S)
 
@@ -106,19 +107,11 @@ class Webhooks:
         client = httpx2.AsyncClient(trust_env=False, follow_redirects=False, limits=limits, timeout=None)
         try:
             while True:
-                self._wake.clear()
-                await self._start_due(client, running, owners)
-                if len(running) >= self.settings.webhook_concurrency:
-                    await self._wake.wait()  # an attempt ending frees a slot
-                    continue
-                next_due = await self._store(self.store.next_webhook_due, tuple(running), self._saturated(owners))
-                timeout = None if next_due is None else next_due - time.time()
-                if timeout is not None and timeout <= 0:
-                    continue  # became due meanwhile
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)  # queued, ended, or the next retry is due
-                except TimeoutError:
-                    pass
+                    await self._step(client, running, owners)
+                except Exception:  # noqa: BLE001 - e.g. the table busy: keep delivering after a pause
+                    log.exception("webhook delivery loop")
+                    await asyncio.sleep(self.settings.webhook_backoff_s)
         except asyncio.CancelledError:
             pass
         finally:
@@ -126,6 +119,23 @@ class Webhooks:
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
             await client.aclose()
+
+    async def _step(self, client: httpx2.AsyncClient, running: dict[str, asyncio.Task], owners: Counter[str]) -> None:
+        """Start what is due, then sleep until something is queued, an attempt ends, or the next retry is due."""
+        assert self._wake is not None
+        self._wake.clear()
+        await self._start_due(client, running, owners)
+        if len(running) >= self.settings.webhook_concurrency:
+            await self._wake.wait()  # an attempt ending frees a slot
+            return
+        next_due = await self._store(self.store.next_webhook_due, tuple(running), self._saturated(owners))
+        timeout = None if next_due is None else next_due - time.time()
+        if timeout is not None and timeout <= 0:
+            return  # became due meanwhile
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def _saturated(self, owners: Counter[str]) -> tuple[str, ...]:
         return tuple(owner for owner, count in owners.items() if count >= self.settings.webhook_per_owner)

@@ -25,6 +25,7 @@ class GatewayProcess:
     ) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.webhook_timeout_s = webhook_timeout_s
         self.url = f"http://127.0.0.1:{port}"
         self.command = [
             sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--data-dir", str(data_dir),
