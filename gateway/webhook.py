@@ -132,10 +132,8 @@ class Webhooks:
         timeout = None if next_due is None else next_due - time.time()
         if timeout is not None and timeout <= 0:
             return  # became due meanwhile
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _saturated(self, owners: Counter[str]) -> tuple[str, ...]:
         return tuple(owner for owner, count in owners.items() if count >= self.settings.webhook_per_owner)

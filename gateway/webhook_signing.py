@@ -13,7 +13,7 @@ import base64
 import binascii
 import os
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from standardwebhooks.webhooks import Webhook
@@ -69,7 +69,7 @@ class Signer:
         self._webhook = Webhook(check_secret(secret))
 
     def headers(self, message_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         return {
             "webhook-id": message_id,
             "webhook-timestamp": str(int(now.timestamp())),

@@ -111,7 +111,7 @@ def test_a_trickling_receiver_is_cut_at_the_deadline_and_does_not_delay_another_
         assert body["request_id"] == other and body["status"] in FINISHED
         cut = slow.wait_for(per_owner, timeout_s=deadline_s + 10, where=lambda c: c.closed_at is not None)
         for stuck in cut:
-            assert deadline_s - 0.2 <= stuck.closed_at - stuck.received_at < deadline_s + 1.5
+            assert deadline_s - 0.2 <= stuck.closed_at - stuck.received_at < deadline_s + 2
         (waited,) = slow.wait_for(per_owner + 1, timeout_s=deadline_s + 10)[per_owner:]
         assert waited.received_at >= min(c.closed_at for c in cut) - 0.2  # the key's own extra delivery waited
     finally:

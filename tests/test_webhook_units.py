@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -101,7 +102,7 @@ def test_public_addresses_pass_and_are_connected_to_with_the_urls_host() -> None
 
 def test_a_name_with_any_internal_address_is_refused() -> None:
     mixed = AddressPolicy(resolver=lambda host, port: [ipaddress.ip_address(a) for a in ("93.184.215.14", "10.1.2.3")])
-    with pytest.raises(WebhookRefused, match="hooks.example.com resolves to 10.1.2.3, a private address"):
+    with pytest.raises(WebhookRefused, match=re.escape("hooks.example.com resolves to 10.1.2.3, a private address")):
         mixed.destination("http://hooks.example.com/")
     mapped = AddressPolicy(resolver=lambda host, port: [ipaddress.ip_address("::ffff:169.254.169.254")])
     with pytest.raises(WebhookRefused, match="link-local"):
@@ -172,7 +173,7 @@ def finished_job(store: JobStore, owner: str = "a", url: str | None = "http://x/
 def test_the_outbox_keeps_one_delivery_per_job_ranks_due_ones_per_owner_and_dies_with_its_job(tmp_path, store) -> None:
     jobs = [finished_job(store, owner) for owner in "aaab"]
     assert store.unnotified() == jobs
-    deliveries = [store.enqueue_webhook(job, owner, "http://x/", "{}") for job, owner in zip(jobs, "aaab")]
+    deliveries = [store.enqueue_webhook(job, owner, "http://x/", "{}") for job, owner in zip(jobs, "aaab", strict=True)]
     assert store.enqueue_webhook(jobs[0], "a", "http://y/", "{}").id == deliveries[0].id  # one per job
     assert store.unnotified() == [] and store.get(jobs[0]).webhook_state == "pending"
     now = time.time() + 1
@@ -242,12 +243,12 @@ def test_a_failed_delivery_is_retried_after_its_backoff_with_the_same_signed_id(
 
 
 def test_trickling_receivers_are_cut_at_the_deadline_and_hold_only_their_owners_slots(store, secret) -> None:
+    settings = replace(SETTINGS, webhook_timeout_s=2.0)
     slow, fast = Receiver(then=TRICKLE), Receiver()
-    webhooks = delivery_loop(store, secret)
+    webhooks = delivery_loop(store, secret, settings)
     try:
         stuck = [queue_webhook(store, webhooks, slow.url, owner="a") for _ in range(3)]
         slow.wait_for(2)
-        queued = time.monotonic()
         other = queue_webhook(store, webhooks, fast.url, owner="b")
         (call,) = fast.wait_for(1)
         wait_state(store, other, "delivered")
@@ -256,12 +257,12 @@ def test_trickling_receivers_are_cut_at_the_deadline_and_hold_only_their_owners_
         webhooks.close()
         slow.close()
         fast.close()
-    assert call.received_at - queued < 0.5  # not behind owner a's stuck deliveries
     first_two, third = calls[:2], calls[2]
+    assert call.received_at < min(c.closed_at for c in first_two)  # owner b did not wait for owner a's slots
     for stuck_call in first_two:  # one deadline for the whole attempt, however slowly bytes come
-        assert SETTINGS.webhook_timeout_s - 0.1 <= stuck_call.closed_at - stuck_call.received_at < SETTINGS.webhook_timeout_s + 0.8
+        assert 1.9 <= stuck_call.closed_at - stuck_call.received_at < 3.5
     assert third.received_at >= min(c.closed_at for c in first_two) - 0.1  # owner a's third waited for a free slot
-    assert "no answer within 1 s" in {store.delivery(job).last_error for job in stuck}
+    assert "no answer within 2 s" in {store.delivery(job).last_error for job in stuck}
 
 
 def test_stopping_does_not_wait_for_attempts_and_the_next_start_delivers_them(store, secret) -> None:
