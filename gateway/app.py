@@ -30,6 +30,8 @@ from gateway.storage import DataDir, is_job_id
 from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, new_job_id
 from gateway.validation import InvalidInput, check_audio, check_video, decode_base64
 from gateway.webhook import Webhooks
+from gateway.webhook_signing import Signer, load_secret
+from gateway.webhook_targets import AddressPolicy, WebhookRefused
 from gateway.worker import Worker, triton_ready
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ class Gateway:
         self.store = JobStore(self.data.database)
         self.metrics = Metrics(self.store)
         self.webhooks = Webhooks(
-            self.store, settings.webhook_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s
+            self.store, settings, Signer(load_secret(settings.webhook_secret_env, settings.webhook_secret_path)),
+            AddressPolicy(settings.webhook_allow),
         )
         self.worker = Worker(settings, self.store, self.data, self.metrics, self.notify)
 
@@ -93,6 +96,9 @@ class Gateway:
             self.notify(job_id)
         if requeued or failed:
             log.warning("restart: %d running jobs re-queued, %d failed", len(requeued), len(failed))
+        for job_id in self.store.unnotified():  # ended just before the last stop, webhook not yet queued
+            self.notify(job_id)
+        self.webhooks.start()
         self.worker.start()
 
     def stop(self) -> None:
@@ -116,7 +122,7 @@ class Gateway:
         """A job finished (committed): call its webhook, if it has one."""
         job = self.store.get(job_id)
         if job is not None and job.webhook_url:
-            self.webhooks.send(job.id, job.webhook_url, self.view(job, self.settings.base_url))
+            self.webhooks.send(job, self.view(job, self.settings.base_url))
 
     def owned(self, request_id: str, owner: str) -> Job:
         """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
@@ -135,6 +141,7 @@ class Gateway:
             existing = self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
                 return {"request_id": existing.id}
+            webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
             check_video(staged / "video", "video_source")
             check_audio(staged / "audio", "audio_source")
             defaults = self.settings.defaults
@@ -148,9 +155,10 @@ class Gateway:
             self.data.adopt(staged, job_id)
         except InvalidInput as exc:
             raise ApiError(422, str(exc)) from None
+        except WebhookRefused as exc:
+            raise ApiError(400, str(exc)) from None
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        webhook = str(options.webhook_url) if options.webhook_url else None
         job, created = self.store.create(job_id, owner, params, webhook, idempotency_key)
         if not created:  # the same key raced us: that job stands, this upload goes
             self.data.drop_inputs(job_id)

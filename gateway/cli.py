@@ -70,12 +70,15 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, help="jobs streamed to Triton at once")
     parser.add_argument("--max-body-mb", type=float, help="request body cap")
     parser.add_argument("--public-url", help="base of result URLs sent in webhooks (default http://host:port)")
+    parser.add_argument("--webhook-allow", help="internal webhook receivers to allow: comma-separated IPs, CIDRs, host names")
+    parser.add_argument("--webhook-timeout-s", type=float, help="deadline of one whole webhook delivery attempt")
 
 
 def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> GatewaySettings:
     return GatewaySettings.load(
         address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
         concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
+        webhook_allow=args.webhook_allow, webhook_timeout_s=args.webhook_timeout_s,
     )
 
 

@@ -36,9 +36,15 @@ class GatewaySettings:
     cancel_poll_s: float = 0.5
     retention_h: float = 24
     cleanup_interval_s: float = 600
-    webhook_attempts: int = 3
+    webhook_attempts: int = 12
     webhook_backoff_s: float = 2.0
+    webhook_backoff_max_s: float = 3600.0
     webhook_timeout_s: float = 10.0
+    webhook_concurrency: int = 32
+    webhook_per_owner: int = 4
+    webhook_allow: tuple[str, ...] = ()
+    webhook_secret_env: str = "LIPSYNC_WEBHOOK_SECRET"
+    webhook_secret_file: str = ""
     defaults: JobDefaults = field(default_factory=JobDefaults)
 
     @classmethod
@@ -51,10 +57,20 @@ class GatewaySettings:
             values["triton_grpc"] = f"{config['triton']['address']}:{config['triton']['grpc_port']}"
         values.update({key: value for key, value in overrides.items() if value is not None})
         values["data_dir"] = REPO_ROOT / Path(values["data_dir"])  # absolute paths stay as they are
+        allow = values.get("webhook_allow") or ()
+        entries = allow.split(",") if isinstance(allow, str) else allow  # a flag gives "a,b"; YAML a list
+        values["webhook_allow"] = tuple(entry.strip() for entry in entries if entry.strip())
         settings = cls(**values)
         if settings.concurrency < 1 or settings.max_attempts < 1:
             raise ValueError("gateway concurrency and max_attempts must be at least 1")
+        if min(settings.webhook_attempts, settings.webhook_concurrency, settings.webhook_per_owner) < 1:
+            raise ValueError("gateway webhook_attempts, webhook_concurrency and webhook_per_owner must be at least 1")
         return settings
+
+    @property
+    def webhook_secret_path(self) -> Path:
+        """Where the webhook signing secret is kept when ``$webhook_secret_env`` holds none."""
+        return REPO_ROOT / self.webhook_secret_file if self.webhook_secret_file else self.data_dir / "webhook_secret"
 
     @property
     def base_url(self) -> str:

@@ -7,6 +7,9 @@ Triton stays ``Cancelled`` whatever the worker reports afterwards.
 
 States: ``InQueue`` → ``InProgress`` → ``Succeed`` | ``Failed`` | ``Cancelled``; ``InProgress`` goes
 back to ``InQueue`` when Triton went away or the gateway restarted and the job has attempts left.
+
+Beside the jobs, ``webhook_outbox`` holds each finished job's webhook until it is delivered or given up
+(``pending`` → ``delivered`` | ``failed``), with its attempt count and next attempt time.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,25 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+
+_OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,                -- the webhook-id header: the same for every attempt
+    job_id TEXT NOT NULL UNIQUE,            -- one delivery per job
+    owner TEXT NOT NULL,                    -- the job's owner: deliveries in flight are capped per owner
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,                     -- the JSON sent, exactly as signed
+    state TEXT NOT NULL,                    -- pending | delivered | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,          -- wall clock: back-off survives restarts
+    last_error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (state, next_attempt_at);
+"""
+WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,28 @@ class Job:
         return self.status in FINISHED
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One job's webhook in the outbox."""
+
+    seq: int
+    id: str
+    job_id: str
+    owner: str
+    url: str
+    body: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(**{key: row[key] for key in row.keys() if key != "rank"})
+
+
 def new_job_id() -> str:
     """128 random bits as hex: ids cannot be guessed, and are safe as file names."""
     return secrets.token_hex(16)
@@ -102,6 +146,7 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before a client hears of it
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_OUTBOX_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -279,3 +324,88 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM webhook_outbox WHERE job_id = ?", (job_id,))
+
+    # The webhook outbox: a finished job's webhook is a row here until it is delivered or given up,
+    # so deliveries survive restarts and their back-off is kept on disk.
+
+    def enqueue_webhook(self, job_id: str, owner: str, url: str, body: str) -> Delivery:
+        """Queue the job's webhook, due now; a job already queued keeps its delivery (one per job)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO webhook_outbox (id, job_id, owner, url, body, state, next_attempt_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (f"msg_{secrets.token_hex(16)}", job_id, owner, url, body, WEBHOOK_PENDING, time.time(), time.time()),
+            )
+            db.execute("UPDATE jobs SET webhook_state = ? WHERE id = ? AND webhook_state IS NULL", (WEBHOOK_PENDING, job_id))
+            row = db.execute("SELECT * FROM webhook_outbox WHERE job_id = ?", (job_id,)).fetchone()
+        return Delivery.from_row(row)
+
+    def due_webhooks(
+        self, now: float, running: Collection[str], saturated: Collection[str], per_owner: int, limit: int,
+    ) -> list[Delivery]:
+        """Pending deliveries due by ``now``, oldest first: not ``running`` (ids), not of ``saturated``
+        owners, at most ``per_owner`` of one owner, at most ``limit``."""
+        running, saturated = tuple(running), tuple(saturated)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY owner ORDER BY next_attempt_at, seq) AS rank"
+                "  FROM webhook_outbox WHERE state = ? AND next_attempt_at <= ?"
+                f"  AND id NOT IN ({', '.join('?' * len(running))}) AND owner NOT IN ({', '.join('?' * len(saturated))}))"
+                " WHERE rank <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+                (WEBHOOK_PENDING, now, *running, *saturated, per_owner, limit),
+            ).fetchall()
+        return [Delivery.from_row(row) for row in rows]
+
+    def next_webhook_due(self, running: Collection[str], saturated: Collection[str] = ()) -> float | None:
+        """When the earliest pending delivery is due, leaving out ``running`` ids and ``saturated`` owners;
+        None when there is none."""
+        running, saturated = tuple(running), tuple(saturated)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = ?"
+                f" AND id NOT IN ({', '.join('?' * len(running))}) AND owner NOT IN ({', '.join('?' * len(saturated))})",
+                (WEBHOOK_PENDING, *running, *saturated),
+            ).fetchone()
+        return row[0]
+
+    def webhook_delivered(self, delivery_id: str) -> None:
+        self._webhook_attempted(delivery_id, WEBHOOK_DELIVERED, "", None)
+
+    def webhook_retry(self, delivery_id: str, error: str, next_attempt_at: float) -> None:
+        """A failed attempt with attempts left: try again at ``next_attempt_at``."""
+        self._webhook_attempted(delivery_id, WEBHOOK_PENDING, error, next_attempt_at)
+
+    def webhook_failed(self, delivery_id: str, error: str) -> None:
+        """The last attempt failed: the delivery is given up."""
+        self._webhook_attempted(delivery_id, WEBHOOK_FAILED, error, None)
+
+    def _webhook_attempted(self, delivery_id: str, state: str, error: str, next_attempt_at: float | None) -> None:
+        now = time.time()
+        job_state = state if state != WEBHOOK_FAILED else f"{WEBHOOK_FAILED}: {error}"
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE webhook_outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), finished_at = ? WHERE id = ? AND state = ?",
+                (state, error, next_attempt_at, None if state == WEBHOOK_PENDING else now, delivery_id, WEBHOOK_PENDING),
+            )
+            db.execute(
+                "UPDATE jobs SET webhook_state = ? WHERE id = (SELECT job_id FROM webhook_outbox WHERE id = ?)",
+                (job_state, delivery_id),
+            )
+
+    def delivery(self, job_id: str) -> Delivery | None:
+        """The webhook delivery of a job, if it has one."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM webhook_outbox WHERE job_id = ?", (job_id,)).fetchone()
+        return Delivery.from_row(row) if row else None
+
+    def unnotified(self) -> list[str]:
+        """Finished jobs with a webhook URL that never reached the outbox (the gateway stopped in between)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM jobs WHERE status IN ({', '.join('?' * len(FINISHED))})"
+                " AND webhook_url IS NOT NULL AND webhook_state IS NULL ORDER BY seq",
+                FINISHED,
+            ).fetchall()
+        return [row["id"] for row in rows]

@@ -13,15 +13,24 @@ import httpx2
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 """Two accepted API keys (two owners)."""
 
+HOOK_HOST = "127.0.0.2"
+"""Where the tests' webhook receivers listen: a loopback address the test gateways allow (``webhook_allow``),
+so that 127.0.0.1 and every other internal address stay refused as in production."""
+
 
 class GatewayProcess:
-    def __init__(self, data_dir: Path, triton_grpc: str, port: int, concurrency: int = 1, max_body_mb: float = 5) -> None:
+    def __init__(
+        self, data_dir: Path, triton_grpc: str, port: int, concurrency: int = 1, max_body_mb: float = 5,
+        webhook_allow: str = HOOK_HOST, webhook_timeout_s: float = 3,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.webhook_timeout_s = webhook_timeout_s
         self.url = f"http://127.0.0.1:{port}"
         self.command = [
             sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--data-dir", str(data_dir),
             "--triton-grpc", triton_grpc, "--concurrency", str(concurrency), "--max-body-mb", str(max_body_mb),
+            "--webhook-allow", webhook_allow, "--webhook-timeout-s", str(webhook_timeout_s),
         ]
         self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
         self.process: subprocess.Popen | None = None

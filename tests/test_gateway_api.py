@@ -19,7 +19,7 @@ from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, writ
 from conftest import free_port
 from gateway.metrics import sample_sum
 from gateway.triton_server import TritonServer, TritonSettings
-from gateway_process import KEYS, GatewayProcess
+from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 from lipsync.media import VideoReader
 
 pytestmark = [
@@ -109,11 +109,11 @@ class _Hook(BaseHTTPRequestHandler):
 
 
 def test_submit_poll_and_download_a_valid_mp4_with_a_retried_webhook(gateway, clip, tmp_path) -> None:
-    hook = HTTPServer(("127.0.0.1", 0), _Hook)
+    hook = HTTPServer((HOOK_HOST, 0), _Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     client = Client(gateway.url)
     try:
-        request_id = client.job(*clip, inference_steps=3, webhook_url=f"http://127.0.0.1:{hook.server_port}/done")
+        request_id = client.job(*clip, inference_steps=3, webhook_url=f"http://{HOOK_HOST}:{hook.server_port}/done")
         seen = client.wait(request_id)
         final = seen[-1]
         assert final["status"] == "Succeed", final
