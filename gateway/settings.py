@@ -39,6 +39,10 @@ class GatewaySettings:
     webhook_attempts: int = 3
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
+    rate_limit: str = "600/minute"
+    submit_rate_limit: str = "30/minute"
+    max_active_jobs: int = 16
+    quota_retry_after_s: int = 10
     defaults: JobDefaults = field(default_factory=JobDefaults)
 
     @classmethod
@@ -58,7 +62,10 @@ class GatewaySettings:
 
     @property
     def base_url(self) -> str:
-        """Where clients reach the gateway, for URLs sent outside a request (webhooks)."""
+        """Where clients reach the gateway: the base of every result URL (status answers and webhooks).
+
+        Taken from the configuration only, never from a request's ``Host`` header, which the client chooses.
+        """
         return (self.public_url or f"http://{self.address}:{self.port}").rstrip("/")
 
     @property
