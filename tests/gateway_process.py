@@ -66,3 +66,16 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak since the last :func:`reset_peak_memory`) of ``pid``, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start a new ``VmHWM`` peak at the current resident size (Linux ``clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
