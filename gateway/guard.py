@@ -4,7 +4,8 @@ FastAPI reads and parses a request body before it runs a route's dependencies, s
 dependency is checked only after the whole body arrived: a client without a key could make the gateway
 take in (and buffer) up to the body cap. This ASGI middleware sits in front of the body cap and the
 app: a request whose method may carry a body (anything but GET, HEAD, OPTIONS) needs an accepted
-Bearer key, is counted against its key's rates and, for a submit, its job quota, and is refused with
+Bearer key, is counted against its key's rates and, for a submit, its submits in flight and its job
+quota, and is refused with
 the JSON error (401 or 429) without a single ``receive()``; the refusal closes the connection, so the
 server stops reading. Meanwhile the server itself holds at most its flow-control window (64 KiB in
 uvicorn) of an unread body. An accepted request goes on with its owner id in ``scope["state"]``.
@@ -14,6 +15,8 @@ its token or key itself.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -37,6 +40,8 @@ class RequestGuard:
         self.app = app
         self.keys = keys
         self.quotas = quotas
+        self._in_flight: Counter[str] = Counter()
+        """Submits per owner between the guard and their answer (one event loop: no lock needed)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in BODILESS_METHODS:
@@ -48,6 +53,8 @@ class RequestGuard:
             if owner is None:
                 raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
             submit = scope["path"] in SUBMIT_PATHS
+            if submit and self._in_flight[owner] >= self.quotas.max_concurrent_submits:
+                raise self.quotas.too_many_in_flight()
             self.quotas.count_request(owner, submit)
             if submit:
                 await run_in_threadpool(self.quotas.check_active_jobs, owner, headers.get("idempotency-key"))
@@ -55,4 +62,13 @@ class RequestGuard:
             await send_error(send, refused)
             return
         scope.setdefault("state", {})[OWNER] = owner
-        await self.app(scope, receive, send)
+        if not submit:
+            await self.app(scope, receive, send)
+            return
+        self._in_flight[owner] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight[owner] -= 1
+            if not self._in_flight[owner]:
+                del self._in_flight[owner]

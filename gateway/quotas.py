@@ -2,6 +2,8 @@
 
 Rates use the ``limits`` package (moving windows in memory, one counter per key and limit): every
 request that needs a key counts against ``rate_limit``, submits also against ``submit_rate_limit``.
+At most ``max_concurrent_submits`` submits of a key may be in flight (body being received or
+checked) at once, so the memory one key can make the gateway hold is bounded by that many bodies.
 The quota is ``max_active_jobs`` queued and running jobs per key: checked from the headers before a
 submit's body is read (a replay of an ``Idempotency-Key`` this key already used is let through, it
 creates nothing), and again in the transaction that queues the job, so concurrent submits cannot
@@ -29,6 +31,7 @@ class Quotas:
         self._requests = parse(settings.rate_limit)
         self._submits = parse(settings.submit_rate_limit)
         self.max_active_jobs = settings.max_active_jobs
+        self.max_concurrent_submits = settings.max_concurrent_submits
         self._quota_retry_after_s = settings.quota_retry_after_s
 
     def count_request(self, owner: str, submit: bool) -> None:
@@ -43,6 +46,13 @@ class Quotas:
             return
         if self._store.active_jobs(owner) >= self.max_active_jobs:
             raise self.too_many_jobs()
+
+    def too_many_in_flight(self) -> ApiError:
+        return ApiError(
+            429, f"this API key already has {self.max_concurrent_submits} submits in progress "
+            "(max_concurrent_submits); wait for one to be answered",
+            {"Retry-After": "1"},
+        )
 
     def too_many_jobs(self) -> ApiError:
         return ApiError(

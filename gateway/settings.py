@@ -42,6 +42,7 @@ class GatewaySettings:
     rate_limit: str = "600/minute"
     submit_rate_limit: str = "30/minute"
     max_active_jobs: int = 16
+    max_concurrent_submits: int = 2
     quota_retry_after_s: int = 10
     defaults: JobDefaults = field(default_factory=JobDefaults)
 

@@ -15,7 +15,9 @@ from gateway.triton_server import SERVING_CONFIG
 
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 """Two accepted API keys (two owners)."""
-LOAD_TEST_LIMITS = {"rate_limit": "100000/minute", "submit_rate_limit": "10000/minute", "max_active_jobs": 1000}
+LOAD_TEST_LIMITS = {
+    "rate_limit": "100000/minute", "submit_rate_limit": "10000/minute", "max_active_jobs": 1000, "max_concurrent_submits": 1000,
+}
 """Per-key limits that many clients at once stay under."""
 
 

@@ -294,11 +294,19 @@ def test_result_urls_come_from_the_configuration_not_the_host_header(gateway, fi
 # --- rates and quotas ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def limited(triton, tmp_path) -> Iterator[GatewayProcess]:
-    """A gateway with tight per-key limits. Stopping it stops the job it was running on Triton."""
-    settings = {"rate_limit": "9/minute", "submit_rate_limit": "5/minute", "max_active_jobs": 2, "quota_retry_after_s": 7}
-    process = GatewayProcess(tmp_path / "data", triton.settings.grpc_url, free_port(), settings=settings).start()
+THIRD_KEY = "key-gamma-5555555555"
+
+
+@pytest.fixture(scope="module")
+def limited(triton, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """A gateway with tight per-key limits and a third key. Stopping it stops the job it was running on Triton."""
+    folder = tmp_path_factory.mktemp("limited")
+    (folder / "keys").write_text(THIRD_KEY + "\n")
+    settings = {
+        "rate_limit": "9/minute", "submit_rate_limit": "5/minute", "max_active_jobs": 2, "quota_retry_after_s": 7,
+        "max_concurrent_submits": 4, "api_keys_file": str(folder / "keys"),
+    }
+    process = GatewayProcess(folder / "data", triton.settings.grpc_url, free_port(), settings=settings).start()
     yield process
     process.stop()
 
@@ -310,9 +318,13 @@ def test_a_key_over_its_rates_or_job_quota_gets_429_with_retry_after(limited, me
         job = body(media, audio="long_audio", **options) | {"inference_steps": 20}
         return httpx2.post(f"{url}/lipsync/submit", headers=headers, json=job, timeout=60)
 
+    def cancel(headers: dict, job: httpx2.Response) -> httpx2.Response:
+        return httpx2.post(f"{url}/lipsync/cancel", headers=headers, json=job.json(), timeout=30)
+
     first = submit(AUTH | {"Idempotency-Key": "a"})                                   # requests 1, submits 1
     assert first.status_code == 200, first.text
-    assert submit(seed=2).status_code == 200                                          # 2, 2: quota full
+    second = submit(seed=2)                                                           # 2, 2: quota full
+    assert second.status_code == 200, second.text
     quota = submit(seed=3)                                                            # 3, 3
     assert "(max_active_jobs)" in is_error(quota, 429) and quota.headers["Retry-After"] == "7"
     replay = submit(AUTH | {"Idempotency-Key": "a"})                                  # 4, 4: creates nothing
@@ -320,18 +332,36 @@ def test_a_key_over_its_rates_or_job_quota_gets_429_with_retry_after(limited, me
     assert submit(seed=4).status_code == 429                                          # 5, 5
     rate = submit(seed=5)                                                             # 6, over submit_rate_limit
     assert "(submit_rate_limit)" in is_error(rate, 429) and 1 <= int(rate.headers["Retry-After"]) <= 60
-    for _ in range(3):                                                                # 7, 8, 9
-        ok = httpx2.post(f"{url}/lipsync/status", headers=AUTH, json=first.json(), timeout=30)
-        assert ok.status_code == 200
-    polls = httpx2.post(f"{url}/lipsync/status", headers=AUTH, json=first.json(), timeout=30)
-    assert "(rate_limit)" in is_error(polls, 429) and 1 <= int(polls.headers["Retry-After"]) <= 60
     head = request_head("/lipsync/submit", AUTH | {"Content-Type": "application/json", "Content-Length": str(BIG_BODY)})
-    status, headers, answer, sent = refused_mid_body(limited.port, head, b"{", b" " * (1 << 20), BIG_BODY)
+    status, headers, answer, sent = refused_mid_body(limited.port, head, b"{", b" " * (1 << 20), BIG_BODY)  # 7
     assert status == 429 and "retry-after" in headers and sent < BIG_BODY // 10  # before the body, too
     assert job_count(url) == 2 and not any((limited.data_dir / "incoming").iterdir())
+    assert cancel(AUTH, first).status_code == 200 and cancel(AUTH, second).status_code == 200  # 8, 9
+    polls = httpx2.post(f"{url}/lipsync/status", headers=AUTH, json=first.json(), timeout=30)  # 10
+    assert "(rate_limit)" in is_error(polls, 429) and 1 <= int(polls.headers["Retry-After"]) <= 60
 
     # the other key has its own counters; concurrent submits cannot overshoot its quota
     with ThreadPoolExecutor(4) as pool:
-        codes = sorted(pool.map(lambda seed: submit(OTHER, seed=seed).status_code, range(4)))
-    assert codes == [200, 200, 429, 429]
+        answers = list(pool.map(lambda seed: submit(OTHER, seed=seed), range(4)))
+    assert sorted(answer.status_code for answer in answers) == [200, 200, 429, 429]
     assert job_count(url) == 4 and not any((limited.data_dir / "incoming").iterdir())
+    for answer in answers:
+        if answer.status_code == 200:
+            assert cancel(OTHER, answer).status_code == 200
+
+
+def test_a_key_may_have_only_so_many_submits_in_flight(limited) -> None:
+    """Bodies being received count: a key cannot make the gateway hold more than max_concurrent_submits of them."""
+    key = {"Authorization": f"Bearer {THIRD_KEY}", "Content-Type": "application/json"}
+    head = request_head("/lipsync/submit", key | {"Content-Length": str(1 << 20)}) + "\r\n"
+    slow = [socket.create_connection(("127.0.0.1", limited.port), timeout=20) for _ in range(4)]
+    try:
+        for conn in slow:  # four submits whose bodies never finish
+            conn.sendall(head.encode() + b'{"video_source": "')
+        time.sleep(1)  # for the gateway to take in their headers
+        fifth = httpx2.post(f"{limited.url}/lipsync/submit", headers=key, content=b"{}", timeout=30)
+        assert "(max_concurrent_submits)" in is_error(fifth, 429) and fifth.headers["Retry-After"] == "1"
+    finally:
+        for conn in slow:
+            conn.close()
+    assert not any((limited.data_dir / "incoming").iterdir())
