@@ -29,6 +29,11 @@ class GatewaySettings:
     api_keys_env: str = "LIPSYNC_API_KEYS"
     api_keys_file: str = ""
     max_body_mb: float = 200
+    rate_limit: str = "600/minute"
+    submit_rate_limit: str = "30/minute"
+    max_active_jobs: int = 16
+    max_concurrent_submits: int = 2
+    quota_retry_after_s: int = 10
     concurrency: int = 2
     max_attempts: int = 2
     triton_wait_s: float = 120
@@ -39,11 +44,6 @@ class GatewaySettings:
     webhook_attempts: int = 3
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
-    rate_limit: str = "600/minute"
-    submit_rate_limit: str = "30/minute"
-    max_active_jobs: int = 16
-    max_concurrent_submits: int = 2
-    quota_retry_after_s: int = 10
     defaults: JobDefaults = field(default_factory=JobDefaults)
 
     @classmethod

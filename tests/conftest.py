@@ -49,9 +49,7 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
     """A ``lipsync-serve gateway`` process in front of the ``triton`` fixture: one job at a time, 5 MB body cap,
     the two keys of :data:`gateway_process.KEYS`, rates and job quota high enough for the load tests
     (:data:`gateway_process.LOAD_TEST_LIMITS`; the limits themselves are tested on a gateway of their own)."""
-    process = GatewayProcess(
-        tmp_path_factory.mktemp("gateway") / "data", triton.settings.grpc_url, free_port(), settings=LOAD_TEST_LIMITS,
-    )
-    process.start()
+    process = GatewayProcess(tmp_path_factory.mktemp("gateway") / "data", triton.settings.grpc_url, free_port())
+    process.configure(**LOAD_TEST_LIMITS).start()
     yield process
     process.stop()

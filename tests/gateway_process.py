@@ -15,19 +15,10 @@ from gateway.triton_server import SERVING_CONFIG
 
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 """Two accepted API keys (two owners)."""
-LOAD_TEST_LIMITS = {
-    "rate_limit": "100000/minute", "submit_rate_limit": "10000/minute", "max_active_jobs": 1000, "max_concurrent_submits": 1000,
-}
-"""Per-key limits that many clients at once stay under."""
 
 
 class GatewayProcess:
-    """``settings``: values for the ``gateway`` section of a copy of ``configs/serving.yaml`` (``--config``)."""
-
-    def __init__(
-        self, data_dir: Path, triton_grpc: str, port: int, concurrency: int = 1, max_body_mb: float = 5,
-        settings: dict | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, triton_grpc: str, port: int, concurrency: int = 1, max_body_mb: float = 5) -> None:
         self.data_dir = data_dir
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -35,15 +26,18 @@ class GatewayProcess:
             sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--data-dir", str(data_dir),
             "--triton-grpc", triton_grpc, "--concurrency", str(concurrency), "--max-body-mb", str(max_body_mb),
         ]
-        if settings:
-            config = yaml.safe_load(SERVING_CONFIG.read_text())
-            config["gateway"].update(settings)
-            path = data_dir.parent / f"{data_dir.name}-serving.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(config))
-            self.command += ["--config", str(path)]
         self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
         self.process: subprocess.Popen | None = None
+
+    def configure(self, **settings: object) -> GatewayProcess:
+        """Run with ``settings`` in the ``gateway`` section of a copy of ``configs/serving.yaml`` (``--config``)."""
+        config = yaml.safe_load(SERVING_CONFIG.read_text())
+        config["gateway"].update(settings)
+        path = self.data_dir.parent / f"{self.data_dir.name}-serving.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        self.command += ["--config", str(path)]
+        return self
 
     def start(self, timeout_s: float = 60) -> GatewayProcess:
         env = dict(os.environ, LIPSYNC_API_KEYS=",".join(KEYS))
@@ -68,6 +62,12 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+LOAD_TEST_LIMITS = {
+    "rate_limit": "100000/minute", "submit_rate_limit": "10000/minute", "max_active_jobs": 1000, "max_concurrent_submits": 1000,
+}
+"""Per-key limits that many clients at once stay under."""
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:

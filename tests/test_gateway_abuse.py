@@ -306,7 +306,7 @@ def limited(triton, tmp_path_factory) -> Iterator[GatewayProcess]:
         "rate_limit": "9/minute", "submit_rate_limit": "5/minute", "max_active_jobs": 2, "quota_retry_after_s": 7,
         "max_concurrent_submits": 4, "api_keys_file": str(folder / "keys"),
     }
-    process = GatewayProcess(folder / "data", triton.settings.grpc_url, free_port(), settings=settings).start()
+    process = GatewayProcess(folder / "data", triton.settings.grpc_url, free_port()).configure(**settings).start()
     yield process
     process.stop()
 
