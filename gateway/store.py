@@ -55,6 +55,14 @@ _ADDED_COLUMNS = {"request_hash": "TEXT"}
 """Columns newer than some existing tables: added to them on open."""
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Give a table made by an older gateway the columns added since (a new table gets them from the schema)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, kind in _ADDED_COLUMNS.items():
+        if present and name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+
 class QuotaExceeded(Exception):
     """The owner already has as many queued and running jobs as allowed."""
 
@@ -108,12 +116,9 @@ class JobStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            _add_columns(self._db)
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before a client hears of it
             self._db.executescript(_SCHEMA)
-            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS.items():
-                if name not in present:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
