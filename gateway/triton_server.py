@@ -170,7 +170,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
         env["PATH"] = os.pathsep.join([str(self.settings.python_env / "bin"), env.get("PATH", "")])
         # Compiled UNet kernels (compile_unet) kept across restarts: a restart loads them instead of recompiling.
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.settings.workdir / "inductor-cache"))
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((self.settings.workdir / "inductor-cache").resolve()))
         return env
 
     def backend_directory(self) -> Path:

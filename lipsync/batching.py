@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler
 
+from lipsync.gpu_guard import GPU_GUARD
 from lipsync.sampling import CancelCheck, JobCancelled, NoisePredictor, WindowBatch, denoise
 
 BatchObserver = Callable[[int, int], None]
@@ -90,6 +91,8 @@ class WindowBatcher:
         self._waiting.clear()
 
     def _serve(self) -> None:
+        if self.unet.device.type == "cuda":
+            torch.cuda.set_device(self.unet.device)  # threads start on device 0; the UNet may be on another GPU
         while (group := self._next_group()) is not None:
             self._run(group)
 
@@ -132,19 +135,20 @@ class WindowBatcher:
 
         batches = [waiting.batch for waiting in live]
         try:
-            latents = denoise(
-                self.unet,
-                self.scheduler,
-                torch.cat([batch.latents for batch in batches]),
-                torch.cat([batch.mask for batch in batches]),
-                torch.cat([batch.masked_latents for batch in batches]),
-                torch.cat([batch.reference_latents for batch in batches]),
-                torch.cat([batch.audio for batch in batches]),
-                batches[0].steps,
-                torch.tensor([batch.guidance_scale for batch in batches for _ in range(batch.windows)]),
-                active=active,
-                cache_interval=batches[0].cache_interval,
-            )
+            with GPU_GUARD.shared():
+                latents = denoise(
+                    self.unet,
+                    self.scheduler,
+                    torch.cat([batch.latents for batch in batches]),
+                    torch.cat([batch.mask for batch in batches]),
+                    torch.cat([batch.masked_latents for batch in batches]),
+                    torch.cat([batch.reference_latents for batch in batches]),
+                    torch.cat([batch.audio for batch in batches]),
+                    batches[0].steps,
+                    torch.tensor([batch.guidance_scale for batch in batches for _ in range(batch.windows)]),
+                    active=active,
+                    cache_interval=batches[0].cache_interval,
+                )
         except Exception as exc:  # the jobs get the error; the worker stays up for the next call
             for waiting in live:
                 waiting.future.set_exception(exc)

@@ -31,7 +31,9 @@ from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
+from lipsync.gpu_guard import GPU_GUARD
 from lipsync.media import VideoReader, VideoWriter
+from lipsync.media.colour import rgb_to_yuv420p
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
@@ -78,17 +80,24 @@ class PipelineSettings:
     detect_threads: int = 4
     finish_threads: int = 4
     analysis_chunk: int = 16
-    compile_unet: bool = False
-    """Run the UNet through ``torch.compile`` (``CompiledUNet``); compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
+    colour_chunk: int = 16
+    """Frames converted to YUV on the GPU at a time."""
+    compile_unet: bool | str = "auto"
+    """Run the UNet through ``torch.compile`` (``CompiledUNet``): ``True``, ``False`` or ``"auto"`` (on CUDA only);
+    compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
+
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether the UNet is compiled on ``device``."""
+        return device.type == "cuda" if self.compile_unet == "auto" else bool(self.compile_unet)
 
     @classmethod
-    def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | None) -> PipelineSettings:
+    def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | str | None) -> PipelineSettings:
         values = read_yaml(path, "pipeline config") | {key: value for key, value in overrides.items() if value is not None}
         settings = cls(**values)
-        if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk) < 1:
+        if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk, settings.colour_chunk) < 1:
             raise ValueError(f"pipeline settings must be positive, got {settings}")
-        if not isinstance(settings.compile_unet, bool):
-            raise ValueError(f"compile_unet must be true or false, got {settings.compile_unet!r}")
+        if settings.compile_unet not in (True, False, "auto"):
+            raise ValueError(f"compile_unet must be true, false or auto, got {settings.compile_unet!r}")
         return settings
 
 
@@ -138,7 +147,7 @@ class LipSyncPipeline:
 
         With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
-        ``settings.compile_unet`` compiles the UNet (``CompiledUNet``); ``cuda_graphs`` (default: on
+        ``settings.compile_unet`` compiles the UNet (``CompiledUNet``; by default on CUDA); ``cuda_graphs`` (default: on
         for CUDA) replays it from CUDA graphs (``GraphedUNet``).
         """
         device = torch.device(device)
@@ -146,8 +155,8 @@ class LipSyncPipeline:
         settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
         unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
-        if settings.compile_unet:
-            unet = CompiledUNet(unet)
+        if settings.compiles_on(device):
+            unet = CompiledUNet(unet, frames=config["data"]["num_frames"])
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:
@@ -162,22 +171,24 @@ class LipSyncPipeline:
             config, windows_per_call, settings=settings,
         )
 
-    def warm_up(self, mode: str = "exact") -> None:
-        """Generate from dummy inputs at each UNet batch-size range a job of ``mode`` can reach.
+    def warm_up(self, mode: str = "exact", max_windows: int | None = None) -> None:
+        """Generate from dummy inputs at every UNet call shape a job of ``mode`` can reach with full windows.
 
-        That is one window and ``max(2, windows_per_call)`` windows per call, with guidance: the
-        compiled UNet (``compile_unet``) has one compilation for 2–3 batch rows and one for 4 or more
-        (see ``CompiledUNet``), and the CUDA graphs, cuDNN's algorithm search and the VAE get their
-        first calls. A server calls this before it reports ready, so no job pays minutes of
-        compilation; other shapes (no guidance, other modes) still compile on first use.
+        That is every count of windows per call from 1 to ``max_windows`` (default: ``windows_per_call``;
+        a server passes its batcher's cap, since calls mix windows of several jobs), with guidance.
+        The compiled UNet compiles its batch-size ranges (see ``CompiledUNet``), ``GraphedUNet``
+        captures a graph per count, cuDNN picks its algorithms and the VAE gets its first calls. A
+        server calls this before it reports ready, so no job pays minutes of compilation and no
+        capture happens beside running jobs; other shapes (the shorter last window, no guidance,
+        other modes) are captured on first use, safely (``GpuGuard``), and run eagerly uncompiled.
         """
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
-        largest = max(2, settings.windows_per_call)
+        largest = max(2, max_windows or settings.windows_per_call)
         sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
-        features = self.audio(np.zeros(sample_rate * (settings.num_frames * largest // fps + 2), np.float32))
+        features = self.audio(np.zeros(sample_rate * (settings.num_frames * largest // fps + 2), np.float32)).cpu()
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        for windows in (1, largest):
+        for windows in range(1, largest + 1):
             count = settings.num_frames * windows
             # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
             short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
@@ -216,13 +227,15 @@ class LipSyncPipeline:
             self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
             windows_per_call=self.windows_per_call,
         )
-        timer = StageTimer(self.vae.device)
+        device = self.vae.device
+        timer = StageTimer(device)
         report = _Progress(progress)
 
         report("audio", 0.0)
-        with timer.stage("audio"):
+        with GPU_GUARD.shared(), timer.stage("audio"):
             waveform = load_audio(audio, self.audio.settings.sample_rate)
-            features = self.audio(waveform)
+            # Per-frame windows are cut on the CPU: a few kilobytes per frame, and no GPU work outside the guard.
+            features = self.audio(waveform).cpu()
         fps = self.audio.settings.video_fps
         available = window_count(len(features), self.audio.settings.positions_per_frame)
         output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
@@ -239,26 +252,48 @@ class LipSyncPipeline:
         frames = _generation_frames(Path(video), output_frames, track, loop_mode, timer)
         faceless = 0
 
-        def prepare(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
-            affine, has_face = placement
-            if has_face:
-                with timer.stage("paste", sync=False):
-                    frame = paster.paste(frame, face, affine)
-            with timer.stage("encode", sync=False):
-                return writer.picture(frame)
+        def prepare() -> _FrameBatch:
+            """The next batch's frames, in output order, with final alignments and warped faces."""
+            sources, originals = zip(*islice(frames, batch))
+            track.wait_for(max(sources))
+            placements = [track.alignment(index) for index in sources]
+            with timer.stage("detect_align", sync=False):
+                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+            return _FrameBatch(sources, originals, placements, faces)
 
-        def finish(originals: list[np.ndarray], placements: list[tuple[np.ndarray, bool]], generated: np.ndarray) -> None:
-            for picture in finishers.map(prepare, originals, placements, generated):
+        def paste(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> np.ndarray:
+            affine, has_face = placement
+            if not has_face:
+                return frame
+            with timer.stage("paste", sync=False):
+                return paster.paste(frame, face, affine)
+
+        def paste_and_convert(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
+            pasted = paste(frame, placement, face)
+            with timer.stage("encode", sync=False):
+                return writer.picture(pasted)
+
+        def finish(prepared: _FrameBatch, generated: np.ndarray) -> None:
+            """Paste on the finisher threads; YUV on the GPU in chunks, or per frame through swscale on the CPU."""
+            if device.type == "cuda":
+                pasted = finishers.map(paste, prepared.originals, prepared.placements, generated)
+                pictures = yuv420p_pictures(writer, pasted, device, self.settings.colour_chunk, timer)
+            else:
+                pictures = finishers.map(paste_and_convert, prepared.originals, prepared.placements, generated)
+            for picture in pictures:
                 with timer.stage("encode", sync=False):
                     writer.write_picture(picture)
 
-        # The analysis thread detects faces ahead of generation (lipsync.analysis); this thread warps
-        # and generates a batch; meanwhile the previous batch is pasted back and converted to YUV on
-        # the finisher threads and encoded, in order, by the encoder thread. Waiting for the previous
-        # batch before queueing the next keeps the frame order and holds at most two batches of frames.
+        # Four threads beside this one: the analysis detects faces ahead of generation
+        # (lipsync.analysis); the prefetcher decodes and warps the next batch while this thread
+        # generates the current one; the previous batch is pasted back on the finisher threads,
+        # converted to YUV and encoded in order by the encoder thread. Waiting for the previous
+        # batch before queueing the next keeps the frame order and holds at most three batches of
+        # frames (next, current, previous), whatever the video's length.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
             VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
             ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
             ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
         ):
@@ -269,13 +304,13 @@ class LipSyncPipeline:
             )
             try:
                 finishing: Future | None = None
-                for start in range(0, output_frames, batch):
-                    sources, originals = zip(*islice(frames, batch))
-                    track.wait_for(max(sources))
-                    placements = [track.alignment(index) for index in sources]
-                    faceless += sum(not has_face for _, has_face in placements)
-                    with timer.stage("detect_align", sync=False):
-                        faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+                starts = range(0, output_frames, batch)
+                upcoming = prefetch.submit(prepare)
+                for start in starts:
+                    prepared = upcoming.result()
+                    if start + batch < output_frames:
+                        upcoming = prefetch.submit(prepare)
+                    faceless += sum(not has_face for _, has_face in prepared.placements)
                     done_before = start // settings.num_frames
 
                     def on_window(done: int, _total: int) -> None:
@@ -283,8 +318,8 @@ class LipSyncPipeline:
                         report("generate", (done_before + done) / total_windows)
 
                     generated = generator(
-                        torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                        self.audio.frame_windows(features, len(sources), first_frame=start),
+                        torch.from_numpy(prepared.faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                        self.audio.frame_windows(features, len(prepared.sources), first_frame=start),
                         self.mask,
                         noise,
                         random,
@@ -293,7 +328,7 @@ class LipSyncPipeline:
                     )
                     if finishing is not None:
                         finishing.result()
-                    finishing = encoder.submit(finish, originals, placements, generated.permute(0, 2, 3, 1).numpy())
+                    finishing = encoder.submit(finish, prepared, generated.permute(0, 2, 3, 1).numpy())
                 if finishing is not None:
                     finishing.result()
             finally:
@@ -306,6 +341,37 @@ class LipSyncPipeline:
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
             return detector.detect(frame)
+
+
+@dataclass(frozen=True)
+class _FrameBatch:
+    """One batch of output frames ready for generation."""
+
+    sources: tuple[int, ...]
+    """Source frame index of each output frame."""
+    originals: tuple[np.ndarray, ...]
+    placements: list[tuple[np.ndarray, bool]]
+    """``(frame→crop affine, whether the frame has its own face)`` per frame."""
+    faces: np.ndarray
+    """``(N, R, R, 3)`` uint8 aligned faces."""
+
+
+def yuv420p_pictures(
+    writer: VideoWriter, frames: Iterator[np.ndarray], device: torch.device, chunk: int, timer: StageTimer | None = None
+) -> Iterator[VideoFrame]:
+    """RGB frames as encoder pictures, in order, converted to YUV 4:2:0 on ``device`` ``chunk`` frames at a time.
+
+    What the pipeline does on a GPU (:func:`~lipsync.media.colour.rgb_to_yuv420p`); on the CPU, swscale
+    (``VideoWriter.picture``) is faster than tensor arithmetic, so the pipeline uses that there.
+    """
+    timer = timer or StageTimer()
+    width, height = writer.output_size
+    while group := list(islice(frames, chunk)):
+        with GPU_GUARD.shared(), timer.stage("encode", sync=False):
+            rgb = torch.from_numpy(np.stack([frame[:height, :width] for frame in group])).to(device)
+            planes = rgb_to_yuv420p(rgb).cpu().numpy()
+        for picture_planes in planes:
+            yield writer.picture_from_yuv420p(picture_planes)
 
 
 def _generation_frames(

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from lipsync.config import CONFIG_DIR, read_yaml
+from lipsync.gpu_guard import GPU_GUARD
 from lipsync.timing import StageTimer
 from lipsync.vae import decode_latents, encode_latents
 
@@ -230,10 +231,11 @@ class DirectDenoiser:
 
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor:
         active = None if should_cancel is None else (lambda: [not should_cancel()] * batch.windows)
-        latents = denoise(
-            self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
-            batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
-        )
+        with GPU_GUARD.shared():
+            latents = denoise(
+                self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
+                batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
+            )
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled")
         return latents
@@ -294,7 +296,7 @@ class FaceGenerator:
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
         # Window by window, masked faces first, as official draws its VAE sampling noise: the
         # result does not depend on how many windows share a call.
-        with self.timer.stage("vae_encode"):
+        with GPU_GUARD.shared(), self.timer.stage("vae_encode"):
             encoded = [
                 (encode_latents(self.vae, faces[window] * mask, generator), encode_latents(self.vae, faces[window], generator))
                 for window in windows
@@ -317,11 +319,12 @@ class FaceGenerator:
             )
             with self.timer.stage("denoise"):
                 latents = self.denoiser(batch, should_cancel)
-            for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
-                generated[window] = window_latents
+            with GPU_GUARD.shared():
+                for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
+                    generated[window] = window_latents
             if on_window is not None:
                 on_window(windows.index(group[-1]) + 1, len(windows))
-        with self.timer.stage("vae_decode"):
+        with GPU_GUARD.shared(), self.timer.stage("vae_decode"):
             decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
 

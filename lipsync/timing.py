@@ -10,33 +10,42 @@ from contextlib import contextmanager
 
 import torch
 
+from lipsync.gpu_guard import GPU_GUARD
+
 
 class StageTimer:
     """Accumulates seconds per stage name; GPU work is synchronised so it lands in its own stage.
 
     Stages may run on several threads at once (paste/encode beside the GPU work), so their sum can
     exceed the job's wall time. CPU-only stages pass ``sync=False``: a device sync there would make
-    them wait for another thread's GPU work.
+    them wait for another thread's GPU work. A device sync holds the GPU guard: it would invalidate
+    another thread's CUDA-graph capture.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._sync = torch.device(device).type == "cuda" if device is not None else False
+        self._device = torch.device(device) if device is not None else None
+        self._sync = self._device is not None and self._device.type == "cuda"
         self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str, sync: bool = True) -> Iterator[None]:
         sync = sync and self._sync
         if sync:
-            torch.cuda.synchronize()
+            _synchronize(self._device)
         start = time.perf_counter()
         try:
             yield
         finally:
             if sync:
-                torch.cuda.synchronize()
+                _synchronize(self._device)
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    with GPU_GUARD.shared():
+        torch.cuda.synchronize(device)

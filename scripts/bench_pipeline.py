@@ -10,9 +10,11 @@ each variant:
   at the official call shape: one 16-frame window per UNet call (CFG batch 2 × 16), eager.
 - ``eager-w1``: our UNet at the same call shape, eager.
 - ``exact-wN``: our UNet replayed from CUDA graphs (``GraphedUNet``), N windows per call.
-- ``compiled-wN`` (with ``--compiled``): as exact, the UNet compiled first (``CompiledUNet``, the
-  ``compile_unet`` setting); its warm-up includes the compilation (minutes per batch-size range).
-- ``fast-wN[-sK]``: as exact, with the ``fast`` sampling mode (feature caching), K DDIM steps.
+- ``compiled-wN`` (GPU, unless ``--no-compiled``): as exact, the UNet compiled first (``CompiledUNet``):
+  the pipeline's default on a GPU (``compile_unet: auto``); its warm-up includes the compilation (a
+  minute or two per batch-size range).
+- ``fast-wN[-sK]``: the fast sampling mode (feature caching), K DDIM steps, on the compiled UNet
+  where ``compiled-wN`` runs (CUDA graphs only with ``--no-compiled``).
 
 Every variant runs once untimed on its own call shapes first (CUDA-graph capture, cuDNN algorithm
 choice), then the job is timed. Stage seconds come from ``lipsync.timing.StageTimer``: stages on
@@ -130,10 +132,12 @@ def variants(version: str, device: torch.device, official: bool, compiled: bool 
     chosen = [Variant("official", "official", 1)] if official else []
     chosen.append(Variant("eager-w1", "eager", 1))
     chosen += [Variant(f"exact-w{count}", graphs, count) for count in windows]
+    fastest = graphs
     if compiled and device.type == "cuda":
         chosen.append(Variant(f"compiled-w{windows[-1]}", "compiled-graphs", windows[-1]))
+        fastest = "compiled-graphs"
     chosen += [
-        Variant(f"fast-w{windows[-1]}" + ("" if steps == 20 else f"-s{steps}"), graphs, windows[-1], "fast", steps)
+        Variant(f"fast-w{windows[-1]}" + ("" if steps == 20 else f"-s{steps}"), fastest, windows[-1], "fast", steps)
         for steps in FAST_STEPS
     ]
     return chosen
@@ -241,7 +245,7 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
     if device.type == "cuda":
         models["graphs"] = GraphedUNet(unet)
         if args.compiled:
-            models["compiled-graphs"] = GraphedUNet(CompiledUNet(unet))
+            models["compiled-graphs"] = GraphedUNet(CompiledUNet(unet, frames=config["data"]["num_frames"]))
     if args.official_root:
         from official_baseline import OfficialUNet, load_official_unet
 
@@ -344,7 +348,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--check-frames", type=int, default=32, help="frames of the fp32 / exact-vs-fast checks")
     parser.add_argument("--variants", nargs="+", help="run only these variants (names as in the table)")
-    parser.add_argument("--compiled", action="store_true", help="add the compiled UNet's variant (GPU; compiles for minutes)")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="the compiled UNet's variant, the GPU default (compiles for a minute or two per batch range)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()

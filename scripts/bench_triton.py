@@ -6,23 +6,34 @@ unless present), warms up with one job, then for each concurrency level runs tha
 at once over gRPC streaming and reads the batcher's histograms from ``/metrics``: how many windows
 and jobs shared each DDIM loop.
 
-    python scripts/bench_triton.py --video demo1_video.mp4 --audio demo1_audio.wav --concurrency 1 4 --json out.json
+``--stress JOBS ROUNDS`` then runs ROUNDS rounds of JOBS concurrent jobs of mixed clip lengths
+(the speech cut to several lengths, so most jobs end in a shorter window), step counts and sampling
+modes, and counts the jobs that succeeded. ``--restart`` stops the server and starts it again on the
+same work folder: the second ready time is the warm start (compiled kernels from the Inductor cache).
+
+    python scripts/bench_triton.py --video demo1_video.mp4 --audio demo1_audio.wav --concurrency 1 4 \
+        --stress 8 3 --restart --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import sys
 import time
+import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
+import numpy as np
 
 from gateway.metrics import sample_sum
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
+from lipsync.audio import load_audio
 from lipsync.tiny import write_random_weights
 from lipsync.weights import missing, weight_paths
 
@@ -77,6 +88,58 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> di
     }
 
 
+STRESS_SECONDS = (1.3, 2.9, 4.5, 9.6)
+"""Speech lengths of the stress jobs (cut from the start of ``--audio``)."""
+STRESS_OPTIONS = ((20, "exact"), (10, "exact"), (20, "fast"), (7, "exact"))
+"""(steps, mode) of the stress jobs."""
+SAMPLE_RATE = 16000
+
+
+def wav_bytes(waveform: np.ndarray) -> bytes:
+    """A 16-bit mono WAV file of a float waveform at 16 kHz."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(SAMPLE_RATE)
+        file.writeframes((np.clip(waveform, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, rounds: int) -> dict:
+    """``rounds`` rounds of ``jobs`` concurrent jobs, each with its own length, step count and mode."""
+    waveform = load_audio(audio, SAMPLE_RATE)
+    cuts = [wav_bytes(waveform[: int(seconds * SAMPLE_RATE)]) for seconds in STRESS_SECONDS]
+    mixes = itertools.cycle(itertools.product(range(len(cuts)), STRESS_OPTIONS))
+    outcomes: list[dict] = []
+    started = time.perf_counter()
+    for round_index in range(rounds):
+        batch = [next(mixes) for _ in range(jobs)]
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [
+                pool.submit(run_job, settings.grpc_url, JobRequest(video, cuts[cut], steps=steps, mode=mode))
+                for cut, (steps, mode) in batch
+            ]
+            for (cut, (steps, mode)), future in zip(batch, futures):
+                try:
+                    result = future.result()
+                    outcome = {"status": "Succeed", "frames": result.info["frames"]}
+                except Exception as exc:  # counted and reported; the stress run goes on
+                    outcome = {"status": "Failed", "error": str(exc)[:300]}
+                outcomes.append({"round": round_index, "seconds": STRESS_SECONDS[cut], "steps": steps, "mode": mode} | outcome)
+    succeeded = sum(outcome["status"] == "Succeed" for outcome in outcomes)
+    return {
+        "jobs": len(outcomes), "succeeded": succeeded, "wall_s": round(time.perf_counter() - started, 1),
+        "failures": [outcome for outcome in outcomes if outcome["status"] != "Succeed"],
+    }
+
+
+def cache_files(settings: TritonSettings) -> int:
+    """Files in the server's Inductor cache (under its work folder)."""
+    folder = Path(settings.workdir) / "inductor-cache"
+    return sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", type=Path, required=True)
@@ -88,6 +151,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
+    parser.add_argument("--stress", type=int, nargs=2, metavar=("JOBS", "ROUNDS"), help="mixed-job stress run")
+    parser.add_argument("--restart", action="store_true", help="restart on the same work folder; time the warm start")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -97,21 +162,39 @@ def main() -> None:
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir
     )
-    job = JobRequest(args.video.read_bytes(), args.audio.read_bytes(), steps=args.steps)
+    video = args.video.read_bytes()
+    job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
+    report: dict = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "levels": []}
+
+    def save() -> None:
+        """Write what is measured so far: a run cut short still leaves its finished phases."""
+        single = next((level for level in report["levels"] if level["concurrency"] == 1), None)
+        for level in report["levels"]:
+            if single is not None:
+                level["wall_vs_one_job"] = round(level["wall_s"] / single["wall_s"], 2)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
     started = time.perf_counter()
     with TritonServer(settings) as server:
-        ready_s = time.perf_counter() - started
-        warmup = run_level(settings, job, 1)
-        levels = [run_level(settings, job, concurrency) for concurrency in args.concurrency]
+        report["server_ready_s"] = round(time.perf_counter() - started, 1)
+        report["warmup"] = run_level(settings, job, 1)
+        save()
+        for concurrency in args.concurrency:
+            report["levels"].append(run_level(settings, job, concurrency))
+            save()
+        if args.stress:
+            report["stress"] = stress(settings, video, args.audio, *args.stress)
+            save()
         print(server.log_tail(5), file=sys.stderr)
-    single = next((level for level in levels if level["concurrency"] == 1), None)
-    for level in levels:
-        if single is not None:
-            level["wall_vs_one_job"] = round(level["wall_s"] / single["wall_s"], 2)
-    report = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "server_ready_s": round(ready_s, 1), "warmup": warmup, "levels": levels}
+    report["inductor_cache_files"] = cache_files(settings)
+    if args.restart:
+        started = time.perf_counter()
+        with TritonServer(settings):
+            report["server_ready_warm_s"] = round(time.perf_counter() - started, 1)
+            report["after_restart"] = run_level(settings, job, 1)
+    save()
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ from lipsync.weights import load_weights_config
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PREDICTORS = {
-    "eager": lambda unet: unet,
-    "graphs": GraphedUNet,
-    "compiled": CompiledUNet,
-    "compiled-graphs": lambda unet: GraphedUNet(CompiledUNet(unet)),
+    "eager": lambda unet, _frames: unet,
+    "graphs": lambda unet, _frames: GraphedUNet(unet),
+    "compiled": lambda unet, frames: CompiledUNet(unet, frames),
+    "compiled-graphs": lambda unet, frames: GraphedUNet(CompiledUNet(unet, frames)),
 }
-"""Ways of running the UNet: name → wrapper of the loaded module."""
+"""Ways of running the UNet: name → wrapper of the loaded module and its window length."""
 
 
 def profile_step(step, path: Path) -> None:
@@ -112,7 +112,7 @@ def bench(
     sample = torch.randn(2, 13, frames, latent, latent, device="cuda").to(dtype)
     audio = torch.randn(2 * frames, 50, cross_dim, device="cuda").to(dtype)
     reference = fp32_reference(unet, sample, timestep, audio)
-    model: NoisePredictor = PREDICTORS[predictor](unet.to(dtype))
+    model: NoisePredictor = PREDICTORS[predictor](unet.to(dtype), frames)
     vae = AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).to("cuda", dtype).eval()
     latent_scale = load_weights_config().vae
     vae.register_to_config(scaling_factor=latent_scale.scaling_factor, shift_factor=latent_scale.shift_factor)

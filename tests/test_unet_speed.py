@@ -53,10 +53,14 @@ def test_pooled_group_norm_keeps_bf16_within_its_rounding() -> None:
     assert ((ours.double() - reference).norm() / reference.norm()).item() < 1e-2
 
 
-def _inputs(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random tiny-UNet inputs for ``batch`` rows of 16 frames at 16×16 latents."""
-    sample = torch.randn(batch, 13, 16, 16, 16, generator=generator)
-    audio = torch.randn(batch * 16, 50, 64, generator=generator)
+FRAMES = 16
+"""Window length the compiled UNet is built for."""
+
+
+def _inputs(batch: int, generator: torch.Generator, frames: int = FRAMES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random tiny-UNet inputs for ``batch`` rows of ``frames`` frames at 16×16 latents."""
+    sample = torch.randn(batch, 13, frames, 16, 16, generator=generator)
+    audio = torch.randn(batch * frames, 50, 64, generator=generator)
     return sample, torch.tensor(501), audio
 
 
@@ -87,7 +91,7 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @torch.no_grad()
 def test_compiled_unet_equals_eager_at_every_batch_size_from_one_compilation(random_small_unet) -> None:
     """Batches of 4 rows and more share one compilation (2–3 rows get a second one, see CompiledUNet)."""
-    compiled = CompiledUNet(random_small_unet, backend="aot_eager")
+    compiled = CompiledUNet(random_small_unet, frames=FRAMES, backend="aot_eager")
     generator = torch.Generator().manual_seed(0)
     graphs_before = counters["stats"]["unique_graphs"]
     for batch in (4, 6):
@@ -99,7 +103,7 @@ def test_compiled_unet_equals_eager_at_every_batch_size_from_one_compilation(ran
 
 @torch.no_grad()
 def test_compiled_feature_caching_passes_equal_eager(random_small_unet) -> None:
-    compiled = CompiledUNet(random_small_unet, backend="aot_eager")
+    compiled = CompiledUNet(random_small_unet, frames=FRAMES, backend="aot_eager")
     sample, timestep, audio = _inputs(2, torch.Generator().manual_seed(1))
     noise, deep = compiled.forward_caching(sample, timestep, audio)
     eager_noise, eager_deep = random_small_unet.forward_caching(sample, timestep, audio)
@@ -108,9 +112,19 @@ def test_compiled_feature_caching_passes_equal_eager(random_small_unet) -> None:
     assert _relative(shallow, random_small_unet.forward_shallow(sample, torch.tensor(481), audio, eager_deep)) < 1e-5
 
 
+@torch.no_grad()
+def test_compiled_unet_runs_other_window_lengths_eagerly_without_compiling(random_small_unet) -> None:
+    """A clip's shorter last window must not cost a compilation in the middle of a job."""
+    compiled = CompiledUNet(random_small_unet, frames=FRAMES, backend="aot_eager")
+    graphs_before = counters["stats"]["unique_graphs"]
+    sample, timestep, audio = _inputs(2, torch.Generator().manual_seed(2), frames=5)
+    assert torch.equal(compiled(sample, timestep, audio), random_small_unet(sample, timestep, audio))
+    assert counters["stats"]["unique_graphs"] == graphs_before
+
+
 def test_compiling_leaves_the_module_and_its_keys_alone(random_small_unet) -> None:
     keys = list(random_small_unet.state_dict())
-    compiled = CompiledUNet(random_small_unet)
+    compiled = CompiledUNet(random_small_unet, frames=FRAMES)
     assert compiled.unet is random_small_unet
     assert list(random_small_unet.state_dict()) == keys
 
@@ -123,7 +137,15 @@ def test_pipeline_compiles_its_unet_when_the_settings_say_so(tiny_weights) -> No
     assert not isinstance(LipSyncPipeline.from_weights(tiny_weights).denoiser.unet, CompiledUNet)
 
 
-def test_compile_flag_must_be_a_boolean() -> None:
+def test_compilation_defaults_to_cuda_only() -> None:
+    from lipsync.pipeline import PipelineSettings
+
+    settings = PipelineSettings.load()
+    assert settings.compile_unet == "auto"
+    assert settings.compiles_on(torch.device("cuda")) and not settings.compiles_on(torch.device("cpu"))
+
+
+def test_compile_flag_must_be_a_boolean_or_auto() -> None:
     from lipsync.pipeline import PipelineSettings
 
     with pytest.raises(ValueError, match="compile_unet"):
@@ -142,10 +164,11 @@ class _CallRecorder:
         return self.inner(sample, timestep, audio)
 
 
-def test_warm_up_reaches_both_compiled_batch_ranges_with_guidance(tiny_weights) -> None:
+def test_warm_up_reaches_every_window_count_up_to_the_batchers_cap_with_guidance(tiny_weights) -> None:
+    """Every call shape of full windows is compiled and captured before serving (both compiled batch ranges)."""
     from lipsync.pipeline import LipSyncPipeline
 
-    pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=4)
+    pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=2)
     recorder = pipeline.denoiser.unet = _CallRecorder(pipeline.denoiser.unet)
-    pipeline.warm_up()
-    assert set(recorder.rows) == {2, 8}  # 1 window and 4 windows, each twice for guidance
+    pipeline.warm_up(max_windows=4)
+    assert set(recorder.rows) == {2, 4, 6, 8}  # 1 to 4 windows, each twice for guidance

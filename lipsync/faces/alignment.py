@@ -27,6 +27,9 @@ import numpy as np
 
 from lipsync.faces.settings import AlignmentSettings, FaceSettings
 
+_WARP_MARGIN = 2
+"""Frame pixels kept around the crop's footprint when warping (see ``FaceAligner._footprint``)."""
+
 
 @dataclass(frozen=True)
 class AlignedFace:
@@ -119,14 +122,37 @@ class FaceAligner:
     def warp(self, frame: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """The (R, R, 3) uint8 face that a frame→crop ``affine`` (from :meth:`transform`) cuts from ``frame``.
 
-        Stateless, so a pipeline can compute all affines in one pass and warp in another.
+        Stateless, so a pipeline can compute all affines in one pass and warp in another. Only the
+        frame region the crop samples (its footprint plus a margin) is converted to float and warped:
+        the same pixels and border as warping the whole frame, without touching the rest of it.
         """
+        x0, y0, x1, y1 = self._footprint(affine, frame.shape)
+        shifted = affine.astype(np.float64).copy()
+        shifted[:, 2] += shifted[:, :2] @ (x0, y0)
         crop = cv2.warpAffine(
-            frame.astype(np.float32),
-            affine,
+            frame[y0:y1, x0:x1].astype(np.float32),
+            shifted,
             self.crop_size,
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=(self.settings.border_value,) * 3,
         ).astype(np.uint8)
         return cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
+
+    def _footprint(self, affine: np.ndarray, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1): the frame pixels bilinear sampling of the crop can reach, clipped to the frame.
+
+        The crop's corners, one pixel beyond on every side, mapped into the frame, plus a margin of
+        two pixels for the sampling neighbourhood and the warp's fixed-point coordinates. A crop
+        entirely off the frame keeps a 1×1 region (then every sample is the border value).
+        """
+        width, height = self.crop_size
+        corners = np.array([[-1, -1], [width, -1], [-1, height], [width, height]], np.float64)
+        to_frame = cv2.invertAffineTransform(affine.astype(np.float64))
+        points = corners @ to_frame[:, :2].T + to_frame[:, 2]
+        frame_height, frame_width = frame_shape[:2]
+        x0 = min(max(0, int(np.floor(points[:, 0].min())) - _WARP_MARGIN), frame_width - 1)
+        y0 = min(max(0, int(np.floor(points[:, 1].min())) - _WARP_MARGIN), frame_height - 1)
+        x1 = max(min(frame_width, int(np.ceil(points[:, 0].max())) + _WARP_MARGIN + 1), x0 + 1)
+        y1 = max(min(frame_height, int(np.ceil(points[:, 1].max())) + _WARP_MARGIN + 1), y0 + 1)
+        return x0, y0, x1, y1

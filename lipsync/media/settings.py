@@ -37,6 +37,7 @@ class MediaSettings:
     crf: int
     preset: str
     pix_fmt: str
+    encoder_threads: int
     audio_codec: str
     audio_bitrate: int
     movflags: str

@@ -113,8 +113,16 @@ class VideoWriter:
         picture = VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
         return picture.reformat(format=self._pix_fmt, dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
 
+    def picture_from_yuv420p(self, planes: np.ndarray) -> VideoFrame:
+        """A picture from planar BT.709 limited-range YUV 4:2:0 of the output size
+        (``(height·3/2, width)`` uint8, e.g. from :func:`lipsync.media.colour.rgb_to_yuv420p`)."""
+        width, height = self.output_size
+        if planes.shape != (height * 3 // 2, width) or planes.dtype != np.uint8:
+            raise ValueError(f"expected ({height * 3 // 2}, {width}) uint8 yuv420p planes, got {planes.shape} {planes.dtype}")
+        return VideoFrame.from_ndarray(planes, format="yuv420p")
+
     def write_picture(self, picture: VideoFrame) -> None:
-        """Encode the next frame (from :meth:`picture`) and the audio that plays during it."""
+        """Encode the next frame (from :meth:`picture` or :meth:`picture_from_yuv420p`) and the audio that plays during it."""
         picture.pts = self.frames_written
         self._container.mux(self._video.encode(picture))
         self.frames_written += 1
@@ -155,6 +163,7 @@ class VideoWriter:
         stream.width, stream.height = self.output_size
         stream.pix_fmt = settings.pix_fmt
         context = stream.codec_context
+        context.thread_count = settings.encoder_threads
         context.colorspace = _AVCOL_SPC_BT709
         context.color_range = ColorRange.MPEG
         context.color_primaries = ColorPrimaries.BT709

@@ -11,7 +11,8 @@ H100 with sizes fixed: ~21 s for the official 2×16-frame call, ~135 s for a 4-w
 docs/benchmarks.md). A pass still compiles up to three times: for a batch of one row (sizes 0 and 1
 are always specialised), for 2–3 rows and for 4 rows or more (diffusers' ``Upsample2D`` switches to a
 contiguous copy at 64 frames, and the compiler guards on that). Frames, latent size and token count
-stay fixed. Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
+stay fixed: a call with another frame count (the shorter last window of a clip) runs the module
+eagerly rather than compile again mid-job. Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
 kernels are then replayed from one CUDA graph per call shape, without the per-call launch and guard
 overhead.
 """
@@ -33,9 +34,11 @@ class CompiledUNet:
     Each pass compiles on its first call in each batch range: in ``LipSyncPipeline.warm_up`` or the first job.
     """
 
-    def __init__(self, unet: UNet3DConditionModel, backend: str = "inductor") -> None:
-        """``backend``: ``torch.compile``'s; tests use ``"aot_eager"`` (the same graph capture, no code generation)."""
+    def __init__(self, unet: UNet3DConditionModel, frames: int, backend: str = "inductor") -> None:
+        """``frames``: the window length compiled for (calls with other lengths run eagerly); ``backend``:
+        ``torch.compile``'s; tests use ``"aot_eager"`` (the same graph capture, no code generation)."""
         self.unet = unet
+        self.frames = frames
         options = {"backend": backend, "fullgraph": True, "dynamic": False}
         if backend == "inductor":
             options["mode"] = COMPILE_MODE
@@ -52,18 +55,24 @@ class CompiledUNet:
         return self.unet.device
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor) -> torch.Tensor:
+        if sample.shape[2] != self.frames:
+            return self.unet(sample, timestep, audio)
         sample, audio = _batch_symbolic(sample, audio)
         return self._forward(sample, timestep, audio)
 
     def forward_caching(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sample.shape[2] != self.frames:
+            return self.unet.forward_caching(sample, timestep, audio)
         sample, audio = _batch_symbolic(sample, audio)
         return self._forward_caching(sample, timestep, audio)
 
     def forward_shallow(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor, deep_features: torch.Tensor
     ) -> torch.Tensor:
+        if sample.shape[2] != self.frames:
+            return self.unet.forward_shallow(sample, timestep, audio, deep_features)
         sample, audio = _batch_symbolic(sample, audio)
         _mark_batch(deep_features)
         return self._forward_shallow(sample, timestep, audio, deep_features)

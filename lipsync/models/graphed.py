@@ -8,9 +8,14 @@ the wrapped model (well under a second for the eager UNet). The wrapped model ma
 :class:`~lipsync.models.compiled.CompiledUNet`: its fused kernels are then what the graphs replay.
 
 Each distinct input signature (method, shapes, dtypes) gets its own graph, captured on first use
-and replayed afterwards; inputs are copied into the graph's static tensors and outputs copied out.
-All graphs draw from one memory pool, which is safe because replays never overlap (a lock
-serialises them) and every output is copied before the next replay.
+(``LipSyncPipeline.warm_up`` captures the common ones before a server reports ready) and replayed
+afterwards; inputs are copied into the graph's static tensors and outputs copied out. All graphs
+draw from one memory pool, which is safe because replays never overlap (a lock serialises them) and
+every output is copied before the next replay.
+
+A capture holds :data:`~lipsync.gpu_guard.GPU_GUARD` exclusively, so no other thread's GPU work
+(another job's VAE, a stage timer's device sync) can invalidate it; replays and the eager warm-up
+calls hold it shared, like all other GPU work.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from lipsync.gpu_guard import GPU_GUARD
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.unet import UNet3DConditionModel
 
@@ -33,25 +39,26 @@ class _CapturedCall:
     """One captured graph: its static inputs and outputs."""
 
     def __init__(self, function: TensorFunction, inputs: tuple[torch.Tensor, ...], pool: tuple[int, int]) -> None:
-        self.inputs = tuple(tensor.clone() for tensor in inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_CALLS):
-                function(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        with GPU_GUARD.shared():
+            self.inputs = tuple(tensor.clone() for tensor in inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_CALLS):
+                    function(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (VAE encodes of other jobs) may use the GPU during the capture.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        with GPU_GUARD.exclusive(), torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             outputs = function(*self.inputs)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.returns_tuple = isinstance(outputs, tuple)
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        for static, tensor in zip(self.inputs, inputs):
-            static.copy_(tensor)
-        self.graph.replay()
-        outputs = tuple(output.clone() for output in self.outputs)
+        with GPU_GUARD.shared():
+            for static, tensor in zip(self.inputs, inputs):
+                static.copy_(tensor)
+            self.graph.replay()
+            outputs = tuple(output.clone() for output in self.outputs)
         return outputs if self.returns_tuple else outputs[0]
 
 
@@ -106,10 +113,13 @@ class GraphedUNet:
     @torch.no_grad()
     def _run(self, name: str, function: TensorFunction, *inputs: torch.Tensor):
         key = (name, *((tuple(tensor.shape), tensor.dtype) for tensor in inputs))
-        with self._lock:
+        # The calling thread's current device may be another GPU (each thread starts on device 0):
+        # streams, the capture and the replay must all be on the UNet's device.
+        with self._lock, torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
                 if len(self._graphs) >= self.max_graphs:
-                    return function(*inputs)
+                    with GPU_GUARD.shared():
+                        return function(*inputs)
                 captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)
             return captured(inputs)

@@ -8,6 +8,7 @@ one ``WindowBatcher``, so windows of all running jobs ride in the same UNet call
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -16,6 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from lipsync.batching import BatchingSettings
+from lipsync.gpu_guard import GPU_GUARD
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.sampling import JobCancelled
@@ -91,7 +93,8 @@ class _GpuSampler:
 
     def _run(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            free, total = torch.cuda.mem_get_info(self.device)
+            with GPU_GUARD.shared():  # a driver call beside a CUDA-graph capture could invalidate it
+                free, total = torch.cuda.mem_get_info(self.device)
             self.used.set(total - free)
             self.allocated.set(torch.cuda.memory_allocated(self.device))
             self.utilization.set(torch.cuda.utilization(self.device) / 100)
@@ -162,7 +165,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         on_gpu = args["model_instance_kind"] == "GPU"
-        device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+        device = self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
         if on_gpu:
             torch.cuda.set_device(device)
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
@@ -171,20 +174,22 @@ class TritonPythonModel:
             detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
             compile_unet=_flag(params["compile_unet"]),
         )
+        batching = BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"]))
         self.pipeline = LipSyncPipeline.from_weights(
             paths,
             device,
             DTYPES.get(params["dtype"]),
             windows_per_call=int(params["windows_per_call"]),
-            batching=BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"])),
+            batching=batching,
             on_batch=self.metrics.observe_batch,
             settings=settings,
         )
-        if on_gpu or settings.compile_unet:
-            # Compile (compile_unet), capture CUDA graphs and pick cuDNN algorithms before reporting ready.
+        if on_gpu or settings.compiles_on(device):
+            # Compile, capture CUDA graphs and pick cuDNN algorithms before reporting ready.
             started = time.monotonic()
-            self.pipeline.warm_up()
-            pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s")
+            self.pipeline.warm_up(max_windows=batching.max_windows)
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default")
+            pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s (kernel cache: {cache})")
         self.progress_step = float(params["progress_step"])
         self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
@@ -200,6 +205,8 @@ class TritonPythonModel:
             job.start()
 
     def _serve(self, request) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
         try:
             self.metrics.active.increment(1)
