@@ -5,9 +5,8 @@ dependency is checked only after the whole body arrived: a client without a key 
 take in (and buffer) up to the body cap. This ASGI middleware sits in front of the body cap and the
 app: a request whose method may carry a body (anything but GET, HEAD, OPTIONS) needs an accepted
 Bearer key, is counted against its key's rates and, for a submit, its submits in flight and its job
-quota, and is refused with
-the JSON error (401 or 429) without a single ``receive()``; the refusal closes the connection, so the
-server stops reading. Meanwhile the server itself holds at most its flow-control window (64 KiB in
+quota, and is refused with the JSON error (401 or 429) without a single ``receive()``; the refusal
+closes the connection, so the server stops reading. Meanwhile the server itself holds at most its flow-control window (64 KiB in
 uvicorn) of an unread body. An accepted request goes on with its owner id in ``scope["state"]``.
 
 GET routes take no body; the one GET route that needs a credential (the result download) checks
