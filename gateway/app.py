@@ -1,87 +1,70 @@
 """The REST API (FastAPI): submit, status, cancel, result download, health, readiness, metrics, web page.
 
 Request shapes follow the original tutorial's API so its clients keep working; every error is
-``{"status": "Failed", "reason": …}`` with a 4xx/5xx code. Handlers that touch files, the job table
-or FFmpeg are plain ``def``s (FastAPI runs them on its thread pool).
+``{"status": "Failed", "reason": …}`` with a 4xx/5xx code (:mod:`gateway.errors`). Requests that may
+carry a body are authenticated and rate-limited from their headers before the body is read
+(:mod:`gateway.guard`); bodies are validated strictly (:mod:`gateway.schemas`, :mod:`gateway.forms`).
+A job another key submitted is answered exactly like one that does not exist (404). Handlers that
+touch files, the job table or FFmpeg are plain ``def``s or run on FastAPI's thread pool.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.auth import ApiKeys
+from gateway.auth import ApiKeys, bearer_key, secure_equal
+from gateway.errors import ApiError, error_response
+from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
+from gateway.guard import OWNER, UNAUTHORIZED, RequestGuard
+from gateway.idempotency import copy_file, fingerprint, write_bytes
 from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
+from gateway.quotas import Quotas
+from gateway.schemas import JobOptions, JobRef, SubmitRequest
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
-from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, new_job_id
+from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, QuotaExceeded, new_job_id
 from gateway.validation import InvalidInput, check_audio, check_video, decode_base64
 from gateway.webhook import Webhooks
 from gateway.webhook_signing import Signer, load_secret
 from gateway.webhook_targets import AddressPolicy, WebhookRefused
 from gateway.worker import Worker, triton_ready
+from lipsync.media import MediaSettings
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 _MAX_IDEMPOTENCY_KEY = 200
+_NOT_FOUND = "no such request_id for this API key"
+_NO_RESULT = "no result for this request_id"
 
-
-class ApiError(Exception):
-    def __init__(self, status_code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status_code = status_code
-        self.reason = reason
-
-
-def _failed(status_code: int, reason: str) -> JSONResponse:
-    return JSONResponse({"status": "Failed", "reason": reason}, status_code=status_code)
-
-
-class JobOptions(BaseModel):
-    """Options shared by the JSON and the multipart submit; ``None`` = the configured default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inference_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=20)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    loop_mode: Literal["pingpong", "loop", "cut"] | None = None
-    version: Literal["1.5", "1.6"] | None = None
-    mode: Literal["exact", "fast"] | None = None
-    webhook_url: AnyHttpUrl | None = None
-
-
-class SubmitRequest(JobOptions):
-    video_source: str = Field(min_length=1)
-    audio_source: str = Field(min_length=1)
-
-
-class JobRef(BaseModel):
-    request_id: str
+StageInputs = Callable[[Path], tuple[str, str]]
+"""Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
 
 
 class Gateway:
-    """What the routes share: settings, keys, the job table, the data directory, the worker."""
+    """What the routes share: settings, keys, the job table, the data directory, the worker, the quotas."""
 
     def __init__(self, settings: GatewaySettings, keys: ApiKeys) -> None:
         self.settings = settings
         self.keys = keys
+        self.media = MediaSettings.load()
         self.data = DataDir(settings.data_dir)
         self.store = JobStore(self.data.database)
+        self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)
         self.webhooks = Webhooks(
             self.store, settings, Signer(load_secret(settings.webhook_secret_env, settings.webhook_secret_path)),
@@ -106,11 +89,11 @@ class Gateway:
         self.webhooks.close()
         self.store.close()
 
-    def view(self, job: Job, base_url: str) -> dict[str, Any]:
-        """A job as the status endpoint (and the webhook) shows it."""
+    def view(self, job: Job) -> dict[str, Any]:
+        """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base."""
         results = None
         if job.status == SUCCEED:
-            url = f"{base_url.rstrip('/')}/lipsync/result/{job.id}?token={job.result_token}"
+            url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
             results = {"video": [{"url": url}], "timings": {"inference": round(job.inference_s or 0.0, 3)}}
         return {
             "request_id": job.id, "status": job.status, "reason": job.reason or None,
@@ -122,35 +105,53 @@ class Gateway:
         """A job finished (committed): call its webhook, if it has one."""
         job = self.store.get(job_id)
         if job is not None and job.webhook_url:
-            self.webhooks.send(job, self.view(job, self.settings.base_url))
+            self.webhooks.send(job, self.view(job))
 
     def owned(self, request_id: str, owner: str) -> Job:
         """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
         if not is_job_id(request_id):
             raise ApiError(400, "request_id is not a valid request id")
         job = self.store.get(request_id)
-        if job is None or not hmac.compare_digest(job.owner, owner):
-            raise ApiError(404, "no such request_id for this API key")
+        if job is None or not secure_equal(job.owner, owner):
+            raise ApiError(404, _NOT_FOUND)
         return job
 
+    def readable_result(self, request_id: str, token: str | None, authorization: str | None) -> Path:
+        """The result file of ``request_id`` for the holder of its token or of its owner's key.
+
+        Every refusal is the same 404 (unknown id, unfinished job, wrong or missing token, a key that
+        is not accepted or not the owner's), so the answer never tells whether the job exists.
+        """
+        if not is_job_id(request_id):
+            raise ApiError(400, "request_id is not a valid request id")
+        job = self.store.get(request_id)
+        owner = self.keys.owner(bearer_key(authorization)) if authorization is not None else None
+        allowed = job is not None and job.status == SUCCEED and (
+            (token is not None and job.result_token is not None and secure_equal(token, job.result_token))
+            or (owner is not None and secure_equal(owner, job.owner))
+        )
+        path = self.data.result(request_id)
+        if not allowed or not path.is_file():
+            raise ApiError(404, _NO_RESULT)
+        return path
+
     def submit(
-        self, owner: str, options: JobOptions, staged: Path, idempotency_key: str | None,
+        self, owner: str, options: JobOptions, stage_inputs: StageInputs, idempotency_key: str | None,
     ) -> dict[str, str]:
-        """Check the staged ``video``/``audio`` by content and queue the job; the staging folder is consumed."""
+        """Stage the inputs, check them by content and queue the job.
+
+        With an ``idempotency_key`` this owner used before: the same request gets the first job's id, a
+        different one 409. The staging folder never outlives the call.
+        """
+        staged = self.data.staging()
         try:
-            existing = self.store.find_idempotent(owner, idempotency_key)
-            if existing is not None:
-                return {"request_id": existing.id}
+            request_hash = fingerprint(options, *stage_inputs(staged))
+            replayed = self._replay(owner, idempotency_key, request_hash)
+            if replayed is not None:
+                return {"request_id": replayed.id}
             webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
-            check_video(staged / "video", "video_source")
-            check_audio(staged / "audio", "audio_source")
-            defaults = self.settings.defaults
-            params = {
-                "inference_steps": options.inference_steps or defaults.inference_steps,
-                "guidance_scale": defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale,
-                "seed": defaults.seed if options.seed is None else options.seed,
-                "loop_mode": options.loop_mode, "version": options.version, "mode": options.mode,
-            }
+            check_video(staged / "video", "video_source", self.media)
+            check_audio(staged / "audio", "audio_source", self.media)
             job_id = new_job_id()
             self.data.adopt(staged, job_id)
         except InvalidInput as exc:
@@ -159,11 +160,41 @@ class Gateway:
             raise ApiError(400, str(exc)) from None
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        job, created = self.store.create(job_id, owner, params, webhook, idempotency_key)
+        try:
+            job, created = self.store.create(
+                job_id, owner, self._params(options), webhook, idempotency_key, request_hash,
+                max_active=self.settings.max_active_jobs,
+            )
+        except QuotaExceeded:
+            self.data.drop_inputs(job_id)
+            raise self.quotas.too_many_jobs() from None
         if not created:  # the same key raced us: that job stands, this upload goes
             self.data.drop_inputs(job_id)
+            self._replay(owner, idempotency_key, request_hash)
         self.worker.wake()
         return {"request_id": job.id}
+
+    def _replay(self, owner: str, idempotency_key: str | None, request_hash: str) -> Job | None:
+        """The job this owner's ``idempotency_key`` already names, if the request is the same; 409 if not."""
+        existing = self.store.find_idempotent(owner, idempotency_key)
+        if existing is None:
+            return None
+        if existing.request_hash is not None and not secure_equal(existing.request_hash, request_hash):
+            raise ApiError(
+                409, "this Idempotency-Key was already used with a different request (inputs or options); "
+                "send the same request again, or use a new key for a new job",
+            )
+        return existing
+
+    def _params(self, options: JobOptions) -> dict[str, Any]:
+        """The Triton job options: the request's, else the configured defaults."""
+        defaults = self.settings.defaults
+        return {
+            "inference_steps": defaults.inference_steps if options.inference_steps is None else options.inference_steps,
+            "guidance_scale": defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale,
+            "seed": defaults.seed if options.seed is None else options.seed,
+            "loop_mode": options.loop_mode, "version": options.version, "mode": options.mode,
+        }
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):
@@ -179,12 +210,14 @@ class Gateway:
         return cancelled
 
 
-def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The owner id of the request's Bearer key; 401 without an accepted one."""
-    scheme, _, key = (authorization or "").partition(" ")
-    found = request.app.state.gateway.keys.owner(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+def _owner(request: Request) -> str:
+    """The owner id the guard found for the request's Bearer key (checked again should a route be reached
+    without the guard); 401 without an accepted key."""
+    found = getattr(request.state, OWNER, None)
     if found is None:
-        raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)")
+        found = request.app.state.gateway.keys.owner(bearer_key(request.headers.get("authorization")))
+    if found is None:
+        raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
     return found
 
 
@@ -210,10 +243,11 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
     app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, keys=keys, quotas=gateway.quotas)  # outside the body cap: it reads no body
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _failed(exc.status_code, exc.reason)
+        return error_response(exc.status_code, exc.reason, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
@@ -222,16 +256,16 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
         for error in exc.errors():  # field and message only: never echo the (possibly huge) input
             where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "header"))
             problems.append(f"{where}: {error['msg']}" if where else error["msg"])
-        return _failed(422, "; ".join(problems) or "invalid request")
+        return error_response(422, "; ".join(problems) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _failed(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
-        return _failed(500, "internal error")
+        return error_response(500, "internal error")
 
     @app.middleware("http")
     async def count_responses(request: Request, call_next: Any) -> Response:
@@ -242,67 +276,48 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
 
     @app.post("/lipsync/submit")
     def submit(body: SubmitRequest, who: Owner, key: Idempotency) -> dict[str, str]:
-        existing = gateway.store.find_idempotent(who, key)
-        if existing is not None:
-            return {"request_id": existing.id}
-        staged = gateway.data.staging()
-        try:
-            (staged / "video").write_bytes(decode_base64(body.video_source, "video_source"))
-            (staged / "audio").write_bytes(decode_base64(body.audio_source, "audio_source"))
-        except InvalidInput as exc:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise ApiError(422, str(exc)) from None
-        return gateway.submit(who, JobOptions(**body.model_dump(exclude={"video_source", "audio_source"})), staged, key)
+        def stage(folder: Path) -> tuple[str, str]:
+            return (write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
+                    write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"))
+
+        return gateway.submit(who, body.options(), stage, key)
 
     @app.post("/lipsync/upload")
-    def upload(
-        who: Owner, key: Idempotency,
-        video: Annotated[UploadFile, File()], audio: Annotated[UploadFile, File()],
-        inference_steps: Annotated[int | None, Form()] = None,
-        guidance_scale: Annotated[float | None, Form()] = None,
-        seed: Annotated[int | None, Form()] = None,
-        loop_mode: Annotated[str | None, Form()] = None,
-        version: Annotated[str | None, Form()] = None,
-        mode: Annotated[str | None, Form()] = None,
-        webhook_url: Annotated[str | None, Form()] = None,
-    ) -> dict[str, str]:
+    async def upload(request: Request, who: Owner, key: Idempotency) -> dict[str, str]:
         """Multipart variant of submit: the files as parts (no base64), options as form fields."""
-        options = JobOptions.model_validate({
-            "inference_steps": inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-            "loop_mode": loop_mode or None, "version": version or None, "mode": mode or None,
-            "webhook_url": webhook_url or None,
-        })
-        staged = gateway.data.staging()
-        for part, name in ((video, "video"), (audio, "audio")):
-            with open(staged / name, "wb") as target:
-                shutil.copyfileobj(part.file, target)
-        return gateway.submit(who, options, staged, key)
+        try:
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
+        except StarletteHTTPException as exc:
+            if exc.status_code != 400:  # 413 from the body cap stays 413
+                raise
+            raise ApiError(422, f"malformed multipart form: {exc.detail}") from None
+        try:
+            try:
+                options, files = upload_parts(form)
+            except InvalidInput as exc:
+                raise ApiError(422, str(exc)) from None
+
+            def stage(folder: Path) -> tuple[str, str]:
+                return copy_file(files["video"].file, folder / "video"), copy_file(files["audio"].file, folder / "audio")
+
+            return await run_in_threadpool(gateway.submit, who, options, stage, key)
+        finally:
+            await form.close()
 
     @app.post("/lipsync/status")
-    def status(body: JobRef, who: Owner, request: Request) -> dict[str, Any]:
-        return gateway.view(gateway.owned(body.request_id, who), str(request.base_url))
+    def status(body: JobRef, who: Owner) -> dict[str, Any]:
+        return gateway.view(gateway.owned(body.request_id, who))
 
     @app.post("/lipsync/cancel")
-    def cancel(body: JobRef, who: Owner, request: Request) -> dict[str, Any]:
-        return gateway.view(gateway.cancel(gateway.owned(body.request_id, who)), str(request.base_url))
+    def cancel(body: JobRef, who: Owner) -> dict[str, Any]:
+        return gateway.view(gateway.cancel(gateway.owned(body.request_id, who)))
 
     @app.get("/lipsync/result/{request_id}")
     def result(
-        request: Request, request_id: str, token: str | None = None, authorization: Annotated[str | None, Header()] = None,
+        request_id: str, token: str | None = None, authorization: Annotated[str | None, Header()] = None,
     ) -> FileResponse:
         """The video, for its owner's key or the unguessable ``token`` of the status's URL (players cannot send headers)."""
-        if not is_job_id(request_id):
-            raise ApiError(400, "request_id is not a valid request id")
-        if token is None and authorization is None:
-            raise ApiError(401, "the result URL's token or the owner's API key is required")
-        job = gateway.store.get(request_id)
-        allowed = job is not None and job.status == SUCCEED and (
-            (token is not None and job.result_token is not None and hmac.compare_digest(token, job.result_token))
-            or (authorization is not None and hmac.compare_digest(_owner(request, authorization), job.owner))
-        )
-        path = gateway.data.result(request_id)
-        if not allowed or not path.is_file():
-            raise ApiError(404, "no result for this request_id")
+        path = gateway.readable_result(request_id, token, authorization)
         return FileResponse(path, media_type="video/mp4", filename=f"lipsync-{request_id}.mp4")
 
     @app.get("/healthz")
@@ -312,7 +327,7 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         if not triton_ready(settings.triton_grpc):
-            return _failed(503, "Triton is not ready")
+            return error_response(503, "Triton is not ready")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")

@@ -2,7 +2,9 @@
 
 A key is given either as itself or as ``sha256:<hex digest>`` (so a key file need not hold secrets).
 A request's Bearer key is hashed and compared with every known digest in constant time; the job
-owner recorded in the table is a short id derived from the digest, never the key.
+owner recorded in the table is a short id derived from the digest, never the key. Secrets from a
+request (keys, download tokens) are compared as UTF-8 bytes, so any text a client sends compares
+(unequal) instead of raising.
 """
 
 from __future__ import annotations
@@ -21,8 +23,26 @@ class KeyConfigError(ValueError):
     """A configured key entry is malformed."""
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as bytes, whatever it holds (lone surrogates included)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    return hashlib.sha256(_utf8(key)).digest()
+
+
+def secure_equal(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings of any characters (``hmac.compare_digest`` refuses
+    non-ASCII ``str``, so both are compared as bytes)."""
+    return hmac.compare_digest(_utf8(given), _utf8(expected))
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value, or None for any other value."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
 
 
 def owner_id(key_digest: bytes) -> str:
@@ -62,8 +82,10 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._digests)
 
-    def owner(self, key: str) -> str | None:
+    def owner(self, key: str | None) -> str | None:
         """The owner id of ``key``, or None if it is not accepted. Every digest is compared (no early exit)."""
+        if key is None:
+            return None
         candidate = digest(key)
         match = None
         for known in self._digests:

@@ -18,7 +18,7 @@ import uvicorn
 from gateway.auth import ApiKeys, local_key
 from gateway.ports import Listener
 from gateway.settings import GatewaySettings
-from gateway.triton_server import TritonError, TritonServer, TritonSettings
+from gateway.triton_server import SERVING_CONFIG, TritonError, TritonServer, TritonSettings
 
 LOCAL_KEY_FILE = "local_api_key"
 """In the data directory: the key ``up`` makes when no key is configured."""
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _triton_arguments(up)
     _gateway_arguments(up)
+    for command in (triton, gateway, up):
+        command.add_argument("--config", type=Path, default=SERVING_CONFIG, help="serving config (default configs/serving.yaml)")
     return parser
 
 
@@ -56,7 +58,7 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _triton_settings(args: argparse.Namespace) -> TritonSettings:
     return TritonSettings.load(
-        device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
+        args.config, device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
         address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
     )
@@ -76,7 +78,7 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> GatewaySettings:
     return GatewaySettings.load(
-        address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
+        args.config, address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
         concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
         webhook_allow=args.webhook_allow, webhook_timeout_s=args.webhook_timeout_s,
     )

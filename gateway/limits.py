@@ -6,10 +6,10 @@ body parsing passes it on (it turns other parse errors into 400) to the app's JS
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import ApiError, send_error
 
 
 class _TooLarge(HTTPException):
@@ -58,10 +58,4 @@ class BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"status": "Failed", "reason": _message(self.limit)}).encode()
-        await send({
-            "type": "http.response.start", "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, ApiError(413, _message(self.limit)))

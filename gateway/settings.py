@@ -29,6 +29,11 @@ class GatewaySettings:
     api_keys_env: str = "LIPSYNC_API_KEYS"
     api_keys_file: str = ""
     max_body_mb: float = 200
+    rate_limit: str = "600/minute"
+    submit_rate_limit: str = "30/minute"
+    max_active_jobs: int = 16
+    max_concurrent_submits: int = 2
+    quota_retry_after_s: int = 10
     concurrency: int = 2
     max_attempts: int = 2
     triton_wait_s: float = 120
@@ -74,7 +79,10 @@ class GatewaySettings:
 
     @property
     def base_url(self) -> str:
-        """Where clients reach the gateway, for URLs sent outside a request (webhooks)."""
+        """Where clients reach the gateway: the base of every result URL (status answers and webhooks).
+
+        Taken from the configuration only, never from a request's ``Host`` header, which the client chooses.
+        """
         return (self.public_url or f"http://{self.address}:{self.port}").rstrip("/")
 
     @property

@@ -49,10 +49,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
+    request_hash TEXT,                      -- fingerprint of the submit (inputs + options), for Idempotency-Key replays
     UNIQUE (owner, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+_ADDED_COLUMNS = {"request_hash": "TEXT"}
+"""Columns newer than some existing tables: added to them on open."""
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Give a table made by an older gateway the columns added since (a new table gets them from the schema)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, kind in _ADDED_COLUMNS.items():
+        if present and name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+
+class QuotaExceeded(Exception):
+    """The owner already has as many queued and running jobs as allowed."""
 
 _OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -94,6 +109,7 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    request_hash: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -144,6 +160,7 @@ class JobStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            _add_columns(self._db)
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before a client hears of it
             self._db.executescript(_SCHEMA)
             self._db.executescript(_OUTBOX_SCHEMA)
@@ -170,18 +187,22 @@ class JobStore:
 
     def create(
         self, job_id: str, owner: str, params: dict[str, Any], webhook_url: str | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, request_hash: str | None = None, max_active: int | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; with an ``idempotency_key`` this owner used before, return that job instead.
 
-        Returns ``(job, created)``.
+        Returns ``(job, created)``. With ``max_active``, raises :class:`QuotaExceeded` when the owner
+        already has that many queued and running jobs (counted in the same transaction as the insert).
         """
         try:
             with self._transaction() as db:
+                if max_active is not None and self._active(db, owner) >= max_active:
+                    raise QuotaExceeded(owner)
                 db.execute(
-                    "INSERT INTO jobs (id, owner, idempotency_key, status, params, webhook_url, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, owner, idempotency_key, IN_QUEUE, json.dumps(params), webhook_url, time.time()),
+                    "INSERT INTO jobs (id, owner, idempotency_key, status, params, webhook_url, created_at, request_hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, owner, idempotency_key, IN_QUEUE, json.dumps(params), webhook_url, time.time(),
+                     request_hash),
                 )
         except sqlite3.IntegrityError:
             existing = self.find_idempotent(owner, idempotency_key)
@@ -191,6 +212,17 @@ class JobStore:
         job = self.get(job_id)
         assert job is not None
         return job, True
+
+    @staticmethod
+    def _active(db: sqlite3.Connection, owner: str) -> int:
+        return db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)", (owner, IN_QUEUE, IN_PROGRESS)
+        ).fetchone()[0]
+
+    def active_jobs(self, owner: str) -> int:
+        """The owner's queued and running jobs."""
+        with self._lock:
+            return self._active(self._db, owner)
 
     def find_idempotent(self, owner: str, idempotency_key: str | None) -> Job | None:
         if idempotency_key is None:

@@ -2,7 +2,9 @@
 
 A video must open as a video FFmpeg decodes, with all the data its index points at and a first frame
 (:class:`lipsync.media.VideoReader`); an audio must have an audio stream with a decodable first
-frame (an audio file or a video with sound). Messages name the field, never a server path.
+frame (an audio file or a video with sound). Both must be within the media limits of
+``configs/media.yaml``, read from their headers before anything is decoded (the same check the model
+makes when it opens them). Messages name the field, never a server path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import av
 
-from lipsync.media import MediaError, VideoReader
+from lipsync.media import MediaError, MediaSettings, VideoReader
+from lipsync.media.probe import check_audio_limits, open_media
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
 _WHITESPACE = re.compile(r"\s+")
@@ -37,22 +40,26 @@ def decode_base64(value: str, field: str) -> bytes:
     return data
 
 
-def check_video(path: Path, field: str) -> None:
+def check_video(path: Path, field: str, settings: MediaSettings | None = None) -> None:
     try:
-        with VideoReader(path):
+        with VideoReader(path, settings=settings):
             pass
     except MediaError as exc:
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
 
 
-def check_audio(path: Path, field: str) -> None:
+def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> None:
+    limits = (settings or MediaSettings.load()).limits
     try:
-        with av.open(str(path)) as container:
+        with open_media(path, limits) as container:
             stream = container.streams.best("audio")
             if stream is None:
                 raise InvalidInput(f"{field} has no audio stream")
+            check_audio_limits(container, stream, limits)
             for _ in container.decode(stream):
                 return
+    except MediaError as exc:
+        raise InvalidInput(f"{field}: {exc}") from None
     except av.FFmpegError:
         raise InvalidInput(f"{field} is not an audio or video file FFmpeg can decode") from None
     raise InvalidInput(f"{field} has an audio stream but no audio in it")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.triton_server import TritonServer, TritonSettings
-from gateway_process import GatewayProcess
+from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
 from lipsync.config import CONFIG_DIR
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightPaths
@@ -47,8 +47,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
 @pytest.fixture(scope="session")
 def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A ``lipsync-serve gateway`` process in front of the ``triton`` fixture: one job at a time, 5 MB body cap,
-    the two keys of :data:`gateway_process.KEYS`."""
+    the two keys of :data:`gateway_process.KEYS`, rates and job quota high enough for the load tests
+    (:data:`gateway_process.LOAD_TEST_LIMITS`; the limits themselves are tested on a gateway of their own)."""
     process = GatewayProcess(tmp_path_factory.mktemp("gateway") / "data", triton.settings.grpc_url, free_port())
-    process.start()
+    process.configure(**LOAD_TEST_LIMITS).start()
     yield process
     process.stop()

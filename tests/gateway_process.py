@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import httpx2
+import yaml
+
+from gateway.triton_server import SERVING_CONFIG
 
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 """Two accepted API keys (two owners)."""
@@ -35,6 +38,16 @@ class GatewayProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
         self.process: subprocess.Popen | None = None
 
+    def configure(self, **settings: object) -> GatewayProcess:
+        """Run with ``settings`` in the ``gateway`` section of a copy of ``configs/serving.yaml`` (``--config``)."""
+        config = yaml.safe_load(SERVING_CONFIG.read_text())
+        config["gateway"].update(settings)
+        path = self.data_dir.parent / f"{self.data_dir.name}-serving.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        self.command += ["--config", str(path)]
+        return self
+
     def start(self, timeout_s: float = 60) -> GatewayProcess:
         env = dict(os.environ, LIPSYNC_API_KEYS=",".join(KEYS))
         with open(self.log_path, "ab") as log:
@@ -58,3 +71,22 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+LOAD_TEST_LIMITS = {
+    "rate_limit": "100000/minute", "submit_rate_limit": "10000/minute", "max_active_jobs": 1000, "max_concurrent_submits": 1000,
+}
+"""Per-key limits that many clients at once stay under."""
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak since the last :func:`reset_peak_memory`) of ``pid``, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start a new ``VmHWM`` peak at the current resident size (Linux ``clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

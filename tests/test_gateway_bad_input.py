@@ -1,5 +1,6 @@
 """A corpus of bad requests against the running gateway: each gets a clean 4xx JSON error, no job is
-created, no upload is left behind, and the gateway keeps serving."""
+created, no upload is left behind, and the gateway keeps serving. (Bodies without a key, decode-bomb
+memory, idempotency, existence probes and rate limits: test_gateway_abuse.py.)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import httpx2
 import pytest
 
+from bombs import huge_frame_video, silent_flac, sparse_video
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from gateway.metrics import sample_sum
 from gateway_process import KEYS
@@ -32,6 +34,9 @@ def media(tmp_path_factory) -> dict[str, str]:
     return {
         "video": b64(video), "audio": b64(audio), "truncated": b64(video[: len(video) // 2]),
         "text": b64(b"this is not a media file\n" * 40), "wav_as_video": b64(audio),
+        "4000x4000": b64(huge_frame_video(folder / "big.mp4", 4000, 4000).read_bytes()),
+        "700 s video": b64(sparse_video(folder / "sparse.mp4", 700).read_bytes()),
+        "610 s audio": b64(silent_flac(folder / "silence.flac", 610).read_bytes()),
     }
 
 
@@ -62,6 +67,17 @@ CASES = {
     "file webhook": lambda m: {"json": submit_body(m, webhook_url="file:///etc/passwd")},
     "unknown field": lambda m: {"json": submit_body(m, output_path="/etc/passwd")},
     "idempotency key too long": lambda m: {"json": submit_body(m), "headers": {"Idempotency-Key": "k" * 201}},
+    "steps as a string": lambda m: {"json": submit_body(m, inference_steps="2")},
+    "steps as a float": lambda m: {"json": submit_body(m, inference_steps=2.0)},
+    "steps as a bool": lambda m: {"json": submit_body(m, inference_steps=True)},
+    "guidance as a string": lambda m: {"json": submit_body(m, guidance_scale="1.5")},
+    "guidance as a bool": lambda m: {"json": submit_body(m, guidance_scale=False)},
+    "seed as a float": lambda m: {"json": submit_body(m, seed=7.5)},
+    "version as a number": lambda m: {"json": submit_body(m, version=1.5)},
+    "video as a number": lambda m: {"json": submit_body(m, video_source=12345)},
+    "video over max_pixels": lambda m: {"json": submit_body(m, video_source=m["4000x4000"]), "reason": "max_pixels"},
+    "video over max_video_s": lambda m: {"json": submit_body(m, video_source=m["700 s video"]), "reason": "max_video_s"},
+    "audio over max_audio_s": lambda m: {"json": submit_body(m, audio_source=m["610 s audio"]), "reason": "max_audio_s"},
 }
 
 
@@ -70,13 +86,18 @@ def test_bad_submit_gets_422_and_creates_nothing(gateway, media, case) -> None:
     before = job_count(gateway.url)
     request = CASES[case](media)
     headers = AUTH | request.pop("headers", {})
+    expected_reason = request.pop("reason", "")
     response = httpx2.post(f"{gateway.url}/lipsync/submit", headers=headers, timeout=60, **request)
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["status"] == "Failed" and isinstance(body["reason"], str) and body["reason"]
+    assert expected_reason in body["reason"]
     assert "/tmp" not in body["reason"] and str(gateway.data_dir) not in body["reason"]
     assert job_count(gateway.url) == before
     assert not any((gateway.data_dir / "incoming").iterdir())
+
+
+BOTH = {"video": "video", "audio": "audio"}
 
 
 @pytest.mark.parametrize(
@@ -85,17 +106,29 @@ def test_bad_submit_gets_422_and_creates_nothing(gateway, media, case) -> None:
         ({"video": "text", "audio": "audio"}, {}),
         ({"video": "video", "audio": "text"}, {}),
         ({"video": "video"}, {}),
-        ({"video": "video", "audio": "audio"}, {"inference_steps": "-3"}),
+        (BOTH, {"inference_steps": "-3"}),
+        (BOTH, {"inference_steps": "2.0"}),
+        (BOTH, {"inference_steps": "true"}),
+        (BOTH, {"inference_steps": " 2"}),
+        (BOTH, {"seed": "1e3"}),
+        (BOTH, {"guidance_scale": "nan"}),
+        (BOTH, {"guidance_scale": "true"}),
+        (BOTH, {"inference_steps": ["1", "2"]}),
+        (BOTH, {"output_path": "/etc/passwd"}),
+        (BOTH | {"extra": "video"}, {}),
+        ({"video": "video", "audio": "610 s audio"}, {}),
     ],
-    ids=["non-media video", "non-media audio", "no audio part", "bad steps"],
+    ids=["non-media video", "non-media audio", "no audio part", "bad steps", "steps 2.0", "steps true", "steps with a space",
+         "seed 1e3", "guidance nan", "guidance true", "steps twice", "unknown field", "a third file", "audio over max_audio_s"],
 )
 def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     before = job_count(gateway.url)
-    parts = {name: (f"{name}.mp4", base64.b64decode(media[kind])) for name, kind in files.items()}
+    parts = [(name, (f"{name}.mp4", base64.b64decode(media[kind]))) for name, kind in files.items()]
     response = httpx2.post(f"{gateway.url}/lipsync/upload", headers=AUTH, files=parts, data=data, timeout=60)
     assert response.status_code == 422, response.text
     assert response.json()["status"] == "Failed"
     assert job_count(gateway.url) == before
+    assert not any((gateway.data_dir / "incoming").iterdir())
 
 
 def test_a_body_over_the_cap_gets_413(gateway, media) -> None:

@@ -8,11 +8,15 @@ versions round differently (the demo video's AAC track: 7 of 160,125 samples, CL
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import av
 import numpy as np
 from whisper.audio import SAMPLE_RATE
+
+from lipsync.media.probe import check_audio_length, check_audio_limits, open_media
+from lipsync.media.settings import MediaLimits, MediaSettings
 
 _PCM_FORMAT = "s16"
 """Sample format official decoding goes through; quantising to it is part of matching its waveform."""
@@ -24,28 +28,32 @@ class AudioError(ValueError):
     """An audio input is missing, has no audio stream, cannot be decoded, or is too short."""
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, limits: MediaLimits | None = None) -> np.ndarray:
     """Decode the audio of ``path`` to a mono float32 waveform in [-1, 1) at ``sample_rate``.
 
     Works for audio files and for videos; like the ffmpeg CLI, the "best" audio stream is used when
-    there are several.
+    there are several. Audio longer than ``limits.max_audio_s`` (default: ``configs/media.yaml``)
+    raises :class:`lipsync.media.errors.MediaLimitError`, from the header before decoding where it
+    declares a duration, else as soon as decoding passes the limit.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
+    limits = limits or MediaSettings.load().limits
     resampler = av.AudioResampler(format=_PCM_FORMAT, layout="mono", rate=sample_rate)
     try:
-        with av.open(str(path)) as container:
+        with open_media(path, limits) as container:
             stream = container.streams.best("audio")
             if stream is None:
                 kinds = ", ".join(s.type for s in container.streams) or "no streams"
                 raise AudioError(f"{path} has no audio stream ({kinds})")
-            chunks = [
-                frame.to_ndarray().reshape(-1)
-                for decoded in container.decode(stream)
-                for frame in resampler.resample(decoded)
-            ]
-            chunks += [frame.to_ndarray().reshape(-1) for frame in resampler.resample(None)]
+            check_audio_limits(container, stream, limits)
+            chunks, samples = [], 0
+            for decoded in chain(container.decode(stream), [None]):
+                for frame in resampler.resample(decoded):
+                    chunks.append(frame.to_ndarray().reshape(-1))
+                    samples += chunks[-1].size
+                check_audio_length(samples / sample_rate, limits)
     except av.FFmpegError as exc:
         raise AudioError(f"cannot decode audio from {path}: {exc}") from exc
     samples = np.concatenate(chunks) if chunks else np.empty(0, np.int16)

@@ -6,3 +6,7 @@ class MediaError(ValueError):
 
     Raised with a message meant for the person who supplied the file, so callers can show it as is.
     """
+
+
+class MediaLimitError(MediaError):
+    """An input is larger than a limit of ``configs/media.yaml`` (``limits``); the message names the limit."""

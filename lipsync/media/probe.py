@@ -3,6 +3,12 @@
 Everything here reads container headers only: which stream is the video, whether FFmpeg has a decoder
 for it, whether the file still holds all the data its index points at, and what duration the header
 declares. Bad files become a :class:`MediaError` whose message says what is wrong with the file.
+
+Input limits (:class:`MediaLimits`, ``configs/media.yaml``) are checked here too, from the headers, by
+every reader of a job's inputs: the video reader, the audio decoder and the gateway's submit check.
+A file is opened with the decoder told ``max_pixels``, because FFmpeg already decodes frames while it
+opens a file (to learn the stream's parameters): a 400 KiB file holding one 12000×12000 frame would
+otherwise cost half a gigabyte before any header could be looked at.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+from av.audio.stream import AudioStream
 from av.container import InputContainer
 from av.stream import Disposition
 from av.video.stream import VideoStream
 
-from lipsync.media.errors import MediaError
+from lipsync.media.errors import MediaError, MediaLimitError
+from lipsync.media.settings import MediaLimits
 
 _MP4_SIGNATURE = b"ftyp"
 """Bytes 4–8 of every MP4/MOV file: the type of its first box."""
@@ -48,11 +56,82 @@ class VideoInfo:
         return round(self.duration * fps)
 
 
-def open_video(path: str | Path) -> tuple[InputContainer, VideoStream]:
+def decoder_options(limits: MediaLimits) -> dict[str, str]:
+    """FFmpeg codec options that make decoders refuse pictures over ``limits.max_pixels``."""
+    return {"max_pixels": str(limits.max_pixels)}
+
+
+def open_media(path: str | Path, limits: MediaLimits) -> InputContainer:
+    """``av.open(path)`` with every stream's decoder bounded by ``limits`` (also while FFmpeg probes the
+    file), and the same bound set on the streams' decoders for the caller's own decoding.
+
+    Raises FFmpeg's errors as ``av.open`` does.
+    """
+    container = av.open(str(path), options=decoder_options(limits))
+    for stream in container.streams:
+        if stream.codec_context is not None:
+            stream.codec_context.options = decoder_options(limits)
+    return container
+
+
+def check_video_limits(container: InputContainer, stream: VideoStream, limits: MediaLimits) -> None:
+    """Raise :class:`MediaLimitError` if the headers say the video is larger than ``limits``.
+
+    Picture size, duration and frame count as the container and stream headers declare them; nothing
+    is decoded. What a header does not say is counted while decoding instead (:class:`VideoReader`).
+    """
+    width, height = stream.width, stream.height
+    if max(width, height) > limits.max_side:
+        raise MediaLimitError(
+            f"the video is {width}×{height} pixels; a side may have at most {limits.max_side} (max_side)"
+        )
+    if width * height > limits.max_pixels:
+        raise MediaLimitError(
+            f"the video is {width}×{height} = {width * height:,} pixels a frame; the limit is "
+            f"{limits.max_pixels:,} (max_pixels)"
+        )
+    duration = declared_duration(stream)
+    if duration is None and container.duration:
+        duration = container.duration / av.time_base
+    check_video_length(duration or 0.0, limits)
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    check_frame_count(stream.frames or round((duration or 0.0) * fps), limits)
+
+
+def check_video_length(seconds: float, limits: MediaLimits) -> None:
+    if seconds > limits.max_video_s:
+        raise MediaLimitError(
+            f"the video lasts {seconds:,.1f} s; the limit is {limits.max_video_s:g} s (max_video_s)"
+        )
+
+
+def check_frame_count(frames: int, limits: MediaLimits) -> None:
+    if frames > limits.max_frames:
+        raise MediaLimitError(f"the video has {frames:,} frames; the limit is {limits.max_frames:,} (max_frames)")
+
+
+def check_audio_limits(container: InputContainer, stream: AudioStream, limits: MediaLimits) -> None:
+    """Raise :class:`MediaLimitError` if the headers say the audio lasts longer than ``limits`` allow."""
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = container.duration / av.time_base if container.duration else 0.0
+    check_audio_length(seconds, limits)
+
+
+def check_audio_length(seconds: float, limits: MediaLimits) -> None:
+    if seconds > limits.max_audio_s:
+        raise MediaLimitError(
+            f"the audio lasts {seconds:,.1f} s; the limit is {limits.max_audio_s:g} s (max_audio_s)"
+        )
+
+
+def open_video(path: str | Path, limits: MediaLimits) -> tuple[InputContainer, VideoStream]:
     """Open ``path`` and return it with its video stream, or raise :class:`MediaError` saying why not.
 
     The caller owns (and must close) the container. The video stream is the highest-resolution one
     FFmpeg can decode, which is how the ffmpeg CLI picks; cover images of audio files do not count.
+    A video over ``limits`` raises :class:`MediaLimitError` before any of its frames is decoded.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,7 +139,7 @@ def open_video(path: str | Path) -> tuple[InputContainer, VideoStream]:
     if path.stat().st_size == 0:
         raise MediaError(f"{path} is empty")
     try:
-        container = av.open(str(path))
+        container = open_media(path, limits)
     except av.InvalidDataError:
         if _looks_like_mp4(path):
             raise MediaError(
@@ -72,6 +151,7 @@ def open_video(path: str | Path) -> tuple[InputContainer, VideoStream]:
         raise MediaError(f"cannot open {path}: {exc}") from None
     try:
         stream = _video_stream(container, path)
+        check_video_limits(container, stream, limits)
         _check_complete(stream, path)
     except BaseException:
         container.close()

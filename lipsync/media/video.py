@@ -36,7 +36,14 @@ from av.filter import Graph
 from av.video.frame import VideoFrame
 
 from lipsync.media.errors import MediaError
-from lipsync.media.probe import VideoInfo, declared_duration, open_video, video_info
+from lipsync.media.probe import (
+    VideoInfo,
+    check_frame_count,
+    check_video_length,
+    declared_duration,
+    open_video,
+    video_info,
+)
 from lipsync.media.settings import MediaSettings
 
 _UPRIGHT_FILTERS: dict[int, tuple[tuple[str, str | None], ...]] = {
@@ -55,7 +62,9 @@ class VideoReader:
     that cannot be decoded fails here, before any work is spent on it; ``info`` then describes it.
     The frames can be iterated once. A stream that stops more than ``truncation_tolerance`` seconds
     before the duration its header declares raises :class:`MediaError` at the end of the iteration:
-    a cut-short file is an error, never a silently shorter result.
+    a cut-short file is an error, never a silently shorter result. A video over the media limits
+    (``settings.limits``) raises :class:`MediaLimitError`: on opening when its headers say so, else
+    once decoding reaches the limit.
     """
 
     def __init__(self, path: str | Path, fps: int | None = None, settings: MediaSettings | None = None) -> None:
@@ -63,7 +72,8 @@ class VideoReader:
         self.path = Path(path)
         self.fps = fps or settings.fps
         self._tolerance = settings.truncation_tolerance
-        self._container, self._stream = open_video(self.path)
+        self._limits = settings.limits
+        self._container, self._stream = open_video(self.path, self._limits)
         try:
             self._stream.thread_type = "AUTO"  # frame and slice threads; thread_count 0 = one per core
             self._decoded = self._decode()
@@ -104,10 +114,15 @@ class VideoReader:
         self.close()
 
     def _decode(self) -> Iterator[VideoFrame]:
+        """Source frames, counted against the limits (headers need not declare a length)."""
         decoded_until = 0.0
+        first_time: float | None = None
         try:
-            for frame in self._container.decode(self._stream):
+            for count, frame in enumerate(self._container.decode(self._stream), start=1):
                 decoded_until = frame.time or decoded_until
+                first_time = decoded_until if first_time is None else first_time
+                check_frame_count(count, self._limits)
+                check_video_length(decoded_until - first_time, self._limits)
                 yield frame
         except av.FFmpegError as exc:
             raise MediaError(

@@ -1,0 +1,44 @@
+"""The gateway's one error shape, ``{"status": "Failed", "reason": …}``, for routes and for ASGI middleware.
+
+Routes raise :class:`ApiError`; middleware that answers before the app runs (authentication, rate
+limits, the body cap) sends the same JSON with :func:`send_error`. A response sent before the request
+body was read closes the connection, so the client stops sending and the server reads no more of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from fastapi.responses import JSONResponse
+from starlette.types import Send
+
+
+class ApiError(Exception):
+    """A request the gateway refuses: the status code, a reason safe to show, and extra headers."""
+
+    def __init__(self, status_code: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+        self.reason = reason
+        self.headers = dict(headers or {})
+
+
+def error_body(reason: str) -> dict[str, str]:
+    return {"status": "Failed", "reason": reason}
+
+
+def error_response(status_code: int, reason: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(reason), status_code=status_code, headers=dict(headers or {}))
+
+
+async def send_error(send: Send, error: ApiError, *, close: bool = True) -> None:
+    """Send ``error`` as a whole response from ASGI middleware; ``close``: end the connection after it
+    (for answers given before the request body was read)."""
+    body = json.dumps(error_body(error.reason)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,81 @@
+"""The multipart upload's parts, parsed strictly into the JSON submit's types.
+
+Form fields are text, so numbers arrive as strings; they are read with the grammar of a JSON number of
+the field's type and nothing looser: an integer field takes ``"2"`` or ``"-3"`` (ASCII digits, an
+optional minus) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"`` or ``"true"``; a float field takes
+``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``"nan"``, ``"inf"`` or ``"true"``. An empty field counts as
+not given (browsers send empty inputs). The parts are exactly the ``video`` and ``audio`` files and
+the option fields of :class:`gateway.schemas.JobOptions`, each at most once; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from starlette.datastructures import FormData, UploadFile
+
+from gateway.schemas import JobOptions
+from gateway.validation import InvalidInput
+
+FILE_PARTS = ("video", "audio")
+
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
+_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def _integer(name: str, text: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise InvalidInput(f"{name}: must be an integer written with digits only, got {text[:40]!r}")
+    return int(text)
+
+
+def _number(name: str, text: str) -> float:
+    if not _NUMBER.fullmatch(text):
+        raise InvalidInput(f"{name}: must be a decimal number, got {text[:40]!r}")
+    return float(text)
+
+
+def _text(_: str, text: str) -> str:
+    return text
+
+
+OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "inference_steps": _integer,
+    "guidance_scale": _number,
+    "seed": _integer,
+    "loop_mode": _text,
+    "version": _text,
+    "mode": _text,
+    "webhook_url": _text,
+}
+"""How each option field's text becomes the value :class:`JobOptions` validates (one entry per option)."""
+
+MAX_FIELDS = len(OPTION_PARSERS)
+MAX_FILES = len(FILE_PARTS)
+
+
+def upload_parts(form: FormData) -> tuple[JobOptions, dict[str, UploadFile]]:
+    """The options and the ``video``/``audio`` files of an upload; :class:`InvalidInput` (or pydantic's
+    ``ValidationError`` for values out of range) when the form is not exactly that."""
+    unknown = sorted(set(form.keys()) - set(OPTION_PARSERS) - set(FILE_PARTS))
+    if unknown:
+        raise InvalidInput(f"unknown form field(s): {', '.join(name[:40] for name in unknown[:5])}")
+    files: dict[str, UploadFile] = {}
+    for name in FILE_PARTS:
+        parts = form.getlist(name)
+        if len(parts) != 1 or not isinstance(parts[0], UploadFile):
+            raise InvalidInput(f"{name}: exactly one file part named {name!r} is needed")
+        files[name] = parts[0]
+    values: dict[str, Any] = {}
+    for name, parse in OPTION_PARSERS.items():
+        given = form.getlist(name)
+        if len(given) > 1:
+            raise InvalidInput(f"{name}: given {len(given)} times")
+        if not given or given[0] == "":
+            continue
+        if not isinstance(given[0], str):
+            raise InvalidInput(f"{name}: must be a form field, not a file")
+        values[name] = parse(name, given[0])
+    return JobOptions.model_validate(values), files

@@ -1,0 +1,43 @@
+"""Request bodies, validated strictly: a number must be sent as a JSON number of its type.
+
+Pydantic would by default turn ``"2"``, ``2.0`` or ``true`` into the integer 2; here an integer field
+takes only a JSON integer, a float field a JSON number (an integer is fine, a bool or a string is not),
+a string field only a string, and unknown fields are refused. Multipart form fields, which are text by
+nature, are parsed into these types by :mod:`gateway.forms` first.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, Strict, StrictStr
+
+_INT64 = 2**63
+
+
+class JobOptions(BaseModel):
+    """Options shared by the JSON and the multipart submit; ``None`` = the configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inference_steps: Annotated[int, Strict(), Field(ge=1, le=1000)] | None = None
+    guidance_scale: Annotated[float, Strict(), Field(ge=0, le=20)] | None = None
+    seed: Annotated[int, Strict(), Field(ge=-_INT64, lt=_INT64)] | None = None
+    loop_mode: Literal["pingpong", "loop", "cut"] | None = None
+    version: Literal["1.5", "1.6"] | None = None
+    mode: Literal["exact", "fast"] | None = None
+    webhook_url: AnyHttpUrl | None = None
+
+
+class SubmitRequest(JobOptions):
+    video_source: StrictStr = Field(min_length=1)
+    audio_source: StrictStr = Field(min_length=1)
+
+    def options(self) -> JobOptions:
+        return JobOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
+
+
+class JobRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: StrictStr
