@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
     run.add_argument("--compile-unet", action=argparse.BooleanOptionalAction, default=None,
-                     help="run the UNet through torch.compile (default: configs/pipeline.yaml); compiling takes minutes, "
-                          "so it pays off for long clips or a server, not one short clip")
+                     help="run the UNet through torch.compile (default: configs/pipeline.yaml, on CUDA); compiling takes minutes "
+                          "(kept in Inductor's cache for the next run), so --no-compile-unet suits one short clip")
     return parser
 
 
