@@ -1,1 +1,1 @@
-"""Serving side of lipsync-serve: the Triton launcher, and (issue 5) the REST gateway."""
+"""Serving side of lipsync-serve: the Triton launcher and the REST gateway."""

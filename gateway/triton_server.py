@@ -1,7 +1,7 @@
 """Run the real Triton server bundled in the ``nvidia-pytriton`` wheel with our model repository.
 
 No Docker: the wheel ships ``tritonserver`` 2.51, its Python backend and one backend stub per Python
-version. What the server needs around it (``docs/triton-without-docker.md``):
+version. What the server needs around it:
 
 - a backend directory holding the Python backend and the stub built for *this* Python;
 - ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and this interpreter's ``libpython`` first

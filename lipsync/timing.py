@@ -24,21 +24,22 @@ class StageTimer:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._device = torch.device(device) if device is not None else None
-        self._sync = self._device is not None and self._device.type == "cuda"
+        device = torch.device(device) if device is not None else None
+        self._cuda = device if device is not None and device.type == "cuda" else None
+        """The device whose work is synchronised around stages; ``None``: nothing to synchronise."""
         self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str, sync: bool = True) -> Iterator[None]:
-        sync = sync and self._sync
+        sync = sync and self._cuda is not None
         if sync:
-            _synchronize(self._device)
+            _synchronize(self._cuda)
         start = time.perf_counter()
         try:
             yield
         finally:
             if sync:
-                _synchronize(self._device)
+                _synchronize(self._cuda)
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 

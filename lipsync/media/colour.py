@@ -1,8 +1,9 @@
 """RGB → YUV 4:2:0 (BT.709, limited range) in torch, on whatever device the frames are.
 
-The encoder takes planar YUV 4:2:0. Converting a 1080×1920 frame through swscale costs ~50 ms on one
-CPU thread — more than encoding it — so the conversion runs here instead, batched, on the GPU when
-the pipeline has one (where it is almost free) and vectorised on the CPU otherwise.
+The encoder takes planar YUV 4:2:0. Through swscale, a 1080×1920 frame took ~48 ms on one core of
+the GPU hosts (21 fps, more than encoding it), so on a GPU the conversion runs here instead,
+batched, where it is almost free. On the CPU the pipeline keeps swscale, which beats tensor
+arithmetic there; this function still runs on the CPU in tests, to keep both paths' maths equal.
 
 The maths is swscale's for ``rgb24 → yuv420p`` with the BT.709 matrix and limited range: luma
 ``16 + 219·(Kr·R + Kg·G + Kb·B)/255``, chroma ``128 + 224·(B − Y)/(2·(1 − Kb))/255`` (and R for Cr),

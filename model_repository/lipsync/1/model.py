@@ -77,7 +77,7 @@ class _Metrics:
 class _GpuSampler:
     """Samples this instance's GPU into gauges every ``interval_s`` on a daemon thread.
 
-    Triton's own DCGM-based ``nv_gpu_*`` metrics read 0 on some VMs (our H100 machine), so the
+    Triton's own DCGM-based ``nv_gpu_*`` metrics read 0 on some virtual machines, so the
     instance reports its GPU itself: utilisation through NVML (``torch.cuda.utilization``), memory
     through the CUDA driver.
     """
