@@ -115,7 +115,7 @@ class PipelineSettings:
 class LipSyncPipeline:
     """Loaded models plus settings; :meth:`run` processes one job.
 
-    Several threads may call :meth:`run` at once when the denoisers are ``WindowBatcher``\ s: each job
+    Several threads may call :meth:`run` at once when the denoisers are ``WindowBatcher`` objects: each job
     borrows its own face detector, and their windows share UNet calls.
 
     With one :class:`Replica` (UNet and VAE) per device, a job runs on the least busy device, or, when it
