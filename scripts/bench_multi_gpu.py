@@ -33,14 +33,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
-import numpy as np  # noqa: E402
+import numpy as np
+from bench_triton import SAMPLE_RATE, wav_bytes
 
-from bench_triton import SAMPLE_RATE, wav_bytes  # noqa: E402
-from gateway.triton_client import JobRequest, run_job  # noqa: E402
-from gateway.triton_server import TritonServer, TritonSettings  # noqa: E402
-from lipsync.audio import load_audio  # noqa: E402
-from lipsync.tiny import write_random_weights  # noqa: E402
-from lipsync.weights import missing, weight_paths  # noqa: E402
+from gateway.triton_client import JobRequest, run_job
+from gateway.triton_server import TritonServer, TritonSettings
+from lipsync.audio import load_audio
+from lipsync.tiny import write_random_weights
+from lipsync.weights import missing, weight_paths
 
 DEFAULT_JSON = REPO_ROOT / "docs" / "bench" / "multi-gpu.json"
 

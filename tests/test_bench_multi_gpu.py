@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from clips import SHARED_FIXTURES, demo_frames, speech, write_video, write_wav
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,5 +29,5 @@ def test_each_gpu_is_reported_under_its_own_label() -> None:
         assert sample_sum(text, "lipsync_gpu_utilization_ratio", gpu=str(gpu)) == reading.utilization
         assert sample_sum(text, "lipsync_gpu_memory_used_bytes", gpu=str(gpu)) == reading.memory_used
         assert sample_sum(text, "lipsync_gpu_memory_allocated_bytes", gpu=str(gpu)) == reading.memory_allocated
-    assert f'lipsync_gpu_utilization_ratio{{gpu="1"}} 0.75' in text
+    assert 'lipsync_gpu_utilization_ratio{gpu="1"} 0.75' in text
     assert not sampler.thread.is_alive()
