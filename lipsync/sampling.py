@@ -117,6 +117,7 @@ def denoise(
     guidance_scale: float | torch.Tensor,
     active: Callable[[], Sequence[bool]] | None = None,
     cache_interval: int = 1,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run the DDIM loop on ``W`` windows of ``F`` frames at once.
 
@@ -133,6 +134,7 @@ def denoise(
         cache_interval: 1 runs the full UNet every step (exact). ``n > 1`` is feature caching
             (DeepCache): every ``n``-th step runs the full UNet and keeps its deep features, the
             steps between run only the UNet's outer blocks around them (an approximation).
+        on_step: called after every step with the number of steps done.
     Returns:
         denoised latents ``(W, 4, F, h, w)`` in fp32. Guidance follows the official order: the
         unconditional half (all-zero audio) comes first; guidance ≤ 1 runs the conditional half only.
@@ -181,6 +183,8 @@ def denoise(
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + row_scales * (conditional - unconditional)
         result[rows] = scheduler.step(noise, timestep, current).prev_sample
+        if on_step is not None:
+            on_step(step + 1)
     return result
 
 
@@ -206,6 +210,9 @@ class WindowBatch:
     steps: int
     guidance_scale: float
     cache_interval: int = 1
+    on_step: Callable[[int], None] | None = None
+    """Told the steps done after every DDIM step. It may run on a thread shared with other jobs'
+    windows, so it must return quickly and never raise."""
 
     @property
     def windows(self) -> int:
@@ -235,6 +242,7 @@ class DirectDenoiser:
             latents = denoise(
                 self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
                 batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
+                on_step=batch.on_step,
             )
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled")
@@ -269,6 +277,7 @@ class FaceGenerator:
         generator: torch.Generator,
         on_window: Callable[[int, int], None] | None = None,
         should_cancel: CancelCheck | None = None,
+        on_step: Callable[[float], None] | None = None,
     ) -> torch.Tensor:
         """Generate faces for ``N`` frames.
 
@@ -280,6 +289,8 @@ class FaceGenerator:
             generator: CPU generator for the VAE's latent sampling.
             on_window: called with (windows done, windows total) after each UNet batch.
             should_cancel: checked by the denoiser before every DDIM step.
+            on_step: called with the windows done, a fraction of a UNet batch included, after every
+                DDIM step; it may run on the denoiser's thread (see ``WindowBatch.on_step``).
         Returns:
             ``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0 (the mouth), the input
             face where it is 1, as the official pipeline composes them before paste-back.
@@ -307,6 +318,7 @@ class FaceGenerator:
         generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
         for group in _equal_length_groups(windows, self.settings.windows_per_call):
             length = group[0].stop - group[0].start
+            done_before = windows.index(group[0])
             batch = WindowBatch(
                 noise.expand(len(group), -1, length, -1, -1),
                 latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
@@ -316,6 +328,7 @@ class FaceGenerator:
                 self.settings.steps,
                 self.settings.guidance_scale,
                 self.settings.cache_interval,
+                on_step=None if on_step is None else _step_reporter(on_step, done_before, len(group), self.settings.steps),
             )
             with self.timer.stage("denoise"):
                 latents = self.denoiser(batch, should_cancel)
@@ -327,6 +340,11 @@ class FaceGenerator:
         with GPU_GUARD.shared(), self.timer.stage("vae_decode"):
             decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
+
+
+def _step_reporter(on_step: Callable[[float], None], done_before: int, windows: int, steps: int) -> Callable[[int], None]:
+    """A batch's ``on_step``: DDIM steps done → windows of the whole call done."""
+    return lambda step: on_step(done_before + windows * step / steps)
 
 
 def _stack_windows(frames: torch.Tensor, windows: list[slice]) -> torch.Tensor:
