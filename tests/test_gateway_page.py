@@ -92,7 +92,7 @@ def test_upload_watch_progress_play_and_download(gateway, browser, tmp_path: Pat
         states.append(driver.find_element(By.ID, "state").text)
         if states[-1].startswith("Working: generate") and not (tmp_path / "running.png").exists():
             driver.save_screenshot(str(tmp_path / "running.png"))
-            assert driver.find_element(By.ID, "progress").is_displayed()
+            assert in_viewport(driver, driver.find_element(By.ID, "progress"))
         return driver.find_element(By.ID, "download").is_displayed() or "Failed" in states[-1]
 
     WebDriverWait(browser, 300, poll_frequency=0.2).until(finished)
@@ -103,9 +103,9 @@ def test_upload_watch_progress_play_and_download(gateway, browser, tmp_path: Pat
     assert float(browser.find_element(By.ID, "progress").get_attribute("value")) == 1.0
     player = browser.find_element(By.ID, "result")
     WebDriverWait(browser, 60).until(lambda d: d.execute_script("return arguments[0].readyState >= 1", player))
+    WebDriverWait(browser, 10).until(lambda d: in_viewport(d, player))  # once its height is known
     browser.save_screenshot(str(tmp_path / "result.png"))
     assert browser.execute_script("return arguments[0].duration", player) == pytest.approx(2.0, abs=0.1)
-    assert player.is_displayed() and player.size["height"] <= browser.execute_script("return window.innerHeight")
     assert in_viewport(browser, browser.find_element(By.ID, "download"))
     WebDriverWait(browser, 30).until(lambda d: "Succeed" in d.find_element(By.ID, "jobs").text)
     link = browser.find_element(By.ID, "download").get_attribute("href")
