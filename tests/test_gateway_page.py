@@ -93,6 +93,7 @@ def test_upload_watch_progress_play_and_download(gateway, browser, tmp_path: Pat
         if states[-1].startswith("Working: generate") and not (tmp_path / "running.png").exists():
             driver.save_screenshot(str(tmp_path / "running.png"))
             assert in_viewport(driver, driver.find_element(By.ID, "progress"))
+            assert not driver.find_element(By.ID, "result").is_displayed()
         return driver.find_element(By.ID, "download").is_displayed() or "Failed" in states[-1]
 
     WebDriverWait(browser, 300, poll_frequency=0.2).until(finished)
