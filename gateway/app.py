@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,7 +54,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 _MAX_IDEMPOTENCY_KEY = 200
 _NOT_FOUND = "no such request_id for this API key"
 _NO_RESULT = "no result for this request_id"
-MAX_LISTED_JOBS = 100
+_MAX_LISTED_JOBS = 100
 
 StageInputs = Callable[[Path], tuple[str, str]]
 """Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
@@ -116,8 +116,10 @@ class Gateway:
 
     def page_info(self) -> dict[str, Any]:
         """What the web page shows before any key is entered; never a key itself."""
-        local_key = self.settings.data_dir / LOCAL_KEY_FILE
-        files = [str(path) for path in (local_key, self.settings.api_keys_file) if path and Path(path).is_file()]
+        candidates = [self.settings.data_dir / LOCAL_KEY_FILE]  # made by `lipsync-serve up` when no key is configured
+        if self.settings.api_keys_file:
+            candidates.append(Path(self.settings.api_keys_file).resolve())
+        files = [str(path) for path in candidates if path.is_file()]
         return {
             "weights": self.weights.value, "demo_weights": demo_weights(),
             "api_keys": {"env": self.settings.api_keys_env, "files": files},
@@ -336,7 +338,7 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
         return gateway.view(gateway.cancel(gateway.owned(body.request_id, who)))
 
     @app.get("/v1/jobs")
-    def jobs(who: Owner, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20) -> dict[str, Any]:
+    def jobs(who: Owner, limit: Annotated[int, Query(ge=1, le=_MAX_LISTED_JOBS)] = 20) -> dict[str, Any]:
         """The caller's most recent jobs, newest first, each as its status shows it."""
         gateway.quotas.count_request(who, submit=False)
         return {"jobs": [gateway.view(job) for job in gateway.store.recent(who, limit)]}
