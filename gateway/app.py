@@ -1,4 +1,5 @@
-"""The REST API (FastAPI): submit, status, cancel, result download, health, readiness, metrics, web page.
+"""The REST API (FastAPI): submit, status, cancel, result download, the key's recent jobs, health,
+readiness, metrics, the web page and what it is built from.
 
 Request shapes follow the original tutorial's API so its clients keep working; every error is
 ``{"status": "Failed", "reason": …}`` with a 4xx/5xx code (:mod:`gateway.errors`). Requests that may
@@ -14,10 +15,11 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -26,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import ApiKeys, bearer_key, secure_equal
+from gateway.cli import LOCAL_KEY_FILE
 from gateway.errors import ApiError, error_response
 from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.guard import OWNER, UNAUTHORIZED, RequestGuard
@@ -33,7 +36,8 @@ from gateway.idempotency import copy_file, fingerprint, write_bytes
 from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
-from gateway.schemas import JobOptions, JobRef, SubmitRequest
+from gateway.schemas import JobOptions, JobRef, SubmitRequest, option_rules
+from gateway.served import ServedWeights, demo_weights
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
 from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, QuotaExceeded, new_job_id
@@ -50,6 +54,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 _MAX_IDEMPOTENCY_KEY = 200
 _NOT_FOUND = "no such request_id for this API key"
 _NO_RESULT = "no result for this request_id"
+_MAX_LISTED_JOBS = 100
 
 StageInputs = Callable[[Path], tuple[str, str]]
 """Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
@@ -71,6 +76,7 @@ class Gateway:
             AddressPolicy(settings.webhook_allow),
         )
         self.worker = Worker(settings, self.store, self.data, self.metrics, self.notify)
+        self.weights = ServedWeights(settings.triton_grpc)
 
     def start(self) -> None:
         requeued, failed = self.store.recover(self.settings.max_attempts)
@@ -83,22 +89,41 @@ class Gateway:
             self.notify(job_id)
         self.webhooks.start()
         self.worker.start()
+        self.weights.start()
 
     def stop(self) -> None:
+        self.weights.stop()
         self.worker.stop()
         self.webhooks.close()
         self.store.close()
 
     def view(self, job: Job) -> dict[str, Any]:
-        """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base."""
+        """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base.
+
+        ``weights``: what made the result for a finished job, what Triton serves for the others.
+        """
         results = None
         if job.status == SUCCEED:
             url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
             results = {"video": [{"url": url}], "timings": {"inference": round(job.inference_s or 0.0, 3)}}
+        eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
         return {
             "request_id": job.id, "status": job.status, "reason": job.reason or None,
             "queue_position": self.store.queue_position(job), "progress": round(job.progress, 4),
-            "stage": job.stage or None, "results": results,
+            "stage": job.stage or None, "eta_s": eta, "weights": (job.info or {}).get("weights", self.weights.value),
+            "created_at": round(job.created_at, 3), "results": results,
+        }
+
+    def page_info(self) -> dict[str, Any]:
+        """What the web page shows before any key is entered; never a key itself."""
+        candidates = [self.settings.data_dir / LOCAL_KEY_FILE]  # made by `lipsync-serve up` when no key is configured
+        if self.settings.api_keys_file:
+            candidates.append(Path(self.settings.api_keys_file).resolve())
+        files = [str(path) for path in candidates if path.is_file()]
+        return {
+            "weights": self.weights.value, "demo_weights": demo_weights(),
+            "api_keys": {"env": self.settings.api_keys_env, "files": files},
+            "options": option_rules(), "defaults": asdict(self.settings.defaults),
         }
 
     def notify(self, job_id: str) -> None:
@@ -312,6 +337,16 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
     def cancel(body: JobRef, who: Owner) -> dict[str, Any]:
         return gateway.view(gateway.cancel(gateway.owned(body.request_id, who)))
 
+    @app.get("/v1/jobs")
+    def jobs(who: Owner, limit: Annotated[int, Query(ge=1, le=_MAX_LISTED_JOBS)] = 20) -> dict[str, Any]:
+        """The caller's most recent jobs, newest first, each as its status shows it."""
+        gateway.quotas.count_request(who, submit=False)
+        return {"jobs": [gateway.view(job) for job in gateway.store.recent(who, limit)]}
+
+    @app.get("/v1/info")
+    def info() -> dict[str, Any]:
+        return gateway.page_info()
+
     @app.get("/lipsync/result/{request_id}")
     def result(
         request_id: str, token: str | None = None, authorization: Annotated[str | None, Header()] = None,
@@ -328,7 +363,7 @@ def create_app(settings: GatewaySettings, keys: ApiKeys) -> FastAPI:
     def readyz() -> JSONResponse:
         if not triton_ready(settings.triton_grpc):
             return error_response(503, "Triton is not ready")
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "weights": gateway.weights.refresh()})
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -9,8 +9,8 @@ quota, and is refused with the JSON error (401 or 429) without a single ``receiv
 closes the connection, so the server stops reading. Meanwhile the server itself holds at most its flow-control window (64 KiB in
 uvicorn) of an unread body. An accepted request goes on with its owner id in ``scope["state"]``.
 
-GET routes take no body; the one GET route that needs a credential (the result download) checks
-its token or key itself.
+GET routes take no body; the GET routes that need a credential check it themselves: the result
+download its token or key, the job list its key (and counts it against the key's rate).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ nature, are parsed into these types by :mod:`gateway.forms` first.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, Strict, StrictStr
 
@@ -41,3 +41,21 @@ class JobRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: StrictStr
+
+
+_DESCRIBED = ("type", "enum", "minimum", "maximum")
+
+
+def option_rules() -> dict[str, dict[str, Any]]:
+    """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`JobOptions`.
+
+    What the web page builds its form from, so the form offers exactly what a submit accepts. The
+    webhook URL is left out: the page polls.
+    """
+    rules = {}
+    for name, schema in JobOptions.model_json_schema()["properties"].items():
+        if name == "webhook_url":
+            continue
+        value = next(option for option in schema["anyOf"] if option["type"] != "null")
+        rules[name] = {key: value[key] for key in _DESCRIBED if key in value}
+    return rules

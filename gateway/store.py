@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT NOT NULL DEFAULT '',
     progress REAL NOT NULL DEFAULT 0,
     stage TEXT NOT NULL DEFAULT '',
+    eta_s REAL,                             -- Triton's estimate of the seconds left, while running
     params TEXT NOT NULL,                   -- JSON: the Triton job options
     webhook_url TEXT,
     webhook_state TEXT,
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
-_ADDED_COLUMNS = {"request_hash": "TEXT"}
+_ADDED_COLUMNS = {"request_hash": "TEXT", "eta_s": "REAL"}
 """Columns newer than some existing tables: added to them on open."""
 
 
@@ -110,6 +111,7 @@ class Job:
     started_at: float | None
     finished_at: float | None
     request_hash: str | None = None
+    eta_s: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -232,6 +234,14 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
+    def recent(self, owner: str, limit: int) -> list[Job]:
+        """The owner's ``limit`` most recently submitted jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?", (owner, limit)
+            ).fetchall()
+        return [Job.from_row(row) for row in rows]
+
     def queue_position(self, job: Job) -> int:
         """1 for the next job to run; 0 when the job is not queued."""
         if job.status != IN_QUEUE:
@@ -248,17 +258,17 @@ class JobStore:
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, progress = 0, stage = ''"
-                " WHERE id = ?",
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, progress = 0, stage = '',"
+                " eta_s = NULL WHERE id = ?",
                 (IN_PROGRESS, time.time(), row["id"]),
             )
         return self.get(row["id"])
 
-    def set_progress(self, job_id: str, progress: float, stage: str) -> None:
+    def set_progress(self, job_id: str, progress: float, stage: str, eta_s: float | None = None) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET progress = MAX(progress, ?), stage = ? WHERE id = ? AND status = ?",
-                (progress, stage, job_id, IN_PROGRESS),
+                "UPDATE jobs SET progress = MAX(progress, ?), stage = ?, eta_s = ? WHERE id = ? AND status = ?",
+                (progress, stage, eta_s, job_id, IN_PROGRESS),
             )
 
     def is_running(self, job_id: str) -> bool:
@@ -270,7 +280,7 @@ class JobStore:
         """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
         return self._finish_running(
             job_id, SUCCEED, "", result_token=secrets.token_urlsafe(32), inference_s=inference_s,
-            info=json.dumps(info), progress=1.0, stage="done",
+            info=json.dumps(info), progress=1.0, stage="done", eta_s=None,
         )
 
     def fail(self, job_id: str, reason: str) -> bool:
@@ -292,7 +302,7 @@ class JobStore:
         """
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '', attempts = attempts - ?"
+                "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '', eta_s = NULL, attempts = attempts - ?"
                 " WHERE id = ? AND status = ?",
                 (IN_QUEUE, reason, int(refund), job_id, IN_PROGRESS),
             ).rowcount
@@ -321,7 +331,7 @@ class JobStore:
             failed = [row["id"] for row in rows if row["attempts"] >= max_attempts]
             for job_id in requeued:
                 db.execute(
-                    "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '' WHERE id = ?",
+                    "UPDATE jobs SET status = ?, reason = ?, progress = 0, stage = '', eta_s = NULL WHERE id = ?",
                     (IN_QUEUE, "re-queued: the gateway restarted while the job ran", job_id),
                 )
             for job_id in failed:

@@ -2,7 +2,8 @@
 
 Errors in a decoupled stream carry only a message, so a failed job first sends STAGE "failed" with
 INFO ``{"error", "code"}`` (docs/triton-api.md); :class:`TritonJobError` takes its kind from that
-code. A connection failure is ``unavailable``: worth a retry.
+code. A connection failure is ``unavailable``: worth a retry. :func:`served_weights` asks which weight
+set the model serves (a request without VIDEO and AUDIO).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class JobResult:
     """Frames, face-less frames, seconds per stage, version (the model's INFO output)."""
 
 
-ProgressCallback = Callable[[float, str], None]
+ProgressCallback = Callable[[float, str, float | None], None]
+"""Called with (fraction done, stage, estimated seconds left or ``None``) for every progress response."""
 
 
 def run_job(
@@ -116,7 +118,32 @@ def run_job(
             if video is not None:
                 return JobResult(bytes(video[0]), json.loads(result.as_numpy("INFO")[0]))
             if on_progress is not None:
-                on_progress(float(result.as_numpy("PROGRESS")[0]), stage)
+                eta = float(result.as_numpy("ETA")[0])
+                on_progress(float(result.as_numpy("PROGRESS")[0]), stage, eta if eta >= 0 else None)
+    except InferenceServerException as exc:
+        raise _job_error(exc) from exc
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def served_weights(url: str, timeout_s: float = 10.0) -> str:
+    """The weight set the ``lipsync`` model serves, e.g. ``tiny-demo`` or ``latentsync-1.5``.
+
+    Raises :class:`TritonJobError` (``unavailable`` when Triton cannot be reached).
+    """
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(MODEL, [], request_id=uuid.uuid4().hex)
+        try:
+            result, error = responses.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", "unavailable") from None
+        if error is not None:
+            raise _job_error(error)
+        return json.loads(result.as_numpy("INFO")[0])["weights"]
     except InferenceServerException as exc:
         raise _job_error(exc) from exc
     finally:

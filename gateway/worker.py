@@ -100,7 +100,7 @@ class Worker:
         try:
             result = run_job(
                 self.settings.triton_grpc, request,
-                on_progress=lambda fraction, stage: self.store.set_progress(job.id, fraction, stage),
+                on_progress=lambda fraction, stage, eta_s: self.store.set_progress(job.id, fraction, stage, eta_s),
                 should_cancel=lambda: self._stop.is_set() or not self.store.is_running(job.id),
                 poll_s=self.settings.cancel_poll_s, timeout_s=self.settings.job_timeout_s,
             )

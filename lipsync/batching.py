@@ -134,6 +134,12 @@ class WindowBatcher:
             return [on[owner] for owner in owners]
 
         batches = [waiting.batch for waiting in live]
+
+        def on_step(step: int) -> None:
+            for waiting in live:
+                if waiting.batch.on_step is not None:
+                    waiting.batch.on_step(step)
+
         try:
             with GPU_GUARD.shared():
                 latents = denoise(
@@ -148,6 +154,7 @@ class WindowBatcher:
                     torch.tensor([batch.guidance_scale for batch in batches for _ in range(batch.windows)]),
                     active=active,
                     cache_interval=batches[0].cache_interval,
+                    on_step=on_step,
                 )
         except Exception as exc:  # the jobs get the error; the worker stays up for the next call
             for waiting in live:

@@ -59,7 +59,9 @@ ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
 PIPELINE_CONFIG = CONFIG_DIR / "pipeline.yaml"
-_PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 1.0)}
+_PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 0.95), "encode": (0.95, 1.0)}
+"""Each stage's share of the [0, 1] progress scale. ``generate`` moves after every DDIM step; ``encode``
+is the last batch's paste-back and encoding, after the last window is generated."""
 
 
 @dataclass
@@ -360,8 +362,10 @@ class LipSyncPipeline:
                     faceless += sum(not has_face for _, has_face in prepared.placements)
                     done_before = start // settings.num_frames
 
-                    def on_window(done: int, _total: int) -> None:
+                    def on_window(_done: int, _total: int) -> None:
                         _check_cancel(should_cancel)
+
+                    def on_step(done: float) -> None:
                         report("generate", (done_before + done) / total_windows)
 
                     generated = generator(
@@ -372,17 +376,19 @@ class LipSyncPipeline:
                         random,
                         on_window=on_window,
                         should_cancel=should_cancel,
+                        on_step=on_step,
                     )
                     if finishing is not None:
                         finishing.result()
                     finishing = encoder.submit(finish, prepared, generated.permute(0, 2, 3, 1).numpy())
+                report("encode", 0.0)
                 if finishing is not None:
                     finishing.result()
             finally:
                 track.stop()
             with timer.stage("encode", sync=False):
                 writer.close()
-        report("generate", 1.0)
+        report("encode", 1.0)
         return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
 
     def _parts(self, seconds: float, devices: int | None) -> int:

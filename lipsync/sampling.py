@@ -120,6 +120,7 @@ def denoise(
     guidance_scale: float | torch.Tensor,
     active: Callable[[], Sequence[bool]] | None = None,
     cache_interval: int = 1,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run the DDIM loop on ``W`` windows of ``F`` frames at once.
 
@@ -136,6 +137,7 @@ def denoise(
         cache_interval: 1 runs the full UNet every step (exact). ``n > 1`` is feature caching
             (DeepCache): every ``n``-th step runs the full UNet and keeps its deep features, the
             steps between run only the UNet's outer blocks around them (an approximation).
+        on_step: called after every step with the number of steps done.
     Returns:
         denoised latents ``(W, 4, F, h, w)`` in fp32. Guidance follows the official order: the
         unconditional half (all-zero audio) comes first; guidance ≤ 1 runs the conditional half only.
@@ -184,6 +186,8 @@ def denoise(
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + row_scales * (conditional - unconditional)
         result[rows] = scheduler.step(noise, timestep, current).prev_sample
+        if on_step is not None:
+            on_step(step + 1)
     return result
 
 
@@ -209,6 +213,9 @@ class WindowBatch:
     steps: int
     guidance_scale: float
     cache_interval: int = 1
+    on_step: Callable[[int], None] | None = None
+    """Told the steps done after every DDIM step. It may run on a thread shared with other jobs'
+    windows, so it must return quickly and never raise."""
 
     @property
     def windows(self) -> int:
@@ -238,6 +245,7 @@ class DirectDenoiser:
             latents = denoise(
                 self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
                 batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
+                on_step=batch.on_step,
             )
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled")
@@ -286,6 +294,7 @@ class FaceGenerator:
         generator: torch.Generator,
         on_window: Callable[[int, int], None] | None = None,
         should_cancel: CancelCheck | None = None,
+        on_step: Callable[[float], None] | None = None,
     ) -> torch.Tensor:
         """Generate faces for ``N`` frames.
 
@@ -297,6 +306,8 @@ class FaceGenerator:
             generator: CPU generator for the VAE's latent sampling.
             on_window: called on the calling thread with (windows done, windows total) after each group.
             should_cancel: checked by the denoisers before every DDIM step.
+            on_step: called with the windows done, fractions of running groups included, after every
+                DDIM step of any group; it may run on a denoiser's thread (see ``WindowBatch.on_step``).
         Returns:
             ``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0 (the mouth), the input
             face where it is 1, as the official pipeline composes them before paste-back.
@@ -316,7 +327,8 @@ class FaceGenerator:
             window.start: tuple(sampling_noise(vae, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
             for window in windows
         }
-        inputs = _GenerationInputs(faces, audio, mask.to(faces.dtype), noise, sampling, should_cancel)
+        progress = None if on_step is None else _StepProgress(on_step, self.settings.steps)
+        inputs = _GenerationInputs(faces, audio, mask.to(faces.dtype), noise, sampling, should_cancel, progress)
         output = torch.empty_like(faces)
         groups = _equal_length_groups(windows, self.settings.windows_per_call)
         if len(self.replicas) == 1:
@@ -403,6 +415,7 @@ class FaceGenerator:
             self.settings.steps,
             self.settings.guidance_scale,
             self.settings.cache_interval,
+            on_step=None if inputs.progress is None else inputs.progress.reporter(group[0].start, len(group)),
         )
         with timer.stage("denoise"):
             latents = replica.denoiser(batch, inputs.should_cancel)
@@ -424,6 +437,29 @@ class _GenerationInputs:
     sampling: dict[int, tuple[torch.Tensor, torch.Tensor]]
     """VAE sampling noise (masked faces, faces) per window, keyed by the window's first frame."""
     should_cancel: CancelCheck | None
+    progress: _StepProgress | None = None
+
+
+class _StepProgress:
+    """Windows done over one call's groups, each running group counted by the DDIM steps it has done.
+
+    Groups may run on several replicas' threads at once, so the sum is taken and reported under a lock.
+    """
+
+    def __init__(self, on_step: Callable[[float], None], steps: int) -> None:
+        self._on_step, self._steps = on_step, steps
+        self._done: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def reporter(self, key: int, windows: int) -> Callable[[int], None]:
+        """The ``on_step`` of the group starting at frame ``key`` with ``windows`` windows."""
+
+        def report(step: int) -> None:
+            with self._lock:  # reported in the order summed: never a smaller total after a larger one
+                self._done[key] = windows * step / self._steps
+                self._on_step(sum(self._done.values()))
+
+        return report
 
 
 def _span(group: list[slice]) -> slice:

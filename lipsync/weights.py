@@ -70,6 +70,8 @@ class VersionSpec:
     """One LatentSync version: its UNet config, default root and version-specific files."""
 
     name: str
+    label: str
+    """How the service names this weight set when it reports what it serves, e.g. ``tiny-demo``."""
     root: Path
     unet_config: Path
     unet: WeightFile
@@ -155,6 +157,7 @@ def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
             origin = {"repo": version.get("repo"), "revision": version.get("revision", "main")}
             specs[str(name)] = VersionSpec(
                 name=str(name),
+                label=str(version["label"]),
                 root=REPO_ROOT / version["root"],
                 unet_config=REPO_ROOT / version["unet_config"],
                 unet=_file_entry(version["unet"], f"versions.{name}.unet", **origin),

@@ -140,6 +140,44 @@ def test_submit_poll_and_download_a_valid_mp4_with_a_retried_webhook(gateway, cl
         hook.shutdown()
 
 
+def test_status_carries_weights_stage_and_eta_and_reaches_one_only_when_done(gateway, clip) -> None:
+    assert httpx2.get(f"{gateway.url}/readyz", timeout=30).json() == {"status": "ready", "weights": "tiny-demo"}
+    client = Client(gateway.url)
+    request_id = client.job(*clip, inference_steps=4)
+    seen = client.wait(request_id, timeout_s=300)
+    assert all(status["weights"] == "tiny-demo" for status in seen)
+    running = [status for status in seen if status["status"] == "InProgress"]
+    assert running and all(status["progress"] < 1.0 for status in running)
+    assert any(status["stage"] == "generate" and status["eta_s"] is not None for status in running)
+    assert seen[-1]["status"] == "Succeed" and seen[-1]["progress"] == 1.0 and seen[-1]["eta_s"] is None
+
+
+def test_the_job_list_shows_the_callers_own_jobs_newest_first(gateway, clip) -> None:
+    alpha, beta = Client(gateway.url, KEYS[0]), Client(gateway.url, KEYS[1])
+    first, second = alpha.job(*clip, inference_steps=1), alpha.job(*clip, inference_steps=1)
+    other = beta.job(*clip, inference_steps=1)
+    listed = alpha.http.get("/v1/jobs", params={"limit": 2}).json()["jobs"]
+    assert [job["request_id"] for job in listed] == [second, first]
+    assert all(job["weights"] == "tiny-demo" and "status" in job for job in listed)
+    assert other not in {job["request_id"] for job in alpha.http.get("/v1/jobs").json()["jobs"]}
+    assert beta.http.get("/v1/jobs").json()["jobs"][0]["request_id"] == other
+    assert httpx2.get(f"{gateway.url}/v1/jobs", timeout=10).status_code == 401
+    assert alpha.http.get("/v1/jobs", params={"limit": 0}).status_code == 422
+    for request_id in (first, second):
+        alpha.wait(request_id)
+    beta.wait(other)
+
+
+def test_the_page_info_names_weights_options_and_where_keys_are_but_no_key(gateway) -> None:
+    info = httpx2.get(f"{gateway.url}/v1/info", timeout=10).json()
+    assert info["weights"] == info["demo_weights"] == "tiny-demo"
+    assert info["options"]["loop_mode"]["enum"] == ["pingpong", "loop", "cut"]
+    assert info["options"]["inference_steps"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert info["defaults"]["inference_steps"] == 20
+    assert info["api_keys"]["env"] == "LIPSYNC_API_KEYS"
+    assert not any(key in json.dumps(info) for key in KEYS)
+
+
 def test_multipart_upload_runs_the_same_job(gateway, clip) -> None:
     client = Client(gateway.url)
     response = client.http.post(

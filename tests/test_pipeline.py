@@ -323,7 +323,7 @@ def test_cancelling_during_analysis_stops_before_generating(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_progress_rises_to_one_through_the_stages(base_job: Job) -> None:
+def test_progress_rises_to_one_through_the_stages_and_moves_every_ddim_step(base_job: Job) -> None:
     fractions = [fraction for fraction, _ in base_job.progress]
     stages = [stage for _, stage in base_job.progress]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
@@ -332,7 +332,9 @@ def test_progress_rises_to_one_through_the_stages(base_job: Job) -> None:
     assert len(set(fractions)) >= 4  # it moves in steps, not only at the start and the end
     # Stages appear in pipeline order, each in one contiguous run.
     runs = [stage for index, stage in enumerate(stages) if index == 0 or stages[index - 1] != stage]
-    assert runs == ["audio", "analyse", "generate"]
+    assert runs == ["audio", "analyse", "generate", "encode"]
+    # 36 frames: windows of 16, 16 and 4 frames, denoised in two DDIM loops (equal lengths share one).
+    assert stages.count("generate") >= STEPS * 2
 
 
 # --- 6. determinism ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, flat, speech, write_video, write_wav
 from gateway.metrics import sample_sum
+from gateway.triton_client import served_weights
 from lipsync.media import VideoReader
 
 pytestmark = [
@@ -55,9 +56,9 @@ def _inputs(module, video: bytes, audio: bytes, steps: int = STEPS, **extra) -> 
     return inputs
 
 
-def _stream(triton, video: bytes, audio: bytes, cancel_when=None, **options) -> tuple[list[tuple[float, str]], object]:
-    """Run one job over gRPC streaming; returns the progress seen and the final result, or the error
-    (a failed job's INFO ``{"error", "code"}``, or a transport error).
+def _stream(triton, video: bytes, audio: bytes, cancel_when=None, **options) -> tuple[list[tuple[float, str, float]], object]:
+    """Run one job over gRPC streaming; returns the progress seen (fraction, stage, ETA) and the final
+    result, or the error (a failed job's INFO ``{"error", "code"}``, or a transport error).
 
     ``cancel_when(progress)`` may return True to cancel the request (the stream is stopped with
     ``cancel_requests=True``); the error then returned is whatever the stream delivered, or None.
@@ -65,7 +66,7 @@ def _stream(triton, video: bytes, audio: bytes, cancel_when=None, **options) -> 
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(triton.settings.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    progress: list[tuple[float, str]] = []
+    progress: list[tuple[float, str, float]] = []
     try:
         client.async_stream_infer("lipsync", _inputs(grpcclient, video, audio, **options), request_id="job")
         while True:
@@ -75,7 +76,7 @@ def _stream(triton, video: bytes, audio: bytes, cancel_when=None, **options) -> 
             stage = result.as_numpy("STAGE")[0].decode()
             if stage == "failed":
                 return progress, json.loads(result.as_numpy("INFO")[0])
-            progress.append((float(result.as_numpy("PROGRESS")[0]), stage))
+            progress.append((float(result.as_numpy("PROGRESS")[0]), stage, float(result.as_numpy("ETA")[0])))
             if result.as_numpy("VIDEO_OUT") is not None:
                 return progress, result
             if cancel_when is not None and cancel_when(progress):
@@ -107,14 +108,36 @@ def metric(triton, name: str, **labels: str) -> float:
 def test_grpc_stream_reports_rising_progress_then_the_video(triton, clip, tmp_path) -> None:
     progress, result = _stream(triton, *clip)
     assert not isinstance(result, Exception), result
-    fractions = [fraction for fraction, _ in progress]
+    fractions = [fraction for fraction, _, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(set(fractions)) >= 4
-    assert [stage for _, stage in progress][-1] == "done"
-    assert {"audio", "analyse", "generate"} <= {stage for _, stage in progress}
+    assert fractions.count(1.0) == 1  # only the response that carries the video
+    assert [stage for _, stage, _ in progress][-1] == "done"
+    assert {"audio", "analyse", "generate", "encode"} <= {stage for _, stage, _ in progress}
     info = json.loads(result.as_numpy("INFO")[0])
     assert info["frames"] == round(SECONDS * 25) and info["faceless_frames"] == 0 and info["version"] == "tiny"
+    assert info["weights"] == "tiny-demo"
     assert {"decode", "detect_align", "denoise", "encode"} <= set(info["seconds"])
     _check_video(result.as_numpy("VIDEO_OUT")[0], tmp_path, info["frames"])
+
+
+def test_progress_moves_after_every_ddim_step_with_stage_and_eta(triton, clip) -> None:
+    video, _ = clip
+    audio = write_wav(Path(triton.settings.workdir) / "eight.wav", speech(8.0)).read_bytes()
+    # 200 frames = 13 windows; at 4 windows per call: calls of 4, 4, 4 and 1 window(s).
+    steps, calls = 6, 4
+    progress, result = _stream(triton, video, audio, steps=steps)
+    assert not isinstance(result, (Exception, dict)), result
+    generating = [report for report in progress if report[1] == "generate"]
+    assert len(generating) >= steps * calls
+    fractions = [fraction for fraction, _, _ in progress]
+    assert fractions == sorted(fractions) and max(fractions[:-1]) < 1.0 and fractions[-1] == 1.0
+    assert all(stage for _, stage, _ in progress)
+    assert all(eta >= 0 for _, _, eta in generating)  # known once generation has moved
+    assert progress[-1][2] == 0.0
+
+
+def test_a_request_without_media_names_the_served_weights(triton) -> None:
+    assert served_weights(triton.settings.grpc_url) == "tiny-demo"
 
 
 def test_http_unary_job_in_fast_mode_returns_the_video(triton, clip, tmp_path) -> None:
@@ -132,7 +155,7 @@ def test_cancelling_a_running_job_stops_it_within_one_window(triton, clip) -> No
     cancelled_before = metric(triton, "lipsync_jobs_total", outcome="cancelled")
     calls_before = metric(triton, "lipsync_unet_batch_windows_count")
     progress, error = _stream(
-        triton, video, long_audio, steps=20, cancel_when=lambda seen: seen[-1][1] == "generate" and seen[-1][0] > 0.2
+        triton, video, long_audio, steps=20, cancel_when=lambda seen: seen[-1][1] == "generate" and seen[-1][0] > 0.25
     )
     assert progress[-1][0] < 1.0
     assert error is None or "CANCELLED" in (str(error["code"]) if isinstance(error, dict) else str(error.status()))

@@ -1,10 +1,11 @@
 """Triton adapter for ``lipsync``: request tensors → ``lipsync.jobs.run_job`` → streamed responses.
 
 Decoupled: ``execute`` starts one thread per request and returns; each thread streams progress, then
-the final video, through the request's response sender. The instance's ``LipSyncPipeline`` shares
-one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls. With the
-``devices`` parameter the instance holds a replica of the models on each listed GPU and spreads long
-jobs' windows over them.
+the final video, through the request's response sender. A request without VIDEO and AUDIO asks which
+weights are served: it is answered at once with one final INFO. The instance's ``LipSyncPipeline``
+shares one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls.
+With the ``devices`` parameter the instance holds a replica of the models on each listed GPU and
+spreads long jobs' windows over them.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from lipsync.batching import BatchingSettings
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
+from lipsync.progress import ProgressReport, ProgressReporter
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
 from lipsync.tiny import weights_for
+from lipsync.weights import load_weights_config
 
 _STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
@@ -77,17 +80,16 @@ class _Metrics:
             self._stages[stage].observe(seconds)
 
 
-class _ProgressStream:
-    """Sends a progress response when the stage changes or the fraction rose by ``step``."""
+def _progress_sender(sender):
+    """A :class:`ProgressReporter` sink: one progress response per report; ETA -1 = not known yet."""
 
-    def __init__(self, sender, step: float) -> None:
-        self.sender, self.step = sender, step
-        self.last = (-1.0, "")
+    def send(report: ProgressReport) -> None:
+        eta = -1.0 if report.eta_s is None else report.eta_s
+        sender.send(pb_utils.InferenceResponse(
+            [_float("PROGRESS", report.fraction), _text("STAGE", report.stage), _float("ETA", eta)]
+        ))
 
-    def __call__(self, fraction: float, stage: str) -> None:
-        if stage != self.last[1] or fraction >= self.last[0] + self.step:
-            self.last = (fraction, stage)
-            self.sender.send(pb_utils.InferenceResponse([_float("PROGRESS", fraction), _text("STAGE", stage)]))
+    return send
 
 
 def _float(name: str, value: float) -> pb_utils.Tensor:
@@ -101,6 +103,11 @@ def _text(name: str, value: str | bytes) -> pb_utils.Tensor:
 def _optional(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+
+def _is_describe(request) -> bool:
+    """A request with neither VIDEO nor AUDIO: it asks which weights are served."""
+    return all(pb_utils.get_input_tensor_by_name(request, name) is None for name in ("VIDEO", "AUDIO"))
 
 
 def _bytes(request, name: str) -> bytes:
@@ -155,6 +162,7 @@ class TritonPythonModel:
         if params["kernel_cache_dir"]:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = params["kernel_cache_dir"]  # read by Inductor when it compiles
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
+        self.weights = load_weights_config().version(self.version).label
         self.metrics = _Metrics({"model": args["model_name"], "instance": args["model_instance_name"]})
         settings = PipelineSettings.load(
             detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
@@ -176,20 +184,28 @@ class TritonPythonModel:
             self.pipeline.warm_up(max_windows=batching.max_windows, log=pb_utils.Logger.log_info)
             cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default")
             pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s (kernel cache: {cache})")
-        self.progress_step = float(params["progress_step"])
+        self.heartbeat_s = float(params["progress_heartbeat_s"])
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
         places = ", ".join(str(one) for one in devices)
-        self.logger.log_info(f"lipsync: LatentSync {self.version} on {places}, {self.pipeline.vae.dtype}")
+        self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.vae.dtype}")
 
     def execute(self, requests) -> None:
         for request in requests:
+            if _is_describe(request):
+                self._describe(request)
+                continue
             self.slots.acquire()  # a full instance holds the next request in Triton's queue
             job = threading.Thread(target=self._serve, args=(request,), daemon=True)
             self.jobs.add(job)
             job.start()
+
+    def _describe(self, request) -> None:
+        info = json.dumps({"weights": self.weights, "version": self.version})
+        final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
+        request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _serve(self, request) -> None:
         if self.device.type == "cuda":
@@ -198,10 +214,11 @@ class TritonPythonModel:
         try:
             self.metrics.active.increment(1)
             options = _options(request, self.version)
-            output = run_job(
-                self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                progress=_ProgressStream(sender, self.progress_step), should_cancel=request.is_cancelled,
-            )
+            with ProgressReporter(_progress_sender(sender), self.heartbeat_s) as progress:
+                output = run_job(
+                    self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
+                    progress=progress, should_cancel=request.is_cancelled,
+                )
         except JobCancelled as exc:
             self._fail(sender, "cancelled", "CANCELLED", f"{exc}")
         except ValueError as exc:
@@ -210,10 +227,11 @@ class TritonPythonModel:
             self.logger.log_error(f"lipsync: job failed: {exc!r}")
             self._fail(sender, "failed", "INTERNAL", f"internal error: {exc}")
         else:
-            info = json.dumps(output.info() | {"version": self.version})
-            final = pb_utils.InferenceResponse(
-                [_text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _text("INFO", info)]
-            )
+            info = json.dumps(output.info() | {"version": self.version, "weights": self.weights})
+            final = pb_utils.InferenceResponse([
+                _text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _float("ETA", 0.0),
+                _text("INFO", info),
+            ])
             sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self.metrics.finished("succeeded", output)
         finally:
