@@ -47,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -233,7 +234,10 @@ def step_ms(model: NoisePredictor, windows: int, config: dict[str, Any], method:
     return round(statistics.median(times), 2)
 
 
-def bench_version(version: str, args: argparse.Namespace, device: torch.device, scratch: Path) -> tuple[list[Row], dict[str, Any]]:
+def bench_version(
+    version: str, args: argparse.Namespace, device: torch.device, scratch: Path, save: Callable[[list[Row]], None]
+) -> tuple[list[Row], dict[str, Any]]:
+    """Time the version's variants, then check their quality; ``save`` gets the rows after each phase."""
     dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     paths: WeightPaths = (
@@ -268,11 +272,12 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
     check_faces = aligned_faces(args.video, args.check_frames, detectors, config["data"]["resolution"])
     check_audio = job_audio[: args.check_frames]
 
-    rows, generated = [], {}
+    rows, generated, ran = [], {}, []
     output = scratch / f"{version}.mp4"
     for variant in variants(version, device, bool(args.official_root), args.compiled):
         if args.variants and variant.name not in args.variants:
             continue
+        ran.append(variant)
         pipeline = pipeline_for(variant)
         warm_up(pipeline, len(job_audio), job_audio, variant)
         if device.type == "cuda":
@@ -287,6 +292,7 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
         rows.append(Row(version, variant.name, round(wall, 2), round(wall / (result.frames / FPS), 3),
                         result.seconds, None if peak is None else round(peak, 2), busy.mean))
         print(json.dumps(asdict(rows[-1])), flush=True)
+        save(rows)
 
     reference_unet = load_unet(paths.unet_config, paths.unet, device, torch.float32)
     reference_vae = load_vae(paths.vae_dir, device, torch.float32)
@@ -303,16 +309,21 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
                 row.quality = {f"vs_exact_{key}": round(value, 4) for key, value in mouth_metrics(faces, exact[0], mask).items()}
         row.quality["vs_fp32_rel_l2"] = round(mouth_metrics(faces, reference_faces, mask)["rel_l2"], 5)
         row.quality["vs_fp32_latents_rel_l2"] = round(float((latents - reference_latents).norm() / reference_latents.norm()), 5)
+        print(json.dumps({"variant": row.variant, "quality": row.quality}), flush=True)
+    save(rows)
 
     micro = {}
     if device.type == "cuda":
-        for name, model in models.items():
-            micro[f"{name} step, official shape (ms)"] = step_ms(model, 1, config)
+        # Only the models the timed variants used: any other would compile or capture a new shape here.
+        used = {variant.unet for variant in ran}
+        for name in used & models.keys():
+            micro[f"{name} step, official shape (ms)"] = step_ms(models[name], 1, config)
         windows = WINDOWS[version][-1]
-        micro[f"graphs step, {windows} windows (ms per window)"] = round(step_ms(models["graphs"], windows, config) / windows, 2)
-        micro[f"graphs shallow step, {windows} windows (ms per window)"] = round(
-            step_ms(models["graphs"], windows, config, "forward_shallow") / windows, 2
-        )
+        if "graphs" in used:
+            micro[f"graphs step, {windows} windows (ms per window)"] = round(step_ms(models["graphs"], windows, config) / windows, 2)
+            micro[f"graphs shallow step, {windows} windows (ms per window)"] = round(
+                step_ms(models["graphs"], windows, config, "forward_shallow") / windows, 2
+            )
     detectors.close()
     return rows, {"setup_s": round(setup_s, 1), "video_frames": len(job_audio), **micro}
 
@@ -358,22 +369,28 @@ def main() -> None:
     if device.type == "cpu" and args.dtype != "fp32":
         args.dtype = "fp32"
 
-    rows, extras = [], {}
+    rows: list[Row] = []
+    extras: dict[str, dict[str, Any]] = {}
+
+    def save(pending: Sequence[Row] = ()) -> None:
+        """Write what is measured so far: a run cut short still leaves its finished variants."""
+        if args.json:
+            report = {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
+                "rows": [asdict(row) for row in [*rows, *pending]], "extras": extras,
+            }
+            args.json.write_text(json.dumps(report, indent=2))
+
     with tempfile.TemporaryDirectory() as scratch:
         for version in versions:
-            version_rows, extras[version] = bench_version(version, args, device, Path(scratch))
+            version_rows, extras[version] = bench_version(version, args, device, Path(scratch), save)
             rows += version_rows
+            save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the version's models are gone with bench_version's frame
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
-        "rows": [asdict(row) for row in rows], "extras": extras,
-    }
     table = markdown(rows, extras)
     print(table)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     if args.markdown:
         args.markdown.write_text(table + "\n")
 
