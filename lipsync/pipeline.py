@@ -217,10 +217,12 @@ class LipSyncPipeline:
         batcher's cap, when calls mix windows of several jobs): the compiled UNet compiles both of
         its batch-size ranges (see ``CompiledUNet``), ``GraphedUNet`` captures those shapes, cuDNN
         picks its algorithms and the VAE gets its first calls. A server calls this before it
-        reports ready, so no job pays minutes of compilation. Other shapes (other window counts,
-        the shorter last window, no guidance, other modes) are captured on first use — safely
-        beside running jobs (``GpuGuard``) and in well under a second — and the shorter last
-        window runs uncompiled. ``log`` gets one line per shape with its seconds.
+        reports ready, so no job of ``mode`` pays minutes of compilation. Other shapes (other window
+        counts, the shorter last window, no guidance) are captured on first use — safely beside
+        running jobs (``GpuGuard``) and in well under a second — and the shorter last window runs
+        uncompiled. Another mode's passes (fast mode's shallow pass) are compiled on the first job
+        of that mode unless the kernel cache holds them. ``log`` gets one line per shape with its
+        seconds.
         """
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
         counts = sorted({1, settings.windows_per_call, max_windows or settings.windows_per_call})
