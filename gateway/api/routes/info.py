@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from gateway.api.deps import RuntimeDep
+from gateway.api.deps import RuntimeDep, SettingsDep
 from gateway.cli import LOCAL_KEY_FILE
 from gateway.schemas import option_rules
 from gateway.served import demo_weights
@@ -17,9 +17,8 @@ router = APIRouter()
 
 
 @router.get("/v1/info")
-def info(runtime: RuntimeDep) -> dict[str, Any]:
+def info(settings: SettingsDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Names the files that hold keys, never a key itself."""
-    settings = runtime.settings
     candidates = [settings.data_dir / LOCAL_KEY_FILE]  # made by `lipsync-serve up` when no key is configured
     if settings.api_keys_file:
         candidates.append(Path(settings.api_keys_file).resolve())
