@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from gateway.triton_client import served_weights
+from gateway.backend import JobBackend
 from lipsync.weights import load_weights_config
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,8 @@ def demo_weights() -> str:
 class ServedWeights:
     """The last answer of Triton's ``lipsync`` model to "which weights?"; ``None`` until it answered."""
 
-    def __init__(self, triton_grpc: str, retry_s: float = 2.0) -> None:
-        self.triton_grpc, self.retry_s = triton_grpc, retry_s
+    def __init__(self, backend: JobBackend, retry_s: float = 2.0) -> None:
+        self.backend, self.retry_s = backend, retry_s
         self.value: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._until_known, name="served-weights", daemon=True)
@@ -40,7 +40,7 @@ class ServedWeights:
     def refresh(self) -> str | None:
         """Ask Triton now; keeps the last answer when it cannot tell."""
         try:
-            self.value = served_weights(self.triton_grpc)
+            self.value = self.backend.weights()
         except Exception as exc:  # noqa: BLE001 - any failure to ask means "not known now"
             log.debug("served weights unknown: %s", exc)
         return self.value

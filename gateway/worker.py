@@ -1,10 +1,10 @@
-"""Feeds queued jobs to Triton: ``concurrency`` threads, each streaming one job at a time over gRPC.
+"""Feeds queued jobs to the backend (Triton): ``concurrency`` threads, each running one job at a time.
 
-A thread claims the oldest queued job (committed as ``InProgress``), streams it with
-:func:`gateway.triton_client.run_job`, writes progress into the table as it arrives, and checks the
-table between responses: a job that left ``InProgress`` (cancelled through the API) has its Triton
-stream cancelled. When Triton is unavailable the job waits for it to come back and is re-queued if it
-has an attempt left. Every ending is committed before the finish callback (webhook) runs.
+A thread claims the oldest queued job (committed as ``InProgress``), runs it on the
+:class:`~gateway.backend.JobBackend`, writes progress into the table as it arrives, and has the
+backend check the table between responses: a job that left ``InProgress`` (cancelled through the API)
+has its Triton stream cancelled. When Triton is unavailable the job waits for it to come back and is
+re-queued if it has an attempt left. Every ending is committed before the finish callback (webhook) runs.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import tritonclient.grpc as grpcclient
-
+from gateway.backend import JobBackend
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir
 from gateway.store import Job, JobStore
-from gateway.triton_client import JobRequest, TritonJobError, run_job
+from gateway.triton_client import JobRequest, TritonJobError
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +27,13 @@ WAITING_FOR_TRITON = "waiting for Triton"
 """The stage a job shows while its worker waits for Triton to come back."""
 
 
-def triton_ready(url: str) -> bool:
-    """Triton answers on gRPC and the ``lipsync`` model is loaded."""
-    try:
-        client = grpcclient.InferenceServerClient(url)
-        try:
-            return client.is_server_ready() and client.is_model_ready("lipsync")
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - any failure to ask means "not ready"
-        return False
-
-
 class Worker:
     def __init__(
-        self, settings: GatewaySettings, store: JobStore, data: DataDir, metrics: Metrics,
+        self, settings: GatewaySettings, store: JobStore, data: DataDir, metrics: Metrics, backend: JobBackend,
         on_finished: Callable[[str], None],
     ) -> None:
         self.settings = settings
+        self.backend = backend
         self.store = store
         self.data = data
         self.metrics = metrics
@@ -98,11 +86,10 @@ class Worker:
         )
         started = time.monotonic()
         try:
-            result = run_job(
-                self.settings.triton_grpc, request,
+            result = self.backend.run(
+                request,
                 on_progress=lambda fraction, stage, eta_s: self.store.set_progress(job.id, fraction, stage, eta_s),
                 should_cancel=lambda: self._stop.is_set() or not self.store.is_running(job.id),
-                poll_s=self.settings.cancel_poll_s, timeout_s=self.settings.job_timeout_s,
             )
         except TritonJobError as exc:
             self._failed(job, exc)
@@ -137,7 +124,7 @@ class Worker:
     def _await_triton(self) -> bool:
         deadline = time.monotonic() + self.settings.triton_wait_s
         while time.monotonic() < deadline and not self._stop.is_set():
-            if triton_ready(self.settings.triton_grpc):
+            if self.backend.ready():
                 return True
             time.sleep(1.0)
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +15,9 @@ from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
 from lipsync.config import CONFIG_DIR
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightPaths
+
+if TYPE_CHECKING:
+    from local_gateway import LocalGateway
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "reference"
@@ -53,3 +57,12 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
     process.configure(**LOAD_TEST_LIMITS).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
+    """The gateway app in this process on a stand-in backend (:mod:`local_gateway`), with the limits of ``gateway``."""
+    from local_gateway import LocalGateway  # it imports this module's free_port
+
+    with LocalGateway(tmp_path_factory.mktemp("local-gateway") / "data", **LOAD_TEST_LIMITS) as local:
+        yield local

@@ -1,12 +1,12 @@
-"""A corpus of bad requests against the running gateway: each gets a clean 4xx JSON error, no job is
-created, no upload is left behind, and the gateway keeps serving. (Bodies without a key, decode-bomb
-memory, idempotency, existence probes and rate limits: test_gateway_abuse.py.)"""
+"""A corpus of bad requests against the gateway app (in this process, real job table and media checks,
+a stand-in backend: :mod:`local_gateway`): each gets a clean 4xx JSON error, no job is created, no upload
+is left behind, and the gateway keeps serving. (Bodies without a key, decode-bomb memory, idempotency,
+existence probes and rate limits: test_gateway_abuse.py.)"""
 
 from __future__ import annotations
 
 import base64
 
-import httpx2
 import pytest
 
 from bombs import huge_frame_video, silent_flac, sparse_video
@@ -15,7 +15,6 @@ from gateway.metrics import sample_sum
 from gateway_process import KEYS
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
@@ -40,8 +39,13 @@ def media(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def job_count(url: str) -> float:
-    return sample_sum(httpx2.get(f"{url}/metrics", timeout=10).text, "lipsync_gateway_jobs")
+@pytest.fixture
+def gateway(local_gateway):
+    return local_gateway
+
+
+def job_count(gateway) -> float:
+    return sample_sum(gateway.client.get("/metrics").text, "lipsync_gateway_jobs")
 
 
 def submit_body(media: dict[str, str], **changes) -> dict:
@@ -83,17 +87,17 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_submit_gets_422_and_creates_nothing(gateway, media, case) -> None:
-    before = job_count(gateway.url)
+    before = job_count(gateway)
     request = CASES[case](media)
     headers = AUTH | request.pop("headers", {})
     expected_reason = request.pop("reason", "")
-    response = httpx2.post(f"{gateway.url}/lipsync/submit", headers=headers, timeout=60, **request)
+    response = gateway.client.post("/lipsync/submit", headers=headers, **request)
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["status"] == "Failed" and isinstance(body["reason"], str) and body["reason"]
     assert expected_reason in body["reason"]
     assert "/tmp" not in body["reason"] and str(gateway.data_dir) not in body["reason"]
-    assert job_count(gateway.url) == before
+    assert job_count(gateway) == before
     assert not any((gateway.data_dir / "incoming").iterdir())
 
 
@@ -122,18 +126,18 @@ BOTH = {"video": "video", "audio": "audio"}
          "seed 1e3", "guidance nan", "guidance true", "steps twice", "unknown field", "a third file", "audio over max_audio_s"],
 )
 def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
-    before = job_count(gateway.url)
+    before = job_count(gateway)
     parts = [(name, (f"{name}.mp4", base64.b64decode(media[kind]))) for name, kind in files.items()]
-    response = httpx2.post(f"{gateway.url}/lipsync/upload", headers=AUTH, files=parts, data=data, timeout=60)
+    response = gateway.client.post("/lipsync/upload", headers=AUTH, files=parts, data=data)
     assert response.status_code == 422, response.text
     assert response.json()["status"] == "Failed"
-    assert job_count(gateway.url) == before
+    assert job_count(gateway) == before
     assert not any((gateway.data_dir / "incoming").iterdir())
 
 
 def test_a_body_over_the_cap_gets_413(gateway, media) -> None:
     huge = {"video_source": "A" * (6 * 1024 * 1024), "audio_source": media["audio"]}  # the fixture's cap: 5 MB
-    response = httpx2.post(f"{gateway.url}/lipsync/submit", headers=AUTH, json=huge, timeout=60)
+    response = gateway.client.post("/lipsync/submit", headers=AUTH, json=huge)
     assert response.status_code == 413
     assert response.json()["status"] == "Failed"
 
@@ -144,9 +148,8 @@ def test_a_chunked_body_over_the_cap_gets_413(gateway) -> None:
         for _ in range(7):
             yield b"A" * (1024 * 1024)
 
-    response = httpx2.post(
-        f"{gateway.url}/lipsync/upload", headers=AUTH | {"Content-Type": "multipart/form-data; boundary=x"},
-        content=chunks(), timeout=60,
+    response = gateway.client.post(
+        "/lipsync/upload", headers=AUTH | {"Content-Type": "multipart/form-data; boundary=x"}, content=chunks(),
     )
     assert response.status_code == 413
     assert response.json()["status"] == "Failed"
@@ -160,7 +163,7 @@ def test_a_chunked_body_over_the_cap_gets_413(gateway) -> None:
 def test_requests_without_an_accepted_key_get_401(gateway, media, headers) -> None:
     unknown = {"request_id": "0" * 32}
     for path, body in (("submit", submit_body(media)), ("status", unknown), ("cancel", unknown)):
-        response = httpx2.post(f"{gateway.url}/lipsync/{path}", headers=headers, json=body, timeout=60)
+        response = gateway.client.post(f"/lipsync/{path}", headers=headers, json=body)
         assert response.status_code == 401, (path, response.text)
         assert response.json()["status"] == "Failed"
 
@@ -172,34 +175,34 @@ def test_requests_without_an_accepted_key_get_401(gateway, media, headers) -> No
 )
 def test_bad_or_unknown_request_ids_get_4xx(gateway, request_id, code) -> None:
     for path in ("status", "cancel"):
-        response = httpx2.post(f"{gateway.url}/lipsync/{path}", headers=AUTH, json={"request_id": request_id}, timeout=30)
+        response = gateway.client.post(f"/lipsync/{path}", headers=AUTH, json={"request_id": request_id})
         assert response.status_code == code, (path, response.text)
         assert response.json()["status"] == "Failed"
 
 
 @pytest.mark.parametrize("path", ["..%2F..%2Fjobs.db", "..%2Fresults%2Fx", "%2Fetc%2Fpasswd", "0" * 32, "x" * 32 + ".mp4"])
 def test_path_like_result_ids_get_4xx(gateway, path) -> None:
-    response = httpx2.get(f"{gateway.url}/lipsync/result/{path}?token=x", timeout=30)
+    response = gateway.client.get(f"/lipsync/result/{path}?token=x")
     assert 400 <= response.status_code < 500
     assert response.json()["status"] == "Failed"
 
 
 def test_another_keys_job_is_unknown(gateway, media) -> None:
-    created = httpx2.post(f"{gateway.url}/lipsync/submit", headers=AUTH, json=submit_body(media), timeout=60)
+    created = gateway.client.post("/lipsync/submit", headers=AUTH, json=submit_body(media))
     assert created.status_code == 200, created.text
     request_id = created.json()["request_id"]
     other = {"Authorization": f"Bearer {KEYS[1]}"}
     for path in ("status", "cancel"):
-        response = httpx2.post(f"{gateway.url}/lipsync/{path}", headers=other, json={"request_id": request_id}, timeout=30)
+        response = gateway.client.post(f"/lipsync/{path}", headers=other, json={"request_id": request_id})
         assert response.status_code == 404 and response.json()["status"] == "Failed"
-    assert httpx2.get(f"{gateway.url}/lipsync/result/{request_id}", headers=other, timeout=30).status_code == 404
-    mine = httpx2.post(f"{gateway.url}/lipsync/status", headers=AUTH, json={"request_id": request_id}, timeout=30)
+    assert gateway.client.get(f"/lipsync/result/{request_id}", headers=other).status_code == 404
+    mine = gateway.client.post("/lipsync/status", headers=AUTH, json={"request_id": request_id})
     assert mine.status_code == 200 and mine.json()["status"] != "Cancelled"  # the other key's cancel did nothing
 
 
 def test_unknown_routes_and_methods_get_json_errors(gateway) -> None:
-    assert httpx2.get(f"{gateway.url}/nothing-here", timeout=10).json()["status"] == "Failed"
-    wrong_method = httpx2.get(f"{gateway.url}/lipsync/submit", timeout=10)
+    assert gateway.client.get("/nothing-here").json()["status"] == "Failed"
+    wrong_method = gateway.client.get("/lipsync/submit")
     assert wrong_method.status_code == 405 and wrong_method.json()["status"] == "Failed"
-    assert httpx2.get(f"{gateway.url}/healthz", timeout=10).json() == {"status": "ok"}
-    assert httpx2.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+    assert gateway.client.get("/healthz").json() == {"status": "ok"}
+    assert gateway.client.get("/readyz").status_code == 200

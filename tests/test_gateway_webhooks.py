@@ -1,8 +1,9 @@
-"""Webhooks through the real gateway process in front of a real Triton (CPU, tiny weights): internal
-targets refused at submit, signed deliveries, a trickling receiver cut at the deadline without
-delaying another key's webhook, and webhooks pending at SIGTERM sent after the restart (and checked
-again then). A job's webhook fires when it ends, cancelled ones included, so these tests cancel their
-jobs instead of waiting for inference."""
+"""Webhooks: internal targets refused at submit, signed deliveries, a trickling receiver cut at the
+deadline without delaying another key's webhook (the gateway app in this process on a stand-in
+backend, :mod:`local_gateway`, served on loopback), and webhooks pending at SIGTERM sent after the
+restart and checked again then (real gateway processes in front of a real Triton). A job's webhook
+fires when it ends, cancelled ones included, so these tests cancel their jobs instead of waiting for
+inference."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import base64
 import signal
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -21,10 +23,10 @@ from conftest import free_port
 from gateway.metrics import sample_sum
 from gateway.settings import GatewaySettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
+from local_gateway import LocalGateway
 from webhook_receivers import TRICKLE, Receiver
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
@@ -40,6 +42,12 @@ def media(tmp_path_factory) -> dict[str, str]:
     video = write_video(folder / "clip.mp4", demo_frames(10)).read_bytes()
     audio = write_wav(folder / "speech.wav", speech(0.4)).read_bytes()
     return {"video_source": base64.b64encode(video).decode(), "audio_source": base64.b64encode(audio).decode()}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory) -> Iterator[LocalGateway]:
+    with LocalGateway(tmp_path_factory.mktemp("webhook-gateway") / "data") as local:
+        yield local.serve()
 
 
 def submit(url: str, key: str, media: dict[str, str], webhook_url: str) -> httpx2.Response:
@@ -97,7 +105,7 @@ def test_internal_and_credentialed_webhook_urls_get_400_and_create_no_job(gatewa
 
 def test_a_trickling_receiver_is_cut_at_the_deadline_and_does_not_delay_another_keys_webhook(gateway, media) -> None:
     per_owner = GatewaySettings.load().webhook_per_owner
-    deadline_s = gateway.webhook_timeout_s
+    deadline_s = gateway.settings.webhook_timeout_s
     slow, fast = Receiver(then=TRICKLE), Receiver()
     try:
         for _ in range(per_owner + 1):  # one more than the key may have in flight
@@ -119,6 +127,7 @@ def test_a_trickling_receiver_is_cut_at_the_deadline_and_does_not_delay_another_
         fast.close()
 
 
+@pytest.mark.slow
 def test_webhooks_pending_at_sigterm_are_sent_after_the_restart_and_checked_again(triton, media, tmp_path) -> None:
     data_dir = tmp_path / "data"
     kept, dropped = Receiver([TRICKLE]), Receiver([TRICKLE], host=OTHER_HOOK_HOST)

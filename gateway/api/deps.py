@@ -1,0 +1,56 @@
+"""``Annotated`` dependencies of the routes: the runtime's parts, the caller's owner id, the Idempotency-Key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from gateway.auth import bearer_key
+from gateway.errors import ApiError
+from gateway.guard import OWNER, UNAUTHORIZED
+from gateway.runtime import Runtime
+from gateway.services.jobs import JobService
+from gateway.settings import GatewaySettings
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(runtime: RuntimeDep) -> GatewaySettings:
+    return runtime.settings
+
+
+def get_jobs(runtime: RuntimeDep) -> JobService:
+    return runtime.jobs
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+JobServiceDep = Annotated[JobService, Depends(get_jobs)]
+
+
+def get_owner(request: Request, runtime: RuntimeDep) -> str:
+    """The owner id the guard found for the request's Bearer key (checked again should a route be reached
+    without the guard); 401 without an accepted key."""
+    found = getattr(request.state, OWNER, None)
+    if found is None:
+        found = runtime.keys.owner(bearer_key(request.headers.get("authorization")))
+    if found is None:
+        raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+    return found
+
+
+def get_idempotency_key(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+        raise ApiError(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return idempotency_key
+
+
+ApiKeyOwner = Annotated[str, Depends(get_owner)]
+IdempotencyKey = Annotated[str | None, Depends(get_idempotency_key)]

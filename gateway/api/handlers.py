@@ -1,0 +1,45 @@
+"""Every error as ``{"status": "Failed", "reason": …}``: refusals, validation errors (field and message,
+never the input), Starlette's 404/405, and a bare 500 for anything unexpected (logged)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import ApiError, error_response
+
+log = logging.getLogger(__name__)
+
+
+async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status_code, exc.reason, exc.headers)
+
+
+async def invalid_request(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+    problems = []
+    for error in exc.errors():  # field and message only: never echo the (possibly huge) input
+        where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "header"))
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return error_response(422, "; ".join(problems) or "invalid request")
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal error")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(ValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

@@ -1,0 +1,1 @@
+"""One module per group of routes; :mod:`gateway.api.main` puts them together."""

@@ -1,0 +1,86 @@
+"""Submit (JSON with base64 or multipart), status, cancel, the caller's recent jobs, the result download.
+
+Request shapes follow the original tutorial's API so its clients keep working. Handlers that touch
+files, the job table or FFmpeg are plain ``def``s or run on FastAPI's thread pool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
+from gateway.errors import ApiError
+from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
+from gateway.idempotency import copy_file, write_bytes
+from gateway.schemas import JobRef, SubmitRequest
+from gateway.validation import InvalidInput, decode_base64
+
+MAX_LISTED_JOBS = 100
+
+router = APIRouter()
+
+
+@router.post("/lipsync/submit")
+def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+    def stage(folder: Path) -> tuple[str, str]:
+        return (write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
+                write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"))
+
+    return jobs.submit(who, body.options(), stage, key)
+
+
+@router.post("/lipsync/upload")
+async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+    """Multipart variant of submit: the files as parts (no base64), options as form fields."""
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # 413 from the body cap stays 413
+            raise
+        raise ApiError(422, f"malformed multipart form: {exc.detail}") from None
+    try:
+        try:
+            options, files = upload_parts(form)
+        except InvalidInput as exc:
+            raise ApiError(422, str(exc)) from None
+
+        def stage(folder: Path) -> tuple[str, str]:
+            return copy_file(files["video"].file, folder / "video"), copy_file(files["audio"].file, folder / "audio")
+
+        return await run_in_threadpool(jobs.submit, who, options, stage, key)
+    finally:
+        await form.close()
+
+
+@router.post("/lipsync/status")
+def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+    return jobs.view(jobs.owned(body.request_id, who))
+
+
+@router.post("/lipsync/cancel")
+def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+    return jobs.view(jobs.cancel(jobs.owned(body.request_id, who)))
+
+
+@router.get("/v1/jobs")
+def recent_jobs(
+    jobs: JobServiceDep, who: ApiKeyOwner, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20,
+) -> dict[str, Any]:
+    """The caller's most recent jobs, newest first, each as its status shows it."""
+    return {"jobs": jobs.recent(who, limit)}
+
+
+@router.get("/lipsync/result/{request_id}")
+def result(
+    request_id: str, jobs: JobServiceDep, token: str | None = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> FileResponse:
+    """The video, for its owner's key or the unguessable ``token`` of the status's URL (players cannot send headers)."""
+    path = jobs.readable_result(request_id, token, authorization)
+    return FileResponse(path, media_type="video/mp4", filename=f"lipsync-{request_id}.mp4")

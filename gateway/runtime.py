@@ -1,0 +1,67 @@
+"""The parts that live as long as the app: built from the settings around one backend, started and
+stopped by the app's lifespan. Routes reach them through :mod:`gateway.api.deps`.
+
+A start first settles what the last stop left: running jobs are re-queued (or failed when out of
+attempts) and webhooks of jobs that ended just before it are queued.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.auth import ApiKeys
+from gateway.backend import JobBackend
+from gateway.metrics import Metrics
+from gateway.quotas import Quotas
+from gateway.served import ServedWeights
+from gateway.services.jobs import JobService
+from gateway.settings import GatewaySettings
+from gateway.storage import DataDir
+from gateway.store import JobStore
+from gateway.webhook import Webhooks
+from gateway.webhook_signing import Signer, load_secret
+from gateway.webhook_targets import AddressPolicy
+from gateway.worker import Worker
+from lipsync.media import MediaSettings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: GatewaySettings, keys: ApiKeys, backend: JobBackend) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.backend = backend
+        self.data = DataDir(settings.data_dir)
+        self.store = JobStore(self.data.database)
+        self.quotas = Quotas(settings, self.store)
+        self.metrics = Metrics(self.store)
+        self.weights = ServedWeights(backend)
+        self.webhooks = Webhooks(
+            self.store, settings, Signer(load_secret(settings.webhook_secret_env, settings.webhook_secret_path)),
+            AddressPolicy(settings.webhook_allow),
+        )
+        self.jobs = JobService(
+            settings, keys, MediaSettings.load(), self.data, self.store, self.quotas, self.metrics, self.webhooks,
+            self.weights, on_queued=lambda: self.worker.wake(),  # the worker is made next: it calls back into jobs
+        )
+        self.worker = Worker(settings, self.store, self.data, self.metrics, backend, self.jobs.notify)
+
+    def start(self) -> None:
+        requeued, failed = self.store.recover(self.settings.max_attempts)
+        for job_id in failed:
+            self.data.drop_inputs(job_id)
+            self.jobs.notify(job_id)
+        if requeued or failed:
+            log.warning("restart: %d running jobs re-queued, %d failed", len(requeued), len(failed))
+        for job_id in self.store.unnotified():  # ended just before the last stop, webhook not yet queued
+            self.jobs.notify(job_id)
+        self.webhooks.start()
+        self.worker.start()
+        self.weights.start()
+
+    def stop(self) -> None:
+        self.weights.stop()
+        self.worker.stop()
+        self.webhooks.close()
+        self.store.close()

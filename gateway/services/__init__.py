@@ -1,0 +1,1 @@
+"""What the routes do, apart from HTTP: the job service and the parts it runs with."""

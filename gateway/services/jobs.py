@@ -1,0 +1,181 @@
+"""The job service: submit, status, cancel, the owner's recent jobs, the result file, and the webhook
+call when a job ends. Routes translate HTTP to these calls; every refusal is an :class:`ApiError`.
+
+A job another key submitted is answered exactly like one that does not exist (404).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.auth import ApiKeys, bearer_key, secure_equal
+from gateway.errors import ApiError
+from gateway.idempotency import fingerprint
+from gateway.metrics import Metrics
+from gateway.quotas import Quotas
+from gateway.schemas import JobOptions
+from gateway.served import ServedWeights
+from gateway.settings import GatewaySettings
+from gateway.storage import DataDir, is_job_id
+from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, QuotaExceeded, new_job_id
+from gateway.validation import InvalidInput, check_audio, check_video
+from gateway.webhook import Webhooks
+from gateway.webhook_targets import WebhookRefused
+from lipsync.media import MediaSettings
+
+NOT_FOUND = "no such request_id for this API key"
+NO_RESULT = "no result for this request_id"
+BAD_ID = "request_id is not a valid request id"
+
+StageInputs = Callable[[Path], tuple[str, str]]
+"""Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
+
+
+class JobService:
+    def __init__(
+        self, settings: GatewaySettings, keys: ApiKeys, media: MediaSettings, data: DataDir, store: JobStore,
+        quotas: Quotas, metrics: Metrics, webhooks: Webhooks, weights: ServedWeights, on_queued: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.media = media
+        self.data = data
+        self.store = store
+        self.quotas = quotas
+        self.metrics = metrics
+        self.webhooks = webhooks
+        self.weights = weights
+        self.on_queued = on_queued
+
+    def view(self, job: Job) -> dict[str, Any]:
+        """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base.
+
+        ``weights``: what made the result for a finished job, what Triton serves for the others.
+        """
+        results = None
+        if job.status == SUCCEED:
+            url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
+            results = {"video": [{"url": url}], "timings": {"inference": round(job.inference_s or 0.0, 3)}}
+        eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
+        return {
+            "request_id": job.id, "status": job.status, "reason": job.reason or None,
+            "queue_position": self.store.queue_position(job), "progress": round(job.progress, 4),
+            "stage": job.stage or None, "eta_s": eta, "weights": (job.info or {}).get("weights", self.weights.value),
+            "created_at": round(job.created_at, 3), "results": results,
+        }
+
+    def recent(self, owner: str, limit: int) -> list[dict[str, Any]]:
+        """The owner's most recent jobs, newest first, each as its status shows it (counted against the key's rate)."""
+        self.quotas.count_request(owner, submit=False)
+        return [self.view(job) for job in self.store.recent(owner, limit)]
+
+    def notify(self, job_id: str) -> None:
+        """A job finished (committed): call its webhook, if it has one."""
+        job = self.store.get(job_id)
+        if job is not None and job.webhook_url:
+            self.webhooks.send(job, self.view(job))
+
+    def owned(self, request_id: str, owner: str) -> Job:
+        """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
+        if not is_job_id(request_id):
+            raise ApiError(400, BAD_ID)
+        job = self.store.get(request_id)
+        if job is None or not secure_equal(job.owner, owner):
+            raise ApiError(404, NOT_FOUND)
+        return job
+
+    def readable_result(self, request_id: str, token: str | None, authorization: str | None) -> Path:
+        """The result file of ``request_id`` for the holder of its token or of its owner's key.
+
+        Every refusal is the same 404 (unknown id, unfinished job, wrong or missing token, a key that
+        is not accepted or not the owner's), so the answer never tells whether the job exists.
+        """
+        if not is_job_id(request_id):
+            raise ApiError(400, BAD_ID)
+        job = self.store.get(request_id)
+        owner = self.keys.owner(bearer_key(authorization)) if authorization is not None else None
+        allowed = job is not None and job.status == SUCCEED and (
+            (token is not None and job.result_token is not None and secure_equal(token, job.result_token))
+            or (owner is not None and secure_equal(owner, job.owner))
+        )
+        path = self.data.result(request_id)
+        if not allowed or not path.is_file():
+            raise ApiError(404, NO_RESULT)
+        return path
+
+    def submit(
+        self, owner: str, options: JobOptions, stage_inputs: StageInputs, idempotency_key: str | None,
+    ) -> dict[str, str]:
+        """Stage the inputs, check them by content and queue the job.
+
+        With an ``idempotency_key`` this owner used before: the same request gets the first job's id, a
+        different one 409. The staging folder never outlives the call.
+        """
+        staged = self.data.staging()
+        try:
+            request_hash = fingerprint(options, *stage_inputs(staged))
+            replayed = self._replay(owner, idempotency_key, request_hash)
+            if replayed is not None:
+                return {"request_id": replayed.id}
+            webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
+            check_video(staged / "video", "video_source", self.media)
+            check_audio(staged / "audio", "audio_source", self.media)
+            job_id = new_job_id()
+            self.data.adopt(staged, job_id)
+        except InvalidInput as exc:
+            raise ApiError(422, str(exc)) from None
+        except WebhookRefused as exc:
+            raise ApiError(400, str(exc)) from None
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        try:
+            job, created = self.store.create(
+                job_id, owner, self._params(options), webhook, idempotency_key, request_hash,
+                max_active=self.settings.max_active_jobs,
+            )
+        except QuotaExceeded:
+            self.data.drop_inputs(job_id)
+            raise self.quotas.too_many_jobs() from None
+        if not created:  # the same key raced us: that job stands, this upload goes
+            self.data.drop_inputs(job_id)
+            self._replay(owner, idempotency_key, request_hash)
+        self.on_queued()
+        return {"request_id": job.id}
+
+    def _replay(self, owner: str, idempotency_key: str | None, request_hash: str) -> Job | None:
+        """The job this owner's ``idempotency_key`` already names, if the request is the same; 409 if not."""
+        existing = self.store.find_idempotent(owner, idempotency_key)
+        if existing is None:
+            return None
+        if existing.request_hash is not None and not secure_equal(existing.request_hash, request_hash):
+            raise ApiError(
+                409, "this Idempotency-Key was already used with a different request (inputs or options); "
+                "send the same request again, or use a new key for a new job",
+            )
+        return existing
+
+    def _params(self, options: JobOptions) -> dict[str, Any]:
+        """The Triton job options: the request's, else the configured defaults."""
+        defaults = self.settings.defaults
+        return {
+            "inference_steps": defaults.inference_steps if options.inference_steps is None else options.inference_steps,
+            "guidance_scale": defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale,
+            "seed": defaults.seed if options.seed is None else options.seed,
+            "loop_mode": options.loop_mode, "version": options.version, "mode": options.mode,
+        }
+
+    def cancel(self, job: Job) -> Job:
+        if job.status not in (IN_QUEUE, IN_PROGRESS):
+            raise ApiError(409, f"the job has already finished ({job.status})")
+        if not self.store.cancel(job.id, "cancelled by the client"):  # it ended meanwhile
+            raise ApiError(409, "the job has already finished")
+        cancelled = self.store.get(job.id)
+        assert cancelled is not None
+        if cancelled.started_at is None:  # never claimed; a claimed job's worker drops the inputs when it stops
+            self.data.drop_inputs(job.id)
+        self.metrics.finished.labels(CANCELLED).inc()
+        self.notify(job.id)
+        return cancelled

@@ -1,0 +1,53 @@
+"""The job routes' own rules against the gateway app in this process (real job table, stand-in backend:
+:mod:`local_gateway`): the caller's job list. Jobs through a real Triton: test_gateway_api.py."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+
+from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from gateway_process import KEYS
+from local_gateway import STAND_IN_WEIGHTS
+
+pytestmark = pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found")
+
+FINISHED = {"Succeed", "Failed", "Cancelled"}
+
+
+@pytest.fixture(scope="module")
+def body(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("jobs")
+    video = write_video(folder / "clip.mp4", demo_frames(10)).read_bytes()
+    audio = write_wav(folder / "speech.wav", speech(0.4)).read_bytes()
+    return {"video_source": base64.b64encode(video).decode(), "audio_source": base64.b64encode(audio).decode()}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_the_job_list_shows_the_callers_own_jobs_newest_first(local_gateway, body) -> None:
+    client = local_gateway.client
+
+    def job(key: str) -> str:
+        response = client.post("/lipsync/submit", headers=auth(key), json=body | {"inference_steps": 1})
+        assert response.status_code == 200, response.text
+        return response.json()["request_id"]
+
+    first, second, other = job(KEYS[0]), job(KEYS[0]), job(KEYS[1])
+    listed = client.get("/v1/jobs", headers=auth(KEYS[0]), params={"limit": 2}).json()["jobs"]
+    assert [listed_job["request_id"] for listed_job in listed] == [second, first]
+    assert all("status" in listed_job for listed_job in listed)
+    assert other not in {listed_job["request_id"] for listed_job in client.get("/v1/jobs", headers=auth(KEYS[0])).json()["jobs"]}
+    assert client.get("/v1/jobs", headers=auth(KEYS[1])).json()["jobs"][0]["request_id"] == other
+    assert client.get("/v1/jobs").status_code == 401
+    assert client.get("/v1/jobs", headers=auth(KEYS[0]), params={"limit": 0}).status_code == 422
+    deadline = time.monotonic() + 30
+    while not all(listed_job["status"] in FINISHED for listed_job in listed):
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.05)
+        listed = client.get("/v1/jobs", headers=auth(KEYS[0]), params={"limit": 2}).json()["jobs"]
+    assert all(listed_job["status"] == "Succeed" and listed_job["weights"] == STAND_IN_WEIGHTS for listed_job in listed)
