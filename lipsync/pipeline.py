@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL
 from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
+from lipsync.errors import BadInput
 from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
@@ -45,7 +46,7 @@ from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
     initial_noise, load_scheduler,
 )
-from lipsync.timeline import LoopMode, source_frames
+from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
@@ -287,10 +288,11 @@ class LipSyncPipeline:
             features = self.audio(waveform).cpu()
         fps = self.audio.settings.video_fps
         available = window_count(len(features), self.audio.settings.positions_per_frame)
-        output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        info = probe(Path(video))
+        output_frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self._parts(output_frames / fps, devices)
 
-        info = probe(Path(video))
         track = FaceTrack(Path(video).name)
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         random = torch.Generator().manual_seed(settings.seed)
@@ -398,7 +400,7 @@ class LipSyncPipeline:
         if devices is None:
             return len(self.replicas) if seconds >= self.settings.split_min_seconds else 1
         if devices < 1:
-            raise ValueError(f"devices must be at least 1, got {devices}")
+            raise BadInput(f"devices must be at least 1, got {devices}")
         return min(devices, len(self.replicas))
 
     @contextmanager
