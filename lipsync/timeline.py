@@ -19,7 +19,7 @@ class LoopMode(str, Enum):
     CUT = "cut"
 
     @classmethod
-    def parse(cls, value: "str | LoopMode") -> "LoopMode":
+    def parse(cls, value: str | LoopMode) -> LoopMode:
         try:
             return cls(value)
         except ValueError:

@@ -213,7 +213,7 @@ class TritonPythonModel:
                     self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
                     progress=progress, should_cancel=request.is_cancelled,
                 )
-        except Exception as exc:  # reported to the client; the instance stays up for the next job
+        except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
             self._fail(sender, job, exc)
         else:
             self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
