@@ -105,6 +105,8 @@ OPTIONS: tuple[Option, ...] = (
            "(refused when it serves another)", choices=_weight_versions()),
     Option("devices", "DEVICES", "INT32", "devices of a multi-GPU instance the job's windows are spread over, "
            "at most all (0 or absent: by the clip's length, split_min_seconds)", 0, 1024, rest=False),
+    Option("crf", "CRF", "INT32", "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger "
+           "(default: configs/media.yaml's crf, 18)", 0, 51, flag="--crf"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

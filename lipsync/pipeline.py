@@ -37,7 +37,7 @@ from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.media import VideoReader, VideoWriter
+from lipsync.media import MediaSettings, VideoReader, VideoWriter
 from lipsync.media.colour import rgb_to_yuv420p
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
@@ -261,6 +261,7 @@ class LipSyncPipeline:
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
         mode: str = "exact",
         devices: int | None = None,
+        crf: int | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> LipSyncResult:
@@ -269,6 +270,7 @@ class LipSyncPipeline:
         ``mode`` names a sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast``.
         ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
         them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
+        ``crf``: the H.264 quality of the output; ``None``: ``configs/media.yaml``'s.
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
@@ -344,7 +346,7 @@ class LipSyncPipeline:
         with (
             self._placed(parts) as replicas,
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
-            VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
+            VideoWriter(output, info.width, info.height, fps, audio=waveform, settings=self._media(crf)) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
             ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
             ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
@@ -394,6 +396,11 @@ class LipSyncPipeline:
                 writer.close()
         report("encode", 1.0)
         return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
+
+    @staticmethod
+    def _media(crf: int | None) -> MediaSettings | None:
+        """The output's encoder settings: ``configs/media.yaml``'s, with the job's ``crf`` if it gave one."""
+        return None if crf is None else replace(MediaSettings.load(), crf=crf)
 
     def _parts(self, seconds: float, devices: int | None) -> int:
         """How many devices a job of ``seconds`` spreads its windows over."""

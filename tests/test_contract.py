@@ -60,11 +60,11 @@ def test_choices_are_the_configs_data() -> None:
 
 def test_encode_then_decode_gives_the_options_back() -> None:
     values = {"steps": 7, "guidance_scale": 2.5, "seed": -(2**63), "loop_mode": "cut", "mode": "fast", "version": "1.6",
-              "devices": 2}
+              "devices": 2, "crf": 51}
     arrays = contract.encode(values, b"video", b"audio")
     assert {name: array.dtype for name, array in arrays.items()} == {
         "VIDEO": np.object_, "AUDIO": np.object_, "STEPS": np.int32, "GUIDANCE": np.float32, "SEED": np.int64,
-        "LOOP_MODE": np.object_, "MODE": np.object_, "VERSION": np.object_, "DEVICES": np.int32,
+        "LOOP_MODE": np.object_, "MODE": np.object_, "VERSION": np.object_, "DEVICES": np.int32, "CRF": np.int32,
     }
     assert contract.decode(arrays.get) == values
     assert contract.decode({}.get) == contract.defaults()
@@ -78,6 +78,7 @@ def test_encode_then_decode_gives_the_options_back() -> None:
         ({"MODE": np.array([b"turbo"], np.object_)}, "mode must be one of"),
         ({"STEPS": np.array([0], np.int32)}, "inference_steps must be in 1..1000"),
         ({"GUIDANCE": np.array([-2], np.float32)}, "guidance_scale must be in"),
+        ({"CRF": np.array([52], np.int32)}, "crf must be in 0..51"),
         ({"STEPS": np.array([1, 2], np.int32)}, "one value"),
         ({"MODE": np.array([b"\xff"], np.object_)}, "UTF-8"),
     ],

@@ -1,5 +1,5 @@
-"""The job contract end to end: ``loop_mode: cut`` through the CLI, Triton and the REST gateway, and
-the gateway's job id in the Triton model's log."""
+"""The job contract end to end: ``loop_mode: cut`` (and ``crf``) through the CLI, Triton and the REST
+gateway, and the gateway's job id in the Triton model's log."""
 
 from __future__ import annotations
 
@@ -53,21 +53,24 @@ def test_cli_loop_mode_cut(short_clip: tuple[Path, Path], tiny_weights: WeightPa
     completed = subprocess.run(
         [sys.executable, "-m", "lipsync.cli", "run", "--tiny", "--checkpoints", str(root), "--steps", "1",
          "--loop-mode", "cut", "--device", "cpu", "--no-compile-unet", "--video", str(video), "--audio", str(audio),
-         "--out", str(out)],
+         "--crf", "30", "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["frames"] == VIDEO_FRAMES
     _check_cut(out)
+    assert b"crf=30.0" in out.read_bytes()  # x264 writes its settings into the stream
 
 
 def test_triton_loop_mode_cut_logs_the_request_id(triton, short_clip: tuple[Path, Path], tmp_path: Path) -> None:
     video, audio = short_clip
-    job = JobRequest(video.read_bytes(), audio.read_bytes(), job_id="contract-cut-triton", steps=1, loop_mode="cut")
+    job = JobRequest(video.read_bytes(), audio.read_bytes(), job_id="contract-cut-triton", steps=1, loop_mode="cut",
+                     crf=40)
     result = run_job(triton.settings.grpc_url, job)
     assert result.info["frames"] == VIDEO_FRAMES
     (tmp_path / "out.mp4").write_bytes(result.video)
     _check_cut(tmp_path / "out.mp4")
+    assert b"crf=40.0" in result.video
     assert "job contract-cut-triton done" in triton.log_path.read_text(errors="replace")
 
 
@@ -75,7 +78,7 @@ def test_rest_loop_mode_cut_and_the_job_id_reaches_triton(gateway, triton, short
     video, audio = short_clip
     http = httpx2.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=120)
     body = {"video_source": base64.b64encode(video.read_bytes()).decode(),
-            "audio_source": base64.b64encode(audio.read_bytes()).decode(), "inference_steps": 1, "loop_mode": "cut"}
+            "audio_source": base64.b64encode(audio.read_bytes()).decode(), "inference_steps": 1, "loop_mode": "cut", "crf": 45}
     submitted = http.post("/lipsync/submit", json=body)
     assert submitted.status_code == 200, submitted.text
     job_id = submitted.json()["request_id"]
@@ -88,6 +91,7 @@ def test_rest_loop_mode_cut_and_the_job_id_reaches_triton(gateway, triton, short
     assert result.status_code == 200
     (tmp_path / "out.mp4").write_bytes(result.content)
     _check_cut(tmp_path / "out.mp4")
+    assert b"crf=45.0" in result.content
     log = triton.log_path.read_text(errors="replace")
     assert f"job {job_id} started" in log and f"job {job_id} done" in log
 
