@@ -1,6 +1,6 @@
 """The gateway's one error shape, ``{"status": "Failed", "reason": …}``, for routes and for ASGI middleware.
 
-Routes raise :class:`ApiError`; middleware that answers before the app runs (authentication, rate
+Routes raise :class:`ApiError` (a job error's status comes from its kind, :meth:`ApiError.of`); middleware that answers before the app runs (authentication, rate
 limits, the body cap) sends the same JSON with :func:`send_error`. A response sent before the request
 body was read closes the connection, so the client stops sending and the server reads no more of it.
 """
@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from fastapi.responses import JSONResponse
 from starlette.types import Send
 
+from lipsync.contract import FAILURES
+from lipsync.errors import LipSyncError
+
 
 class ApiError(Exception):
     """A request the gateway refuses: the status code, a reason safe to show, and extra headers."""
@@ -22,6 +25,11 @@ class ApiError(Exception):
         self.status_code = status_code
         self.reason = reason
         self.headers = dict(headers or {})
+
+    @classmethod
+    def of(cls, error: LipSyncError) -> ApiError:
+        """``error`` with the HTTP status of its kind (:data:`lipsync.contract.FAILURES`)."""
+        return cls(FAILURES[error.kind].http_status, str(error))
 
 
 def error_body(reason: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from gateway.schemas import JobOptions
 from gateway.validation import InvalidInput
+from lipsync.contract import OPTIONS
 
 FILE_PARTS = ("video", "audio")
 
@@ -41,13 +42,10 @@ def _text(_: str, text: str) -> str:
     return text
 
 
+_PARSERS: dict[type, Callable[[str, str], Any]] = {int: _integer, float: _number, str: _text}
+
 OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
-    "inference_steps": _integer,
-    "guidance_scale": _number,
-    "seed": _integer,
-    "loop_mode": _text,
-    "version": _text,
-    "mode": _text,
+    **{option.rest_name: _PARSERS[option.type] for option in OPTIONS if option.rest},
     "webhook_url": _text,
 }
 """How each option field's text becomes the value :class:`JobOptions` validates (one entry per option)."""

@@ -4,32 +4,36 @@ Pydantic would by default turn ``"2"``, ``2.0`` or ``true`` into the integer 2; 
 takes only a JSON integer, a float field a JSON number (an integer is fine, a bool or a string is not),
 a string field only a string, and unknown fields are refused. Multipart form fields, which are text by
 nature, are parsed into these types by :mod:`gateway.forms` first.
+
+The job options are the REST ones of :data:`lipsync.contract.OPTIONS`: names, types, ranges and
+choices come from there, so the API accepts exactly what the model does.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, Strict, StrictStr
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, Strict, StrictStr, create_model
 
-_INT64 = 2**63
-
-
-class JobOptions(BaseModel):
-    """Options shared by the JSON and the multipart submit; ``None`` = the configured default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inference_steps: Annotated[int, Strict(), Field(ge=1, le=1000)] | None = None
-    guidance_scale: Annotated[float, Strict(), Field(ge=0, le=20)] | None = None
-    seed: Annotated[int, Strict(), Field(ge=-_INT64, lt=_INT64)] | None = None
-    loop_mode: Literal["pingpong", "loop", "cut"] | None = None
-    version: Literal["1.5", "1.6"] | None = None
-    mode: Literal["exact", "fast"] | None = None
-    webhook_url: AnyHttpUrl | None = None
+from lipsync.contract import OPTIONS, Option
 
 
-class SubmitRequest(JobOptions):
+def _annotation(option: Option) -> Any:
+    if option.choices is not None:
+        return Literal[option.choices]
+    return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
+
+
+JobOptions = create_model(
+    "JobOptions",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Options shared by the JSON and the multipart submit; ``None`` = the configured default.",
+    **{option.rest_name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
+    webhook_url=(AnyHttpUrl | None, None),
+)
+
+
+class SubmitRequest(JobOptions):  # type: ignore[misc,valid-type]
     video_source: StrictStr = Field(min_length=1)
     audio_source: StrictStr = Field(min_length=1)
 

@@ -1,9 +1,10 @@
 """Run one lip-sync job on Triton's streaming ``lipsync`` model over gRPC, with progress and cancel.
 
-Errors in a decoupled stream carry only a message, so a failed job first sends STAGE "failed" with
-INFO ``{"error", "code"}`` (docs/triton-api.md); :class:`TritonJobError` takes its kind from that
-code. A connection failure is ``unavailable``: worth a retry. :func:`served_weights` asks which weight
-set the model serves (a request without VIDEO and AUDIO).
+The inputs are :func:`lipsync.contract.encode`'s, and the gateway's job id is the Triton request id,
+so the model's log lines name it. Errors in a decoupled stream carry only a message, so a failed job
+first sends STAGE "failed" with INFO ``{"error", "code"}`` (the contract's failure protocol);
+:class:`TritonJobError` takes its kind from that code, or from the gRPC status of a transport error.
+:func:`served_weights` asks which weight set the model serves (a request without VIDEO and AUDIO).
 """
 
 from __future__ import annotations
@@ -12,58 +13,48 @@ import json
 import queue
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from lipsync import contract
+from lipsync.errors import ErrorKind, LipSyncError
+
 MODEL = "lipsync"
-_KINDS = {"INVALID_ARG": "invalid", "CANCELLED": "cancelled"}
 
 
-class TritonJobError(RuntimeError):
-    """A job did not produce a video. ``kind``: invalid, cancelled, internal or unavailable."""
+class TritonJobError(LipSyncError):
+    """A job did not produce a video; ``kind`` (an :class:`~lipsync.errors.ErrorKind`) says why, and
+    ``retry`` whether the same job may succeed later."""
 
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+    @property
+    def retry(self) -> bool:
+        return contract.FAILURES[self.kind].retry
 
 
+def _inputs(self: Any) -> list[grpcclient.InferInput]:
+    """The request's Triton inputs: its files and every option that is not ``None``."""
+    options = {name: value for name, value in asdict(self).items() if name in contract.BY_NAME}
+    inputs = []
+    for name, array in contract.encode(options, self.video, self.audio).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), contract.datatype(name))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
-@dataclass(frozen=True)
-class JobRequest:
-    """The ``lipsync`` model's inputs; ``None`` leaves an optional input out (the model's default)."""
 
-    video: bytes
-    audio: bytes
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    loop_mode: str | None = None
-    version: str | None = None
-    mode: str | None = None
-    devices: int | None = None
-
-    def inputs(self) -> list[grpcclient.InferInput]:
-        values: dict[str, tuple[str, Any]] = {
-            "VIDEO": ("BYTES", self.video), "AUDIO": ("BYTES", self.audio), "STEPS": ("INT32", self.steps),
-            "GUIDANCE": ("FP32", self.guidance_scale), "SEED": ("INT64", self.seed),
-            "LOOP_MODE": ("BYTES", self.loop_mode), "VERSION": ("BYTES", self.version), "MODE": ("BYTES", self.mode),
-            "DEVICES": ("INT32", self.devices),
-        }
-        numpy_types = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
-        inputs = []
-        for name, (datatype, value) in values.items():
-            if value is None:
-                continue
-            if isinstance(value, str):
-                value = value.encode()
-            tensor = grpcclient.InferInput(name, [1], datatype)
-            tensor.set_data_from_numpy(np.array([value], dtype=numpy_types[datatype]))
-            inputs.append(tensor)
-        return inputs
+JobRequest = make_dataclass(
+    "JobRequest",
+    [("video", bytes), ("audio", bytes), ("job_id", str, field(default=""))]
+    + [(option.name, option.type | None, field(default=None)) for option in contract.OPTIONS],
+    namespace={"inputs": _inputs, "__doc__": "The ``lipsync`` model's inputs: the files, ``job_id`` (sent as the "
+               "Triton request id; empty: a fresh one) and one field per :data:`lipsync.contract.OPTIONS` entry; "
+               "``None`` leaves an option out (the model's default)."},
+    frozen=True,
+)
+JobRequest.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -94,26 +85,26 @@ def run_job(
     waited = 0.0
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer(MODEL, job.inputs(), request_id=uuid.uuid4().hex)
+        client.async_stream_infer(MODEL, job.inputs(), request_id=job.job_id or uuid.uuid4().hex)
         while True:
             if should_cancel is not None and should_cancel():
                 client.stop_stream(cancel_requests=True)
-                raise TritonJobError("the job was cancelled", "cancelled")
+                raise TritonJobError("the job was cancelled", ErrorKind.CANCELLED)
             try:
                 result, error = responses.get(timeout=poll_s)
             except queue.Empty:
                 waited += poll_s
                 if waited > timeout_s:
                     client.stop_stream(cancel_requests=True)
-                    raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", "internal") from None
+                    raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", ErrorKind.INTERNAL) from None
                 continue
             waited = 0.0
             if error is not None:
                 raise _job_error(error)
             stage = result.as_numpy("STAGE")[0].decode()
-            if stage == "failed":
-                failure = json.loads(result.as_numpy("INFO")[0])
-                raise TritonJobError(failure["error"], _KINDS.get(failure["code"], "internal"))
+            if stage == contract.FAILED_STAGE:
+                failure = contract.failure_from_info(result.as_numpy("INFO")[0])
+                raise TritonJobError(str(failure), failure.kind)
             video = result.as_numpy("VIDEO_OUT")
             if video is not None:
                 return JobResult(bytes(video[0]), json.loads(result.as_numpy("INFO")[0]))
@@ -140,7 +131,7 @@ def served_weights(url: str, timeout_s: float = 10.0) -> str:
         try:
             result, error = responses.get(timeout=timeout_s)
         except queue.Empty:
-            raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", "unavailable") from None
+            raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", ErrorKind.UNAVAILABLE) from None
         if error is not None:
             raise _job_error(error)
         return json.loads(result.as_numpy("INFO")[0])["weights"]
@@ -152,8 +143,12 @@ def served_weights(url: str, timeout_s: float = 10.0) -> str:
 
 
 def _job_error(error: InferenceServerException) -> TritonJobError:
+    """A gRPC error by its status (:func:`lipsync.contract.kind_for_code`; a lost connection is
+    ``UNAVAILABLE``). An error response on the stream carries no status: the model did not send its
+    failure INFO first, so the failure is ``internal``."""
     message = error.message() or str(error)
-    status = str(error.status() or "")
-    if "UNAVAILABLE" in status or "failed to connect" in message.lower() or "Socket closed" in message:
-        return TritonJobError(f"Triton is unavailable: {message}", "unavailable")
-    return TritonJobError(message, "internal")
+    status = error.status()
+    kind = contract.kind_for_code(str(status)) if status else ErrorKind.INTERNAL
+    if kind is ErrorKind.UNAVAILABLE:
+        return TritonJobError(f"Triton is unavailable: {message}", kind)
+    return TritonJobError(message, kind)

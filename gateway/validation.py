@@ -16,6 +16,7 @@ from pathlib import Path
 
 import av
 
+from lipsync.errors import BadInput
 from lipsync.media import MediaError, MediaSettings, VideoReader
 from lipsync.media.probe import check_audio_limits, open_media
 
@@ -23,7 +24,7 @@ _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re
 _WHITESPACE = re.compile(r"\s+")
 
 
-class InvalidInput(ValueError):
+class InvalidInput(BadInput):
     """An input the client must fix; the message is safe to return."""
 
 

@@ -1,7 +1,7 @@
 """Feeds queued jobs to the backend (Triton): ``concurrency`` threads, each running one job at a time.
 
 A thread claims the oldest queued job (committed as ``InProgress``), runs it on the
-:class:`~gateway.backend.JobBackend`, writes progress into the table as it arrives, and has the
+:class:`~gateway.backend.JobBackend` (the job id as the Triton request id), writes progress into the table as it arrives, and has the
 backend check the table between responses: a job that left ``InProgress`` (cancelled through the API)
 has its Triton stream cancelled. When Triton is unavailable the job waits for it to come back and is
 re-queued if it has an attempt left. Every ending is committed before the finish callback (webhook) runs.
@@ -20,6 +20,8 @@ from gateway.settings import GatewaySettings
 from gateway.storage import DataDir
 from gateway.store import Job, JobStore
 from gateway.triton_client import JobRequest, TritonJobError
+from lipsync.contract import OPTIONS
+from lipsync.errors import ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,9 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         self.metrics.queue_wait.observe(time.time() - job.created_at)
-        params = job.params
         request = JobRequest(
-            video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(),
-            steps=params["inference_steps"], guidance_scale=params["guidance_scale"], seed=params["seed"],
-            loop_mode=params.get("loop_mode"), version=params.get("version"), mode=params.get("mode"),
+            video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(), job_id=job.id,
+            **{option.name: job.params.get(option.rest_name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
         try:
@@ -103,22 +103,22 @@ class Worker:
             self.data.result(job.id).unlink(missing_ok=True)
 
     def _failed(self, job: Job, error: TritonJobError) -> None:
-        if error.kind == "unavailable" and job.attempts < self.settings.max_attempts:
+        if error.retry and job.attempts < self.settings.max_attempts:
             self.store.set_progress(job.id, 0.0, WAITING_FOR_TRITON)
             if self._await_triton():
                 self.store.requeue(job.id, "re-queued: Triton was unavailable")
                 self._wake.set()
                 return
-        if self._stop.is_set() and error.kind in ("cancelled", "unavailable"):  # stopping: the next start reruns it
+        if self._stop.is_set() and (error.retry or error.kind is ErrorKind.CANCELLED):  # stopping: the next start reruns it
             self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
             return
-        if error.kind == "cancelled":  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
+        if error.kind is ErrorKind.CANCELLED:  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
             self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
             return
-        if error.kind == "unavailable":
+        if error.retry:
             self._finish(job, self.store.fail(job.id, "Triton was unavailable"))
             return
-        reason = str(error) if error.kind == "invalid" else f"inference failed: {error}"
+        reason = str(error) if error.kind is ErrorKind.BAD_INPUT else f"inference failed: {error}"
         self._finish(job, self.store.fail(job.id, reason))
 
     def _await_triton(self) -> bool:

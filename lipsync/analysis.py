@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.errors import BadInput
 from lipsync.faces import FaceAligner, FaceLandmarks
 from lipsync.media import VideoInfo, VideoReader
 from lipsync.sampling import CancelCheck, JobCancelled
 from lipsync.timing import StageTimer
 
 
-class NoFaceError(ValueError):
+class NoFaceError(BadInput):
     """No frame of the video shows a face the detector accepts."""
 
 

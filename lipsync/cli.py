@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lipsync.audio import AudioError, AudioSettings
-from lipsync.config import ConfigError
+from lipsync.audio import AudioSettings
+from lipsync.contract import OPTIONS
+from lipsync.errors import LipSyncError
 from lipsync.faces import DetectorPool
-from lipsync.media import MediaError
-from lipsync.pipeline import DTYPES, LipSyncPipeline, NoFaceError, PipelineSettings, check_inputs
-from lipsync.sampling import JobCancelled
-from lipsync.timeline import LoopMode
+from lipsync.jobs import JobOptions, pipeline_arguments
+from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
 
@@ -31,14 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--version", choices=["1.5", "1.6"], default="1.5", help="LatentSync version (1.5: 256 px, 1.6: 512 px)")
     run.add_argument("--tiny", action="store_true", help="use tiny random demo weights (written on first use); output is not a real lip-sync")
     run.add_argument("--checkpoints", type=Path, help="weights root (default: as in configs/weights.yaml)")
-    run.add_argument("--steps", type=int, help="DDIM steps (config default 20)")
-    run.add_argument("--guidance", type=float, help="classifier-free guidance scale (config default 1.5)")
-    run.add_argument("--seed", type=int, help="random seed (config default 1247)")
-    run.add_argument("--mode", choices=["exact", "fast"], default="exact",
-                     help="exact: every DDIM step runs the whole UNet (official); fast: feature caching, "
-                     "about 1.4x faster denoising, slightly different output (docs/benchmarks.md)")
-    run.add_argument("--loop-mode", choices=[mode.value for mode in LoopMode], default=LoopMode.PINGPONG.value,
-                     help="how to extend a video shorter than the audio")
+    for option in OPTIONS:  # the job options, as lipsync.contract describes them
+        if option.flag is not None:
+            run.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices,
+                             default=option.default, help=option.help)
     run.add_argument("--detector", choices=["mediapipe", "insightface"], default="mediapipe",
                      help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
                      "its pretrained models are for non-commercial research use only)")
@@ -95,6 +90,7 @@ def _detectors(args: argparse.Namespace) -> DetectorPool | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        options = JobOptions(**{option.name: getattr(args, option.name) for option in OPTIONS if option.flag})
         detectors = _detectors(args)
         paths = _weights(args)
         check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
@@ -108,11 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_description_str(stage)
                 bar.update(round(100 * fraction) - bar.n)
 
-            result = pipeline.run(
-                args.video, args.audio, args.out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                loop_mode=args.loop_mode, mode=args.mode, progress=progress,
-            )
-    except (MediaError, AudioError, NoFaceError, WeightsError, ConfigError, ValueError, JobCancelled) as exc:
+            result = pipeline.run(args.video, args.audio, args.out, **pipeline_arguments(options), progress=progress)
+    except (LipSyncError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

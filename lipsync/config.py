@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
+from lipsync.errors import LipSyncError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Repository ``configs/`` folder (UNet configs and the DDIM scheduler config)."""
 
 
-class ConfigError(ValueError):
-    """A config file is missing, unreadable or lacks a required section."""
+class ConfigError(LipSyncError):
+    """A config file is missing, unreadable or lacks a required section: the server's fault, never the job's."""
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -1,35 +1,43 @@
 """One job from in-memory media: what a server receives (file bytes) and sends back (mp4 bytes + info).
 
 Servers hand over whole files as bytes; the pipeline streams from and to files, so a job lives in its
-own temporary folder, removed when the job ends however it ends. Every error a caller can fix (not a
-video, no speech, no face, an option out of range) is a ``ValueError``; ``JobCancelled`` means the
-cancellation check fired; anything else is the server's fault.
+own temporary folder, removed when the job ends however it ends. Errors are
+:class:`lipsync.errors.LipSyncError` of a kind (``bad_input`` for what a caller can fix: not a video,
+no speech, no face, an option out of range; ``cancelled`` when the cancellation check fired); anything
+else is the server's fault.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from lipsync import contract
+from lipsync.errors import BadInput, LipSyncError
 from lipsync.pipeline import LipSyncPipeline, LipSyncResult, ProgressCallback
 from lipsync.sampling import CancelCheck
-from lipsync.timeline import LoopMode
 
 
-@dataclass(frozen=True)
-class JobOptions:
-    """Per-job knobs; ``None`` takes the model config's default (20 steps, guidance 1.5, seed 1247)."""
+def _check(self: Any) -> None:
+    contract.check(asdict(self))
 
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    loop_mode: LoopMode = LoopMode.PINGPONG
-    mode: str = "exact"
-    """Sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast`` (feature caching)."""
-    devices: int | None = None
-    """Devices the job's windows are spread over (at most the pipeline's); ``None``: by length (``split_min_seconds``)."""
+
+JobOptions = make_dataclass(
+    "JobOptions",
+    [(option.name, option.type | None, field(default=option.default)) for option in contract.OPTIONS],
+    namespace={"__post_init__": _check, "__doc__": "A job's options, one field per :data:`lipsync.contract.OPTIONS` "
+               "entry (checked against it); ``None`` takes the default of the served weights' UNet config."},
+    frozen=True,
+)
+JobOptions.__module__ = __name__
+
+
+def pipeline_arguments(options: Any) -> dict[str, Any]:
+    """``LipSyncPipeline.run``'s keyword arguments for ``options`` (a :data:`JobOptions`); ``version`` is the
+    server's business (it picks the weights), not the pipeline's."""
+    return {name: value for name, value in asdict(options).items() if name != "version"}
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,19 @@ def run_job(
 ) -> JobOutput:
     """Lip-sync ``video`` (any container the decoder reads) to ``audio`` (an audio file or a video with sound)."""
     if not video:
-        raise ValueError("the video is empty")
+        raise BadInput("the video is empty")
     if not audio:
-        raise ValueError("the audio is empty")
+        raise BadInput("the audio is empty")
     with TemporaryDirectory(prefix="lipsync-job-") as folder:
         video_path, audio_path, output = Path(folder, "video"), Path(folder, "audio"), Path(folder, "out.mp4")
         video_path.write_bytes(video)
         audio_path.write_bytes(audio)
         try:
             result = pipeline.run(
-                video_path, audio_path, output, steps=options.steps, guidance_scale=options.guidance_scale,
-                seed=options.seed, loop_mode=options.loop_mode, mode=options.mode, devices=options.devices, progress=progress, should_cancel=should_cancel,
+                video_path, audio_path, output, **pipeline_arguments(options), progress=progress,
+                should_cancel=should_cancel,
             )
-        except ValueError as exc:  # say "the video", not the server's temporary path
+        except LipSyncError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")
-            raise ValueError(message) from exc
+            raise LipSyncError(message, exc.kind) from exc
         return JobOutput(output.read_bytes(), result)

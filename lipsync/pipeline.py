@@ -32,11 +32,12 @@ from diffusers import AutoencoderKL
 from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
+from lipsync.errors import BadInput
 from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.media import VideoReader, VideoWriter
+from lipsync.media import MediaSettings, VideoReader, VideoWriter
 from lipsync.media.colour import rgb_to_yuv420p
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
@@ -45,7 +46,7 @@ from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
     initial_noise, load_scheduler,
 )
-from lipsync.timeline import LoopMode, source_frames
+from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
@@ -260,6 +261,7 @@ class LipSyncPipeline:
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
         mode: str = "exact",
         devices: int | None = None,
+        crf: int | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> LipSyncResult:
@@ -268,6 +270,7 @@ class LipSyncPipeline:
         ``mode`` names a sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast``.
         ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
         them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
+        ``crf``: the H.264 quality of the output; ``None``: ``configs/media.yaml``'s.
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
@@ -287,10 +290,11 @@ class LipSyncPipeline:
             features = self.audio(waveform).cpu()
         fps = self.audio.settings.video_fps
         available = window_count(len(features), self.audio.settings.positions_per_frame)
-        output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        info = probe(Path(video))
+        output_frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self._parts(output_frames / fps, devices)
 
-        info = probe(Path(video))
         track = FaceTrack(Path(video).name)
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         random = torch.Generator().manual_seed(settings.seed)
@@ -342,7 +346,7 @@ class LipSyncPipeline:
         with (
             self._placed(parts) as replicas,
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
-            VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
+            VideoWriter(output, info.width, info.height, fps, audio=waveform, settings=self._media(crf)) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
             ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
             ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
@@ -393,12 +397,17 @@ class LipSyncPipeline:
         report("encode", 1.0)
         return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
 
+    @staticmethod
+    def _media(crf: int | None) -> MediaSettings | None:
+        """The output's encoder settings: ``configs/media.yaml``'s, with the job's ``crf`` if it gave one."""
+        return None if crf is None else replace(MediaSettings.load(), crf=crf)
+
     def _parts(self, seconds: float, devices: int | None) -> int:
         """How many devices a job of ``seconds`` spreads its windows over."""
         if devices is None:
             return len(self.replicas) if seconds >= self.settings.split_min_seconds else 1
         if devices < 1:
-            raise ValueError(f"devices must be at least 1, got {devices}")
+            raise BadInput(f"devices must be at least 1, got {devices}")
         return min(devices, len(self.replicas))
 
     @contextmanager

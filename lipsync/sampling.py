@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from lipsync.config import CONFIG_DIR, read_yaml
+from lipsync.contract import BY_NAME as OPTIONS_BY_NAME
+from lipsync.errors import BadInput, JobCancelled
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.timing import StageTimer
 from lipsync.vae import decode_latents, encode_latents, sampling_noise
@@ -57,10 +59,8 @@ class SamplingSettings:
         return settings
 
     def validate(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise ValueError(f"steps must be in 1..1000, got {self.steps}")
-        if not 0.0 <= self.guidance_scale <= 20.0:
-            raise ValueError(f"guidance_scale must be in 0..20, got {self.guidance_scale}")
+        for name in ("steps", "guidance_scale", "seed"):  # the job contract's ranges
+            OPTIONS_BY_NAME[name].check(getattr(self, name))
         if self.num_frames < 1 or self.windows_per_call < 1:
             raise ValueError("num_frames and windows_per_call must be positive")
         if self.cache_interval < 1:
@@ -76,7 +76,7 @@ def sampling_mode(name: str) -> dict[str, Any]:
     """The :class:`SamplingSettings` fields mode ``name`` sets; an unknown name raises ``ValueError``."""
     modes = sampling_modes()
     if name not in modes:
-        raise ValueError(f"mode must be one of {sorted(modes)}, got {name!r}")
+        raise BadInput(f"mode must be one of {sorted(modes)}, got {name!r}")
     return dict(modes[name])
 
 
@@ -189,10 +189,6 @@ def denoise(
         if on_step is not None:
             on_step(step + 1)
     return result
-
-
-class JobCancelled(Exception):
-    """The caller's cancellation check returned True; raised between windows or DDIM steps."""
 
 
 CancelCheck = Callable[[], bool]

@@ -207,7 +207,7 @@ def test_the_model_refuses_a_decode_bomb_sent_straight_to_triton(triton, media) 
         reset_peak_memory(pid)
     with pytest.raises(TritonJobError) as raised:
         run_job(triton.settings.grpc_url, JobRequest(video=media["bomb"], audio=media["audio"], steps=1))
-    assert raised.value.kind == "invalid" and "(max_side)" in str(raised.value)
+    assert raised.value.kind == "bad_input" and "(max_side)" in str(raised.value)
     assert max(memory_mb(pid, "VmHWM") - resident[pid] for pid in stubs) < 128  # it cost Triton 2 GB
 
 

@@ -238,7 +238,7 @@ def test_audio_longer_than_video_loops_it(
 def test_unknown_loop_mode_is_a_clear_value_error(
     pipeline: LipSyncPipeline, short_clip: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=r"loop_mode must be one of \['pingpong', 'loop'\], got 'bounce'"):
+    with pytest.raises(ValueError, match=r"loop_mode must be one of \['pingpong', 'loop', 'cut'\], got 'bounce'"):
         pipeline.run(*short_clip, tmp_path / "out.mp4", steps=STEPS, loop_mode="bounce")
     assert list(tmp_path.iterdir()) == []
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lipsync.timeline import LoopMode, source_frames
+from lipsync.timeline import LoopMode, output_length, source_frames
 
 
 def test_audio_shorter_than_video_cuts_the_video() -> None:
@@ -15,6 +15,17 @@ def test_pingpong_reverses_the_whole_clip_like_official() -> None:
 
 def test_loop_restarts_the_clip() -> None:
     assert source_frames(7, 3, LoopMode.LOOP) == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_cut_ends_the_output_with_the_video() -> None:
+    assert output_length(10, 3, "cut") == 3
+    assert source_frames(output_length(10, 3, LoopMode.CUT), 3, "cut") == [0, 1, 2]
+    assert output_length(2, 3, "cut") == 2  # a video longer than the audio is cut as in every mode
+    assert output_length(10, 3, "pingpong") == output_length(10, 3, "loop") == 10
+
+
+def test_cut_holds_the_last_frame_where_a_header_overstated_the_length() -> None:
+    assert source_frames(5, 3, "cut") == [0, 1, 2, 2, 2]
 
 
 def test_single_frame_video_repeats() -> None:

@@ -7,6 +7,7 @@ A job another key submitted is answered exactly like one that does not exist (40
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ class JobService:
             job_id = new_job_id()
             self.data.adopt(staged, job_id)
         except InvalidInput as exc:
-            raise ApiError(422, str(exc)) from None
+            raise ApiError.of(exc) from None
         except WebhookRefused as exc:
             raise ApiError(400, str(exc)) from None
         finally:
@@ -158,14 +159,10 @@ class JobService:
         return existing
 
     def _params(self, options: JobOptions) -> dict[str, Any]:
-        """The Triton job options: the request's, else the configured defaults."""
-        defaults = self.settings.defaults
-        return {
-            "inference_steps": defaults.inference_steps if options.inference_steps is None else options.inference_steps,
-            "guidance_scale": defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale,
-            "seed": defaults.seed if options.seed is None else options.seed,
-            "loop_mode": options.loop_mode, "version": options.version, "mode": options.mode,
-        }
+        """The job options (:data:`lipsync.contract.OPTIONS`) by REST name: the request's, else the configured defaults."""
+        defaults = asdict(self.settings.defaults)
+        given = options.model_dump(exclude={"webhook_url"})
+        return {name: defaults.get(name) if value is None else value for name, value in given.items()}
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):

@@ -15,6 +15,7 @@ import av
 import numpy as np
 from whisper.audio import SAMPLE_RATE
 
+from lipsync.errors import BadInput
 from lipsync.media.probe import check_audio_length, check_audio_limits, open_media
 from lipsync.media.settings import MediaLimits, MediaSettings
 
@@ -24,7 +25,7 @@ _FULL_SCALE = -float(np.iinfo(np.int16).min)
 """32768: dividing s16 samples by it gives official's float waveform."""
 
 
-class AudioError(ValueError):
+class AudioError(BadInput):
     """An audio input is missing, has no audio stream, cannot be decoded, or is too short."""
 
 

@@ -19,16 +19,18 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from lipsync import contract
 from lipsync.batching import BatchingSettings
+from lipsync.errors import BadInput, ErrorKind
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import ProgressReport, ProgressReporter
-from lipsync.sampling import JobCancelled
-from lipsync.timeline import LoopMode
 from lipsync.tiny import weights_for
 from lipsync.weights import load_weights_config
 
+_OUTCOMES = {ErrorKind.BAD_INPUT: "rejected", ErrorKind.CANCELLED: "cancelled"}
+"""``lipsync_jobs_total``'s outcome label of a failed job by error kind; any other kind is "failed"."""
 _STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -100,38 +102,28 @@ def _text(name: str, value: str | bytes) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array([value if isinstance(value, bytes) else value.encode()], dtype=np.object_))
 
 
-def _optional(request, name: str):
+def _array(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+    return None if tensor is None else tensor.as_numpy()
 
 
 def _is_describe(request) -> bool:
     """A request with neither VIDEO nor AUDIO: it asks which weights are served."""
-    return all(pb_utils.get_input_tensor_by_name(request, name) is None for name in ("VIDEO", "AUDIO"))
+    return all(_array(request, name) is None for name in contract.MEDIA)
 
 
 def _bytes(request, name: str) -> bytes:
-    value = _optional(request, name)
+    value = _array(request, name)
     if value is None:
-        raise ValueError(f"input {name} is missing")
-    return bytes(value)
+        raise BadInput(f"input {name} is missing")
+    return bytes(value.reshape(-1)[0])
 
 
 def _options(request, served_version: str) -> JobOptions:
-    version = _optional(request, "VERSION")
-    if version is not None and version.decode() not in ("", served_version):
-        raise ValueError(f"this server runs LatentSync {served_version}, not {version.decode()!r}")
-    steps, guidance, seed, loop_mode, mode, devices = (
-        _optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "MODE", "DEVICES")
-    )
-    return JobOptions(
-        steps=None if steps is None else int(steps),
-        guidance_scale=None if guidance is None else float(guidance),
-        seed=None if seed is None else int(seed),
-        loop_mode=LoopMode.PINGPONG if loop_mode is None else LoopMode.parse(loop_mode.decode()),
-        mode="exact" if mode is None else mode.decode(),
-        devices=None if devices is None or devices == 0 else int(devices),
-    )
+    options = JobOptions(**contract.decode(lambda name: _array(request, name)))
+    if options.version not in (None, served_version):
+        raise BadInput(f"this server runs LatentSync {served_version}, not {options.version!r}")
+    return options
 
 
 def _devices(value: str, own: torch.device) -> list[torch.device]:
@@ -211,22 +203,20 @@ class TritonPythonModel:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
+        job = request.request_id() or "-"
         try:
             self.metrics.active.increment(1)
             options = _options(request, self.version)
+            self.logger.log_info(f"lipsync: job {job} started: {options}")
             with ProgressReporter(_progress_sender(sender), self.heartbeat_s) as progress:
                 output = run_job(
                     self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
                     progress=progress, should_cancel=request.is_cancelled,
                 )
-        except JobCancelled as exc:
-            self._fail(sender, "cancelled", "CANCELLED", f"{exc}")
-        except ValueError as exc:
-            self._fail(sender, "rejected", "INVALID_ARG", f"invalid input: {exc}")
-        except Exception as exc:  # reported to the client; the instance stays up for the next job
-            self.logger.log_error(f"lipsync: job failed: {exc!r}")
-            self._fail(sender, "failed", "INTERNAL", f"internal error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
+            self._fail(sender, job, exc)
         else:
+            self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
             info = json.dumps(output.info() | {"version": self.version, "weights": self.weights})
             final = pb_utils.InferenceResponse([
                 _text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _float("ETA", 0.0),
@@ -239,17 +229,25 @@ class TritonPythonModel:
             self.slots.release()
             self.jobs.discard(threading.current_thread())
 
-    def _fail(self, sender, outcome: str, code: str, message: str) -> None:
-        """End the stream with STAGE "failed" and INFO {"error", "code"}, then the Triton error itself.
+    def _fail(self, sender, job: str, error: Exception) -> None:
+        """End the stream with STAGE "failed" and INFO {"error", "code"} (:func:`lipsync.contract.failure_info`),
+        then the Triton error itself.
 
         The structured response comes first because BLS callers (``lipsync_unary``) never see error
         responses of a decoupled model in Triton 2.51, and stream clients get the code as data.
         """
-        info = json.dumps({"error": message, "code": code})
-        sender.send(pb_utils.InferenceResponse([_text("STAGE", "failed"), _text("INFO", info)]))
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))))
+        kind = contract.kind_of(error)
+        prefix = {ErrorKind.BAD_INPUT: "invalid input: ", ErrorKind.INTERNAL: "internal error: "}.get(kind, "")
+        message = f"{prefix}{error}"
+        (self.logger.log_error if kind is ErrorKind.INTERNAL else self.logger.log_info)(
+            f"lipsync: job {job} {kind.value}: {error!r}"
+        )
+        info = contract.failure_info(error, message)
+        code = getattr(pb_utils.TritonError, contract.FAILURES[kind].triton_code)
+        sender.send(pb_utils.InferenceResponse([_text("STAGE", contract.FAILED_STAGE), _text("INFO", info)]))
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        self.metrics.finished(outcome)
+        self.metrics.finished(_OUTCOMES.get(kind, "failed"))
 
     def finalize(self) -> None:
         for job in list(self.jobs):

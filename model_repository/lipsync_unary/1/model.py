@@ -7,9 +7,10 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-_INPUTS = ("VIDEO", "AUDIO", "STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "VERSION", "MODE", "DEVICES")
+from lipsync import contract
+
+_INPUTS = (*contract.MEDIA, *(option.tensor for option in contract.OPTIONS))
 _OUTPUTS = ["VIDEO_OUT", "INFO"]
-# A failed job's last response has STAGE "failed" and INFO {"error", "code"} (code: a TritonError name).
 
 
 class TritonPythonModel:
@@ -18,13 +19,18 @@ class TritonPythonModel:
 
     def _forward(self, request) -> pb_utils.InferenceResponse:
         inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
-        job = pb_utils.InferenceRequest(model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"])
+        job = pb_utils.InferenceRequest(
+            model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"],
+            request_id=request.request_id(),
+        )
         final = None
         for response in job.exec(decoupled=True):
             stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
-            if stage is not None and stage.as_numpy()[0] == b"failed":
+            if stage is not None and stage.as_numpy()[0].decode() == contract.FAILED_STAGE:
+                # INFO {"error", "code"}: the code is the Triton error code of the failure's kind
                 failure = json.loads(pb_utils.get_output_tensor_by_name(response, "INFO").as_numpy()[0])
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], getattr(pb_utils.TritonError, failure["code"])))
+                code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
             if pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
                 final = response
         if final is None:

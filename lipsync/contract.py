@@ -1,0 +1,222 @@
+"""The job contract: what a lip-sync job takes, how it travels through Triton, and how it fails.
+
+One table, :data:`OPTIONS`, names every job option with its type, range or choices, default, its
+Triton input tensor, its REST field and its command-line flag. The gateway's request model, the
+Triton model's input parsing, :class:`lipsync.jobs.JobOptions` and ``lipsync run``'s flags are built
+from it, and a test checks both ``config.pbtxt`` input lists against it. Choices that are data come
+from ``configs/`` (sampling modes, weight versions). :func:`encode` turns options into the named
+arrays a Triton client sends; :func:`decode` turns a request's tensors back into checked options.
+
+A failed job ends with STAGE ``failed`` and INFO ``{"error", "code"}``; :data:`FAILURES` maps each
+:class:`~lipsync.errors.ErrorKind` to that code (a Triton error code), an HTTP status and whether a
+retry may help. Importing this module costs numpy and PyYAML, never torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lipsync.config import CONFIG_DIR, read_yaml
+from lipsync.errors import BadInput, ErrorKind, LipSyncError
+from lipsync.timeline import LoopMode
+
+_INT64 = 2**63
+
+DATATYPES: dict[str, tuple[type, Any, str]] = {
+    "BYTES": (str, np.object_, "TYPE_STRING"),
+    "INT32": (int, np.int32, "TYPE_INT32"),
+    "INT64": (int, np.int64, "TYPE_INT64"),
+    "FP32": (float, np.float32, "TYPE_FP32"),
+}
+"""Triton datatype → (Python type of the option, numpy dtype of its tensor, ``config.pbtxt`` data type)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One job option. ``default`` ``None``: left to the served weights' UNet config (its ``run`` section)."""
+
+    name: str
+    """The Python name: :class:`lipsync.jobs.JobOptions` field and ``LipSyncPipeline.run`` argument."""
+    tensor: str
+    datatype: str
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    default: Any = None
+    field: str = ""
+    """The REST field (``""``: the name)."""
+    rest: bool = True
+    """Offered by the gateway's REST API."""
+    flag: str | None = None
+    """``lipsync run``'s flag; ``None``: not on the command line."""
+
+    @property
+    def type(self) -> type:
+        return DATATYPES[self.datatype][0]
+
+    @property
+    def rest_name(self) -> str:
+        return self.field or self.name
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it is of this option's type and within its range or choices, else :class:`BadInput`."""
+        if value is None:
+            return None
+        kind = self.type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadInput(f"{self.rest_name} must be {kind.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise BadInput(f"{self.rest_name} must be one of {list(self.choices)}, got {value!r}")
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise BadInput(f"{self.rest_name} must be in {self.minimum:g}..{self.maximum:g}, got {value!r}")
+        return value
+
+
+def _sampling_modes() -> tuple[str, ...]:
+    return tuple(read_yaml(CONFIG_DIR / "sampling_modes.yaml", "sampling modes"))
+
+
+def _weight_versions() -> tuple[str, ...]:
+    return tuple(read_yaml(CONFIG_DIR / "weights.yaml", "weights config")["versions"])
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("steps", "STEPS", "INT32", "DDIM steps (default: the UNet config's, 20)", 1, 1000,
+           field="inference_steps", flag="--steps"),
+    Option("guidance_scale", "GUIDANCE", "FP32", "classifier-free guidance scale; 1 or less skips guidance "
+           "(default: the UNet config's, 1.5)", 0, 20, flag="--guidance"),
+    Option("seed", "SEED", "INT64", "seed of the starting noise (default: the UNet config's, 1247)",
+           -_INT64, _INT64 - 1, flag="--seed"),
+    Option("loop_mode", "LOOP_MODE", "BYTES", "when the audio is longer than the video: pingpong (official) "
+           "plays it forward and backward, loop restarts it, cut ends the output with the video and cuts the audio",
+           choices=tuple(mode.value for mode in LoopMode), default=LoopMode.PINGPONG.value, flag="--loop-mode"),
+    Option("mode", "MODE", "BYTES", "sampling mode of configs/sampling_modes.yaml: exact (official) runs the whole "
+           "UNet every step; fast caches features, faster and slightly different (docs/benchmarks.md)",
+           choices=_sampling_modes(), default="exact", flag="--mode"),
+    Option("version", "VERSION", "BYTES", "the LatentSync version the job expects the server to serve "
+           "(refused when it serves another)", choices=_weight_versions()),
+    Option("devices", "DEVICES", "INT32", "devices of a multi-GPU instance the job's windows are spread over, "
+           "at most all (0 or absent: by the clip's length, split_min_seconds)", 0, 1024, rest=False),
+    Option("crf", "CRF", "INT32", "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger "
+           "(default: configs/media.yaml's crf, 18)", 0, 51, flag="--crf"),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+MEDIA = ("VIDEO", "AUDIO")
+"""The job's files, as BYTES tensors: required by ``lipsync_unary``; ``lipsync`` without both describes itself."""
+
+
+def defaults() -> dict[str, Any]:
+    return {option.name: option.default for option in OPTIONS}
+
+
+def check(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (option name → value) checked, unknown names refused, absent ones at their defaults."""
+    unknown = sorted(set(values) - set(BY_NAME))
+    if unknown:
+        raise BadInput(f"unknown option(s): {', '.join(unknown)}")
+    checked = defaults()
+    for name, value in values.items():
+        value = value.value if isinstance(value, LoopMode) else value
+        checked[name] = BY_NAME[name].default if value is None else BY_NAME[name].check(value)
+    return checked
+
+
+def datatype(tensor: str) -> str:
+    """The Triton datatype of input ``tensor``."""
+    return "BYTES" if tensor in MEDIA else next(option.datatype for option in OPTIONS if option.tensor == tensor)
+
+
+def encode(values: Mapping[str, Any], video: bytes | None = None, audio: bytes | None = None) -> dict[str, np.ndarray]:
+    """Triton input name → ``[1]`` array for every given option and file; ``None`` leaves an input out."""
+    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio)) if data is not None}
+    for name, value in values.items():
+        option = BY_NAME[name]
+        value = option.check(value.value if isinstance(value, LoopMode) else value)
+        if value is not None:
+            encoded = value.encode() if isinstance(value, str) else value
+            arrays[option.tensor] = np.array([encoded], dtype=DATATYPES[option.datatype][1])
+    return arrays
+
+
+def decode(read: Callable[[str], np.ndarray | None]) -> dict[str, Any]:
+    """Options from a request's tensors (``read(name)``: the input's array or ``None``), checked; a
+    ``DEVICES`` of 0 counts as absent. Raises :class:`BadInput`."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        array = read(option.tensor)
+        if array is None:
+            continue
+        raw = np.asarray(array).reshape(-1)
+        if raw.size != 1:
+            raise BadInput(f"input {option.tensor} must hold one value, got {raw.size}")
+        value = raw[0]
+        if option.type is str:
+            try:
+                value = bytes(value).decode() if isinstance(value, (bytes, np.bytes_)) else str(value)
+            except UnicodeDecodeError:
+                raise BadInput(f"input {option.tensor} is not UTF-8 text") from None
+            value = value or None
+        else:
+            value = option.type(value.item())
+        if option.name == "devices" and value == 0:
+            value = None
+        values[option.name] = value
+    return check(values)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What an :class:`ErrorKind` becomes on each side of the service."""
+
+    http_status: int
+    triton_code: str
+    """The ``pb_utils.TritonError`` code name, sent as INFO's ``code``."""
+    grpc_status: str
+    """The gRPC status Triton answers a stream or ``infer`` call with for that code."""
+    retry: bool
+    """Whether the same request may succeed later (the gateway re-queues such a job)."""
+
+
+FAILURES: dict[ErrorKind, Failure] = {
+    ErrorKind.BAD_INPUT: Failure(422, "INVALID_ARG", "INVALID_ARGUMENT", retry=False),
+    ErrorKind.NOT_FOUND: Failure(404, "NOT_FOUND", "NOT_FOUND", retry=False),
+    ErrorKind.CANCELLED: Failure(409, "CANCELLED", "CANCELLED", retry=False),
+    ErrorKind.UNAVAILABLE: Failure(503, "UNAVAILABLE", "UNAVAILABLE", retry=True),
+    ErrorKind.INTERNAL: Failure(500, "INTERNAL", "INTERNAL", retry=False),
+}
+
+FAILED_STAGE = "failed"
+"""STAGE of a failed job's last response, whose INFO is :func:`failure_info`."""
+
+
+def kind_of(error: BaseException) -> ErrorKind:
+    return error.kind if isinstance(error, LipSyncError) else ErrorKind.INTERNAL
+
+
+def failure_info(error: BaseException, message: str | None = None) -> str:
+    """A failed job's INFO: ``{"error": message, "code": Triton code}`` as JSON."""
+    return json.dumps({"error": message or str(error), "code": FAILURES[kind_of(error)].triton_code})
+
+
+def failure_from_info(info: str | bytes) -> LipSyncError:
+    """The error a failed job's INFO describes; an unknown code is ``internal``."""
+    failure = json.loads(info)
+    return LipSyncError(failure["error"], kind_for_code(failure.get("code", "")))
+
+
+def kind_for_code(code: str) -> ErrorKind:
+    """The kind of a Triton error code (``INVALID_ARG``) or gRPC status (``StatusCode.INVALID_ARGUMENT``)."""
+    name = code.rsplit(".", 1)[-1]
+    return next(
+        (kind for kind, failure in FAILURES.items() if name in (failure.triton_code, failure.grpc_status)),
+        ErrorKind.INTERNAL,
+    )
