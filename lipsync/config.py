@@ -81,9 +81,12 @@ def _parse(path: Path, modified: int, what: str) -> Any:
 def load_settings(schema: type[T], path: str | Path, what: str, section: str | None = None, **overrides: Any) -> T:
     """Validate the file at ``path`` (or its ``section``) against ``schema``; ``None`` overrides are ignored.
 
-    Without overrides the result is cached with the parsed file, so every caller shares one object.
+    Relative paths among the overrides (command-line flags) are taken from the working directory, not
+    :data:`HOME`. Without overrides the result is cached with the parsed file, so every caller shares one object.
     """
-    given = {key: value for key, value in overrides.items() if value is not None}
+    given = {
+        key: value.absolute() if isinstance(value, Path) else value for key, value in overrides.items() if value is not None
+    }
     if not given:
         return _validated(schema, *_version(path, what), what, section)
     return _validate(schema, _section(read_yaml(path, what), path, what, section) | given, path, what)

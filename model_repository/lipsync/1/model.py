@@ -26,8 +26,7 @@ from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import ProgressReport, ProgressReporter
 from lipsync.sampling import JobCancelled
 from lipsync.timeline import LoopMode
-from lipsync.tiny import weights_for
-from lipsync.weights import load_weights_config
+from lipsync.weights import load_weights_config, weights_for
 
 _STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
