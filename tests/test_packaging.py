@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from lipsync.media.settings import AUDIO_SAMPLE_RATE
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ONLY = ("torch", "diffusers", "mediapipe", "whisper", "cv2")
 """Modules of the model extra that the gateway must not import."""
+SOURCES = ("pyproject.toml", "README.md", "lipsync", "gateway", "configs", "model_repository")
+"""What a wheel is built from."""
 
 
 def _clean_env() -> dict[str, str]:
@@ -52,8 +55,15 @@ def test_a_regular_install_runs_the_cli_from_another_folder(tmp_path: Path) -> N
     # This environment's packages (torch & co.) as plain paths: its editable install of this project stays inactive.
     ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (Path(purelib) / "outer.pth").write_text("\n".join(sorted(ours)) + "\n")
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(REPO)],
+        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(source)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_clean_env(),
     )
     assert install.returncode == 0, install.stderr
