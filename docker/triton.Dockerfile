@@ -7,5 +7,6 @@ COPY pyproject.toml README.md ./
 COPY lipsync lipsync
 COPY gateway gateway
 COPY configs configs
-# Editable, so the package finds configs/ and checkpoints/ beside it (PyPI's Linux torch wheel has CUDA).
-RUN pip install --no-cache-dir --break-system-packages -e .
+# The model extra (PyPI's Linux torch wheel has CUDA). Installed from this folder, so relative weight
+# roots such as checkpoints/ are taken from here.
+RUN pip install --no-cache-dir --break-system-packages -e '.[model]'

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway.store import IN_QUEUE, JobStore
@@ -57,18 +56,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def sample_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` (e.g. ``x_total``, ``x_count``) in Prometheus text whose labels include ``labels``.
-
-    The parser names every counter sample ``<family>_total``, also for exporters such as Triton that
-    leave the suffix off (``nv_inference_request_success``), so a counter matches with or without it.
-    """
-    names = {name, f"{name}_total"}
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name in names and all(sample.labels.get(key) == value for key, value in labels.items())
-    )

@@ -33,26 +33,29 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import httpx2
 import psutil
 from google.protobuf import text_format
+from pydantic import AfterValidator, NonNegativeInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from tritonclient.grpc import model_config_pb2
 
 from gateway.logfiles import rotate
 from gateway.pidfile import PidFile, WorkFolderInUse
 from gateway.ports import Listener, listens, taken
 from gateway.processes import ProcessRecord, die_with_parent, kill_and_wait
-from lipsync.config import CONFIG_DIR, read_yaml
+from gateway.settings import SERVING_CONFIG
+from lipsync.config import SCHEMA, home_path, load_settings
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = CONFIG_DIR.parent
-MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
+MODEL_REPOSITORY = Path(str(files("gateway") / "model_repository"))
+"""The Triton model repository shipped in the package (in a checkout, a link to the top-level ``model_repository/``)."""
 PIPELINE_MODEL = "lipsync"
 PID_FILE = "triton.pid"
 """In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.pidfile`)."""
@@ -62,7 +65,7 @@ class TritonError(RuntimeError):
     """The server could not be found, started, or did not become ready."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class TritonSettings:
     """Where the server listens and what the ``lipsync`` model loads; defaults in ``configs/serving.yaml``."""
 
@@ -70,14 +73,15 @@ class TritonSettings:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    device: str = "auto"
-    gpus: tuple[int, ...] = ()
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    gpus: tuple[NonNegativeInt, ...] = ()
     split_jobs: bool = False
     """One ``lipsync`` instance holding a replica on every GPU (long jobs spread over them) instead of one per GPU."""
     weights: str = "auto"
     checkpoints: str = ""
     dtype: str = "auto"
-    workdir: Path = Path(".serve")
+    workdir: Annotated[Path, AfterValidator(home_path)] = Path(".serve")
+    """Relative paths in the config are taken from :data:`lipsync.config.HOME`."""
     startup_timeout_s: float = 600.0
     exit_timeout_s: int = 30
     log_files_kept: int = 5
@@ -87,14 +91,8 @@ class TritonSettings:
 
     @classmethod
     def load(cls, path: Path = SERVING_CONFIG, **overrides: Any) -> TritonSettings:
-        values = dict(read_yaml(path, "serving config")["triton"])
-        values["gpus"] = tuple(values.get("gpus") or ())
-        values["workdir"] = REPO_ROOT / values["workdir"]
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        settings = cls(**values)
-        if settings.device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be auto, cpu or gpu, not {settings.device!r}")
-        return settings
+        """Read section ``triton`` of ``path`` (once); ``None`` overrides are ignored."""
+        return load_settings(cls, path, "serving config", section="triton", **overrides)
 
     def kernel_cache_dir(self) -> Path:
         """Where the compiled UNet's kernels are kept across restarts (absolute: the stubs run elsewhere)."""

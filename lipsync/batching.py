@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler
+from pydantic import NonNegativeFloat, PositiveInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from lipsync.config import SCHEMA
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.sampling import CancelCheck, JobCancelled, NoisePredictor, WindowBatch, denoise
 
@@ -28,18 +31,14 @@ BatchObserver = Callable[[int, int], None]
 """Called after each shared DDIM loop with (windows in the call, jobs in the call)."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class BatchingSettings:
     """How long the worker waits to fill a call, and how full a call may get."""
 
-    max_windows: int = 8
+    max_windows: PositiveInt = 8
     """Windows per DDIM loop (each is one batch row, two with guidance): bounds GPU memory."""
-    max_delay_ms: float = 10.0
+    max_delay_ms: NonNegativeFloat = 10.0
     """How long the first waiting window waits for company before its call starts."""
-
-    def __post_init__(self) -> None:
-        if self.max_windows < 1 or self.max_delay_ms < 0:
-            raise ValueError("max_windows must be positive and max_delay_ms not negative")
 
 
 @dataclass(eq=False)

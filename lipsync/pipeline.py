@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from contextlib import contextmanager
 
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from av.video.frame import VideoFrame
 from diffusers import AutoencoderKL
+from pydantic import NonNegativeFloat, PositiveInt, StrictBool
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
+from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
 from lipsync.errors import BadInput
-from lipsync.config import CONFIG_DIR, load_config, read_yaml
 from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
 from lipsync.frames import frames_in_order
 from lipsync.gpu_guard import GPU_GUARD
@@ -82,19 +84,19 @@ class LipSyncResult:
         return asdict(self) | {"output": str(self.output)}
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class PipelineSettings:
     """CPU-side parallelism of one job and how the UNet runs; defaults in ``configs/pipeline.yaml``."""
 
-    detect_threads: int = 4
-    finish_threads: int = 4
-    analysis_chunk: int = 16
-    colour_chunk: int = 16
+    detect_threads: PositiveInt = 4
+    finish_threads: PositiveInt = 4
+    analysis_chunk: PositiveInt = 16
+    colour_chunk: PositiveInt = 16
     """Frames converted to YUV on the GPU at a time."""
-    compile_unet: bool | str = "auto"
+    compile_unet: StrictBool | Literal["auto"] = "auto"
     """Run the UNet through ``torch.compile`` (``CompiledUNet``): ``True``, ``False`` or ``"auto"`` (on CUDA only);
     compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
-    split_min_seconds: float = 60.0
+    split_min_seconds: NonNegativeFloat = 60.0
     """On a pipeline with several devices, a job whose output is at least this long spreads its windows over all
     of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
 
@@ -104,15 +106,8 @@ class PipelineSettings:
 
     @classmethod
     def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | str | None) -> PipelineSettings:
-        values = read_yaml(path, "pipeline config") | {key: value for key, value in overrides.items() if value is not None}
-        settings = cls(**values)
-        if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk, settings.colour_chunk) < 1:
-            raise ValueError(f"pipeline settings must be positive, got {settings}")
-        if settings.split_min_seconds < 0:
-            raise ValueError(f"split_min_seconds must not be negative, got {settings.split_min_seconds}")
-        if settings.compile_unet not in (True, False, "auto"):
-            raise ValueError(f"compile_unet must be true, false or auto, got {settings.compile_unet!r}")
-        return settings
+        """The settings at ``path`` (read once) with ``overrides`` (``None``: keep the file's); bad values raise :class:`ConfigError`."""
+        return load_settings(cls, path, "pipeline config", **overrides)
 
 
 class LipSyncPipeline:

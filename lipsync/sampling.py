@@ -10,14 +10,16 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
+from pydantic import PositiveInt
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.config import CONFIG_DIR, read_yaml
+from lipsync.config import CONFIG_DIR, SCHEMA, load_settings
 from lipsync.contract import BY_NAME as OPTIONS_BY_NAME
 from lipsync.errors import BadInput, JobCancelled
 from lipsync.gpu_guard import GPU_GUARD
@@ -29,17 +31,18 @@ SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
 LATENT_CHANNELS = 4
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class SamplingSettings:
     """Sampling knobs; defaults come from a LatentSync config's ``data`` and ``run`` sections."""
 
-    num_frames: int = 16
+    num_frames: PositiveInt = 16
     steps: int = 20
+    """DDIM steps; its range is the job contract's (checked by :meth:`from_config`)."""
     guidance_scale: float = 1.5
     seed: int = 1247
-    windows_per_call: int = 4
+    windows_per_call: PositiveInt = 4
     """How many windows share one UNet call (×2 batch rows with guidance): a memory/speed knob."""
-    cache_interval: int = 1
+    cache_interval: PositiveInt = 1
     """1 = exact. ``n > 1``: fast mode's feature caching, a full UNet pass every ``n``-th step (see :func:`denoise`)."""
 
     @classmethod
@@ -54,22 +57,21 @@ class SamplingSettings:
         }
         values.update(sampling_mode(mode))
         values.update({key: value for key, value in overrides.items() if value is not None})
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        for name in ("steps", "guidance_scale", "seed"):  # the job contract's ranges
-            OPTIONS_BY_NAME[name].check(getattr(self, name))
-        if self.num_frames < 1 or self.windows_per_call < 1:
-            raise ValueError("num_frames and windows_per_call must be positive")
-        if self.cache_interval < 1:
-            raise ValueError(f"cache_interval must be at least 1, got {self.cache_interval}")
+        for name in ("steps", "guidance_scale", "seed"):  # the job contract's ranges: a bad value is the job's fault
+            OPTIONS_BY_NAME[name].check(values[name])
+        return cls(**values)
 
 
-def sampling_modes() -> dict[str, dict[str, Any]]:
-    """The named sampling modes: ``{"exact": {...}, "fast": {...}}``."""
-    return read_yaml(SAMPLING_MODES, "sampling modes")
+@pydantic_dataclass(frozen=True, config=SCHEMA)
+class SamplingMode:
+    """The :class:`SamplingSettings` fields a named mode of ``configs/sampling_modes.yaml`` sets."""
+
+    cache_interval: PositiveInt
+
+
+def sampling_modes(path: str | Path = SAMPLING_MODES) -> dict[str, SamplingMode]:
+    """The named sampling modes (read once): ``{"exact": ..., "fast": ...}``."""
+    return load_settings(dict[str, SamplingMode], path, "sampling modes")
 
 
 def sampling_mode(name: str) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def sampling_mode(name: str) -> dict[str, Any]:
     modes = sampling_modes()
     if name not in modes:
         raise BadInput(f"mode must be one of {sorted(modes)}, got {name!r}")
-    return dict(modes[name])
+    return asdict(modes[name])
 
 
 def load_scheduler(path: str | Path = SCHEDULER_CONFIG) -> DDIMScheduler:

@@ -14,8 +14,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from lipsync.config import CONFIG_DIR
 from lipsync.models.loading import build_unet
-from lipsync.vae import FULL_VAE_ARCHITECTURE
-from lipsync.weights import WeightPaths, WeightsError, missing, weight_paths
+from lipsync.weights import WeightPaths, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -90,43 +89,3 @@ def write_tiny_unet(path: str | Path, config_path: str | Path, seed: int = 0) ->
     path = Path(path)
     torch.save({"state_dict": model.state_dict(), "global_step": 0}, path)
     return path
-
-
-def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, WeightPaths]:
-    """The weight set a server should load: ``(version name, paths)``.
-
-    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto": LatentSync
-    1.5 when all its files are present below ``root``, the tiny demo weights otherwise. Tiny weights
-    are written on first use; a named real version must be present (``WeightsError`` otherwise).
-    """
-    if choice == "auto":
-        choice = "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
-    tiny_root = root if root is None else Path(root) / "tiny"
-    paths = weight_paths(choice, tiny_root if choice == "tiny" else root)
-    absent = missing(paths)
-    if absent and choice == "tiny":
-        return choice, write_tiny_weights(tiny_root)
-    if absent:
-        raise WeightsError(
-            f"LatentSync {choice} weights are missing: {', '.join(map(str, absent))}; "
-            f"download them with: python scripts/download_weights.py --version {choice}"
-        )
-    return choice, paths
-
-
-FULL_WHISPER_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"
-
-
-def write_random_weights(version: str, root: str | Path) -> WeightPaths:
-    """Full-size default-initialised weights of ``version`` in the official layout and formats below ``root``.
-
-    For benchmarks on machines without the real checkpoints: speed does not depend on the values.
-    """
-    paths = weight_paths(version, root)
-    paths.unet.parent.mkdir(parents=True, exist_ok=True)
-    paths.whisper.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": build_unet(paths.unet_config).state_dict(), "global_step": 0}, paths.unet)
-    dims = json.loads(FULL_WHISPER_DIMS.read_text(encoding="utf-8"))
-    torch.save({"dims": dims, "model_state_dict": Whisper(ModelDimensions(**dims)).state_dict()}, paths.whisper)
-    AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).save_pretrained(paths.vae_dir)
-    return paths

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx2
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from pydantic import AfterValidator, NonNegativeInt, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
-
-REPO_ROOT = CONFIG_DIR.parent
-"""Relative ``root`` and ``unet_config`` paths in the weights config are taken from here."""
+from lipsync.config import CONFIG_DIR, SCHEMA, ConfigError, home_path, load_settings
 
 WEIGHTS_CONFIG = CONFIG_DIR / "weights.yaml"
+
+HomePath = Annotated[Path, AfterValidator(home_path)]
+"""A weights root: relative paths are taken from :data:`lipsync.config.HOME`."""
+ConfigPath = Annotated[Path, AfterValidator(lambda path: CONFIG_DIR / path)]
+"""A UNet config: relative paths are taken from the configs folder."""
 
 
 class WeightsError(RuntimeError):
@@ -36,7 +40,7 @@ class DownloadError(WeightsError):
     """A file could not be fetched from the Hub (connection, HTTP or transfer failure)."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class WeightFile:
     """One checkpoint file: where it lands below a root and, if downloadable, its Hub origin.
 
@@ -48,14 +52,14 @@ class WeightFile:
     local_dir: str
     repo: str | None = None
     revision: str = "main"
-    size: int | None = None
-    min_size: int | None = None
+    size: NonNegativeInt | None = None
+    min_size: NonNegativeInt | None = None
 
     def path(self, root: Path) -> Path:
         return root / self.local_dir / self.filename
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class VAESpec:
     """The VAE folder (shared by all versions) and the latent scaling official inference forces."""
 
@@ -65,15 +69,15 @@ class VAESpec:
     shift_factor: float
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class VersionSpec:
     """One LatentSync version: its UNet config, default root and version-specific files."""
 
     name: str
     label: str
     """How the service names this weight set when it reports what it serves, e.g. ``tiny-demo``."""
-    root: Path
-    unet_config: Path
+    root: HomePath
+    unet_config: ConfigPath
     unet: WeightFile
     whisper: WeightFile
 
@@ -82,22 +86,54 @@ class VersionSpec:
         return self.unet.repo is not None
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class AuxiliarySpec:
     """The opt-in InsightFace backend's ONNX models (non-commercial weights) and their default root."""
 
-    root: Path
+    root: HomePath
     detector: WeightFile
     landmarks: WeightFile
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class WeightsConfig:
     """Parsed ``configs/weights.yaml``."""
 
     vae: VAESpec
     versions: dict[str, VersionSpec]
     auxiliary: AuxiliarySpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, raw: Any) -> Any:
+        """Reshape the file's layout: a section's ``repo`` and ``revision`` go to each of its files."""
+        if not isinstance(raw, dict):
+            return raw  # constructed in code, or not a mapping (refused by validation)
+        vae, versions, auxiliary = (_mapping(raw, key) for key in ("vae", "versions", "auxiliary"))
+        vae_files = _mapping(vae, "files")
+        aux_files = _mapping(auxiliary, "files")
+        return {
+            "vae": {
+                "local_dir": vae.get("local_dir"),
+                "files": [
+                    {"filename": name, "local_dir": vae.get("local_dir"), **_origin(vae), **(entry or {})}
+                    for name, entry in vae_files.items()
+                ],
+                "scaling_factor": vae.get("scaling_factor"),
+                "shift_factor": vae.get("shift_factor"),
+            },
+            "versions": {
+                str(name): {key: value for key, value in _mapping(versions, name).items() if key not in ("repo", "revision")}
+                | {"name": str(name)}
+                | {part: {**_origin(versions[name]), **_mapping(versions[name], part)} for part in ("unet", "whisper")}
+                for name in versions
+            },
+            "auxiliary": {
+                "root": auxiliary.get("root"),
+                "detector": {**_origin(auxiliary), **_mapping(aux_files, "detector")},
+                "landmarks": {**_origin(auxiliary), **_mapping(aux_files, "landmarks_106")},
+            },
+        }
 
     def version(self, name: str) -> VersionSpec:
         try:
@@ -110,6 +146,17 @@ class WeightsConfig:
         """Every file ``version`` needs, UNet first."""
         spec = self.version(version)
         return (spec.unet, spec.whisper, *self.vae.files)
+
+
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _origin(section: dict[str, Any]) -> dict[str, Any]:
+    return {"repo": section.get("repo"), "revision": section.get("revision", "main")}
 
 
 @dataclass(frozen=True)
@@ -128,51 +175,9 @@ class WeightPaths:
         return (self.unet_config, self.unet, self.whisper, *(self.vae_dir / name for name in self.vae_files))
 
 
-def _file_entry(entry: Any, where: str, **origin: Any) -> WeightFile:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(entry).__name__}")
-    try:
-        return WeightFile(**origin, **entry)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def load_weights_config(path: str | Path = WEIGHTS_CONFIG) -> WeightsConfig:
-    """Parse the weights config at ``path``; malformed content raises :class:`ConfigError`."""
-    raw = read_yaml(path, "weights config")
-    try:
-        vae, versions, auxiliary = raw["vae"], raw["versions"], raw["auxiliary"]
-        vae_origin = {"repo": vae["repo"], "revision": vae.get("revision", "main")}
-        vae_spec = VAESpec(
-            local_dir=vae["local_dir"],
-            files=tuple(
-                _file_entry(entry, f"vae.files.{name}", filename=name, local_dir=vae["local_dir"], **vae_origin)
-                for name, entry in vae["files"].items()
-            ),
-            scaling_factor=float(vae["scaling_factor"]),
-            shift_factor=float(vae["shift_factor"]),
-        )
-        specs = {}
-        for name, version in versions.items():
-            origin = {"repo": version.get("repo"), "revision": version.get("revision", "main")}
-            specs[str(name)] = VersionSpec(
-                name=str(name),
-                label=str(version["label"]),
-                root=REPO_ROOT / version["root"],
-                unet_config=REPO_ROOT / version["unet_config"],
-                unet=_file_entry(version["unet"], f"versions.{name}.unet", **origin),
-                whisper=_file_entry(version["whisper"], f"versions.{name}.whisper", **origin),
-            )
-        aux_origin = {"repo": auxiliary["repo"], "revision": auxiliary.get("revision", "main")}
-        aux_files = auxiliary["files"]
-        aux_spec = AuxiliarySpec(
-            root=REPO_ROOT / auxiliary["root"],
-            detector=_file_entry(aux_files["detector"], "auxiliary.files.detector", **aux_origin),
-            landmarks=_file_entry(aux_files["landmarks_106"], "auxiliary.files.landmarks_106", **aux_origin),
-        )
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"weights config {path} is malformed ({type(exc).__name__}: {exc})") from None
-    return WeightsConfig(vae=vae_spec, versions=specs, auxiliary=aux_spec)
+    """The weights config at ``path`` (read once); malformed content raises :class:`ConfigError`."""
+    return load_settings(WeightsConfig, path, "weights config")
 
 
 def weight_paths(version: str, root: str | Path | None = None, config: WeightsConfig | None = None) -> WeightPaths:
@@ -199,6 +204,30 @@ def auxiliary_paths(root: str | Path | None = None, config: WeightsConfig | None
 def missing(paths: WeightPaths) -> list[Path]:
     """The required files that do not exist, in load order (empty when everything is in place)."""
     return [path for path in paths.required if not path.is_file()]
+
+
+def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, WeightPaths]:
+    """The weight set a server loads: ``(version name, paths)``.
+
+    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto": LatentSync
+    1.5 when all its files are present below ``root``, the tiny demo weights otherwise. Tiny weights
+    are written on first use; a named real version must be present (``WeightsError`` otherwise).
+    """
+    if choice == "auto":
+        choice = "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+    tiny_root = root if root is None else Path(root) / "tiny"
+    paths = weight_paths(choice, tiny_root if choice == "tiny" else root)
+    absent = missing(paths)
+    if absent and choice == "tiny":
+        from lipsync.tiny import write_tiny_weights  # torch and the model code, only when they are written
+
+        return choice, write_tiny_weights(tiny_root)
+    if absent:
+        raise WeightsError(
+            f"LatentSync {choice} weights are missing: {', '.join(map(str, absent))}; "
+            f"download them with: python scripts/download_weights.py --version {choice}"
+        )
+    return choice, paths
 
 
 def download_file(file: WeightFile, root: Path, *, endpoint: str | None = None) -> Path:

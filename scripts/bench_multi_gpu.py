@@ -39,7 +39,7 @@ from bench_triton import SAMPLE_RATE, wav_bytes
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
-from lipsync.tiny import write_random_weights
+from lipsync.testing import write_random_weights
 from lipsync.weights import missing, weight_paths
 
 DEFAULT_JSON = REPO_ROOT / "docs" / "bench" / "multi-gpu.json"

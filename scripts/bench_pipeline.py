@@ -67,7 +67,8 @@ from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
 from lipsync.sampling import (  # noqa: E402
     Denoiser, DirectDenoiser, FaceGenerator, NoisePredictor, Replica, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
 )
-from lipsync.tiny import write_random_weights, write_tiny_weights  # noqa: E402
+from lipsync.testing import write_random_weights  # noqa: E402
+from lipsync.tiny import write_tiny_weights  # noqa: E402
 from lipsync.vae import load_vae  # noqa: E402
 from lipsync.weights import WeightPaths  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Peak RSS of the whole pipeline (tiny weights): a 10 s clip against a 2-minute 1080p clip (issue 3).
+"""Peak RSS of the whole pipeline (tiny weights): a 10 s clip against a 2-minute 1080p clip.
 
 Each pass runs ``LipSyncPipeline.from_weights(tiny).run(...)`` — decode, face detection and alignment,
 audio features, VAE encode, denoise, VAE decode, paste-back, encode — in a fresh interpreter, so

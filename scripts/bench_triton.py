@@ -30,11 +30,10 @@ from pathlib import Path
 import httpx2
 import numpy as np
 
-from gateway.metrics import sample_sum
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
-from lipsync.tiny import write_random_weights
+from lipsync.testing import sample_sum, write_random_weights
 from lipsync.weights import missing, weight_paths
 
 

@@ -1,4 +1,4 @@
-"""The speed-table script runs end to end (tiny model, CPU), so the H100 run does not find it broken."""
+"""The speed-table script runs end to end (tiny model, CPU), so a GPU run does not find it broken."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import pytest
 
 from bombs import huge_frame_video
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from gateway.store import new_job_id
 from gateway.triton_client import JobRequest, TritonJobError, run_job
 from gateway_process import KEYS, memory_mb, reset_peak_memory

@@ -17,7 +17,7 @@ import pytest
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from conftest import free_port
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 from lipsync.media import VideoReader

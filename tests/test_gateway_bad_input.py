@@ -11,7 +11,7 @@ import pytest
 
 from bombs import huge_frame_video, silent_flac, sparse_video
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from gateway_process import KEYS
 
 pytestmark = [

@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from conftest import free_port
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from gateway.settings import GatewaySettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 from local_gateway import LocalGateway

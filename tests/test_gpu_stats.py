@@ -7,7 +7,7 @@ import time
 import torch
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from lipsync.gpu_stats import GPU_GAUGES, GpuReading, GpuSampler
 
 READINGS = {0: GpuReading(0.25, 3 * 2**30, 2**30), 1: GpuReading(0.75, 5 * 2**30, 4 * 2**30)}

@@ -1,4 +1,4 @@
-"""LipSyncPipeline end to end on CPU with the tiny weights (issue 3's acceptance, Python API).
+"""LipSyncPipeline end to end on CPU with the tiny weights (Python API).
 
 Clips are cut from the shared demo clip (a real face): its first frames, downscaled to 540×960 and
 re-encoded, with slices of the demo speech. One pipeline (models loaded once) serves every test; jobs

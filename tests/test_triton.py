@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, flat, speech, write_video, write_wav
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 from gateway.triton_client import served_weights
 from lipsync.media import VideoReader
 

@@ -16,7 +16,9 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import free_port
 from gateway import cli
-from gateway.triton_server import REPO_ROOT, TritonError, TritonServer, TritonSettings, render_repository
+from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _rendered(tmp_path: Path, **overrides) -> model_config_pb2.ModelConfig:
@@ -65,7 +67,7 @@ def test_split_jobs_renders_one_instance_holding_every_listed_gpu(tmp_path: Path
 
 
 def test_compose_reserves_the_gpus_named_in_lipsync_gpus() -> None:
-    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     [devices] = compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices["device_ids"] == ["${LIPSYNC_GPUS:-all}"] and "count" not in devices
 

@@ -19,9 +19,8 @@ import torch
 import yaml
 from huggingface_hub._local_folder import get_local_download_paths  # private: only to fake a stale partial file
 
-from lipsync.config import ConfigError
+from lipsync.config import CONFIG_DIR, HOME, ConfigError
 from lipsync.weights import (
-    REPO_ROOT,
     WEIGHTS_CONFIG,
     DownloadError,
     WeightsError,
@@ -39,6 +38,8 @@ AUX_REPO = "ByteDance/LatentSync-1.6"
 AUX_FILES = ("auxiliary/models/buffalo_l/det_10g.onnx", "auxiliary/models/buffalo_l/2d106det.onnx")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: resume points fall on its multiples
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeHub:
@@ -158,7 +159,7 @@ def _dead_endpoint() -> str:
 
 def _run_cli(dest: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_ENDPOINT": endpoint}
-    script = str(REPO_ROOT / "scripts" / "download_weights.py")
+    script = str(REPO / "scripts" / "download_weights.py")
     return subprocess.run(
         [sys.executable, script, *(args or ("--version", "1.5")), "--dest", str(dest)],
         capture_output=True,
@@ -174,16 +175,16 @@ def _run_cli(dest: Path, endpoint: str, *args: str) -> subprocess.CompletedProce
 @pytest.mark.parametrize(
     ("version", "unet", "unet_config"),
     [
-        ("1.5", "checkpoints/latentsync-1.5/latentsync_unet.pt", "configs/unet/stage2.yaml"),
-        ("1.6", "checkpoints/latentsync-1.6/latentsync_unet.pt", "configs/unet/stage2_512.yaml"),
-        ("tiny", "checkpoints/tiny/latentsync_unet.pt", "configs/unet/tiny.yaml"),
+        ("1.5", "checkpoints/latentsync-1.5/latentsync_unet.pt", "unet/stage2.yaml"),
+        ("1.6", "checkpoints/latentsync-1.6/latentsync_unet.pt", "unet/stage2_512.yaml"),
+        ("tiny", "checkpoints/tiny/latentsync_unet.pt", "unet/tiny.yaml"),
     ],
 )
 def test_default_paths(version: str, unet: str, unet_config: str) -> None:
     paths = weight_paths(version)
-    root = REPO_ROOT / ("checkpoints/tiny" if version == "tiny" else "checkpoints")
-    assert paths.unet == REPO_ROOT / unet
-    assert paths.unet_config == REPO_ROOT / unet_config and paths.unet_config.is_file()
+    root = HOME / ("checkpoints/tiny" if version == "tiny" else "checkpoints")
+    assert paths.unet == HOME / unet
+    assert paths.unet_config == CONFIG_DIR / unet_config and paths.unet_config.is_file()
     assert paths.whisper == root / "whisper" / "tiny.pt"
     assert paths.vae_dir == root / "sd-vae-ft-mse"
     assert paths.vae_files == ("config.json", "diffusion_pytorch_model.safetensors")
@@ -204,7 +205,7 @@ def test_config_origins() -> None:
 
 
 def test_auxiliary_paths(tmp_path: Path) -> None:
-    assert auxiliary_paths() == tuple(REPO_ROOT / "checkpoints" / name for name in AUX_FILES)
+    assert auxiliary_paths() == tuple(HOME / "checkpoints" / name for name in AUX_FILES)
     assert auxiliary_paths(tmp_path) == tuple(tmp_path / name for name in AUX_FILES)
     aux = load_weights_config().auxiliary
     assert aux.detector.repo == aux.landmarks.repo == AUX_REPO
@@ -338,7 +339,7 @@ def test_download_auxiliary(hub: FakeHub, small_config, tmp_path: Path) -> None:
 
 def test_download_script_insightface_flag(hub: FakeHub, tmp_path: Path) -> None:
     help_text = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "download_weights.py"), "--help"],
+        [sys.executable, str(REPO / "scripts" / "download_weights.py"), "--help"],
         capture_output=True, text=True, timeout=60,
     ).stdout
     assert "--insightface" in help_text and "non-commercial" in " ".join(help_text.split())
@@ -404,7 +405,7 @@ def test_write_tiny_weights(tmp_path: Path) -> None:
 
 def test_make_tiny_weights_script(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_weights.py"), "--dest", str(tmp_path / "t")],
+        [sys.executable, str(REPO / "scripts" / "make_tiny_weights.py"), "--dest", str(tmp_path / "t")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import av
 import numpy as np
-from whisper.audio import SAMPLE_RATE
 
 from lipsync.errors import BadInput
 from lipsync.media.probe import check_audio_length, check_audio_limits, open_media
-from lipsync.media.settings import MediaLimits, MediaSettings
+from lipsync.media.settings import AUDIO_SAMPLE_RATE, MediaLimits, MediaSettings
 
 _PCM_FORMAT = "s16"
 """Sample format official decoding goes through; quantising to it is part of matching its waveform."""
@@ -29,7 +28,7 @@ class AudioError(BadInput):
     """An audio input is missing, has no audio stream, cannot be decoded, or is too short."""
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, limits: MediaLimits | None = None) -> np.ndarray:
+def load_audio(path: str | Path, sample_rate: int = AUDIO_SAMPLE_RATE, limits: MediaLimits | None = None) -> np.ndarray:
     """Decode the audio of ``path`` to a mono float32 waveform in [-1, 1) at ``sample_rate``.
 
     Works for audio files and for videos; like the ffmpeg CLI, the "best" audio stream is used when

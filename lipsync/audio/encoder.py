@@ -1,6 +1,6 @@
 """The Whisper encoder as LatentSync uses it: loaded from an OpenAI checkpoint, run for per-layer features.
 
-Official features (facts §4) are the encoder's hidden states after the positional embedding and after
+Official features are the encoder's hidden states after the positional embedding and after
 each block (``n_audio_layer + 1`` "layers", without ``ln_post``), computed on 30 s windows of a log-mel
 spectrogram taken over the whole clip. We get them by running the encoder's own submodules in order.
 """

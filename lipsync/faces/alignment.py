@@ -1,6 +1,6 @@
 """3-point similarity alignment of a face to LatentSync's template, with official's EMA smoothing.
 
-Official (facts §5.6; ``AlignRestore`` in the LatentSync repo) does, per frame:
+Official (``AlignRestore`` in the LatentSync repo) does, per frame:
 
 1. round the three alignment points to whole pixels (NumPy rounding, halves to even);
 2. Procrustes: centre both point sets on their means and divide each by its standard deviation, taken

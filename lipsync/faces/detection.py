@@ -1,6 +1,6 @@
 """What a face detector gives the aligner: three alignment points, a box and a score, for one face.
 
-Official alignment (facts §5.6) needs only three points per frame: the centres of both eyebrows and
+Official alignment needs only three points per frame: the centres of both eyebrows and
 of the nose, each the mean of a fixed set of landmarks. Backends differ in their landmark schemes, so
 each maps its own landmarks to these three points and the rest of the pipeline never sees the scheme.
 """

@@ -5,7 +5,7 @@ LICENCE: the insightface library is MIT, but its pretrained models (the buffalo_
 therefore never the default; choose it only where that licence allows.
 
 Install with ``pip install 'lipsync-serve[insightface]'``; the models come from the LatentSync-1.6 Hub
-repo's ``auxiliary/`` folder (``scripts/download_weights.py``). What follows official (facts §5.5, §5.6):
+repo's ``auxiliary/`` folder (``scripts/download_weights.py``). What follows official (docs/latentsync-notes.md):
 
 - the detector runs at ``det_size`` 512×512 with its own score threshold at ``min_score``;
 - the filters use the detector's box truncated to integer pixels: too small (w < 50 or h < 80), too

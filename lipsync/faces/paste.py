@@ -1,4 +1,4 @@
-"""Paste a generated face back into its frame with a feathered edge (facts §5.11).
+"""Paste a generated face back into its frame with a feathered edge.
 
 Official (``restore_img`` in the LatentSync repo), per frame:
 

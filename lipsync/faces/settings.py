@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveInt
+from pydantic.dataclasses import dataclass
+
+from lipsync.config import CONFIG_DIR, SCHEMA, home_path, load_settings
 
 FACES_CONFIG = CONFIG_DIR / "faces.yaml"
-REPO_ROOT = CONFIG_DIR.parent
-"""Relative ``mask_image_path`` values are taken from here."""
+
+Indices = Annotated[tuple[NonNegativeInt, ...], Field(min_length=1)]
+"""Landmark indices averaged into one point."""
+Point = tuple[float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class PointSets:
     """Landmark indices averaged into the three alignment points (left brow, right brow, nose)."""
 
-    left_brow: tuple[int, ...]
-    right_brow: tuple[int, ...]
-    nose: tuple[int, ...]
+    left_brow: Indices
+    right_brow: Indices
+    nose: Indices
 
     @property
     def sets(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         return self.left_brow, self.right_brow, self.nose
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class MediaPipeSettings:
     model_selection: int
     min_detection_confidence: float
@@ -35,9 +39,9 @@ class MediaPipeSettings:
     points: PointSets
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class InsightFaceSettings:
-    det_size: tuple[int, int]
+    det_size: tuple[PositiveInt, PositiveInt]
     min_score: float
     min_width: int
     min_height: int
@@ -47,29 +51,30 @@ class InsightFaceSettings:
     points: PointSets
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class AlignmentSettings:
-    base_resolution: int
-    template: tuple[tuple[float, float], ...]
+    base_resolution: PositiveInt
+    template: tuple[Point, Point, Point]
+    """Left brow, right brow, nose (x, y)."""
     template_scale: float
-    crop_size: tuple[int, int]
+    crop_size: tuple[PositiveInt, PositiveInt]
     ema_previous: float
     border_value: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class MaskSettings:
-    render_size: int
-    polygon: tuple[tuple[float, float], ...]
+    render_size: PositiveInt
+    polygon: Annotated[tuple[Point, ...], Field(min_length=3)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class PasteSettings:
     erode_kernel: int
-    edge_divisor: int
+    edge_divisor: PositiveInt
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class FaceSettings:
     """Every field of ``configs/faces.yaml``; the file's comments say why each value was chosen."""
 
@@ -77,72 +82,11 @@ class FaceSettings:
     insightface: InsightFaceSettings
     alignment: AlignmentSettings
     mask: MaskSettings
-    mask_image_path: Path | None
+    mask_image_path: Annotated[Path, AfterValidator(home_path)] | None
+    """Relative paths are taken from :data:`lipsync.config.HOME`."""
     paste: PasteSettings
 
     @classmethod
     def load(cls, path: str | Path = FACES_CONFIG) -> FaceSettings:
-        """Read the settings at ``path``; a missing, unknown or ill-shaped field raises :class:`ConfigError`."""
-        raw = read_yaml(path, "faces config")
-        try:
-            return cls._from_raw(raw)
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ConfigError(f"faces config {path} is malformed: {exc}") from None
-
-    @classmethod
-    def _from_raw(cls, raw: dict[str, Any]) -> FaceSettings:
-        _exact_keys(raw, cls, "top level")
-        mp = dict(raw["mediapipe"])
-        mp["points"] = _points(mp["points"])
-        insight = dict(raw["insightface"])
-        insight["points"] = _points(insight["points"])
-        insight["det_size"] = _pair(insight["det_size"], int)
-        insight["providers"] = tuple(str(p) for p in insight["providers"])
-        align = dict(raw["alignment"])
-        align["template"] = tuple(_pair(p, float) for p in align["template"])
-        align["crop_size"] = _pair(align["crop_size"], int)
-        if len(align["template"]) != 3:
-            raise ValueError("alignment.template must have three points")
-        mask = dict(raw["mask"])
-        mask["polygon"] = tuple(_pair(p, float) for p in mask["polygon"])
-        if len(mask["polygon"]) < 3:
-            raise ValueError("mask.polygon needs at least three vertices")
-        image_path = raw["mask_image_path"]
-        if image_path is not None:
-            image_path = Path(image_path)
-            image_path = image_path if image_path.is_absolute() else REPO_ROOT / image_path
-        sections = {
-            "mediapipe": (MediaPipeSettings, mp),
-            "insightface": (InsightFaceSettings, insight),
-            "alignment": (AlignmentSettings, align),
-            "mask": (MaskSettings, mask),
-            "paste": (PasteSettings, raw["paste"]),
-        }
-        built = {}
-        for name, (section_cls, values) in sections.items():
-            _exact_keys(values, section_cls, name)
-            built[name] = section_cls(**values)
-        return cls(mask_image_path=image_path, **built)
-
-
-def _exact_keys(values: Any, section_cls: type, name: str) -> None:
-    if not isinstance(values, dict):
-        raise TypeError(f"{name} must be a mapping")
-    expected = {f.name for f in fields(section_cls)}
-    if set(values) != expected:
-        missing, unknown = sorted(expected - set(values)), sorted(set(values) - expected)
-        raise KeyError(f"{name}: missing {missing}, unknown {unknown}")
-
-
-def _pair(values: Any, kind: type) -> tuple:
-    if len(values) != 2:
-        raise ValueError(f"expected two numbers, got {values!r}")
-    return tuple(kind(v) for v in values)
-
-
-def _points(raw: dict[str, Any]) -> PointSets:
-    _exact_keys(raw, PointSets, "points")
-    sets = {name: tuple(int(i) for i in indices) for name, indices in raw.items()}
-    if not all(sets.values()):
-        raise ValueError("every landmark index set needs at least one index")
-    return PointSets(**sets)
+        """The settings at ``path`` (read once); a missing, unknown or ill-shaped field raises :class:`ConfigError`."""
+        return load_settings(cls, path, "faces config")

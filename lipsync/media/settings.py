@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
+from pydantic import PositiveFloat, PositiveInt
+from pydantic.dataclasses import dataclass
+
+from lipsync.config import CONFIG_DIR, SCHEMA, load_settings
 
 MEDIA_CONFIG = CONFIG_DIR / "media.yaml"
 
+AUDIO_SAMPLE_RATE = 16000
+"""Hz of decoded audio and of the audio the writer receives: Whisper's mel filters are built for 16 kHz."""
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=SCHEMA)
 class MediaLimits:
     """The largest input a job may bring (section ``limits`` of ``configs/media.yaml``).
 
     Checked from headers before decoding and counted again while decoding, see :mod:`lipsync.media.probe`.
     """
 
-    max_side: int
+    max_side: PositiveInt
     """Pixels of the longer side of a frame."""
-    max_pixels: int
+    max_pixels: PositiveInt
     """Pixels of one frame (width × height); also handed to the decoder, which refuses larger pictures."""
-    max_video_s: float
-    max_frames: int
+    max_video_s: PositiveFloat
+    max_frames: PositiveInt
     """Source frames of the video stream (before resampling to the output rate)."""
-    max_audio_s: float
+    max_audio_s: PositiveFloat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class MediaSettings:
     """Every field of ``configs/media.yaml``; the file's comments say why each value was chosen."""
 
-    fps: int
+    fps: PositiveInt
     truncation_tolerance: float
     video_codec: str
     crf: int
@@ -39,18 +44,11 @@ class MediaSettings:
     pix_fmt: str
     encoder_threads: int
     audio_codec: str
-    audio_bitrate: int
+    audio_bitrate: PositiveInt
     movflags: str
     limits: MediaLimits
 
     @classmethod
     def load(cls, path: str | Path = MEDIA_CONFIG) -> MediaSettings:
-        """Read the settings at ``path``; a missing, unknown or ill-typed field raises :class:`ConfigError`."""
-        raw = read_yaml(path, "media config")
-        try:
-            settings = cls(**(raw | {"limits": MediaLimits(**raw.get("limits", {}))}))
-        except TypeError as exc:
-            raise ConfigError(f"media config {path} is malformed: {exc}") from None
-        if not isinstance(settings.fps, int) or settings.fps <= 0:
-            raise ConfigError(f"media config {path}: fps must be a positive integer, got {settings.fps!r}")
-        return settings
+        """The settings at ``path`` (read once); a missing, unknown or ill-typed field raises :class:`ConfigError`."""
+        return load_settings(cls, path, "media config")

@@ -35,10 +35,9 @@ import numpy as np
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
-from whisper.audio import SAMPLE_RATE
 
 from lipsync.media.errors import MediaError
-from lipsync.media.settings import MediaSettings
+from lipsync.media.settings import AUDIO_SAMPLE_RATE, MediaSettings
 
 _CONTAINER_FORMAT = "mp4"
 _AVCOL_SPC_BT709 = 1
@@ -60,7 +59,7 @@ class VideoWriter:
         height: int,
         fps: int | None = None,
         audio: np.ndarray | None = None,
-        sample_rate: int = SAMPLE_RATE,
+        sample_rate: int = AUDIO_SAMPLE_RATE,
         settings: MediaSettings | None = None,
     ) -> None:
         settings = settings or MediaSettings.load()

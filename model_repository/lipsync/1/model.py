@@ -26,8 +26,7 @@ from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import ProgressReport, ProgressReporter
-from lipsync.tiny import weights_for
-from lipsync.weights import load_weights_config
+from lipsync.weights import load_weights_config, weights_for
 
 _OUTCOMES = {ErrorKind.BAD_INPUT: "rejected", ErrorKind.CANCELLED: "cancelled"}
 """``lipsync_jobs_total``'s outcome label of a failed job by error kind; any other kind is "failed"."""
