@@ -15,7 +15,7 @@ from whisper.model import ModelDimensions, Whisper
 from lipsync.config import CONFIG_DIR
 from lipsync.models.loading import build_unet
 from lipsync.vae import FULL_VAE_ARCHITECTURE
-from lipsync.weights import WeightPaths, WeightsError, missing, weight_paths
+from lipsync.weights import WeightPaths, chosen_version, missing, present_weights, weight_paths
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -99,19 +99,12 @@ def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, Weigh
     1.5 when all its files are present below ``root``, the tiny demo weights otherwise. Tiny weights
     are written on first use; a named real version must be present (``WeightsError`` otherwise).
     """
-    if choice == "auto":
-        choice = "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+    choice = chosen_version(choice, root)
+    if choice != "tiny":
+        return choice, present_weights(choice, root)
     tiny_root = root if root is None else Path(root) / "tiny"
-    paths = weight_paths(choice, tiny_root if choice == "tiny" else root)
-    absent = missing(paths)
-    if absent and choice == "tiny":
-        return choice, write_tiny_weights(tiny_root)
-    if absent:
-        raise WeightsError(
-            f"LatentSync {choice} weights are missing: {', '.join(map(str, absent))}; "
-            f"download them with: python scripts/download_weights.py --version {choice}"
-        )
-    return choice, paths
+    paths = weight_paths(choice, tiny_root)
+    return choice, write_tiny_weights(tiny_root) if missing(paths) else paths
 
 
 FULL_WHISPER_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"

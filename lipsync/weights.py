@@ -198,6 +198,26 @@ def missing(paths: WeightPaths) -> list[Path]:
     return [path for path in paths.required if not path.is_file()]
 
 
+def chosen_version(choice: str, root: str | Path | None = None) -> str:
+    """The version a weights choice names: ``choice`` itself, or for "auto" LatentSync 1.5 when all its
+    files are present below ``root`` (default: the config's roots), the tiny demo weights otherwise."""
+    if choice != "auto":
+        return choice
+    return "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+
+
+def present_weights(version: str, root: str | Path | None = None) -> WeightPaths:
+    """The paths of a real ``version`` below ``root``; :class:`WeightsError` naming what is missing and how to get it."""
+    paths = weight_paths(version, root)
+    absent = missing(paths)
+    if absent:
+        raise WeightsError(
+            f"LatentSync {version} weights are missing: {', '.join(map(str, absent))}; "
+            f"download them with: python scripts/download_weights.py --version {version}"
+        )
+    return paths
+
+
 def download_file(file: WeightFile, root: Path, *, endpoint: str | None = None) -> Path:
     """Fetch ``file`` into ``root`` (no-op when an up-to-date copy is there) and verify its size.
 

@@ -3,6 +3,10 @@
 Decoupled: ``execute`` starts one thread per request and returns; each thread streams progress, then
 the final video, through the request's response sender. The instance's ``LipSyncPipeline`` shares
 one ``WindowBatcher``, so windows of all running jobs ride in the same UNet calls.
+
+Triton does not count a decoupled model's running jobs as in flight, so it unloads the model while
+they run: jobs still running then (or once the launcher has created the ``stop_file`` parameter's
+file, before it stops the server) end as cancelled at their next check, within one denoising step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,6 +109,20 @@ class _GpuSampler:
         self.thread.join()
 
 
+class _Stopping:
+    """True once the instance unloads (:meth:`set`) or ``stop_file`` exists; checked with each job's own cancel."""
+
+    def __init__(self, stop_file: str) -> None:
+        self.file = Path(stop_file) if stop_file else None
+        self.unloading = threading.Event()
+
+    def set(self) -> None:
+        self.unloading.set()
+
+    def __call__(self) -> bool:
+        return self.unloading.is_set() or (self.file is not None and self.file.exists())
+
+
 class _ProgressStream:
     """Sends a progress response when the stage changes or the fraction rose by ``step``."""
 
@@ -195,6 +214,7 @@ class TritonPythonModel:
         self.progress_step = float(params["progress_step"])
         self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
+        self.stopping = _Stopping(params["stop_file"])
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
         self.logger.log_info(f"lipsync: LatentSync {self.version} on {device}, {self.pipeline.vae.dtype}")
@@ -215,7 +235,7 @@ class TritonPythonModel:
             options = _options(request, self.version)
             output = run_job(
                 self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                progress=_ProgressStream(sender, self.progress_step), should_cancel=request.is_cancelled,
+                progress=_ProgressStream(sender, self.progress_step), should_cancel=lambda: request.is_cancelled() or self.stopping(),
             )
         except JobCancelled as exc:
             self._fail(sender, "cancelled", "CANCELLED", f"{exc}")
@@ -249,6 +269,7 @@ class TritonPythonModel:
         self.metrics.finished(outcome)
 
     def finalize(self) -> None:
+        self.stopping.set()
         for job in list(self.jobs):
             job.join()
         if self.gpu is not None:
