@@ -18,7 +18,7 @@ import httpx2
 import pytest
 
 from bombs import huge_frame_video
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from gateway.metrics import sample_sum
 from gateway.store import new_job_id
@@ -27,7 +27,6 @@ from gateway_process import KEYS, GatewayProcess, memory_mb, reset_peak_memory
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}

@@ -16,7 +16,7 @@ import httpx2
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from gateway.metrics import sample_sum
 from gateway.settings import GatewaySettings
@@ -25,7 +25,6 @@ from webhook_receivers import TRICKLE, Receiver
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
 FINISHED = ("Succeed", "Failed", "Cancelled")
