@@ -43,7 +43,7 @@ export LD_LIBRARY_PATH=$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 common=(-i grpc -u "${TRITON_GRPC:-127.0.0.1:8001}" --input-data "$work/inputs.json"
         --concurrency-range "${CONCURRENCY:-1}" --measurement-mode count_windows
         --measurement-request-count "${REQUESTS:-4}")
-echo "== lipsync_unary" >&2
+echo "== lipsync_unary"
 "$scripts/perf_analyzer" -m lipsync_unary "${common[@]}" "$@"
-echo "== lipsync (streaming)" >&2
+echo "== lipsync (streaming)"
 "$scripts/perf_analyzer" -m lipsync --streaming "${common[@]}" "$@"
