@@ -374,6 +374,8 @@ class TritonServer:
         kill_and_wait(self._stubs())
 
     def log_tail(self, lines: int = 40) -> str:
+        if self._log_pump is not None and self.process is not None and self.process.poll() is not None:
+            self._log_pump.join(2)  # the server has exited: its last lines may still be in the pipe
         if not self.log_path.is_file():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
