@@ -50,6 +50,8 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the lipsync model runs and what it loads; defaults in configs/serving.yaml."""
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
     parser.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
+    parser.add_argument("--split-jobs", action=argparse.BooleanOptionalAction,
+                        help="one instance over all the GPUs, spreading long jobs over them (default: one instance per GPU)")
     parser.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
     parser.add_argument("--checkpoints", help="weights root")
     parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
@@ -61,7 +63,7 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _triton_settings(args: argparse.Namespace) -> TritonSettings:
     return TritonSettings.load(
-        args.config, device=args.device, gpus=args.gpus, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
+        args.config, device=args.device, gpus=args.gpus, split_jobs=args.split_jobs, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
         address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
     )

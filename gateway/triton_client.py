@@ -43,12 +43,14 @@ class JobRequest:
     loop_mode: str | None = None
     version: str | None = None
     mode: str | None = None
+    devices: int | None = None
 
     def inputs(self) -> list[grpcclient.InferInput]:
         values: dict[str, tuple[str, Any]] = {
             "VIDEO": ("BYTES", self.video), "AUDIO": ("BYTES", self.audio), "STEPS": ("INT32", self.steps),
             "GUIDANCE": ("FP32", self.guidance_scale), "SEED": ("INT64", self.seed),
             "LOOP_MODE": ("BYTES", self.loop_mode), "VERSION": ("BYTES", self.version), "MODE": ("BYTES", self.mode),
+            "DEVICES": ("INT32", self.devices),
         }
         numpy_types = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
         inputs = []

@@ -9,8 +9,8 @@ version. What the server needs around it:
 - ``PATH`` starting with the environment the stub should run in: the stub takes ``sys.prefix`` from
   the first ``python3`` there, and that environment needs ``numpy<2`` and this package;
 The model repository is rendered into the work folder from ``model_repository/``: only the
-``lipsync`` model's instance kind, GPU list, weight parameters and kernel cache folder change, from
-configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
+``lipsync`` model's instance kind, GPU list (one instance per GPU, or with ``split_jobs`` one instance
+holding them all), weight parameters and kernel cache folder change, from configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
 across restarts; it travels as a model parameter because the backend stubs do not see the server's
 environment variables.
 
@@ -80,6 +80,8 @@ class TritonSettings:
     metrics_port: int = 8002
     device: str = "auto"
     gpus: tuple[int, ...] = ()
+    split_jobs: bool = False
+    """One ``lipsync`` instance holding a replica on every GPU (long jobs spread over them) instead of one per GPU."""
     weights: str = "auto"
     checkpoints: str = ""
     dtype: str = "auto"
@@ -170,7 +172,11 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
     group = config.instance_group.add(count=1)
     if settings.resolved_device() == "gpu":
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
-        group.gpus.extend(settings.gpus)
+        if settings.split_jobs:
+            group.gpus.append(settings.gpus[0] if settings.gpus else 0)
+            config.parameters["devices"].string_value = ",".join(map(str, settings.gpus)) or "all"
+        else:
+            group.gpus.extend(settings.gpus)
     else:
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
     config.parameters["weights"].string_value = settings.weights

@@ -28,6 +28,8 @@ class JobOptions:
     loop_mode: LoopMode = LoopMode.PINGPONG
     mode: str = "exact"
     """Sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast`` (feature caching)."""
+    devices: int | None = None
+    """Devices the job's windows are spread over (at most the pipeline's); ``None``: by length (``split_min_seconds``)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class JobOutput:
         return {
             "frames": self.result.frames,
             "faceless_frames": self.result.faceless_frames,
+            "devices": self.result.devices,
             "seconds": self.result.seconds,
         }
 
@@ -65,7 +68,7 @@ def run_job(
         try:
             result = pipeline.run(
                 video_path, audio_path, output, steps=options.steps, guidance_scale=options.guidance_scale,
-                seed=options.seed, loop_mode=options.loop_mode, mode=options.mode, progress=progress, should_cancel=should_cancel,
+                seed=options.seed, loop_mode=options.loop_mode, mode=options.mode, devices=options.devices, progress=progress, should_cancel=should_cancel,
             )
         except ValueError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")

@@ -12,14 +12,17 @@ passes overlap so the GPU starts early:
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -39,8 +42,8 @@ from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
-    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, SamplingSettings, initial_noise,
-    load_scheduler,
+    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
+    initial_noise, load_scheduler,
 )
 from lipsync.timeline import LoopMode, source_frames
 from lipsync.timing import StageTimer
@@ -67,6 +70,8 @@ class LipSyncResult:
     frames: int
     faceless_frames: int
     """Output frames passed through unchanged because no face was found in their source frame."""
+    devices: int = 1
+    """Devices the job's windows were spread over."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: audio, decode, detect_align, vae_encode, denoise, vae_decode, paste, encode."""
 
@@ -86,6 +91,9 @@ class PipelineSettings:
     compile_unet: bool | str = "auto"
     """Run the UNet through ``torch.compile`` (``CompiledUNet``): ``True``, ``False`` or ``"auto"`` (on CUDA only);
     compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
+    split_min_seconds: float = 60.0
+    """On a pipeline with several devices, a job whose output is at least this long spreads its windows over all
+    of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -97,6 +105,8 @@ class PipelineSettings:
         settings = cls(**values)
         if min(settings.detect_threads, settings.finish_threads, settings.analysis_chunk, settings.colour_chunk) < 1:
             raise ValueError(f"pipeline settings must be positive, got {settings}")
+        if settings.split_min_seconds < 0:
+            raise ValueError(f"split_min_seconds must not be negative, got {settings.split_min_seconds}")
         if settings.compile_unet not in (True, False, "auto"):
             raise ValueError(f"compile_unet must be true, false or auto, got {settings.compile_unet!r}")
         return settings
@@ -105,14 +115,17 @@ class PipelineSettings:
 class LipSyncPipeline:
     """Loaded models plus settings; :meth:`run` processes one job.
 
-    Several threads may call :meth:`run` at once when the denoiser is a ``WindowBatcher``: each job
+    Several threads may call :meth:`run` at once when the denoisers are ``WindowBatcher`` objects: each job
     borrows its own face detector, and their windows share UNet calls.
+
+    With one :class:`Replica` (UNet and VAE) per device, a job runs on the least busy device, or, when it
+    is long (``split_min_seconds``) or asks for it, spreads its windows over several devices at once
+    (:class:`FaceGenerator`). Whisper and the job's audio run on the first device.
     """
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        denoiser: Denoiser,
+        replicas: Sequence[Replica],
         audio: AudioFeatureExtractor,
         detectors: DetectorPool,
         config: dict[str, Any],
@@ -120,8 +133,9 @@ class LipSyncPipeline:
         face_settings: FaceSettings | None = None,
         settings: PipelineSettings | None = None,
     ) -> None:
-        self.vae = vae
-        self.denoiser = denoiser
+        if not replicas:
+            raise ValueError("a pipeline needs at least one replica")
+        self.replicas = list(replicas)
         self.audio = audio
         self.detectors = detectors
         self.windows_per_call = windows_per_call
@@ -130,12 +144,29 @@ class LipSyncPipeline:
         self.resolution: int = config["data"]["resolution"]
         self.face_settings = face_settings or FaceSettings.load()
         self.mask = torch.from_numpy(load_mask(self.resolution, self.face_settings))
+        self._jobs_per_replica = [0] * len(self.replicas)
+        self._placing = threading.Lock()
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The first device's VAE."""
+        return self.replicas[0].vae
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The first device's denoiser."""
+        return self.replicas[0].denoiser
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices holding a replica, the first one first."""
+        return [replica.device for replica in self.replicas]
 
     @classmethod
     def from_weights(
         cls,
         paths: WeightPaths,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | Sequence[str | torch.device] = "cpu",
         dtype: torch.dtype | None = None,
         detectors: DetectorPool | None = None,
         windows_per_call: int | None = None,
@@ -146,29 +177,32 @@ class LipSyncPipeline:
     ) -> LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
 
-        With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
+        ``device`` may list several devices: each gets a replica of UNet and VAE (and its own batcher),
+        Whisper lives on the first. With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
         ``settings.compile_unet`` compiles the UNet (``CompiledUNet``; by default on CUDA); ``cuda_graphs`` (default: on
         for CUDA) replays it from CUDA graphs (``GraphedUNet``).
         """
-        device = torch.device(device)
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        devices = [torch.device(one) for one in ([device] if isinstance(device, (str, torch.device)) else device)]
+        dtype = dtype or (torch.float16 if devices[0].type == "cuda" else torch.float32)
         settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
-        unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
-        if settings.compiles_on(device):
-            unet = CompiledUNet(unet, frames=config["data"]["num_frames"])
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda"
-        if cuda_graphs:
-            unet = GraphedUNet(unet)
-        denoiser: Denoiser = (
-            DirectDenoiser(unet, load_scheduler()) if batching is None
-            else WindowBatcher(unet, load_scheduler(), batching, on_batch)
-        )
-        audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, device)
+
+        def replica(device: torch.device) -> Replica:
+            unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
+            if settings.compiles_on(device):
+                unet = CompiledUNet(unet, frames=config["data"]["num_frames"])
+            if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
+                unet = GraphedUNet(unet)
+            denoiser: Denoiser = (
+                DirectDenoiser(unet, load_scheduler()) if batching is None
+                else WindowBatcher(unet, load_scheduler(), batching, on_batch)
+            )
+            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser)
+
+        audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
-            load_vae(paths.vae_dir, device, dtype), denoiser, audio, detectors or DetectorPool(MediaPipeFaceDetector),
+            [replica(device) for device in devices], audio, detectors or DetectorPool(MediaPipeFaceDetector),
             config, windows_per_call, settings=settings,
         )
 
@@ -192,20 +226,22 @@ class LipSyncPipeline:
         features = self.audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        for windows in counts:
+        for replica, windows in itertools.product(self.replicas, counts):
             started = time.monotonic()
             count = settings.num_frames * windows
             # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
             short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
             faces = torch.zeros(count, 3, self.resolution, self.resolution)
-            FaceGenerator(self.vae, self.denoiser, short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
+            FaceGenerator([replica], short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
             if log is not None:
-                log(f"lipsync: warm-up, {windows} window(s) per UNet call: {time.monotonic() - started:.1f} s")
+                log(f"lipsync: warm-up on {replica.device}, {windows} window(s) per UNet call: "
+                    f"{time.monotonic() - started:.1f} s")
 
     def close(self) -> None:
-        """Stop a shared batcher's worker and free the face detectors."""
-        if isinstance(self.denoiser, WindowBatcher):
-            self.denoiser.close()
+        """Stop the shared batchers' workers and free the face detectors."""
+        for replica in self.replicas:
+            if isinstance(replica.denoiser, WindowBatcher):
+                replica.denoiser.close()
         self.detectors.close()
 
     def run(
@@ -219,12 +255,15 @@ class LipSyncPipeline:
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
         mode: str = "exact",
+        devices: int | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``.
 
         ``mode`` names a sampling mode of ``configs/sampling_modes.yaml``: ``exact`` (official) or ``fast``.
+        ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
+        them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
@@ -234,8 +273,7 @@ class LipSyncPipeline:
             self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
             windows_per_call=self.windows_per_call,
         )
-        device = self.vae.device
-        timer = StageTimer(device)
+        timer = StageTimer(self.devices[0])
         report = _Progress(progress)
 
         report("audio", 0.0)
@@ -246,15 +284,15 @@ class LipSyncPipeline:
         fps = self.audio.settings.video_fps
         available = window_count(len(features), self.audio.settings.positions_per_frame)
         output_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        parts = self._parts(output_frames / fps, devices)
 
         info = probe(Path(video))
         track = FaceTrack(Path(video).name)
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
-        generator = FaceGenerator(self.vae, self.denoiser, settings, timer)
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
         paster = FacePaster(aligner.crop_size, self.face_settings.paste)
-        batch = settings.num_frames * settings.windows_per_call
+        batch = settings.num_frames * settings.windows_per_call * parts
         total_windows = -(-output_frames // settings.num_frames)
         frames = _generation_frames(Path(video), output_frames, track, loop_mode, timer)
         faceless = 0
@@ -282,9 +320,9 @@ class LipSyncPipeline:
 
         def finish(prepared: _FrameBatch, generated: np.ndarray) -> None:
             """Paste on the finisher threads; YUV on the GPU in chunks, or per frame through swscale on the CPU."""
-            if device.type == "cuda":
+            if replicas[0].device.type == "cuda":
                 pasted = finishers.map(paste, prepared.originals, prepared.placements, generated)
-                pictures = yuv420p_pictures(writer, pasted, device, self.settings.colour_chunk, timer)
+                pictures = yuv420p_pictures(writer, pasted, replicas[0].device, self.settings.colour_chunk, timer)
             else:
                 pictures = finishers.map(paste_and_convert, prepared.originals, prepared.placements, generated)
             for picture in pictures:
@@ -298,6 +336,7 @@ class LipSyncPipeline:
         # batch before queueing the next keeps the frame order and holds at most three batches of
         # frames (next, current, previous), whatever the video's length.
         with (
+            self._placed(parts) as replicas,
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
             VideoWriter(output, info.width, info.height, fps, audio=waveform) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
@@ -309,6 +348,7 @@ class LipSyncPipeline:
                 threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
                 on_progress=lambda fraction: report("analyse", fraction), should_cancel=should_cancel,
             )
+            generator = FaceGenerator(replicas, settings, timer)
             try:
                 finishing: Future | None = None
                 starts = range(0, output_frames, batch)
@@ -343,7 +383,29 @@ class LipSyncPipeline:
             with timer.stage("encode", sync=False):
                 writer.close()
         report("generate", 1.0)
-        return LipSyncResult(Path(output), output_frames, faceless, timer.as_dict())
+        return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
+
+    def _parts(self, seconds: float, devices: int | None) -> int:
+        """How many devices a job of ``seconds`` spreads its windows over."""
+        if devices is None:
+            return len(self.replicas) if seconds >= self.settings.split_min_seconds else 1
+        if devices < 1:
+            raise ValueError(f"devices must be at least 1, got {devices}")
+        return min(devices, len(self.replicas))
+
+    @contextmanager
+    def _placed(self, count: int) -> Iterator[list[Replica]]:
+        """The ``count`` replicas running the fewest jobs (the first devices on a tie), held for one job."""
+        with self._placing:
+            chosen = sorted(range(len(self.replicas)), key=lambda index: (self._jobs_per_replica[index], index))[:count]
+            for index in chosen:
+                self._jobs_per_replica[index] += 1
+        try:
+            yield [self.replicas[index] for index in chosen]
+        finally:
+            with self._placing:
+                for index in chosen:
+                    self._jobs_per_replica[index] -= 1
 
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:

@@ -7,7 +7,10 @@ per-window statistics and the result equals window-by-window denoising.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -17,7 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from lipsync.config import CONFIG_DIR, read_yaml
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.timing import StageTimer
-from lipsync.vae import decode_latents, encode_latents
+from lipsync.vae import decode_latents, encode_latents, sampling_noise
 
 SCHEDULER_CONFIG = CONFIG_DIR / "scheduler_config.json"
 SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
@@ -241,22 +244,36 @@ class DirectDenoiser:
         return latents
 
 
+@dataclass(frozen=True)
+class Replica:
+    """The models of one device. Replicas hold the same weights, so a window comes out the same on any of them."""
+
+    vae: AutoencoderKL
+    denoiser: Denoiser
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+
 class FaceGenerator:
     """Turns aligned faces plus their audio windows into lip-synced faces (latent diffusion).
 
-    Holds the VAE and a :class:`Denoiser`; call it with consecutive frames of one video, in order.
-    The caller draws the video's shared ``noise`` once (``initial_noise``) and passes one
-    ``generator`` for VAE sampling.
+    Holds one :class:`Replica` per device it may use; call it with consecutive frames of one video,
+    in order. The frames are cut into 16-frame windows, and the windows into groups of
+    ``windows_per_call``; each group is encoded, denoised and decoded on one replica. With several
+    replicas the groups run at once, group ``k`` on replica ``k mod n``, one thread per replica.
+
+    The caller draws the video's shared ``noise`` once (``initial_noise``) and passes one CPU
+    ``generator``. The VAE's sampling noise is drawn from it on the calling thread, window by window
+    in official order, before any group starts: a window's result does not depend on which replica
+    generates it nor on how windows are grouped.
     """
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        denoiser: Denoiser,
-        settings: SamplingSettings,
-        timer: StageTimer | None = None,
-    ) -> None:
-        self.vae, self.denoiser, self.settings = vae, denoiser, settings
+    def __init__(self, replicas: Sequence[Replica], settings: SamplingSettings, timer: StageTimer | None = None) -> None:
+        if not replicas:
+            raise ValueError("a FaceGenerator needs at least one replica")
+        self.replicas, self.settings = list(replicas), settings
         self.timer = timer or StageTimer()
 
     @torch.no_grad()
@@ -278,60 +295,144 @@ class FaceGenerator:
             mask: ``(R, R)`` mouth mask, 1 = keep, 0 = generate.
             noise: ``(1, 4, 1, R/8, R/8)`` shared initial noise.
             generator: CPU generator for the VAE's latent sampling.
-            on_window: called with (windows done, windows total) after each UNet batch.
-            should_cancel: checked by the denoiser before every DDIM step.
+            on_window: called on the calling thread with (windows done, windows total) after each group.
+            should_cancel: checked by the denoisers before every DDIM step.
         Returns:
             ``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0 (the mouth), the input
             face where it is 1, as the official pipeline composes them before paste-back.
+        Raises:
+            ``JobCancelled`` once ``should_cancel`` (or ``on_window``) says so; with several
+            replicas, only after every group has stopped.
         """
         count, _, size, _ = faces.shape
         if audio.shape[0] != count:
             raise ValueError(f"{count} faces but {audio.shape[0]} audio windows")
         if mask.shape != (size, size):
             raise ValueError(f"mask must be ({size}, {size}), got {tuple(mask.shape)}")
-        mask = mask.to(faces.dtype)
-        latent_size = size // 8
-        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
         frames = self.settings.num_frames
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
-        # Window by window, masked faces first, as official draws its VAE sampling noise: the
-        # result does not depend on how many windows share a call.
-        with GPU_GUARD.shared(), self.timer.stage("vae_encode"):
-            encoded = [
-                (encode_latents(self.vae, faces[window] * mask, generator), encode_latents(self.vae, faces[window], generator))
-                for window in windows
+        vae = self.replicas[0].vae
+        sampling = {
+            window.start: tuple(sampling_noise(vae, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
+            for window in windows
+        }
+        inputs = _GenerationInputs(faces, audio, mask.to(faces.dtype), noise, sampling, should_cancel)
+        output = torch.empty_like(faces)
+        groups = _equal_length_groups(windows, self.settings.windows_per_call)
+        if len(self.replicas) == 1:
+            for group in groups:
+                output[_span(group)] = self._generate(self.replicas[0], group, inputs)
+                if on_window is not None:
+                    on_window(windows.index(group[-1]) + 1, len(windows))
+        else:
+            self._spread(groups, inputs, output, on_window, len(windows))
+        return output
+
+    def _spread(
+        self,
+        groups: list[list[slice]],
+        inputs: _GenerationInputs,
+        output: torch.Tensor,
+        on_window: Callable[[int, int], None] | None,
+        total: int,
+    ) -> None:
+        """Run the groups on all replicas at once; on any error (a cancel included), stop them all, then raise."""
+        abandoned = threading.Event()
+        asked = inputs.should_cancel
+        inputs = replace(inputs, should_cancel=lambda: abandoned.is_set() or (asked is not None and asked()))
+        replicas = self.replicas[: len(groups)]
+
+        def generate(lane: int, group: list[slice]) -> None:
+            output[_span(group)] = self._generate(replicas[lane], group, inputs)
+
+        with ExitStack() as lanes:
+            threads = [
+                lanes.enter_context(ThreadPoolExecutor(1, f"replica-{lane}")) for lane in range(len(replicas))
             ]
-            masked = torch.cat([pair[0] for pair in encoded]).float().cpu()
-            reference = torch.cat([pair[1] for pair in encoded]).float().cpu()
+            futures = {
+                threads[index % len(threads)].submit(generate, index % len(threads), group): len(group)
+                for index, group in enumerate(groups)
+            }
+            try:
+                done = 0
+                for future in as_completed(futures):
+                    future.result()
+                    done += futures[future]
+                    if on_window is not None:
+                        on_window(done, total)
+            except BaseException:
+                abandoned.set()  # running groups leave their DDIM loops within one step
+                for future in futures:
+                    future.cancel()
+                raise
 
-        generated = torch.empty(count, LATENT_CHANNELS, latent_size, latent_size)
-        for group in _equal_length_groups(windows, self.settings.windows_per_call):
-            length = group[0].stop - group[0].start
-            batch = WindowBatch(
-                noise.expand(len(group), -1, length, -1, -1),
-                latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
-                _stack_windows(masked, group),
-                _stack_windows(reference, group),
-                torch.cat([audio[window] for window in group]),
-                self.settings.steps,
-                self.settings.guidance_scale,
-                self.settings.cache_interval,
-            )
-            with self.timer.stage("denoise"):
-                latents = self.denoiser(batch, should_cancel)
-            with GPU_GUARD.shared():
-                for window, window_latents in zip(group, latents.transpose(1, 2).cpu()):
-                    generated[window] = window_latents
-            if on_window is not None:
-                on_window(windows.index(group[-1]) + 1, len(windows))
-        with GPU_GUARD.shared(), self.timer.stage("vae_decode"):
-            decoded = decode_latents(self.vae, generated, chunk_size=frames).float().cpu().clamp(-1, 1)
-        return decoded * (1 - mask) + faces * mask
+    def _generate(self, replica: Replica, group: list[slice], inputs: _GenerationInputs) -> torch.Tensor:
+        """Encode, denoise and decode one group of consecutive, equally long windows on ``replica``.
+
+        Timed on a timer of ``replica``'s device (its syncs wait for that device's work), added to the job's.
+        """
+        timer = StageTimer(replica.device)
+        try:
+            with _current_device(replica.device):
+                return self._generate_here(replica, group, inputs, timer)
+        finally:
+            self.timer.add(timer)
+
+    def _generate_here(self, replica: Replica, group: list[slice], inputs: _GenerationInputs, timer: StageTimer) -> torch.Tensor:
+        vae, mask = replica.vae, inputs.mask
+        size = mask.shape[-1]
+        latent_size = size // 8
+        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
+        span, length = _span(group), group[0].stop - group[0].start
+        with GPU_GUARD.shared(), timer.stage("vae_encode"):
+            encoded = [
+                (
+                    encode_latents(vae, inputs.faces[window] * mask, noise=inputs.sampling[window.start][0]),
+                    encode_latents(vae, inputs.faces[window], noise=inputs.sampling[window.start][1]),
+                )
+                for window in group
+            ]
+            masked = torch.stack([pair[0] for pair in encoded]).transpose(1, 2).float().cpu()
+            reference = torch.stack([pair[1] for pair in encoded]).transpose(1, 2).float().cpu()
+        batch = WindowBatch(
+            inputs.noise.expand(len(group), -1, length, -1, -1),
+            latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
+            masked,
+            reference,
+            inputs.audio[span],
+            self.settings.steps,
+            self.settings.guidance_scale,
+            self.settings.cache_interval,
+        )
+        with timer.stage("denoise"):
+            latents = replica.denoiser(batch, inputs.should_cancel)
+        with GPU_GUARD.shared():
+            generated = latents.transpose(1, 2).flatten(0, 1).cpu()
+        with GPU_GUARD.shared(), timer.stage("vae_decode"):
+            decoded = decode_latents(vae, generated, chunk_size=self.settings.num_frames).float().cpu().clamp(-1, 1)
+        return decoded * (1 - mask) + inputs.faces[span] * mask
 
 
-def _stack_windows(frames: torch.Tensor, windows: list[slice]) -> torch.Tensor:
-    """Per-frame tensors ``(N, C, h, w)`` → windows as batch elements ``(W, C, F, h, w)``."""
-    return torch.stack([frames[window] for window in windows]).transpose(1, 2)
+@dataclass(frozen=True)
+class _GenerationInputs:
+    """One :class:`FaceGenerator` call's inputs, shared by its groups."""
+
+    faces: torch.Tensor
+    audio: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor
+    sampling: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """VAE sampling noise (masked faces, faces) per window, keyed by the window's first frame."""
+    should_cancel: CancelCheck | None
+
+
+def _span(group: list[slice]) -> slice:
+    return slice(group[0].start, group[-1].stop)
+
+
+def _current_device(device: torch.device) -> AbstractContextManager:
+    """Make ``device`` the thread's current CUDA device meanwhile (CUDA graphs and streams use the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _equal_length_groups(windows: list[slice], group_size: int) -> list[list[slice]]:

@@ -43,6 +43,12 @@ class StageTimer:
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 
+    def add(self, other: StageTimer) -> None:
+        """Add ``other``'s seconds (a part of this job timed on another device) to these."""
+        with self._lock:
+            for name, seconds in other.seconds.items():
+                self.seconds[name] += seconds
+
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}
 

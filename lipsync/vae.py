@@ -68,20 +68,33 @@ def encode_latents(
     images: torch.Tensor,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encode images ``(N, 3, R, R)`` in [-1, 1] to scaled latents ``(N, C, R/8, R/8)``.
 
     Like the official pipeline this samples the latent distribution (not its mean). The noise for all
     ``N`` images is drawn in one call before chunking, so the result depends only on ``generator``'s
     state, never on ``chunk_size``; with ``chunk_size=None`` it equals
-    ``latent_dist.sample(generator)`` of a single VAE call.
+    ``latent_dist.sample(generator)`` of a single VAE call. ``noise`` (from :func:`sampling_noise`)
+    replaces the draw, so a caller can draw in a fixed order and encode on any device or thread.
     """
     images = images.to(device=vae.device, dtype=vae.dtype)
     moments = [vae.encode(images[part]).latent_dist for part in _chunks(len(images), chunk_size)]
     mean = torch.cat([dist.mean for dist in moments])
     std = torch.cat([dist.std for dist in moments])
-    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = noise.to(mean.device)
     return (mean + std * noise - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def sampling_noise(vae: AutoencoderKL, count: int, latent_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The noise :func:`encode_latents` would draw from a CPU ``generator`` for ``count`` images, on the CPU.
+
+    The same values whichever device the VAE is on (diffusers draws on the generator's device, then copies).
+    """
+    shape = (count, vae.config.latent_channels, latent_size, latent_size)
+    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=vae.dtype)
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ from lipsync.models.compiled import CompiledUNet  # noqa: E402
 from lipsync.models.graphed import GraphedUNet  # noqa: E402
 from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
 from lipsync.sampling import (  # noqa: E402
-    Denoiser, DirectDenoiser, FaceGenerator, NoisePredictor, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
+    Denoiser, DirectDenoiser, FaceGenerator, NoisePredictor, Replica, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
 )
 from lipsync.tiny import write_random_weights, write_tiny_weights  # noqa: E402
 from lipsync.vae import load_vae  # noqa: E402
@@ -177,7 +177,7 @@ def generate(pipeline: LipSyncPipeline, faces: torch.Tensor, audio: torch.Tensor
         pipeline.config, variant.mode, steps=variant.steps, windows_per_call=variant.windows_per_call
     )
     recorder = RecordingDenoiser(pipeline.denoiser)
-    generator = FaceGenerator(pipeline.vae, recorder, settings)
+    generator = FaceGenerator([Replica(pipeline.vae, recorder)], settings)
     random = torch.Generator().manual_seed(settings.seed)
     noise = initial_noise(random, pipeline.resolution // 8)
     batch = settings.num_frames * settings.windows_per_call
@@ -258,7 +258,7 @@ def bench_version(version: str, args: argparse.Namespace, device: torch.device, 
 
     def pipeline_for(variant: Variant, model: NoisePredictor | None = None, model_vae=None) -> LipSyncPipeline:
         denoiser = DirectDenoiser(model or models[variant.unet], load_scheduler())
-        return LipSyncPipeline(vae if model_vae is None else model_vae, denoiser, audio, detectors, config,
+        return LipSyncPipeline([Replica(vae if model_vae is None else model_vae, denoiser)], audio, detectors, config,
                                variant.windows_per_call)
 
     waveform = load_audio(args.audio, audio.settings.sample_rate)

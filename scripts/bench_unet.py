@@ -32,7 +32,7 @@ from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.models.loading import build_unet
 from lipsync.models.unet import UNet3DConditionModel
-from lipsync.sampling import DirectDenoiser, FaceGenerator, NoisePredictor, SamplingSettings, initial_noise, load_scheduler
+from lipsync.sampling import DirectDenoiser, FaceGenerator, NoisePredictor, Replica, SamplingSettings, initial_noise, load_scheduler
 from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import load_weights_config
 
@@ -142,7 +142,7 @@ def bench(
         del call_step
 
         settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows)
-        generator_model = FaceGenerator(vae, DirectDenoiser(model, load_scheduler()), settings)
+        generator_model = FaceGenerator([Replica(vae, DirectDenoiser(model, load_scheduler()))], settings)
         count = frames * windows
         faces = torch.rand(count, 3, size, size) * 2 - 1
         face_audio = torch.randn(count, 50, cross_dim)

@@ -12,7 +12,7 @@ from conftest import DEMO_AUDIO, DEMO_VIDEO, REFERENCE_DIR, TINY_UNET_CONFIG
 from lipsync import load_unet
 from lipsync.audio import AudioFeatureExtractor
 from lipsync.config import load_config
-from lipsync.sampling import DirectDenoiser, FaceGenerator, SamplingSettings, denoise, initial_noise, load_scheduler
+from lipsync.sampling import DirectDenoiser, FaceGenerator, Replica, SamplingSettings, denoise, initial_noise, load_scheduler
 from lipsync.vae import load_vae
 
 
@@ -94,7 +94,8 @@ def test_faces_end_to_end_with_real_audio(tiny_weights) -> None:
     mask[size // 2 :, size // 8 : -size // 8] = 0
     settings = SamplingSettings.from_config(config, steps=3, windows_per_call=2)
     generate = FaceGenerator(
-        load_vae(tiny_weights.vae_dir), DirectDenoiser(load_unet(tiny_weights.unet_config, tiny_weights.unet), load_scheduler()), settings
+        [Replica(load_vae(tiny_weights.vae_dir), DirectDenoiser(load_unet(tiny_weights.unet_config, tiny_weights.unet), load_scheduler()))],
+        settings,
     )
     progress = []
 
@@ -180,7 +181,7 @@ def test_generated_faces_do_not_depend_on_windows_per_call(tiny_weights) -> None
     for windows in (1, 3):
         settings = SamplingSettings.from_config(config, steps=2, windows_per_call=windows)
         generator = torch.Generator().manual_seed(5)
-        generate = FaceGenerator(vae, DirectDenoiser(unet, load_scheduler()), settings)
+        generate = FaceGenerator([Replica(vae, DirectDenoiser(unet, load_scheduler()))], settings)
         results.append(generate(faces, audio, mask, initial_noise(generator, size // 8), generator))
     assert (results[0] - results[1]).abs().max() < 1e-3  # batched fp32 convolutions round differently
 

@@ -118,8 +118,10 @@ def test_grpc_stream_reports_rising_progress_then_the_video(triton, clip, tmp_pa
 
 def test_http_unary_job_in_fast_mode_returns_the_video(triton, clip, tmp_path) -> None:
     client = httpclient.InferenceServerClient(triton.settings.http_address, network_timeout=600, connection_timeout=600)
-    result = client.infer("lipsync_unary", _inputs(httpclient, *clip, SEED=np.int64(7), LOOP_MODE="pingpong", MODE="fast"))
+    options = {"SEED": np.int64(7), "LOOP_MODE": "pingpong", "MODE": "fast", "DEVICES": np.int32(2)}
+    result = client.infer("lipsync_unary", _inputs(httpclient, *clip, **options))
     info = json.loads(result.as_numpy("INFO")[0])
+    assert info["devices"] == 1  # at most the instance's devices: a CPU instance has one
     _check_video(result.as_numpy("VIDEO_OUT")[0], tmp_path, info["frames"])
 
 

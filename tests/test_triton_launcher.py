@@ -11,17 +11,21 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from conftest import free_port
+from gateway import cli
 from gateway.triton_log import LogPump
-from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
+from gateway.triton_server import REPO_ROOT, TritonError, TritonServer, TritonSettings, render_repository
 
 
 def _rendered(tmp_path: Path, **overrides) -> model_config_pb2.ModelConfig:
-    settings = TritonSettings.load(workdir=tmp_path, **overrides)
-    repository = render_repository(settings)
+    return _config(render_repository(TritonSettings.load(workdir=tmp_path, **overrides)))
+
+
+def _config(repository: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse((repository / "lipsync" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
@@ -41,6 +45,31 @@ def test_gpu_rendering_lists_the_configured_gpus(tmp_path: Path) -> None:
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
     every_gpu = _rendered(tmp_path, device="gpu")
     assert list(every_gpu.instance_group[0].gpus) == []  # Triton then places one instance per visible GPU
+    assert every_gpu.parameters["devices"].string_value == ""  # each instance uses its own GPU
+
+
+def test_up_with_gpus_renders_one_instance_per_listed_gpu(tmp_path: Path) -> None:
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--gpus", "0,1", "--workdir", str(tmp_path)])
+    config = _config(render_repository(cli._triton_settings(args)))
+    assert [(group.kind, group.count, list(group.gpus)) for group in config.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [0, 1])
+    ]
+
+
+def test_split_jobs_renders_one_instance_holding_every_listed_gpu(tmp_path: Path) -> None:
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--gpus", "2,3", "--split-jobs", "--workdir", str(tmp_path)])
+    config = _config(render_repository(cli._triton_settings(args)))
+    [group] = config.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [2])
+    assert config.parameters["devices"].string_value == "2,3"
+    every_gpu = _rendered(tmp_path, device="gpu", split_jobs=True)
+    assert list(every_gpu.instance_group[0].gpus) == [0] and every_gpu.parameters["devices"].string_value == "all"
+
+
+def test_compose_reserves_the_gpus_named_in_lipsync_gpus() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    [devices] = compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["device_ids"] == ["${LIPSYNC_GPUS:-all}"] and "count" not in devices
 
 
 def test_compiled_kernels_are_cached_in_the_work_folder(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Decoupled: ``execute`` starts one thread per request and returns; each thread streams progress, then
 the final video, through the request's response sender. The instance's ``LipSyncPipeline`` shares
-one ``WindowBatcher``, so windows of all running jobs ride in the same UNet calls.
+one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls. With the
+``devices`` parameter the instance holds a replica of the models on each listed GPU and spreads long
+jobs' windows over them.
 
 Triton does not count a decoupled model's running jobs as in flight, so it unloads the model while
 they run: jobs still running then (or once the launcher has created the ``stop_file`` parameter's
@@ -22,7 +24,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from lipsync.batching import BatchingSettings
-from lipsync.gpu_guard import GPU_GUARD
+from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.sampling import JobCancelled
@@ -48,9 +50,7 @@ class _Metrics:
                 ("lipsync_unet_batch_windows", "16-frame windows per shared DDIM loop (all jobs)", pb_utils.MetricFamily.HISTOGRAM),
                 ("lipsync_unet_batch_jobs", "Jobs whose windows shared one DDIM loop", pb_utils.MetricFamily.HISTOGRAM),
                 ("lipsync_stage_seconds", "Wall time per pipeline stage per job", pb_utils.MetricFamily.HISTOGRAM),
-                ("lipsync_gpu_utilization_ratio", "GPU busy fraction (NVML) of this instance's GPU", pb_utils.MetricFamily.GAUGE),
-                ("lipsync_gpu_memory_used_bytes", "Memory in use on this instance's GPU, all processes", pb_utils.MetricFamily.GAUGE),
-                ("lipsync_gpu_memory_allocated_bytes", "GPU memory held by this instance's tensors", pb_utils.MetricFamily.GAUGE),
+                *((name, description, pb_utils.MetricFamily.GAUGE) for name, (description, _) in GPU_GAUGES.items()),
             ]
         }
         self.frames = self.families["lipsync_frames_generated_total"].Metric(labels=labels)
@@ -59,6 +59,9 @@ class _Metrics:
         self.batch_jobs = self.families["lipsync_unet_batch_jobs"].Metric(labels=labels, buckets=_BATCH_BUCKETS)
         self._outcomes: dict[str, object] = {}
         self._stages: dict[str, object] = {}
+
+    def gpu_gauge(self, name: str, gpu: str):
+        return self.families[name].Metric(labels=self.labels | {"gpu": gpu})
 
     def observe_batch(self, windows: int, jobs: int) -> None:
         self.batch_windows.observe(windows)
@@ -77,36 +80,6 @@ class _Metrics:
                     labels=self.labels | {"stage": stage}, buckets=_STAGE_BUCKETS
                 )
             self._stages[stage].observe(seconds)
-
-
-class _GpuSampler:
-    """Samples this instance's GPU into gauges every ``interval_s`` on a daemon thread.
-
-    Triton's own DCGM-based ``nv_gpu_*`` metrics read 0 on some virtual machines, so the
-    instance reports its GPU itself: utilisation through NVML (``torch.cuda.utilization``), memory
-    through the CUDA driver.
-    """
-
-    def __init__(self, metrics: _Metrics, device: torch.device, interval_s: float) -> None:
-        self.device, self.interval_s = device, interval_s
-        self.utilization = metrics.families["lipsync_gpu_utilization_ratio"].Metric(labels=metrics.labels)
-        self.used = metrics.families["lipsync_gpu_memory_used_bytes"].Metric(labels=metrics.labels)
-        self.allocated = metrics.families["lipsync_gpu_memory_allocated_bytes"].Metric(labels=metrics.labels)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            with GPU_GUARD.shared():  # a driver call beside a CUDA-graph capture could invalidate it
-                free, total = torch.cuda.mem_get_info(self.device)
-            self.used.set(total - free)
-            self.allocated.set(torch.cuda.memory_allocated(self.device))
-            self.utilization.set(torch.cuda.utilization(self.device) / 100)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
 
 
 class _Stopping:
@@ -160,8 +133,8 @@ def _options(request, served_version: str) -> JobOptions:
     version = _optional(request, "VERSION")
     if version is not None and version.decode() not in ("", served_version):
         raise ValueError(f"this server runs LatentSync {served_version}, not {version.decode()!r}")
-    steps, guidance, seed, loop_mode, mode = (
-        _optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "MODE")
+    steps, guidance, seed, loop_mode, mode, devices = (
+        _optional(request, name) for name in ("STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "MODE", "DEVICES")
     )
     return JobOptions(
         steps=None if steps is None else int(steps),
@@ -169,7 +142,17 @@ def _options(request, served_version: str) -> JobOptions:
         seed=None if seed is None else int(seed),
         loop_mode=LoopMode.PINGPONG if loop_mode is None else LoopMode.parse(loop_mode.decode()),
         mode="exact" if mode is None else mode.decode(),
+        devices=None if devices is None or devices == 0 else int(devices),
     )
+
+
+def _devices(value: str, own: torch.device) -> list[torch.device]:
+    """The ``devices`` parameter: "" = the instance's own device; "all" or "0,1,…" = those GPUs, its own first."""
+    if not value:
+        return [own]
+    indices = range(torch.cuda.device_count()) if value == "all" else [int(index) for index in value.split(",")]
+    others = [torch.device("cuda", index) for index in indices if index != own.index]
+    return [own, *others]
 
 
 def _flag(value: str) -> bool | None:
@@ -185,6 +168,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         on_gpu = args["model_instance_kind"] == "GPU"
         device = self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+        devices = _devices(params["devices"], device) if on_gpu else [device]
         if on_gpu:
             torch.cuda.set_device(device)
         if params["kernel_cache_dir"]:
@@ -198,7 +182,7 @@ class TritonPythonModel:
         batching = BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"]))
         self.pipeline = LipSyncPipeline.from_weights(
             paths,
-            device,
+            devices,
             DTYPES.get(params["dtype"]),
             windows_per_call=int(params["windows_per_call"]),
             batching=batching,
@@ -212,12 +196,13 @@ class TritonPythonModel:
             cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default")
             pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s (kernel cache: {cache})")
         self.progress_step = float(params["progress_step"])
-        self.gpu = _GpuSampler(self.metrics, device, float(params["gpu_metrics_interval_s"])) if on_gpu else None
+        self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
         self.stopping = _Stopping(params["stop_file"])
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"lipsync: LatentSync {self.version} on {device}, {self.pipeline.vae.dtype}")
+        places = ", ".join(str(one) for one in devices)
+        self.logger.log_info(f"lipsync: LatentSync {self.version} on {places}, {self.pipeline.vae.dtype}")
 
     def execute(self, requests) -> None:
         for request in requests:

@@ -7,7 +7,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-_INPUTS = ("VIDEO", "AUDIO", "STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "VERSION", "MODE")
+_INPUTS = ("VIDEO", "AUDIO", "STEPS", "GUIDANCE", "SEED", "LOOP_MODE", "VERSION", "MODE", "DEVICES")
 _OUTPUTS = ["VIDEO_OUT", "INFO"]
 # A failed job's last response has STAGE "failed" and INFO {"error", "code"} (code: a TritonError name).
 
