@@ -366,6 +366,7 @@ class TritonServer:
         if left:
             log.warning("removed %d shared-memory region(s) the server left in /dev/shm", len(left))
         self._regions = set()
+        self.settings.stop_file().unlink(missing_ok=True)
         if self.pid_file is not None:
             self.pid_file.release()
             self.pid_file = None
