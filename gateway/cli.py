@@ -3,6 +3,7 @@
 ``up`` starts Triton, then the gateway in front of it (the README's main command); ``gateway`` runs the
 gateway alone against a running Triton; ``triton`` runs Triton alone. ``up`` and ``triton`` exit with
 status 1 when their Triton exits on its own (crash, kill), so a supervisor sees it and can restart them.
+``up`` says which weights it serves and prints one ``ready at …`` line once the gateway answers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -19,6 +21,7 @@ from gateway.auth import ApiKeys, local_key
 from gateway.ports import Listener
 from gateway.settings import GatewaySettings
 from gateway.triton_server import SERVING_CONFIG, TritonError, TritonServer, TritonSettings
+from lipsync.weights import WeightsError, chosen_version, load_weights_config, present_weights
 
 LOCAL_KEY_FILE = "local_api_key"
 """In the data directory: the key ``up`` makes when no key is configured."""
@@ -86,25 +89,53 @@ def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> Gate
     )
 
 
-def _keys(settings: GatewaySettings, local: bool) -> ApiKeys:
-    """Configured keys; with none and ``local``, the data directory's local key (made on first use, printed)."""
+def _keys(settings: GatewaySettings, local: bool) -> tuple[ApiKeys, str]:
+    """Configured keys; with none and ``local``, the data directory's local key (made on first use, printed).
+    Also where the keys are, for the ready line."""
     keys = ApiKeys.load(settings.api_keys_env, settings.api_keys_file)
     if len(keys) or not local:
-        return keys
+        return keys, " and ".join([f"${settings.api_keys_env}"] + ([settings.api_keys_file] if settings.api_keys_file else []))
     key_file = settings.data_dir / LOCAL_KEY_FILE
     key = local_key(key_file)
     print(f"no API key configured (${settings.api_keys_env} or api_keys_file): using the local key in {key_file}:\n"
           f"    {key}", file=sys.stderr)
-    return ApiKeys.load(settings.api_keys_env, None, extra=[key])
+    return ApiKeys.load(settings.api_keys_env, None, extra=[key]), str(key_file)
 
 
-def _run_gateway(settings: GatewaySettings, keys: ApiKeys, triton: TritonServer | None = None) -> int:
+def _weights_line(settings: TritonSettings) -> str:
+    """What the ``lipsync`` model will load, chosen as the model chooses it (:func:`lipsync.tiny.weights_for`).
+    Raises :class:`WeightsError` when a named real version is missing."""
+    root = settings.checkpoints or None
+    version = chosen_version(settings.weights, root)
+    if version == "tiny":
+        real_root = Path(root) if root else load_weights_config().version("1.5").root
+        return (f"weights: tiny demo weights (random weights: the mouth will be noise; put real LatentSync "
+                f"checkpoints in {real_root}/ with scripts/download_weights.py, see README)")
+    return f"weights: LatentSync {version} from {present_weights(version, root).unet.parent}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling ``on_ready`` once it listens."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.on_ready()
+
+
+def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, triton: TritonServer | None = None) -> int:
     """Serve until SIGTERM/Ctrl-C (0), or until ``triton`` exits on its own (1: the gateway stops with it)."""
     from gateway.app import create_app  # FastAPI and the media checks load only for the commands that serve
 
     print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {settings.triton_grpc}, "
           f"data {settings.data_dir})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port))
+    ready = f"ready at http://{settings.address}:{settings.port} (API key in {key_source})"
+    config = uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port)
+    server = _Server(config, on_ready=lambda: print(ready, file=sys.stderr, flush=True))
     triton_exited = threading.Event()
 
     def stop_gateway(reason: str) -> None:
@@ -120,13 +151,13 @@ def _run_gateway(settings: GatewaySettings, keys: ApiKeys, triton: TritonServer 
 
 def _serve_gateway(args: argparse.Namespace) -> int:
     settings = _gateway_settings(args, args.triton_grpc)
-    keys = _keys(settings, local=False)
+    keys, key_source = _keys(settings, local=False)
     if not len(keys):
         print(f"error: no API key configured: set ${settings.api_keys_env} or gateway.api_keys_file", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)  # uvicorn re-raises the signal once it has shut down
     try:
-        return _run_gateway(settings, keys)
+        return _run_gateway(settings, keys, key_source)
     except KeyboardInterrupt:
         return 0
 
@@ -134,15 +165,20 @@ def _serve_gateway(args: argparse.Namespace) -> int:
 def _serve_all(args: argparse.Namespace) -> int:
     triton_settings = _triton_settings(args)
     settings = _gateway_settings(args, triton_settings.grpc_url)
-    keys = _keys(settings, local=True)
+    try:
+        weights = _weights_line(triton_settings)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    keys, key_source = _keys(settings, local=True)
     server = TritonServer(triton_settings)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start(other_listeners=[Listener("gateway", settings.address, settings.port)])
-        print(f"starting Triton ({triton_settings.resolved_device()}, weights {triton_settings.weights}); "
-              f"log: {server.log_path}", file=sys.stderr)
+        print(weights, file=sys.stderr)
+        print(f"starting Triton ({triton_settings.resolved_device()}); log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
-        return _run_gateway(settings, keys, server)
+        return _run_gateway(settings, keys, key_source, server)
     except TritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -161,11 +197,17 @@ def _interrupt(*_: object) -> None:
 
 def _serve_triton(args: argparse.Namespace) -> int:
     settings = _triton_settings(args)
+    try:
+        weights = _weights_line(settings)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     server = TritonServer(settings)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start()
-        print(f"starting Triton ({settings.resolved_device()}, weights {settings.weights}); log: {server.log_path}", file=sys.stderr)
+        print(weights, file=sys.stderr)
+        print(f"starting Triton ({settings.resolved_device()}); log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
         print(f"ready: HTTP {settings.http_url}  gRPC {settings.grpc_url}  metrics {settings.metrics_url}", file=sys.stderr)
         server.process.wait()

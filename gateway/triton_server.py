@@ -18,6 +18,10 @@ One launcher serves from a work folder at a time (``triton.pid`` there is locked
 records its ``tritonserver``). Starting stops a Triton that a killed launcher left behind in the folder,
 refuses ports that are taken, and keeps earlier logs as ``triton.log.1`` … ``.N``; the server gets
 SIGTERM if its launcher dies.
+
+Stopping first creates ``workdir/stopping`` (the ``lipsync`` model's ``stop_file``): running jobs, unary
+ones included, end as cancelled within a denoising step, so Triton has no request to wait for and
+unloads at once. Shared-memory regions of this server's stubs that remain after it exited are removed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from gateway.pidfile import PidFile, WorkFolderInUse
 from gateway.ports import Listener, listens, taken
 from gateway.processes import ProcessRecord, die_with_parent, kill_and_wait
 from gateway.settings import SERVING_CONFIG
+from gateway.shm import remove_regions, stub_regions
+from gateway.triton_log import LogPump
 from lipsync.config import SCHEMA, home_path, load_settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,8 @@ MODEL_REPOSITORY = Path(str(files("gateway") / "model_repository"))
 PIPELINE_MODEL = "lipsync"
 PID_FILE = "triton.pid"
 """In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.pidfile`)."""
+STOP_FILE = "stopping"
+"""In the work folder: created when the launcher stops the server; the ``lipsync`` model then cancels its jobs."""
 
 
 class TritonError(RuntimeError):
@@ -86,6 +94,8 @@ class TritonSettings:
     exit_timeout_s: int = 30
     log_files_kept: int = 5
     """Logs of earlier runs kept beside ``triton.log`` as ``triton.log.1`` (the last) … ``.N``."""
+    cpu_log_noise: tuple[str, ...] = ()
+    """Server output lines containing one of these are left out of the log on CPU (:mod:`gateway.triton_log`)."""
     python_env: Path = field(default_factory=lambda: Path(sys.prefix))
     """Environment the backend stub runs in (``numpy<2`` and this package installed)."""
 
@@ -93,6 +103,10 @@ class TritonSettings:
     def load(cls, path: Path = SERVING_CONFIG, **overrides: Any) -> TritonSettings:
         """Read section ``triton`` of ``path`` (once); ``None`` overrides are ignored."""
         return load_settings(cls, path, "serving config", section="triton", **overrides)
+
+    def stop_file(self) -> Path:
+        """Created when the launcher stops the server (absolute: the stubs run elsewhere)."""
+        return (self.workdir / STOP_FILE).resolve()
 
     def kernel_cache_dir(self) -> Path:
         """Where the compiled UNet's kernels are kept across restarts (absolute: the stubs run elsewhere)."""
@@ -166,6 +180,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
     config.parameters["checkpoints"].string_value = str(settings.checkpoints)
     config.parameters["dtype"].string_value = settings.dtype
     config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
+    config.parameters["stop_file"].string_value = str(settings.stop_file())
     config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
     return dest
 
@@ -179,6 +194,9 @@ class TritonServer:
         self.log_path = settings.workdir / "triton.log"
         self.pid_file: PidFile | None = None
         self._stopping = False
+        self._log_pump: LogPump | None = None
+        self._regions: set[str] = set()
+        """Shared-memory regions of this server's stubs (:mod:`gateway.shm`)."""
 
     def command(self, repository: Path, backends: Path) -> list[str]:
         s = self.settings
@@ -239,12 +257,16 @@ class TritonServer:
             if busy:
                 raise TritonError("\n".join(busy) + "\nstop that process or choose other ports")
             rotate(self.log_path, self.settings.log_files_kept)
+            self.settings.stop_file().unlink(missing_ok=True)
+            self._regions = set()
             command = self.command(render_repository(self.settings), self.backend_directory())
-            with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(
-                    command, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=die_with_parent(signal.SIGTERM),
-                )
+            self.log_path.write_bytes(b"")
+            self.process = subprocess.Popen(
+                command, env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_server_preexec(),
+            )
+            noise = self.settings.cpu_log_noise if self.settings.resolved_device() == "cpu" else ()
+            self._log_pump = LogPump(self.process.stdout, self.log_path, noise)
             self.pid_file.record(launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(self.process.pid))
         except BaseException:
             self.stop()
@@ -283,6 +305,7 @@ class TritonServer:
                 self.stop()
                 raise TritonError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
+        self._regions |= stub_regions(self._stubs())
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Call ``on_exit`` with :meth:`exit_reason`, from a thread, if the server exits without :meth:`stop`
@@ -303,13 +326,15 @@ class TritonServer:
         return f"tritonserver (pid {self.process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail(15)}"
 
     def stop(self) -> int | None:
-        """SIGTERM (Triton unloads models, running jobs get ``exit_timeout_s``), then SIGKILL; the exit code.
-        Releases the work folder."""
+        """Cancel running jobs (the stop file), SIGTERM (Triton unloads the models within ``exit_timeout_s``),
+        then SIGKILL if it has not exited 30 s after that; the exit code. Releases the work folder."""
         self._stopping = True
         if self.process is None:
             self._release()
             return None
         if self.process.poll() is None:
+            self._regions |= stub_regions(self._stubs())
+            self.settings.stop_file().touch()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(self.settings.exit_timeout_s + 30)
@@ -322,6 +347,7 @@ class TritonServer:
     def kill(self) -> int:
         """SIGKILL the server and its backend stubs (a crash, or a server that will not stop); releases the work folder."""
         self._stopping = True
+        self._regions |= stub_regions(self._stubs())
         os.killpg(self.process.pid, signal.SIGKILL)
         code = self.process.wait()
         self._reap_stubs()
@@ -329,6 +355,15 @@ class TritonServer:
         return code
 
     def _release(self) -> None:
+        """After the server and its stubs are gone: finish the log, remove shared memory they left, free the folder."""
+        if self._log_pump is not None:
+            self._log_pump.join()
+            self._log_pump = None
+        left = remove_regions(self._regions)
+        if left:
+            log.warning("removed %d shared-memory region(s) the server left in /dev/shm", len(left))
+        self._regions = set()
+        self.settings.stop_file().unlink(missing_ok=True)
         if self.pid_file is not None:
             self.pid_file.release()
             self.pid_file = None
@@ -343,6 +378,8 @@ class TritonServer:
         kill_and_wait(self._stubs())
 
     def log_tail(self, lines: int = 40) -> str:
+        if self._log_pump is not None and self.process is not None and self.process.poll() is not None:
+            self._log_pump.join(2)  # the server has exited: its last lines may still be in the pipe
         if not self.log_path.is_file():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -358,6 +395,18 @@ class TritonServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _server_preexec() -> Callable[[], None]:
+    """The server gets SIGTERM when its launcher dies, and ignores SIGPIPE: its log pipe closes with the
+    launcher, and a write to it must not kill the server before it has unloaded its models."""
+    parent_death = die_with_parent(signal.SIGTERM)
+
+    def preexec() -> None:
+        parent_death()
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    return preexec
 
 
 def _signal_name(number: int) -> str:

@@ -206,27 +206,42 @@ def missing(paths: WeightPaths) -> list[Path]:
     return [path for path in paths.required if not path.is_file()]
 
 
+def chosen_version(choice: str, root: str | Path | None = None) -> str:
+    """The version a weights choice names: ``choice`` itself, or for "auto" LatentSync 1.5 when all its
+    files are present below ``root`` (default: the config's roots), the tiny demo weights otherwise."""
+    if choice != "auto":
+        return choice
+    return "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+
+
+def present_weights(version: str, root: str | Path | None = None) -> WeightPaths:
+    """The paths of a real ``version`` below ``root``; :class:`WeightsError` naming what is missing and how to get it."""
+    paths = weight_paths(version, root)
+    absent = missing(paths)
+    if absent:
+        raise WeightsError(
+            f"LatentSync {version} weights are missing: {', '.join(map(str, absent))}; "
+            f"download them with: python scripts/download_weights.py --version {version}"
+        )
+    return paths
+
+
 def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, WeightPaths]:
     """The weight set a server loads: ``(version name, paths)``.
 
-    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto": LatentSync
-    1.5 when all its files are present below ``root``, the tiny demo weights otherwise. Tiny weights
-    are written on first use; a named real version must be present (``WeightsError`` otherwise).
+    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto"
+    (:func:`chosen_version`). Tiny weights are written on first use; a named real version must be
+    present (``WeightsError`` otherwise).
     """
-    if choice == "auto":
-        choice = "1.5" if not missing(weight_paths("1.5", root)) else "tiny"
+    choice = chosen_version(choice, root)
+    if choice != "tiny":
+        return choice, present_weights(choice, root)
     tiny_root = root if root is None else Path(root) / "tiny"
-    paths = weight_paths(choice, tiny_root if choice == "tiny" else root)
-    absent = missing(paths)
-    if absent and choice == "tiny":
+    paths = weight_paths(choice, tiny_root)
+    if missing(paths):
         from lipsync.tiny import write_tiny_weights  # torch and the model code, only when they are written
 
         return choice, write_tiny_weights(tiny_root)
-    if absent:
-        raise WeightsError(
-            f"LatentSync {choice} weights are missing: {', '.join(map(str, absent))}; "
-            f"download them with: python scripts/download_weights.py --version {choice}"
-        )
     return choice, paths
 
 

@@ -1,12 +1,12 @@
 """Peak RSS of the media layer alone: streaming decode → encode of a 10 s and a 2-minute 1080p clip.
 
-The 2-minute clip is the shared demo clip (1080×1920 HEVC, 10 s) looped 12 times by copying its
+The 2-minute clip is the demo clip (1080×1920 HEVC, 10 s) looped 12 times by copying its
 packets into a temporary MP4 (no re-encode). Each pass reads the clip with ``VideoReader`` and writes
 every frame, with the demo audio looped to the same length, through ``VideoWriter``; it runs in a fresh
 process so ``ru_maxrss`` (the process's peak resident memory) belongs to that pass alone. Streaming
 means the two peaks should be about equal: memory must not grow with the clip's length.
 
-    python scripts/bench_memory.py [--video ../shared/fixtures/demo1_video.mp4] [--loops 12]
+    python scripts/bench_memory.py [--video tests/fixtures/demo1_video.mp4] [--loops 12]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import av
 
-DEMO_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "demo1_video.mp4"
+DEMO_VIDEO = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "demo1_video.mp4"
 
 
 def loop_clip(source: Path, target: Path, loops: int) -> None:
@@ -89,7 +89,7 @@ def measure(video: Path, audio_source: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video", type=Path, default=DEMO_VIDEO, help="10 s source clip (default: shared demo)")
+    parser.add_argument("--video", type=Path, default=DEMO_VIDEO, help="10 s source clip (default: the demo clip in tests/fixtures)")
     parser.add_argument("--audio", type=Path, help="audio source (default: the video's own track)")
     parser.add_argument("--loops", type=int, default=12, help="copies of the clip in the long pass (12 × 10 s)")
     parser.add_argument("--pass", dest="single", type=Path, help=argparse.SUPPRESS)

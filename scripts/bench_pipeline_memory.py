@@ -3,7 +3,7 @@
 Each pass runs ``LipSyncPipeline.from_weights(tiny).run(...)`` — decode, face detection and alignment,
 audio features, VAE encode, denoise, VAE decode, paste-back, encode — in a fresh interpreter, so
 ``ru_maxrss`` (the child's peak resident memory, read inside it) belongs to that one job. The short pass
-is the shared demo clip (1080×1920 HEVC, 10 s) with the demo speech (9.6 s); the long pass is the demo
+is the demo clip (1080×1920 HEVC, 10 s) with the demo speech (9.6 s); the long pass is the demo
 clip looped 12× by packet copy (``scripts/bench_memory.py``'s ``loop_clip``, no re-encode) with the demo
 speech tiled to the same 2 minutes, written as a 16 kHz WAV. The goal is long / short ≤ 1.5: memory must
 not grow with the clip's length.
@@ -99,7 +99,7 @@ def measure(video: Path, audio: Path, checkpoints: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video", type=Path, default=DEMO_VIDEO, help="10 s source clip (default: shared demo)")
+    parser.add_argument("--video", type=Path, default=DEMO_VIDEO, help="10 s source clip (default: the demo clip in tests/fixtures)")
     parser.add_argument("--audio", type=Path, default=DEMO_AUDIO, help="speech for the short pass (default: demo)")
     parser.add_argument("--loops", type=int, default=12, help="copies of the clip in the long pass (12 × 10 s)")
     parser.add_argument("--steps", type=int, default=1, help="DDIM steps (memory does not depend on them)")

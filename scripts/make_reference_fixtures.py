@@ -8,7 +8,7 @@ modules with the same key names get identical weights without committing checkpo
 Run it in a scratch environment that can import the official modules (see the README written next
 to the fixtures for the exact versions), e.g.::
 
-    /work/ref/venv/bin/python scripts/make_reference_fixtures.py --latentsync-repo /work/ref/LatentSync
+    <scratch-venv>/bin/python scripts/make_reference_fixtures.py --latentsync-repo <LatentSync checkout>
 
 Cases (one safetensors file each, plus ``metadata.json``):
   unet_f16.safetensors, unet_f5.safetensors   one UNet forward (16 and 5 frames)
@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "reference"
-DEMO_AUDIO = Path("/work/shared/fixtures/demo1_audio.wav")
+DEMO_AUDIO = REPO_ROOT / "tests" / "fixtures" / "demo1_audio.wav"
 
 UNET_CONFIG = REPO_ROOT / "configs" / "unet" / "tiny.yaml"
 WHISPER_DIMS = REPO_ROOT / "configs" / "tiny" / "whisper_dims.json"
@@ -258,7 +258,7 @@ def run_audio_cases(official, random_parameters_, tmp: Path) -> tuple[dict, dict
     }
     demo_samples = read_wav_s16(DEMO_AUDIO)
     demo_meta = {
-        "audio": str(DEMO_AUDIO),
+        "audio": str(DEMO_AUDIO.relative_to(REPO_ROOT)),
         "audio_samples": int(demo_samples.size),
         "T": int(feats.shape[0]),
         "num_chunks": n,

@@ -1,4 +1,4 @@
-"""Test clips built from the shared demo fixtures with plain PyAV (not the code under test's writer)."""
+"""Test clips built from the demo fixtures with plain PyAV (not the code under test's writer)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import av
 import cv2
 import numpy as np
 
+from conftest import DEMO_AUDIO, DEMO_VIDEO
 from lipsync.audio import load_audio
 from lipsync.media import VideoReader
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
-DEMO_AUDIO = SHARED_FIXTURES / "demo1_audio.wav"
 FPS = 25
 SAMPLE_RATE = 16000
 SIZE = (540, 960)

@@ -1,5 +1,9 @@
-"""Shared paths and tiny-weight fixtures. Tiny checkpoints are written by the real writers and
-loaded through the real loaders, exactly like downloaded weights."""
+"""Fixture files, tiny-weight fixtures, the session's Triton and gateway, and the skip policy.
+
+Tiny checkpoints are written by the real writers and loaded through the real loaders, exactly like
+downloaded weights. The fixture files are part of the repository: a missing one fails the run. A
+skipped test fails the run too unless its reason is in :data:`EXPECTED_SKIPS`; the summary counts them.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,51 @@ from lipsync.weights import WeightPaths
 if TYPE_CHECKING:
     from local_gateway import LocalGateway
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+DEMO_VIDEO = FIXTURES / "demo1_video.mp4"
+"""The demo clip (1080×1920 HEVC, 25 fps, 10 s, one face); see fixtures/NOTICE."""
+DEMO_AUDIO = FIXTURES / "demo1_audio.wav"
+"""The demo speech (16 kHz mono, 9.6 s)."""
+OFFICIAL_UNET_KEYS = FIXTURES / "latentsync_unet_keys_v15.tsv"
+"""Every tensor name and shape of the official LatentSync 1.5 UNet checkpoint."""
+REFERENCE_DIR = FIXTURES / "reference"
 TINY_UNET_CONFIG = CONFIG_DIR / "unet" / "tiny.yaml"
+
+EXPECTED_SKIPS = ("insightface is installed",)
+"""Skip reasons (prefixes) that are expected on some machines; any other skip fails the session."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [path for path in (DEMO_VIDEO, DEMO_AUDIO, OFFICIAL_UNET_KEYS, REFERENCE_DIR / "metadata.json")
+               if not path.is_file()]
+    if missing:
+        pytest.exit(f"test fixtures missing (they are part of the repository): {', '.join(map(str, missing))}", returncode=1)
+
+
+_skips: list[tuple[str, str]] = []
+"""(test id, reason) of every test skipped in this session."""
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def _unexpected() -> list[tuple[str, str]]:
+    return [(test, reason) for test, reason in _skips if not reason.startswith(EXPECTED_SKIPS)]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    unexpected = _unexpected()
+    terminalreporter.write_line(f"skipped: {len(_skips)} ({len(_skips) - len(unexpected)} expected, {len(unexpected)} unexpected)")
+    for test, reason in unexpected:
+        terminalreporter.write_line(f"unexpected skip: {test}: {reason}", red=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

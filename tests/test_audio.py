@@ -17,6 +17,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES_PER_TOKEN, SAMPLE_RATE
 from whisper.audio import load_audio as ffmpeg_cli_load_audio
 from whisper.model import AudioEncoder
 
+from conftest import DEMO_AUDIO, DEMO_VIDEO, REFERENCE_DIR
 from lipsync.audio import (
     AudioError,
     AudioFeatureExtractor,
@@ -30,17 +31,8 @@ from lipsync.config import CONFIG_DIR, ConfigError, load_config
 from lipsync.tiny import TINY_WHISPER_DIMS, write_tiny_whisper
 from lipsync.weights import WeightsError
 
-SHARED_FIXTURES = Path(__file__).parents[2] / "shared/fixtures"
-DEMO_AUDIO = SHARED_FIXTURES / "demo1_audio.wav"
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
-REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TINY_CONFIG = CONFIG_DIR / "unet" / "tiny.yaml"
 
-needs_demo = pytest.mark.skipif(not DEMO_AUDIO.is_file(), reason=f"shared demo fixtures not found at {SHARED_FIXTURES}")
-needs_reference = pytest.mark.skipif(
-    not (REFERENCE / "README.md").is_file() or not (REFERENCE / "audio_demo.safetensors").is_file(),
-    reason=f"official reference fixtures not found in {REFERENCE}",
-)
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg CLI (official decoder) not installed")
 
 
@@ -56,8 +48,6 @@ def extractor(checkpoint: Path) -> AudioFeatureExtractor:
 
 @pytest.fixture(scope="module")
 def demo_waveform() -> np.ndarray:
-    if not DEMO_AUDIO.is_file():
-        pytest.skip(f"shared demo fixtures not found at {SHARED_FIXTURES}")
     return load_audio(DEMO_AUDIO)
 
 
@@ -148,14 +138,12 @@ def test_bad_settings(field: str, value: object, message: str) -> None:
 # --- decoding -----------------------------------------------------------------------------------------
 
 
-@needs_demo
 def test_load_audio_wav(demo_waveform: np.ndarray) -> None:
     assert demo_waveform.dtype == np.float32 and demo_waveform.ndim == 1
     assert len(demo_waveform) == 153_600  # 9.6 s at 16 kHz
     assert np.all(np.abs(demo_waveform) <= 1.0)
 
 
-@needs_demo
 @needs_ffmpeg
 def test_load_audio_matches_ffmpeg_cli() -> None:
     """Official decodes with the ffmpeg CLI to s16le: PCM must match exactly, AAC (stereo 44.1 kHz) to 1 LSB."""
@@ -165,7 +153,6 @@ def test_load_audio_matches_ffmpeg_cli() -> None:
     assert np.abs(ours - cli).max() <= 1 / 32768
 
 
-@needs_demo
 def test_load_audio_resamples(demo_waveform: np.ndarray) -> None:
     assert abs(len(load_audio(DEMO_AUDIO, sample_rate=8000)) - len(demo_waveform) / 2) <= 32
 
@@ -373,9 +360,8 @@ def test_windows_need_features() -> None:
 # --- parity with the official implementation (tests/fixtures/reference/) --------------------------------
 
 
-@needs_reference
 def test_parity_demo(extractor: AudioFeatureExtractor, demo_features: torch.Tensor) -> None:
-    reference = load_file(str(REFERENCE / "audio_demo.safetensors"))
+    reference = load_file(str(REFERENCE_DIR / "audio_demo.safetensors"))
     assert demo_features.shape == reference["features"].shape
     assert _rel_error(demo_features, reference["features"]) <= 1e-4
     windows = extractor.frame_windows(demo_features)
@@ -386,9 +372,8 @@ def test_parity_demo(extractor: AudioFeatureExtractor, demo_features: torch.Tens
     assert torch.equal(_row_indices(extractor.frame_windows(rows)[picked], 5), reference["chunk_feature_rows"])
 
 
-@needs_reference
 def test_parity_long(extractor: AudioFeatureExtractor, demo_waveform: np.ndarray) -> None:
-    reference = load_file(str(REFERENCE / "audio_long.safetensors"))
+    reference = load_file(str(REFERENCE_DIR / "audio_long.safetensors"))
     features = extractor(np.tile(demo_waveform, 7))
     assert features.shape[0] == reference["T"].item()
     last_start = reference["rows_last_20_start"].item()

@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from clips import SHARED_FIXTURES, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (270, 480)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_FIXTURES / "demo1_video.mp4").is_file(), reason=f"shared demo fixtures not found at {SHARED_FIXTURES}")
 def test_bench_multi_gpu_writes_both_phases(tmp_path: Path) -> None:
     video = write_video(tmp_path / "face.mp4", demo_frames(12, SMALL))
     audio = write_wav(tmp_path / "speech.wav", speech(0.5))

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_FIXTURES
 from clips import demo_frames, speech, write_video, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
 SMALL = (270, 480)
 """(width, height) of the clip: the demo face at a quarter of its size, so decode, detection and encode stay cheap."""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_VIDEO.is_file(), reason=f"shared demo fixtures not found at {SHARED_FIXTURES}")
 def test_bench_pipeline_writes_the_table_with_quality_checks(tmp_path) -> None:
     video = write_video(tmp_path / "face.mp4", demo_frames(24, SMALL))
     audio = write_wav(tmp_path / "speech.wav", speech(0.8))

@@ -18,15 +18,12 @@ import pytest
 
 from lipsync.weights import WeightPaths, weight_paths
 from test_media import audio_only, evc_mp4
-from test_pipeline import DEMO_AUDIO, DEMO_VIDEO, SHARED_FIXTURES, SIZE, demo_frames, flat, speech, write_video, write_wav
+from test_pipeline import SIZE, demo_frames, flat, speech, write_video, write_wav
 
 ENTRY_POINT = Path(sys.executable).with_name("lipsync")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason=f"shared demo fixtures not found in {SHARED_FIXTURES}"
-    ),
 ]
 
 

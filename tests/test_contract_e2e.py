@@ -14,14 +14,13 @@ import av
 import httpx2
 import pytest
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, FPS, demo_frames, speech, write_video, write_wav
+from clips import FPS, demo_frames, speech, write_video, write_wav
 from gateway.triton_client import JobRequest, run_job
 from gateway_process import KEYS
 from lipsync.weights import WeightPaths, weight_paths
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
 VIDEO_FRAMES = 20

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import DEMO_VIDEO
 from lipsync.config import ConfigError
 from lipsync.faces import (
     FaceAligner,
@@ -29,8 +30,6 @@ from lipsync.faces import (
 from lipsync.faces.insightface_backend import InsightFaceDetector, points_from_106, select_face
 from lipsync.faces.settings import FACES_CONFIG
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures"
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,6 @@ def detector(settings: FaceSettings):
 
 @pytest.fixture(scope="module")
 def demo_frames() -> list[np.ndarray]:
-    if not DEMO_VIDEO.is_file():
-        pytest.skip(f"shared demo fixture not found at {DEMO_VIDEO}")
     with av.open(str(DEMO_VIDEO)) as container:
         return [frame.to_ndarray(format="rgb24") for _, frame in zip(range(20), container.decode(video=0))]
 

@@ -21,16 +21,12 @@ import httpx2
 import pytest
 
 from bombs import huge_frame_video
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from lipsync.testing import sample_sum
 from gateway.store import new_job_id
 from gateway.triton_client import JobRequest, TritonJobError, run_job
 from gateway_process import KEYS, memory_mb, reset_peak_memory
 from local_gateway import LocalGateway, StandInBackend
-
-pytestmark = [
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
-]
 
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 OTHER = {"Authorization": f"Bearer {KEYS[1]}"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from lipsync.testing import sample_sum
 from gateway.triton_server import TritonServer, TritonSettings
@@ -24,7 +24,6 @@ from lipsync.media import VideoReader
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
 FINISHED = {"Succeed", "Failed", "Cancelled"}

@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from gateway_process import KEYS
 from local_gateway import STAND_IN_WEIGHTS
 
-pytestmark = pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found")
 
 FINISHED = {"Succeed", "Failed", "Cancelled"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from gateway.cli import LOCAL_KEY_FILE
 from gateway_process import KEYS
 from lipsync.media import VideoReader
@@ -24,7 +24,6 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
     pytest.mark.skipif(
         CHROMIUM is None or CHROMEDRIVER is None,
         reason="no headless browser: install Debian's chromium and chromium-driver (.ci/run does when it can)",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clips import DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from gateway.auth import ApiKeys, KeyConfigError, digest, local_key
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
@@ -220,7 +220,6 @@ def test_malformed_or_empty_base64_is_invalid_input(text) -> None:
         decode_base64(text, "video_source")
 
 
-@pytest.mark.skipif(not DEMO_VIDEO.is_file(), reason="shared demo fixtures not found")
 def test_content_checks_use_the_bytes_not_the_name(tmp_path) -> None:
     video = write_video(tmp_path / "clip.mp4", demo_frames(5)).rename(tmp_path / "clip.wav")  # named like audio
     audio = write_wav(tmp_path / "speech.wav", speech(0.3)).rename(tmp_path / "speech.mp4")  # named like a video

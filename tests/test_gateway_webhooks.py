@@ -18,17 +18,13 @@ import httpx2
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from lipsync.testing import sample_sum
 from gateway.settings import GatewaySettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 from local_gateway import LocalGateway
 from webhook_receivers import TRICKLE, Receiver
-
-pytestmark = [
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
-]
 
 FINISHED = ("Succeed", "Failed", "Cancelled")
 

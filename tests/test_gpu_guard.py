@@ -25,9 +25,8 @@ from lipsync.gpu_guard import GPU_GUARD, GpuGuard
 from lipsync.pipeline import LipSyncPipeline
 from lipsync.weights import WeightPaths
 
-from clips import DEMO_VIDEO, SHARED_FIXTURES, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 
-needs_demo = pytest.mark.skipif(not DEMO_VIDEO.is_file(), reason=f"shared demo clip not found in {SHARED_FIXTURES}")
 
 
 def test_exclusive_waits_for_shared_holders_and_blocks_new_ones() -> None:
@@ -182,7 +181,6 @@ def _concurrent_jobs(tiny_weights: WeightPaths, clips, tmp_path: Path, guarded: 
     return probe, work, results
 
 
-@needs_demo
 def test_unguarded_capture_overlaps_other_jobs_gpu_work(tiny_weights: WeightPaths, clips, tmp_path: Path) -> None:
     """The failure, reproduced: nothing else keeps concurrent jobs' VAE work out of a capture window."""
     probe, _, results = _concurrent_jobs(tiny_weights, clips, tmp_path, guarded=False, window_s=10)
@@ -190,7 +188,6 @@ def test_unguarded_capture_overlaps_other_jobs_gpu_work(tiny_weights: WeightPath
     assert max(probe.overlaps) > 0
 
 
-@needs_demo
 def test_guarded_capture_runs_alone_and_every_gpu_section_holds_the_guard(
     tiny_weights: WeightPaths, clips, tmp_path: Path
 ) -> None:

@@ -14,17 +14,15 @@ import numpy as np
 import pytest
 from av.stream import Disposition
 
+from conftest import DEMO_VIDEO
 from lipsync.audio import load_audio
 from lipsync.config import ConfigError
 from lipsync.media import MediaError, MediaSettings, VideoReader, VideoWriter
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
 SIZE = (64, 48)
 LEVEL_STEP = 4
 """Frame ``i`` of a generated clip is flat grey ``i * LEVEL_STEP``, so a decoded frame tells its source."""
 
-needs_demo = pytest.mark.skipif(not DEMO_VIDEO.is_file(), reason=f"shared demo clip not found at {DEMO_VIDEO}")
 
 
 def make_clip(
@@ -97,7 +95,6 @@ def write_clip(path: Path, frames: Iterator[np.ndarray] | list[np.ndarray], audi
 # --- decoding ------------------------------------------------------------------------------------
 
 
-@needs_demo
 def test_demo_clip_streams_every_frame_with_metadata() -> None:
     with VideoReader(DEMO_VIDEO) as reader:
         info = reader.info
@@ -197,7 +194,6 @@ def test_writer_round_trip(tmp_path: Path, audio_seconds: float, expected_audio_
     assert max(int(np.abs(frame.astype(int) - colour).max()) for frame in decoded) <= 3
 
 
-@needs_demo
 def test_writer_keeps_input_resolution_and_moves_index_to_front(tmp_path: Path) -> None:
     with VideoReader(DEMO_VIDEO) as reader:
         frames = [frame for _, frame in zip(range(5), reader)]

@@ -12,7 +12,7 @@ import av
 import pytest
 
 from bombs import huge_frame_video, raw_h264, silent_flac, sparse_video
-from clips import DEMO_AUDIO, speech, write_wav
+from clips import speech, write_wav
 from gateway.validation import InvalidInput, check_audio, check_video
 from lipsync.audio import load_audio
 from lipsync.config import ConfigError
@@ -94,7 +94,6 @@ def test_audio_over_the_limit_is_refused_from_its_header(tmp_path) -> None:
         check_audio(bomb, "audio_source")
 
 
-@pytest.mark.skipif(not DEMO_AUDIO.is_file(), reason="shared demo fixtures not found")
 def test_audio_limits_are_configurable_and_within_them_nothing_changes(tmp_path) -> None:
     wav = write_wav(tmp_path / "speech.wav", speech(2.0))
     assert load_audio(wav, limits=with_limits(max_audio_s=2.5).limits).size == 32000

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from whisper.audio import SAMPLE_RATE
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
+from clips import demo_frames, speech, write_video, write_wav
 from lipsync.media.settings import AUDIO_SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,6 @@ def test_the_audio_rate_without_whisper_is_whispers() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="demo fixtures not found")
 def test_a_regular_install_runs_the_cli_from_another_folder(tmp_path: Path) -> None:
     """``pip install .`` (not editable) into a fresh venv that sees this one's packages, then ``lipsync run --tiny``."""
     venv = tmp_path / "venv"

@@ -1,6 +1,6 @@
 """LipSyncPipeline end to end on CPU with the tiny weights (Python API).
 
-Clips are cut from the shared demo clip (a real face): its first frames, downscaled to 540×960 and
+Clips are cut from the demo clip (a real face): its first frames, downscaled to 540×960 and
 re-encoded, with slices of the demo speech. One pipeline (models loaded once) serves every test; jobs
 run at 2 DDIM steps, so the mouth the random tiny weights generate is noise — which makes it easy to
 tell generated pixels from passed-through ones.
@@ -24,7 +24,7 @@ from lipsync.pipeline import JobCancelled, LipSyncPipeline, LipSyncResult, NoFac
 from lipsync.timeline import source_frames
 from lipsync.weights import WeightPaths
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, FPS, SAMPLE_RATE, SHARED_FIXTURES, SIZE, decode, demo_frames, flat, speech, write_video, write_wav
+from clips import FPS, SAMPLE_RATE, SIZE, decode, demo_frames, flat, speech, write_video, write_wav
 
 STEPS = 2
 STAGES = {"audio", "decode", "detect_align", "vae_encode", "denoise", "vae_decode", "paste", "encode"}
@@ -33,9 +33,6 @@ MARGIN = 24
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason=f"shared demo fixtures not found in {SHARED_FIXTURES}"
-    ),
 ]
 
 

@@ -8,16 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_DIR, SHARED_FIXTURES, TINY_UNET_CONFIG
+from conftest import DEMO_AUDIO, DEMO_VIDEO, REFERENCE_DIR, TINY_UNET_CONFIG
 from lipsync import load_unet
 from lipsync.audio import AudioFeatureExtractor
 from lipsync.config import load_config
 from lipsync.sampling import DirectDenoiser, FaceGenerator, Replica, SamplingSettings, denoise, initial_noise, load_scheduler
 from lipsync.vae import load_vae
 
-DEMO_AUDIO = SHARED_FIXTURES / "demo1_audio.wav"
-DEMO_VIDEO = SHARED_FIXTURES / "demo1_video.mp4"
-needs_demo = pytest.mark.skipif(not DEMO_AUDIO.is_file(), reason=f"shared demo fixtures not found at {SHARED_FIXTURES}")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +84,6 @@ def _demo_faces(count: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@needs_demo
 def test_faces_end_to_end_with_real_audio(tiny_weights) -> None:
     config = load_config(TINY_UNET_CONFIG)
     size, frames = config["data"]["resolution"], 20  # one full window and a 4-frame tail
@@ -170,7 +166,6 @@ def test_sampling_modes_come_from_config() -> None:
         SamplingSettings.from_config(config, "fast", cache_interval=0)
 
 
-@needs_demo
 def test_generated_faces_do_not_depend_on_windows_per_call(tiny_weights) -> None:
     """VAE sampling noise is drawn window by window (official order), whatever the call grouping."""
     config = load_config(TINY_UNET_CONFIG)

@@ -1,5 +1,6 @@
 """``lipsync-serve up``, the README's main command: Triton and the gateway start together, a key is made
-when none is configured, and SIGTERM stops both. One ``up`` per work folder; a Triton that a killed ``up``
+when none is configured, it says which weights it serves and when it is ready, and SIGTERM or Ctrl-C stops
+both cleanly and quickly, running jobs included. One ``up`` per work folder; a Triton that a killed ``up``
 left behind is stopped by the next; taken ports are refused; a Triton that dies takes ``up`` down with it."""
 
 from __future__ import annotations
@@ -11,14 +12,25 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import psutil
 import pytest
 
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from gateway.ports import listens
+
+SHM = Path("/dev/shm")
+REGION_PREFIX = "triton_python_backend_shm_region_"
+IDLE_STOP_S = 5
+"""The stated bound on stopping an idle ``up``; asserted with :data:`SLOW_MACHINE` slack."""
+BUSY_STOP_S = 10
+"""The stated bound on stopping an ``up`` whose jobs are running (they are cancelled)."""
+SLOW_MACHINE = 2
+"""Slack factor for shared CI machines; the measured time is reported either way."""
 
 
 class Up:
@@ -70,6 +82,51 @@ class Up:
                 time.sleep(0.2)
         raise AssertionError(f"no Triton recorded:\n{self.output()}")
 
+    @property
+    def key(self) -> str:
+        return (self.data / "local_api_key").read_text().strip()
+
+    def submit(self, clip: tuple[Path, Path], steps: int) -> str:
+        """Upload a job through the gateway; its request id."""
+        video, audio = clip
+        with open(video, "rb") as v, open(audio, "rb") as a:
+            answer = httpx2.post(
+                f"http://127.0.0.1:{self.ports['gateway']}/lipsync/upload", files={"video": v, "audio": a},
+                data={"inference_steps": str(steps)}, headers={"Authorization": f"Bearer {self.key}"}, timeout=60,
+            )
+        assert answer.status_code == 200, answer.text
+        return answer.json()["request_id"]
+
+    def wait_for(self, job: str, done: Callable[[dict], bool], timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = httpx2.post(
+                f"http://127.0.0.1:{self.ports['gateway']}/lipsync/status", json={"request_id": job},
+                headers={"Authorization": f"Bearer {self.key}"}, timeout=10,
+            ).json()
+            if done(status):
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+
+    def shm_regions(self) -> set[str]:
+        """The Python backend's shared-memory regions of this run's Triton: named on its stubs' command lines."""
+        stubs = [child for child in psutil.Process(self.process.pid).children(recursive=True)
+                 if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
+        return {arg for stub in stubs for arg in stub.cmdline() if arg.startswith(REGION_PREFIX)}
+
+    def interrupt(self) -> tuple[float, int, str]:
+        """Ctrl-C: SIGINT, and wait for the exit. Seconds it took, exit code, triton.log written meanwhile."""
+        log = self.workdir / "triton.log"
+        offset = log.stat().st_size
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(120)
+        seconds = time.monotonic() - started
+        with open(log, "rb") as text:
+            text.seek(offset)
+            return seconds, code, text.read().decode(errors="replace")
+
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -81,6 +138,23 @@ def _ready(url: str) -> bool:
         return httpx2.get(url, timeout=2).status_code == 200
     except httpx2.HTTPError:
         return False
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One second of the demo clip at quarter size (25 frames, 2 windows) and its speech."""
+    folder = tmp_path_factory.mktemp("clip")
+    return write_video(folder / "face.mp4", demo_frames(25, (270, 480))), write_wav(folder / "speech.wav", speech(1.0))
+
+
+def _assert_stopped_cleanly(seconds: float, bound_s: float, code: int, log: str, regions: set[str], output: str) -> None:
+    print(f"lipsync-serve up stopped in {seconds:.1f} s (stated bound {bound_s} s)")
+    assert code == 0, output
+    assert seconds <= bound_s * SLOW_MACHINE, f"the stop took {seconds:.1f} s\n{output}\n{log}"
+    assert [line for line in log.splitlines() if line.startswith("E")] == [], log
+    assert "successfully unloaded 'lipsync' version 1" in log, log
+    assert "successfully unloaded 'lipsync_unary' version 1" in log, log
+    assert regions and not [name for name in regions if (SHM / name).exists()], regions
 
 
 def _ports() -> dict[str, int]:
@@ -114,8 +188,12 @@ def test_up_starts_triton_and_the_gateway_and_sigterm_stops_both(tmp_path: Path)
     try:
         up.start().wait_ready()
         port, http = up.ports["gateway"], up.ports["http"]
-        key = (up.data / "local_api_key").read_text().strip()
+        key = up.key
         assert key in up.output()  # printed for the user
+        assert "weights: tiny demo weights (random weights: the mouth will be noise; put real LatentSync checkpoints in " \
+               f"{tmp_path / 'checkpoints'}/" in up.output()
+        assert up.output().count("ready at ") == 1
+        assert f"ready at http://127.0.0.1:{port} (API key in {up.data / 'local_api_key'})\n" in up.output()
         assert (up.data / "local_api_key").stat().st_mode & 0o777 == 0o600
         status = httpx2.post(
             f"http://127.0.0.1:{port}/lipsync/status", json={"request_id": "0" * 32},
@@ -168,4 +246,39 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         assert not _ready(f"http://127.0.0.1:{ports['gateway']}/readyz")
     finally:
         killed.close()
+        up.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_a_job_stops_up_within_seconds_and_leaves_nothing_behind(
+    tmp_path: Path, tiny_clip: tuple[Path, Path], record_property
+) -> None:
+    up = Up(tmp_path, _ports())
+    try:
+        up.start().wait_ready()
+        regions = up.shm_regions()
+        job = up.submit(tiny_clip, steps=2)
+        assert up.wait_for(job, lambda status: status["status"] != "InQueue" and status["status"] != "InProgress")["status"] == "Succeed"
+        seconds, code, log = up.interrupt()
+        record_property("stop_seconds", round(seconds, 2))
+        _assert_stopped_cleanly(seconds, IDLE_STOP_S, code, log, regions, up.output())
+    finally:
+        up.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_running_jobs_and_stops_up_within_the_stated_bound(
+    tmp_path: Path, tiny_clip: tuple[Path, Path], record_property
+) -> None:
+    up = Up(tmp_path, _ports())
+    try:
+        up.start().wait_ready()
+        regions = up.shm_regions()
+        job = up.submit(tiny_clip, steps=200)  # minutes on this CPU: still running when the stop comes
+        running = up.wait_for(job, lambda status: status["progress"] >= 0.2 or status["status"] not in ("InQueue", "InProgress"))
+        assert running["status"] == "InProgress", running  # faces found, denoising
+        seconds, code, log = up.interrupt()
+        record_property("stop_seconds", round(seconds, 2))
+        _assert_stopped_cleanly(seconds, BUSY_STOP_S, code, log, regions, up.output())
+    finally:
         up.close()

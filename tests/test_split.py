@@ -13,16 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clips import (
-    DEMO_AUDIO,
-    DEMO_VIDEO,
-    SHARED_FIXTURES,
-    decode,
-    demo_frames,
-    speech,
-    write_video,
-    write_wav,
-)
+from clips import decode, demo_frames, speech, write_video, write_wav
 from conftest import TINY_UNET_CONFIG
 
 from lipsync.batching import BatchingSettings, WindowBatcher
@@ -166,12 +157,6 @@ def test_a_failing_part_stops_the_others(tiny_weights: WeightPaths) -> None:
     assert _unet_calls(replicas)[0] < 20  # the first group left its loop early; its second group never started
 
 
-needs_demo = pytest.mark.skipif(
-    not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason=f"shared demo fixtures not found in {SHARED_FIXTURES}"
-)
-
-
-@needs_demo
 def test_a_long_job_is_split_by_length_and_writes_the_same_video(tiny_weights: WeightPaths, tmp_path: Path) -> None:
     video = write_video(tmp_path / "in.mp4", demo_frames(24))
     audio = write_wav(tmp_path / "in.wav", speech(2.0))  # 50 frames: 3 full windows and a 2-frame tail

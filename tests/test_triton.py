@@ -18,14 +18,13 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, flat, speech, write_video, write_wav
+from clips import demo_frames, flat, speech, write_video, write_wav
 from lipsync.testing import sample_sum
 from gateway.triton_client import served_weights
 from lipsync.media import VideoReader
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO_VIDEO.is_file() and DEMO_AUDIO.is_file()), reason="shared demo fixtures not found"),
 ]
 
 STEPS = 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import free_port
 from gateway import cli
+from gateway.triton_log import LogPump
 from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +78,21 @@ def test_compiled_kernels_are_cached_in_the_work_folder(tmp_path: Path) -> None:
     """The folder travels as a model parameter (absolute): backend stubs do not see the server's environment."""
     config = _rendered(tmp_path, device="cpu")
     assert config.parameters["kernel_cache_dir"].string_value == str((tmp_path / "inductor-cache").resolve())
+
+
+def test_the_stop_file_is_in_the_work_folder(tmp_path: Path) -> None:
+    """The model cancels its jobs once the file exists; the launcher creates it when it stops the server."""
+    config = _rendered(tmp_path, device="cpu")
+    assert config.parameters["stop_file"].string_value == str((tmp_path / "stopping").resolve())
+
+
+def test_the_log_leaves_out_only_the_configured_noise(tmp_path: Path) -> None:
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as server:
+        pump = LogPump(os.fdopen(read, "rb"), tmp_path / "triton.log", drop=["CudaDriverHelper has not been initialized."])
+        server.write(b'I1 server.cc] "starting"\nE1 server.cc:241] "CudaDriverHelper has not been initialized."\nE2 other error\n')
+    pump.join()
+    assert (tmp_path / "triton.log").read_text() == 'I1 server.cc] "starting"\nE2 other error\n'
 
 
 def test_unknown_device_is_refused() -> None:

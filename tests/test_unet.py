@@ -9,23 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_DIR, SHARED_FIXTURES, TINY_UNET_CONFIG
+from conftest import OFFICIAL_UNET_KEYS, REFERENCE_DIR, TINY_UNET_CONFIG
 from lipsync import load_unet
 from lipsync.config import CONFIG_DIR
 from lipsync.models import build_unet
-
-OFFICIAL_KEYS = SHARED_FIXTURES.parent / "docs" / "latentsync_unet_keys_v15.tsv"
-
 
 def _key_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
-@pytest.mark.skipif(not OFFICIAL_KEYS.is_file(), reason=f"official key list not found at {OFFICIAL_KEYS}")
 @pytest.mark.parametrize("config", ["stage2.yaml", "stage2_512.yaml"])
 def test_full_size_model_has_exactly_the_official_keys_and_shapes(config: str) -> None:
     expected = {}
-    for line in OFFICIAL_KEYS.read_text().splitlines():
+    for line in OFFICIAL_UNET_KEYS.read_text().splitlines():
         if line and not line.startswith("#"):
             key, shape = line.split("\t")
             expected[key] = tuple(int(dim) for dim in shape.strip("()").split(",") if dim.strip())

@@ -25,10 +25,12 @@ from lipsync.weights import (
     DownloadError,
     WeightsError,
     auxiliary_paths,
+    chosen_version,
     download_auxiliary,
     download_weights,
     load_weights_config,
     missing,
+    present_weights,
     weight_paths,
 )
 
@@ -412,3 +414,16 @@ def test_make_tiny_weights_script(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert missing(weight_paths("tiny", tmp_path / "t")) == []
+
+
+def test_auto_chooses_1_5_when_all_its_files_are_present_and_tiny_otherwise(tmp_path: Path) -> None:
+    assert chosen_version("auto", tmp_path) == "tiny"
+    paths = weight_paths("1.5", tmp_path)
+    for path in missing(paths):  # the UNet config is the repository's own
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    assert chosen_version("auto", tmp_path) == "1.5"
+    assert chosen_version("1.6", tmp_path) == "1.6"  # a named version is taken as named
+    assert present_weights("1.5", tmp_path) == paths
+    with pytest.raises(WeightsError, match=r"LatentSync 1\.6 weights are missing: .*latentsync_unet\.pt.*--version 1\.6"):
+        present_weights("1.6", tmp_path)

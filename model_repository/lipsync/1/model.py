@@ -6,6 +6,10 @@ weights are served: it is answered at once with one final INFO. The instance's `
 shares one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls.
 With the ``devices`` parameter the instance holds a replica of the models on each listed GPU and
 spreads long jobs' windows over them.
+
+Triton does not count a decoupled model's running jobs as in flight, so it unloads the model while
+they run: jobs still running then (or once the launcher has created the ``stop_file`` parameter's
+file, before it stops the server) end as cancelled at their next check, within one denoising step.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,6 +84,20 @@ class _Metrics:
                     labels=self.labels | {"stage": stage}, buckets=_STAGE_BUCKETS
                 )
             self._stages[stage].observe(seconds)
+
+
+class _Stopping:
+    """True once the instance unloads (:meth:`set`) or ``stop_file`` exists; checked with each job's own cancel."""
+
+    def __init__(self, stop_file: str) -> None:
+        self.file = Path(stop_file) if stop_file else None
+        self.unloading = threading.Event()
+
+    def set(self) -> None:
+        self.unloading.set()
+
+    def __call__(self) -> bool:
+        return self.unloading.is_set() or (self.file is not None and self.file.exists())
 
 
 def _progress_sender(sender):
@@ -178,6 +197,7 @@ class TritonPythonModel:
         self.heartbeat_s = float(params["progress_heartbeat_s"])
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
+        self.stopping = _Stopping(params["stop_file"])
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
         places = ", ".join(str(one) for one in devices)
@@ -210,7 +230,7 @@ class TritonPythonModel:
             with ProgressReporter(_progress_sender(sender), self.heartbeat_s) as progress:
                 output = run_job(
                     self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                    progress=progress, should_cancel=request.is_cancelled,
+                    progress=progress, should_cancel=lambda: request.is_cancelled() or self.stopping(),
                 )
         except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
             self._fail(sender, job, exc)
@@ -249,6 +269,7 @@ class TritonPythonModel:
         self.metrics.finished(_OUTCOMES.get(kind, "failed"))
 
     def finalize(self) -> None:
+        self.stopping.set()
         for job in list(self.jobs):
             job.join()
         if self.gpu is not None:

@@ -1,0 +1,40 @@
+"""The Python backend's shared-memory regions of one server, so that a server that did not exit cleanly
+(killed, or past its exit timeout) leaves none of them in ``/dev/shm``.
+
+Triton creates one region per model instance, named ``triton_python_backend_shm_region_<uuid>``, and
+passes the name to that instance's stub as its second argument; the stubs' command lines are where a
+launcher can read which regions are its server's, without touching other servers' regions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import psutil
+
+SHM_DIR = Path("/dev/shm")
+REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+def stub_regions(stubs: Iterable[psutil.Process]) -> set[str]:
+    """The region names on the command lines of ``stubs`` (backend stub processes)."""
+    names = set()
+    for stub in stubs:
+        try:
+            names.update(arg for arg in stub.cmdline() if arg.startswith(REGION_PREFIX) and "/" not in arg)
+        except psutil.Error:
+            continue
+    return names
+
+
+def remove_regions(names: Iterable[str]) -> list[str]:
+    """Unlink the regions among ``names`` still in ``/dev/shm``; the names removed."""
+    removed = []
+    for name in names:
+        try:
+            (SHM_DIR / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
