@@ -89,7 +89,9 @@ def _weight_versions() -> tuple[str, ...]:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("steps", "STEPS", "INT32", "DDIM steps (default: the UNet config's, 20)", 1, 1000,
+    # At most 999: the scheduler offsets its timesteps by one (steps_offset), so 1000 steps over 1000
+    # training timesteps would ask for timestep 1000, one past the last.
+    Option("steps", "STEPS", "INT32", "DDIM steps (default: the UNet config's, 20)", 1, 999,
            field="inference_steps", flag="--steps"),
     Option("guidance_scale", "GUIDANCE", "FP32", "classifier-free guidance scale; 1 or less skips guidance "
            "(default: the UNet config's, 1.5)", 0, 20, flag="--guidance"),
