@@ -13,7 +13,7 @@ import httpx2
 import pytest
 
 from clips import demo_frames, speech, write_video, write_wav
-from gateway.metrics import sample_sum
+from lipsync.testing import sample_sum
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "perf_analyzer.sh"
 
