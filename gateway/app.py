@@ -21,13 +21,12 @@ from gateway.guard import RequestGuard
 from gateway.limits import BodyLimit
 from gateway.runtime import Runtime
 from gateway.settings import GatewaySettings
+from gateway.triton_pool import TritonPool
 
 
 def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | None = None) -> FastAPI:
-    """The app; its jobs run on ``backend``, by default the Triton at ``settings.triton_grpc``."""
-    if backend is None:
-        backend = TritonBackend(settings.triton_grpc, poll_s=settings.cancel_poll_s, timeout_s=settings.job_timeout_s)
-    runtime = Runtime(settings, keys, backend)
+    """The app; its jobs run on ``backend``, by default the Triton endpoints of the settings."""
+    runtime = Runtime(settings, keys, backend if backend is not None else triton_backend(settings))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -50,3 +49,12 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
 
     app.include_router(api_router)
     return app
+
+
+def triton_backend(settings: GatewaySettings) -> JobBackend:
+    """One endpoint (possibly a Service that balances by itself): :class:`TritonBackend`; several: :class:`TritonPool`."""
+    endpoints = settings.triton_endpoints
+    if len(endpoints) == 1:
+        return TritonBackend(endpoints[0], poll_s=settings.cancel_poll_s, timeout_s=settings.job_timeout_s)
+    return TritonPool(endpoints, poll_s=settings.cancel_poll_s, timeout_s=settings.job_timeout_s,
+                      health_ttl_s=settings.triton_health_ttl_s)

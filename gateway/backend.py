@@ -33,10 +33,12 @@ class JobBackend(Protocol):
 class TritonBackend:
     """Triton's streaming ``lipsync`` model at ``url`` (host:port of its gRPC)."""
 
-    def __init__(self, url: str, poll_s: float = 0.5, timeout_s: float = 3600.0) -> None:
+    def __init__(self, url: str, poll_s: float = 0.5, timeout_s: float = 3600.0, probe_timeout_s: float = 2.0) -> None:
         self.url = url
         self.poll_s = poll_s
         self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        """Deadline of a readiness check (an endpoint that does not answer in time is not ready)."""
 
     def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobResult:
         return run_job(self.url, job, on_progress, should_cancel, poll_s=self.poll_s, timeout_s=self.timeout_s)
@@ -46,7 +48,8 @@ class TritonBackend:
         try:
             client = grpcclient.InferenceServerClient(self.url)
             try:
-                return client.is_server_ready() and client.is_model_ready(MODEL)
+                timeout = self.probe_timeout_s
+                return client.is_server_ready(client_timeout=timeout) and client.is_model_ready(MODEL, client_timeout=timeout)
             finally:
                 client.close()
         except Exception:  # noqa: BLE001 - any failure to ask means "not ready"

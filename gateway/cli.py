@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="run the REST gateway against a running Triton")
     _gateway_arguments(gateway)
     gateway.add_argument("--triton-grpc", help="host:port of Triton's gRPC (default: configs/serving.yaml)")
+    gateway.add_argument("--triton-urls", help="several Triton gRPC endpoints, comma-separated host:port (jobs spread by load)")
     up = commands.add_parser(
         "up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)"
     )
@@ -85,6 +86,7 @@ def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> Gate
     return GatewaySettings.load(
         args.config, address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
         concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
+        triton_urls=getattr(args, "triton_urls", ()),  # `up` (no such flag): its own Triton only, whatever the environment says
         webhook_allow=args.webhook_allow, webhook_timeout_s=args.webhook_timeout_s,
     )
 
@@ -131,7 +133,7 @@ def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, trit
     """Serve until SIGTERM/Ctrl-C (0), or until ``triton`` exits on its own (1: the gateway stops with it)."""
     from gateway.app import create_app  # FastAPI and the media checks load only for the commands that serve
 
-    print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {settings.triton_grpc}, "
+    print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {', '.join(settings.triton_endpoints)}, "
           f"data {settings.data_dir})", file=sys.stderr)
     ready = f"ready at http://{settings.address}:{settings.port} (API key in {key_source})"
     config = uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port)

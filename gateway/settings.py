@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +37,11 @@ class GatewaySettings:
     data_dir: Annotated[Path, AfterValidator(home_path)] = Path(".serve/gateway")
     """Relative paths in the config are taken from :data:`lipsync.config.HOME`."""
     triton_grpc: str = "127.0.0.1:8001"
+    triton_urls: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
+    """Several Triton gRPC endpoints (``host:port``) to spread jobs over; empty = ``triton_grpc`` alone."""
+    triton_urls_env: str = "LIPSYNC_TRITON_URLS"
+    triton_health_ttl_s: PositiveFloat = 2.0
+    """How long an endpoint's readiness answer is trusted before it is asked again."""
     api_keys_env: str = "LIPSYNC_API_KEYS"
     api_keys_file: str = ""
     max_body_mb: PositiveFloat = 200
@@ -64,12 +70,21 @@ class GatewaySettings:
 
     @classmethod
     def load(cls, path: Path = SERVING_CONFIG, **overrides: Any) -> GatewaySettings:
-        """Read ``path`` (once); ``None`` overrides are ignored. An empty ``triton_grpc`` means the triton section's."""
+        """Read ``path`` (once); ``None`` overrides are ignored. ``$triton_urls_env``, when set, replaces
+        ``triton_urls`` (an override still wins). An empty ``triton_grpc`` means the triton section's."""
         settings = load_settings(cls, path, "serving config", section="gateway", **overrides)
+        env_urls = os.environ.get(settings.triton_urls_env, "")
+        if env_urls and overrides.get("triton_urls") is None:
+            settings = replace(settings, triton_urls=_entries(env_urls))
         if settings.triton_grpc:
             return settings
         triton = read_yaml(path, "serving config")["triton"]
         return replace(settings, triton_grpc=f"{triton['address']}:{triton['grpc_port']}")
+
+    @property
+    def triton_endpoints(self) -> tuple[str, ...]:
+        """The gRPC endpoints jobs are sent to."""
+        return self.triton_urls or (self.triton_grpc,)
 
     @property
     def webhook_secret_path(self) -> Path:
