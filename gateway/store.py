@@ -221,7 +221,9 @@ class JobStore(Protocol):
 def open_store(database_url: str, sqlite_path: Path, lease_s: float) -> JobStore:
     """PostgreSQL for a ``postgresql+psycopg://`` URL, else SQLite at ``sqlite_path``."""
     if database_url:
-        from gateway.store_postgres import PostgresJobStore  # SQLAlchemy is loaded only when used
+        from gateway.store_postgres import (
+            PostgresJobStore,  # SQLAlchemy is loaded only when used
+        )
 
         return PostgresJobStore(database_url, lease_s=lease_s)
     from gateway.store_sqlite import SqliteJobStore

@@ -17,8 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from gateway.store import (
-    CANCELLED, FAILED, FINISHED, IN_PROGRESS, IN_QUEUE, LEASE_EXPIRED, STATES, SUCCEED, WEBHOOK_DELIVERED, WEBHOOK_FAILED,
-    WEBHOOK_PENDING, Delivery, Job, QuotaExceeded, new_claimant,
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    IN_PROGRESS,
+    IN_QUEUE,
+    LEASE_EXPIRED,
+    STATES,
+    SUCCEED,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+    Delivery,
+    Job,
+    QuotaExceeded,
+    new_claimant,
 )
 
 _SCHEMA = """
