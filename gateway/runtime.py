@@ -1,13 +1,11 @@
 """The parts that live as long as the app: built from the settings around one backend, started and
 stopped by the app's lifespan. Routes reach them through :mod:`gateway.api.deps`.
 
-A start first settles what the last stop left: running jobs are re-queued (or failed when out of
-attempts) and webhooks of jobs that ended just before it are queued.
+A start first queues the webhooks of jobs that ended just before the last stop. Jobs left running by a
+gateway that died are re-queued by the worker once their lease runs out (:mod:`gateway.store`).
 """
 
 from __future__ import annotations
-
-import logging
 
 from gateway.auth import ApiKeys
 from gateway.backend import JobBackend
@@ -17,14 +15,12 @@ from gateway.served import ServedWeights
 from gateway.services.jobs import JobService
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir
-from gateway.store import JobStore
+from gateway.store import open_store
 from gateway.webhook import Webhooks
 from gateway.webhook_signing import Signer, load_secret
 from gateway.webhook_targets import AddressPolicy
 from gateway.worker import Worker
 from lipsync.media import MediaSettings
-
-log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -33,7 +29,7 @@ class Runtime:
         self.keys = keys
         self.backend = backend
         self.data = DataDir(settings.data_dir)
-        self.store = JobStore(self.data.database)
+        self.store = open_store(settings.database, self.data.database, settings.lease_s)
         self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)
         self.weights = ServedWeights(backend)
@@ -48,12 +44,6 @@ class Runtime:
         self.worker = Worker(settings, self.store, self.data, self.metrics, backend, self.jobs.notify)
 
     def start(self) -> None:
-        requeued, failed = self.store.recover(self.settings.max_attempts)
-        for job_id in failed:
-            self.data.drop_inputs(job_id)
-            self.jobs.notify(job_id)
-        if requeued or failed:
-            log.warning("restart: %d running jobs re-queued, %d failed", len(requeued), len(failed))
         for job_id in self.store.unnotified():  # ended just before the last stop, webhook not yet queued
             self.jobs.notify(job_id)
         self.webhooks.start()

@@ -36,6 +36,10 @@ class GatewaySettings:
     public_url: str = ""
     data_dir: Annotated[Path, AfterValidator(home_path)] = Path(".serve/gateway")
     """Relative paths in the config are taken from :data:`lipsync.config.HOME`."""
+    database_url: str = ""
+    """Empty: SQLite in ``data_dir``. ``$database_url_env``, when set, takes its place (it holds a password)."""
+    database_url_env: str = "LIPSYNC_DATABASE_URL"
+    lease_s: PositiveFloat = 30
     triton_grpc: str = "127.0.0.1:8001"
     triton_urls: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
     """Several Triton gRPC endpoints (``host:port``) to spread jobs over; empty = ``triton_grpc`` alone."""
@@ -90,6 +94,11 @@ class GatewaySettings:
     def webhook_secret_path(self) -> Path:
         """Where the webhook signing secret is kept when ``$webhook_secret_env`` holds none."""
         return home_path(self.webhook_secret_file) if self.webhook_secret_file else self.data_dir / "webhook_secret"
+
+    @property
+    def database(self) -> str:
+        """The job table's SQLAlchemy URL; empty for the embedded SQLite table."""
+        return os.environ.get(self.database_url_env) or self.database_url
 
     @property
     def base_url(self) -> str:

@@ -84,10 +84,9 @@ class DataDir:
         Returns how many jobs were deleted.
         """
         now = time.time() if now is None else now
-        expired = store.finished_before(now - retention_s)
+        expired = store.delete_finished(now - retention_s)
         for job_id in expired:
             self.drop(job_id)
-            store.delete(job_id)
         known = store.all_ids()
         # Files no job row owns (a request or job that died midway); only old ones, so that a request
         # between moving its inputs into place and creating its row keeps them.

@@ -5,6 +5,9 @@ A thread claims the oldest queued job (committed as ``InProgress``), runs it on 
 backend check the table between responses: a job that left ``InProgress`` (cancelled through the API)
 has its Triton stream cancelled. When Triton is unavailable the job waits for it to come back and is
 re-queued if it has an attempt left. Every ending is committed before the finish callback (webhook) runs.
+
+A lease thread renews the leases of this gateway's running jobs every third of ``lease_s`` and re-queues
+jobs of any gateway whose lease ran out (that gateway died), or fails them when out of attempts.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ class Worker:
             thread = threading.Thread(target=self._loop, name=f"job-worker-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        cleaner = threading.Thread(target=self._clean, name="retention", daemon=True)
-        cleaner.start()
-        self._threads.append(cleaner)
+        for target, name in ((self._clean, "retention"), (self._keep_leases, "leases")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def wake(self) -> None:
         """A job was queued: let an idle thread look now rather than at its next poll."""
@@ -146,3 +150,22 @@ class Worker:
                 self.data.cleanup(self.store, self.settings.retention_h * 3600)
             except OSError:
                 log.exception("retention cleanup failed")
+
+    def _keep_leases(self) -> None:
+        while True:
+            try:
+                self.store.renew_leases()
+                self._recover()
+            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+                log.exception("renewing job leases failed")
+            if self._stop.wait(self.settings.lease_s / 3):
+                return
+
+    def _recover(self) -> None:
+        requeued, failed = self.store.recover(self.settings.max_attempts)
+        for job_id in failed:
+            self.data.drop_inputs(job_id)
+            self.on_finished(job_id)
+        if requeued or failed:
+            log.warning("jobs of a stopped gateway: %d re-queued, %d failed", len(requeued), len(failed))
+            self._wake.set()

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
+from postgres_server import PostgresServer, find_binary
 from lipsync.config import CONFIG_DIR
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightPaths
@@ -92,6 +93,16 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     )
     with TritonServer(settings) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server in a temporary cluster (Debian's ``postgresql`` package; skips without it)."""
+    if find_binary("initdb") is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from gateway.auth import ApiKeys, KeyConfigError, digest, local_key
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
 from gateway.store import JobStore, new_job_id
+from gateway.store_sqlite import SqliteJobStore
 from gateway.validation import InvalidInput, check_audio, check_video, decode_base64
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
@@ -24,7 +25,7 @@ PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": N
 
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
-    store = JobStore(tmp_path / "jobs.db")
+    store = SqliteJobStore(tmp_path / "jobs.db")
     yield store
     store.close()
 
@@ -35,12 +36,12 @@ def queue(store: JobStore, owner: str = "a", key: str | None = None) -> str:
 
 
 def test_the_table_is_in_wal_mode_and_survives_reopening(tmp_path) -> None:
-    store = JobStore(tmp_path / "jobs.db")
+    store = SqliteJobStore(tmp_path / "jobs.db")
     job_id = queue(store)
     store.close()
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    reopened = JobStore(tmp_path / "jobs.db")
+    reopened = SqliteJobStore(tmp_path / "jobs.db")
     assert reopened.get(job_id).status == "InQueue"
     reopened.close()
 
@@ -99,16 +100,18 @@ def test_an_idempotency_key_is_per_owner(store) -> None:
     assert queue(store, "a") != queue(store, "a")  # no key: always a new job
 
 
-def test_restart_requeues_running_jobs_with_attempts_left_and_fails_the_rest(store) -> None:
+def test_expired_leases_requeue_running_jobs_with_attempts_left_and_fail_the_rest(store) -> None:
     once, twice, waiting = queue(store), queue(store), queue(store)
     store.claim_next()  # once: attempt 1
     store.claim_next()  # twice: attempt 1
     store.requeue(twice, "Triton was unavailable")
     assert store.claim_next().id == twice  # keeps its place before `waiting`; attempt 2
-    requeued, failed = store.recover(max_attempts=2)
+    assert store.recover(max_attempts=2) == ([], [])  # leases still running
+    assert store.renew_leases() == 2
+    requeued, failed = store.recover(max_attempts=2, now=time.time() + store.lease_s + 1)
     assert requeued == [once] and failed == [twice]
-    assert store.get(once).status == "InQueue" and "restarted" in store.get(once).reason
-    assert store.get(twice).status == "Failed" and "restarted" in store.get(twice).reason
+    assert store.get(once).status == "InQueue" and "lease ran out" in store.get(once).reason
+    assert store.get(twice).status == "Failed" and "stopped" in store.get(twice).reason
     assert store.get(waiting).status == "InQueue"
     assert store.counts()["InProgress"] == 0
 

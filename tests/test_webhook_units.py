@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook
 
 from gateway.settings import GatewaySettings
 from gateway.store import JobStore, new_job_id
+from gateway.store_sqlite import SqliteJobStore
 from gateway.webhook import Webhooks, backoff_s
 from gateway.webhook_signing import SecretError, Signer, load_secret, new_secret
 from gateway.webhook_targets import AddressPolicy, WebhookRefused, forbidden_kind, numeric_host, parse_target
@@ -159,7 +160,7 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(tmp_path / "jobs.db")
+    store = SqliteJobStore(tmp_path / "jobs.db")
     yield store
     store.close()
 
@@ -185,12 +186,12 @@ def test_the_outbox_keeps_one_delivery_per_job_ranks_due_ones_per_owner_and_dies
     store.webhook_failed(deliveries[2].id, "HTTP 410")
     assert store.next_webhook_due([deliveries[3].id]) == pytest.approx(now + 100)
     store.close()
-    reopened = JobStore(tmp_path / "jobs.db")
+    reopened = SqliteJobStore(tmp_path / "jobs.db")
     first = reopened.delivery(jobs[0])
     assert (first.state, first.attempts, first.last_error) == ("pending", 1, "HTTP 500")
     assert reopened.get(jobs[1]).webhook_state == "delivered"
     assert reopened.get(jobs[2]).webhook_state == "failed: HTTP 410"
-    reopened.delete(jobs[0])
+    assert jobs[0] in reopened.delete_finished(time.time() + 1)
     assert reopened.delivery(jobs[0]) is None
     reopened.close()
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the PostgreSQL job table, run to ``head`` whenever a gateway opens it."""
