@@ -55,7 +55,7 @@ def test_choices_are_the_configs_data() -> None:
     assert contract.BY_NAME["mode"].choices == tuple(read_yaml(CONFIG_DIR / "sampling_modes.yaml", "modes"))
     assert contract.BY_NAME["loop_mode"].choices == ("pingpong", "loop", "cut")
     assert option_rules()["loop_mode"]["enum"] == [mode.value for mode in LoopMode]
-    assert option_rules()["inference_steps"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert option_rules()["inference_steps"] == {"type": "integer", "minimum": 1, "maximum": 999}
 
 
 def test_encode_then_decode_gives_the_options_back() -> None:
@@ -76,7 +76,7 @@ def test_encode_then_decode_gives_the_options_back() -> None:
     [
         ({"LOOP_MODE": np.array([b"sideways"], np.object_)}, "loop_mode must be one of"),
         ({"MODE": np.array([b"turbo"], np.object_)}, "mode must be one of"),
-        ({"STEPS": np.array([0], np.int32)}, "inference_steps must be in 1..1000"),
+        ({"STEPS": np.array([0], np.int32)}, "inference_steps must be in 1..999"),
         ({"GUIDANCE": np.array([-2], np.float32)}, "guidance_scale must be in"),
         ({"CRF": np.array([52], np.int32)}, "crf must be in 0..51"),
         ({"STEPS": np.array([1, 2], np.int32)}, "one value"),

@@ -161,7 +161,7 @@ def test_the_page_info_names_weights_options_and_where_keys_are_but_no_key(gatew
     info = httpx2.get(f"{gateway.url}/v1/info", timeout=10).json()
     assert info["weights"] == info["demo_weights"] == "tiny-demo"
     assert info["options"]["loop_mode"]["enum"] == ["pingpong", "loop", "cut"]
-    assert info["options"]["inference_steps"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert info["options"]["inference_steps"] == {"type": "integer", "minimum": 1, "maximum": 999}
     assert info["defaults"]["inference_steps"] == 20
     assert info["api_keys"]["env"] == "LIPSYNC_API_KEYS"
     assert not any(key in json.dumps(info) for key in KEYS)

@@ -70,7 +70,7 @@ def test_idle_page_shows_the_demo_banner_the_key_file_and_the_options(gateway, b
         assert browser.find_element(By.ID, name).is_displayed(), name
     loop_modes = [option.get_attribute("value") for option in browser.find_elements(By.CSS_SELECTOR, "#loop_mode option")]
     assert loop_modes == ["", "pingpong", "loop", "cut"]
-    assert browser.find_element(By.ID, "inference_steps").get_attribute("max") == "1000"
+    assert browser.find_element(By.ID, "inference_steps").get_attribute("max") == "999"
 
 
 def test_upload_watch_progress_play_and_download(gateway, browser, tmp_path: Path) -> None:
