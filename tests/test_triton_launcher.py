@@ -19,6 +19,7 @@ from conftest import free_port
 from gateway import cli
 from gateway.triton_log import LogPump
 from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
+from lipsync.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def test_the_log_leaves_out_only_the_configured_noise(tmp_path: Path) -> None:
 
 
 def test_unknown_device_is_refused() -> None:
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ConfigError, match="device"):
         TritonSettings.load(device="tpu")
 
 
