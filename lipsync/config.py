@@ -55,9 +55,9 @@ def read_yaml(path: str | Path, what: str) -> Any:
     """Parse the YAML (or JSON) file at ``path``, once per version of the file.
 
     An unreadable file or bad YAML raises :class:`ConfigError`; ``what`` names the file in messages
-    (e.g. ``"faces config"``). The result is shared between callers: do not modify it.
+    (e.g. ``"faces config"``). Each caller gets its own copy: editing it leaves the parsed file as read.
     """
-    return _parse(*_version(path, what), what)
+    return copy.deepcopy(_parse(*_version(path, what), what))
 
 
 def _version(path: str | Path, what: str) -> tuple[Path, int]:
@@ -129,7 +129,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     raw = read_yaml(path, "UNet config")
     if not isinstance(raw, dict):
         raise ConfigError(f"UNet config {path} must be a mapping, got {type(raw).__name__}")
-    raw = copy.deepcopy(raw)  # callers may edit their config; the parsed file stays as read
     if "model" in raw:
         config = dict(raw)
     elif "block_out_channels" in raw:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import signal
 import threading
 import time
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import httpx2
 import pytest
-
 from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
-from lipsync.testing import sample_sum
-from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
+
+from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.media import VideoReader
+from lipsync.testing import sample_sum
 
 pytestmark = [
     pytest.mark.slow,
@@ -206,9 +207,10 @@ def test_queue_positions_then_cancel_a_queued_and_a_running_job(gateway, triton,
 
 def test_an_idempotency_key_returns_the_first_job(gateway, clip) -> None:
     alpha, beta = Client(gateway.url, KEYS[0]), Client(gateway.url, KEYS[1])
-    first = alpha.submit(*clip, headers={"Idempotency-Key": "order-42"}, inference_steps=1).json()["request_id"]
-    second = alpha.submit(*clip, headers={"Idempotency-Key": "order-42"}, inference_steps=1).json()["request_id"]
-    other = beta.submit(*clip, headers={"Idempotency-Key": "order-42"}, inference_steps=1).json()["request_id"]
+    key = {"Idempotency-Key": f"order-{secrets.token_hex(4)}"}  # the gateway is shared: other tests use keys too
+    first = alpha.submit(*clip, headers=key, inference_steps=1).json()["request_id"]
+    second = alpha.submit(*clip, headers=key, inference_steps=1).json()["request_id"]
+    other = beta.submit(*clip, headers=key, inference_steps=1).json()["request_id"]
     assert first == second != other
     for client, job in ((alpha, first), (beta, other)):
         client.cancel(job)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
+from conftest import TINY_UNET_CONFIG
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import TINY_UNET_CONFIG
-from lipsync.config import read_yaml
+from lipsync.config import ConfigError, read_yaml
 from lipsync.models import build_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.resnet import FramePooledGroupNorm
@@ -148,7 +148,7 @@ def test_compilation_defaults_to_cuda_only() -> None:
 def test_compile_flag_must_be_a_boolean_or_auto() -> None:
     from lipsync.pipeline import PipelineSettings
 
-    with pytest.raises(ValueError, match="compile_unet"):
+    with pytest.raises(ConfigError, match="compile_unet"):
         PipelineSettings.load(compile_unet="yes")
 
 
