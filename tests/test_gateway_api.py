@@ -230,7 +230,7 @@ def test_a_running_job_survives_a_gateway_restart(triton, clip, restart_audio, t
         seen = client.wait(request_id)
         assert seen[0]["status"] in ("InQueue", "InProgress"), seen[0]
         # After SIGTERM the job is re-queued at once; after SIGKILL once its lease runs out.
-        assert any(status["reason"].startswith("re-queued: the gateway") for status in seen), seen
+        assert any((status["reason"] or "").startswith("re-queued: the gateway") for status in seen), seen
         assert seen[-1]["status"] == "Succeed", seen[-1]
         assert httpx2.get(seen[-1]["results"]["video"][0]["url"], timeout=60).status_code == 200
     finally:
