@@ -90,11 +90,11 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @torch.no_grad()
 def test_compiled_unet_equals_eager_at_every_batch_size_from_one_compilation(random_small_unet) -> None:
-    """Batches of 4 rows and more share one compilation (2–3 rows get a second one, see CompiledUNet)."""
+    """One window with guidance (2 rows), several windows (4, 6 rows) and the cap share one compilation."""
     compiled = CompiledUNet(random_small_unet, frames=FRAMES, backend="aot_eager")
     generator = torch.Generator().manual_seed(0)
     graphs_before = counters["stats"]["unique_graphs"]
-    for batch in (4, 6):
+    for batch in (2, 4, 6, 8):
         sample, timestep, audio = _inputs(batch, generator)
         assert _relative(compiled(sample, timestep, audio), random_small_unet(sample, timestep, audio)) < 1e-5
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
@@ -112,12 +112,14 @@ def test_compiled_feature_caching_passes_equal_eager(random_small_unet) -> None:
     assert _relative(shallow, random_small_unet.forward_shallow(sample, torch.tensor(481), audio, eager_deep)) < 1e-5
 
 
+@pytest.mark.parametrize(("batch", "frames"), [(2, 5), (1, FRAMES)], ids=["shorter-window", "one-row"])
 @torch.no_grad()
-def test_compiled_unet_runs_other_window_lengths_eagerly_without_compiling(random_small_unet) -> None:
-    """A clip's shorter last window must not cost a compilation in the middle of a job."""
+def test_compiled_unet_runs_uncovered_calls_eagerly_without_compiling(random_small_unet, batch: int, frames: int) -> None:
+    """A clip's shorter last window, or one window without guidance, must not cost a compilation mid-job."""
     compiled = CompiledUNet(random_small_unet, frames=FRAMES, backend="aot_eager")
     graphs_before = counters["stats"]["unique_graphs"]
-    sample, timestep, audio = _inputs(2, torch.Generator().manual_seed(2), frames=5)
+    sample, timestep, audio = _inputs(batch, torch.Generator().manual_seed(2), frames=frames)
+    assert not compiled.covers(sample)
     assert torch.equal(compiled(sample, timestep, audio), random_small_unet(sample, timestep, audio))
     assert counters["stats"]["unique_graphs"] == graphs_before
 
@@ -174,3 +176,28 @@ def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights
     pipeline.warm_up(max_windows=4, log=lines.append)
     assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("output_size", [None, (9, 11)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@torch.no_grad()
+def test_upsampler_equals_diffusers_upsample2d_for_every_batch_size(output_size, channels_last: bool) -> None:
+    """Our upsampler drops diffusers' batch-size branch (a compile guard) and computes the same: bit for bit
+    on the contiguous activations of eager mode, within rounding on another layout (the convolution may
+    pick another algorithm)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from lipsync.models.blocks import Upsample
+
+    ours, theirs = Upsample(8, use_conv=True, out_channels=8), Upsample2D(8, use_conv=True, out_channels=8)
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for frames in (32, 64):  # below and at diffusers' branch
+        hidden = torch.randn(frames, 8, 5, 6, generator=torch.Generator().manual_seed(frames))
+        if channels_last:
+            hidden = hidden.to(memory_format=torch.channels_last)
+        expected = theirs(hidden, output_size=output_size)
+        if channels_last:
+            torch.testing.assert_close(ours(hidden, output_size=output_size), expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(ours(hidden, output_size=output_size), expected)

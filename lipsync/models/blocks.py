@@ -1,8 +1,9 @@
 """Down, mid and up blocks of the LatentSync UNet.
 
 One layer of a block is ResNet → spatial transformer (audio cross-attention) → motion module, the
-later two optional. Spatial transformers, up- and downsamplers are diffusers modules used as they
-are: with frames folded into the batch they compute exactly what the official inflated modules do.
+later two optional. Spatial transformers and downsamplers are diffusers modules used as they are,
+the upsampler a thin subclass (:class:`Upsample`): with frames folded into the batch they compute
+exactly what the official inflated modules do.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
@@ -30,6 +32,25 @@ class BlockSettings:
     attention_heads: int
     cross_attention_dim: int
     motion_settings: dict[str, Any]
+
+
+class Upsample(Upsample2D):
+    """diffusers' ``Upsample2D`` with a convolution (nearest ×2, or to the skip's size, then a 3×3 conv),
+    the same for every batch size.
+
+    diffusers copies a batch of 64 frames or more to a contiguous layout before interpolating, and a
+    compiled UNet guards on that branch, so calls below and above 64 frames would each need a
+    compilation of their own. Here the copy is unconditional; on the contiguous activations of eager
+    mode it is a no-op, so the output is the same. Parameters and keys are ``Upsample2D``'s.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        hidden_states = hidden_states.contiguous()
+        if output_size is None:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        return self.conv(hidden_states)
 
 
 def spatial_transformer(channels: int, settings: BlockSettings) -> Transformer2DModel:
@@ -107,7 +128,7 @@ class UpBlock3D(_Layers):
         ]
         super().__init__(resnet_inputs, out_channels, settings, with_attention, with_motion)
         if add_upsample:
-            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+            self.upsamplers = nn.ModuleList([Upsample(out_channels, use_conv=True, out_channels=out_channels)])
 
     def forward(
         self, hidden_states: torch.Tensor, skips: list[torch.Tensor], frame_temb: torch.Tensor, audio: torch.Tensor,

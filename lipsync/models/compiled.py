@@ -6,13 +6,12 @@ the dtype's rounding of eager. The module is not touched (its parameters and sta
 as loaded); the wrapper holds one compiled function per pass.
 
 The batch dimension (windows per call × 2 for guidance) is compiled as a symbol, so the batcher's
-varying call sizes share compilations instead of paying minutes for each size (full-size UNet on an
-H100 with sizes fixed: ~21 s for the official 2×16-frame call, ~135 s for a 4-window call;
-docs/benchmarks.md). A pass still compiles up to three times: for a batch of one row (sizes 0 and 1
-are always specialised), for 2–3 rows and for 4 rows or more (diffusers' ``Upsample2D`` switches to a
-contiguous copy at 64 frames, and the compiler guards on that). Frames, latent size and token count
-stay fixed: a call with another frame count (the shorter last window of a clip) runs the module
-eagerly rather than compile again mid-job. Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
+varying call sizes share one compilation per pass instead of paying minutes for each size
+(full-size UNet on an H100 with sizes fixed: ~21 s for the official 2×16-frame call, ~135 s for a
+4-window call; docs/benchmarks.md). Frames, latent size and token count stay fixed. Calls the
+compilation does not cover run the module eagerly rather than compile again in the middle of a job:
+another frame count (the shorter last window of a clip) and a batch of one row (one window without
+guidance: the compiler specialises sizes 0 and 1). Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
 kernels are then replayed from one CUDA graph per call shape, without the per-call launch and guard
 overhead.
 """
@@ -31,7 +30,8 @@ COMPILE_MODE = "default"
 class CompiledUNet:
     """:class:`~lipsync.sampling.NoisePredictor` running ``unet``'s passes as compiled functions.
 
-    Each pass compiles on its first call in each batch range: in ``LipSyncPipeline.warm_up`` or the first job.
+    Each pass compiles on its first call (:meth:`LipSyncPipeline.compile_unet` makes those calls before the
+    compiled UNet serves).
     """
 
     def __init__(self, unet: UNet3DConditionModel, frames: int, backend: str = "inductor") -> None:
@@ -54,8 +54,12 @@ class CompiledUNet:
     def device(self) -> torch.device:
         return self.unet.device
 
+    def covers(self, sample: torch.Tensor) -> bool:
+        """Whether a call with ``sample`` runs compiled (else eagerly)."""
+        return sample.shape[2] == self.frames and sample.shape[0] > 1
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor) -> torch.Tensor:
-        if sample.shape[2] != self.frames:
+        if not self.covers(sample):
             return self.unet(sample, timestep, audio)
         sample, audio = _batch_symbolic(sample, audio)
         return self._forward(sample, timestep, audio)
@@ -63,7 +67,7 @@ class CompiledUNet:
     def forward_caching(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if sample.shape[2] != self.frames:
+        if not self.covers(sample):
             return self.unet.forward_caching(sample, timestep, audio)
         sample, audio = _batch_symbolic(sample, audio)
         return self._forward_caching(sample, timestep, audio)
@@ -71,7 +75,7 @@ class CompiledUNet:
     def forward_shallow(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor, deep_features: torch.Tensor
     ) -> torch.Tensor:
-        if sample.shape[2] != self.frames:
+        if not self.covers(sample):
             return self.unet.forward_shallow(sample, timestep, audio, deep_features)
         sample, audio = _batch_symbolic(sample, audio)
         _mark_batch(deep_features)
@@ -86,7 +90,4 @@ def _batch_symbolic(sample: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Te
 
 
 def _mark_batch(tensor: torch.Tensor) -> None:
-    """A batch of one (one window without guidance) cannot be a symbol: the compiler specialises on
-    sizes 0 and 1, so that call size gets a compilation of its own."""
-    if tensor.shape[0] > 1:
-        torch._dynamo.mark_dynamic(tensor, 0)
+    torch._dynamo.mark_dynamic(tensor, 0)
