@@ -56,6 +56,8 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
     parser.add_argument("--checkpoints", help="weights root")
     parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--compile-before-ready", action=argparse.BooleanOptionalAction,
+                        help="compile the UNet before the server reports ready (default: serve at once, switch when compiled)")
     parser.add_argument("--http-port", type=int, help="Triton's HTTP port")
     parser.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
     parser.add_argument("--metrics-port", type=int, help="Triton's metrics port")
@@ -65,7 +67,7 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
 def _triton_settings(args: argparse.Namespace) -> TritonSettings:
     return TritonSettings.load(
         args.config, device=args.device, gpus=args.gpus, split_jobs=args.split_jobs, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
-        address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
+        compile_before_ready=args.compile_before_ready, address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
     )
 

@@ -10,7 +10,7 @@ version. What the server needs around it:
   the first ``python3`` there, and that environment needs ``numpy<2`` and this package;
 The model repository is rendered into the work folder from ``model_repository/``: only the
 ``lipsync`` model's instance kind, GPU list (one instance per GPU, or with ``split_jobs`` one instance
-holding them all), weight parameters and kernel cache folder change, from configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
+holding them all), weight parameters, when the UNet compiles and the kernel cache folder change, from configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
 across restarts; it travels as a model parameter because the backend stubs do not see the server's
 environment variables.
 
@@ -88,6 +88,8 @@ class TritonSettings:
     weights: str = "auto"
     checkpoints: str = ""
     dtype: str = "auto"
+    compile_before_ready: bool = False
+    """Compile the UNet before the ``lipsync`` model reports ready, instead of on a thread while it serves."""
     workdir: Annotated[Path, AfterValidator(home_path)] = Path(".serve")
     """Relative paths in the config are taken from :data:`lipsync.config.HOME`."""
     startup_timeout_s: float = 600.0
@@ -180,6 +182,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
     config.parameters["checkpoints"].string_value = str(settings.checkpoints)
     config.parameters["dtype"].string_value = settings.dtype
     config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
+    config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
     config.parameters["stop_file"].string_value = str(settings.stop_file())
     config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
     return dest

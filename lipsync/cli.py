@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call,
             settings=PipelineSettings.load(compile_unet=args.compile_unet),
         )
+        if not pipeline.compiled:
+            print("compiling the UNet (minutes on a cold kernel cache)", file=sys.stderr)
+            pipeline.compile_unet(modes=[options.mode])
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 
             def progress(fraction: float, stage: str) -> None:

@@ -12,7 +12,6 @@ passes overlap so the GPU starts early:
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
-    initial_noise, load_scheduler,
+    initial_noise, load_scheduler, sampling_modes,
 )
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
@@ -178,8 +177,9 @@ class LipSyncPipeline:
         ``device`` may list several devices: each gets a replica of UNet and VAE (and its own batcher),
         Whisper lives on the first. With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
-        ``settings.compile_unet`` compiles the UNet (``CompiledUNet``; by default on CUDA); ``cuda_graphs`` (default: on
-        for CUDA) replays it from CUDA graphs (``GraphedUNet``).
+        ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``). Where
+        ``settings.compile_unet`` says so (by default on CUDA), each replica also holds the UNet compiled
+        (``CompiledUNet``, graphed likewise); jobs use it after :meth:`compile_unet`.
         """
         devices = [torch.device(one) for one in ([device] if isinstance(device, (str, torch.device)) else device)]
         dtype = dtype or (torch.float16 if devices[0].type == "cuda" else torch.float32)
@@ -187,16 +187,18 @@ class LipSyncPipeline:
         config = load_config(paths.unet_config)
 
         def replica(device: torch.device) -> Replica:
-            unet: NoisePredictor = load_unet(paths.unet_config, paths.unet, device, dtype)
+            unet = load_unet(paths.unet_config, paths.unet, device, dtype)
+            graphed = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
+            eager: NoisePredictor = GraphedUNet(unet) if graphed else unet
+            compiled: NoisePredictor | None = None
             if settings.compiles_on(device):
-                unet = CompiledUNet(unet, frames=config["data"]["num_frames"])
-            if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-                unet = GraphedUNet(unet)
+                compiled = CompiledUNet(unet, frames=config["data"]["num_frames"])
+                compiled = GraphedUNet(compiled) if graphed else compiled
             denoiser: Denoiser = (
-                DirectDenoiser(unet, load_scheduler()) if batching is None
-                else WindowBatcher(unet, load_scheduler(), batching, on_batch)
+                DirectDenoiser(eager, load_scheduler()) if batching is None
+                else WindowBatcher(eager, load_scheduler(), batching, on_batch)
             )
-            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser)
+            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled)
 
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
@@ -210,31 +212,91 @@ class LipSyncPipeline:
         """Generate from dummy inputs at the UNet call shapes a job of ``mode`` reaches most, with guidance.
 
         That is 1 window, ``windows_per_call`` windows (one job) and ``max_windows`` windows (the
-        batcher's cap, when calls mix windows of several jobs): the compiled UNet compiles both of
-        its batch-size ranges (see ``CompiledUNet``), ``GraphedUNet`` captures those shapes, cuDNN
-        picks its algorithms and the VAE gets its first calls. A server calls this before it
-        reports ready, so no job of ``mode`` pays minutes of compilation. Other shapes (other window
-        counts, the shorter last window, no guidance) are captured on first use — safely beside
-        running jobs (``GpuGuard``) and in well under a second — and the shorter last window runs
-        uncompiled. Another mode's passes (fast mode's shallow pass) are compiled on the first job
-        of that mode unless the kernel cache holds them. ``log`` gets one line per shape with its
-        seconds.
+        batcher's cap, when calls mix windows of several jobs): ``GraphedUNet`` captures those shapes,
+        cuDNN picks its algorithms and the VAE gets its first calls, on the UNet the denoisers use now
+        (seconds; the compiled one is :meth:`compile_unet`'s). A server calls this before it reports
+        ready. Other shapes (other window counts, the shorter last window, no guidance) are captured on
+        first use, safely beside running jobs (``GpuGuard``) and in well under a second. ``log`` gets
+        one line per shape with its seconds.
         """
+        for replica in self.replicas:
+            self._generate_dummy(replica, mode, max_windows, log)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether every replica that compiles runs its jobs on the compiled UNet."""
+        return all(replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in self.replicas)
+
+    def compile_unet(
+        self, modes: Sequence[str] | None = None, max_windows: int | None = None, log: Callable[[str], None] | None = None
+    ) -> None:
+        """Compile each replica's UNet (``Replica.compiled``) for every UNet pass of ``modes`` (default: all
+        sampling modes), capture it at :meth:`warm_up`'s shapes, then switch the denoisers to it.
+
+        Minutes of compilation for the full-size UNet (less with a warm ``TORCHINDUCTOR_CACHE_DIR``). Jobs
+        may run meanwhile on the UNet they use now: this thread holds its GPU sections shared for as
+        long as a compilation lasts, so their UNets capture no new shapes until it ends (those calls run
+        uncaptured). A DDIM loop that started before the switch ends on the UNet it started with, so a
+        job running across the switch mixes both: the same weights, within the dtype's rounding.
+        """
+        pending = [replica for replica in self.replicas if replica.compiled is not None and replica.denoiser.unet is not replica.compiled]
+        if not pending:
+            return
+        serving = [replica.denoiser.unet for replica in self.replicas if hasattr(replica.denoiser.unet, "capturing")]
+        for unet in serving:
+            unet.capturing = False
+        try:
+            for replica in pending:
+                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()))
+                for mode in modes or sampling_modes():
+                    self._generate_dummy(staging, mode, max_windows, log, what="compiling the UNet")
+            for replica in pending:
+                replica.denoiser.unet = replica.compiled
+        finally:
+            for unet in serving:
+                unet.capturing = True
+
+    def start_compiling(self, max_windows: int | None = None, log: Callable[[str], None] | None = None) -> threading.Thread:
+        """:meth:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
+
+        ``log`` gets its lines, then one saying when the compiled UNet serves, or why it does not (jobs
+        then keep the eager one).
+        """
+        say = log or (lambda _line: None)
+
+        def compile_all() -> None:
+            started = time.monotonic()
+            try:
+                self.compile_unet(max_windows=max_windows, log=log)
+            except Exception as exc:  # noqa: BLE001 - the eager UNet keeps serving
+                say(f"lipsync: compiling the UNet failed, jobs keep the uncompiled one: {exc!r}")
+            else:
+                say(f"lipsync: compiled UNet serving on {', '.join(map(str, self.devices))} after "
+                    f"{time.monotonic() - started:.1f} s")
+
+        thread = threading.Thread(target=compile_all, name="compile-unet", daemon=True)
+        thread.start()
+        return thread
+
+    def _generate_dummy(
+        self, replica: Replica, mode: str, max_windows: int | None, log: Callable[[str], None] | None, what: str = "warm-up"
+    ) -> None:
+        """Generate from zeros on ``replica`` at 1, ``windows_per_call`` and ``max_windows`` windows, with guidance,
+        with enough DDIM steps to reach every UNet pass of ``mode`` (fast: one caching and one shallow step)."""
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
         counts = sorted({1, settings.windows_per_call, max_windows or settings.windows_per_call})
         sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
         features = self.audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
         random = torch.Generator().manual_seed(settings.seed)
         noise = initial_noise(random, self.resolution // 8)
-        for replica, windows in itertools.product(self.replicas, counts):
+        for windows in counts:
             started = time.monotonic()
             count = settings.num_frames * windows
-            # Enough steps to reach every UNet pass of the mode (fast: one caching and one shallow step).
             short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
             faces = torch.zeros(count, 3, self.resolution, self.resolution)
             FaceGenerator([replica], short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
             if log is not None:
-                log(f"lipsync: warm-up on {replica.device}, {windows} window(s) per UNet call: "
+                log(f"lipsync: {what} on {replica.device}, {mode}, {windows} window(s) per UNet call: "
                     f"{time.monotonic() - started:.1f} s")
 
     def close(self) -> None:

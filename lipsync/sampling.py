@@ -256,6 +256,9 @@ class Replica:
 
     vae: AutoencoderKL
     denoiser: Denoiser
+    compiled: NoisePredictor | None = None
+    """The same UNet compiled (``CompiledUNet``), which the denoiser switches to once it is compiled and
+    captured (``LipSyncPipeline.compile_unet``); ``None``: this device does not compile."""
 
     @property
     def device(self) -> torch.device:

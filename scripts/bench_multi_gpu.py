@@ -3,7 +3,8 @@
 Two phases, each for N = 1, 2, … GPUs (``--counts``):
 
 - ``throughput``: Triton with one ``lipsync`` instance per GPU on GPUs 0…N-1 (``--gpus``), restarted
-  for each N; after one warm-up job, ``--jobs-per-gpu`` × N identical jobs at once; jobs per hour.
+  for each N; after one warm-up job and once every instance serves its compiled UNet,
+  ``--jobs-per-gpu`` × N identical jobs at once; jobs per hour.
 - ``split``: Triton once with one instance holding GPUs 0…max(N)-1 (``--split-jobs``); after one warm-up
   job, one long job (the speech looped to ``--long-seconds``, the video ping-ponged under it) with
   ``DEVICES`` = N, alone; its wall time.
@@ -34,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
 import numpy as np
-from bench_triton import SAMPLE_RATE, wav_bytes
+from bench_triton import SAMPLE_RATE, wait_until_compiled, wav_bytes
 
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
@@ -78,8 +79,9 @@ def timed_jobs(settings: TritonSettings, jobs: list[JobRequest]) -> tuple[float,
 def throughput(args: argparse.Namespace, gpus: int, job: JobRequest) -> dict:
     """Jobs per hour of ``jobs_per_gpu × gpus`` concurrent jobs on one instance per GPU."""
     settings = settings_for(args, gpus, split_jobs=False)
-    with TritonServer(settings):
+    with TritonServer(settings) as server:
         timed_jobs(settings, [job] * gpus)  # warm-up: each instance's first job
+        wait_until_compiled(server)
         jobs = args.jobs_per_gpu * gpus
         wall, results = timed_jobs(settings, [job] * jobs)
     return {"jobs": jobs, "wall_s": round(wall, 2), "jobs_per_hour": round(jobs / wall * 3600, 1),
@@ -89,8 +91,9 @@ def throughput(args: argparse.Namespace, gpus: int, job: JobRequest) -> dict:
 def split_walls(args: argparse.Namespace, counts: list[int], warmup: JobRequest, long_job: JobRequest) -> Iterator[tuple[int, dict]]:
     """Wall time of the long job spread over each count of devices, on one instance holding ``max(counts)`` GPUs."""
     settings = settings_for(args, max(counts), split_jobs=True)
-    with TritonServer(settings):
+    with TritonServer(settings) as server:
         timed_jobs(settings, [replace(warmup, devices=max(counts))])  # every replica's first job
+        wait_until_compiled(server)
         for count in counts:
             wall, [result] = timed_jobs(settings, [replace(long_job, devices=count)])
             yield count, {"wall_s": round(wall, 2), "devices_used": result.info["devices"], "frames": result.info["frames"]}

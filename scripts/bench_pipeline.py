@@ -25,7 +25,8 @@ Quality, on the first ``--check-frames`` aligned faces of the clip with the clip
 
 - exact variants against an fp32 eager reference (same weights, seeds and inputs): relative L2
   error of the generated mouth region (mask = 0), printed next to the official-shape fp16 run's;
-- fast variants against the exact variant with the same windows per call: PSNR and SSIM of the
+- fast variants against the exact variant with the same windows per call (the compiled one where it
+  ran, as fast mode then is): PSNR and SSIM of the
   mouth region's bounding box. Random weights make the UNet's output noise-like, so these say how
   far caching moves the result, not how a trained model's lips look.
 
@@ -305,7 +306,9 @@ def bench_version(
     for row in rows:
         faces, latents = generated[row.variant]
         if row.variant.startswith("fast"):
-            exact = generated.get(f"exact-w{row.variant.split('-w')[1].split('-')[0]}")
+            windows = row.variant.split("-w")[1].split("-")[0]
+            # Against the exact variant on the same UNet path as fast mode's (compiled where it ran).
+            exact = generated.get(f"compiled-w{windows}") or generated.get(f"exact-w{windows}")
             if exact is not None:
                 row.quality = {f"vs_exact_{key}": round(value, 4) for key, value in mouth_metrics(faces, exact[0], mask).items()}
         row.quality["vs_fp32_rel_l2"] = round(mouth_metrics(faces, reference_faces, mask)["rel_l2"], 5)

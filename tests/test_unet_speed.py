@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from clips import demo_frames, speech, write_video, write_wav
 from conftest import TINY_UNET_CONFIG
 from torch import nn
 from torch._dynamo.utils import counters
@@ -68,7 +69,7 @@ def _inputs(batch: int, generator: torch.Generator, frames: int = FRAMES) -> tup
 def random_small_unet(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
     """A two-level cut of the tiny UNet (a third of its compile time on 2 cores), every weight random
     (zero-initialised motion outputs would hide errors). It keeps all block kinds, the motion modules
-    and the upsampler whose 64-frame branch splits the batch ranges."""
+    and the upsampler (whose diffusers original branches at 64 frames)."""
     config = read_yaml(TINY_UNET_CONFIG, "UNet config")
     config["model"].update(
         block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
@@ -131,12 +132,88 @@ def test_compiling_leaves_the_module_and_its_keys_alone(random_small_unet) -> No
     assert list(random_small_unet.state_dict()) == keys
 
 
-def test_pipeline_compiles_its_unet_when_the_settings_say_so(tiny_weights) -> None:
+def test_pipeline_holds_a_compiled_unet_when_the_settings_say_so_and_serves_the_eager_one_first(tiny_weights) -> None:
     from lipsync.pipeline import LipSyncPipeline, PipelineSettings
 
-    compiled = LipSyncPipeline.from_weights(tiny_weights, settings=PipelineSettings.load(compile_unet=True))
-    assert isinstance(compiled.denoiser.unet, CompiledUNet)
-    assert not isinstance(LipSyncPipeline.from_weights(tiny_weights).denoiser.unet, CompiledUNet)
+    pipeline = LipSyncPipeline.from_weights(tiny_weights, settings=PipelineSettings.load(compile_unet=True))
+    replica = pipeline.replicas[0]
+    assert isinstance(replica.compiled, CompiledUNet) and replica.compiled.unet is replica.denoiser.unet
+    assert not pipeline.compiled
+    plain = LipSyncPipeline.from_weights(tiny_weights)
+    assert plain.replicas[0].compiled is None and plain.compiled
+
+
+class _CaptureFlag:
+    """A noise predictor with ``GraphedUNet``'s ``capturing`` switch, recording it at every call."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.capturing, self.seen = inner, True, []
+        self.dtype, self.device = inner.dtype, inner.device
+
+    def __call__(self, sample, timestep, audio):
+        self.seen.append(self.capturing)
+        return self.inner(sample, timestep, audio)
+
+
+def _compiling_pipeline(tiny_weights, unet, **kwargs):
+    """A tiny pipeline on ``unet`` whose replica compiles it with Dynamo's ``eager`` backend: the real
+    switch and graph capture, no code generation (the compiled maths are the tests above)."""
+    from dataclasses import replace
+
+    from lipsync.pipeline import LipSyncPipeline
+
+    pipeline = LipSyncPipeline.from_weights(tiny_weights, **kwargs)
+    replica = pipeline.replicas[0]
+    serving = replica.denoiser.unet = _CaptureFlag(unet)
+    compiled = CompiledUNet(unet, frames=FRAMES, backend="eager")
+    pipeline.replicas[0] = replace(replica, compiled=compiled)
+    return pipeline, serving, compiled
+
+
+def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_on_the_compiled_one_after(
+    tiny_weights, random_small_unet, tmp_path
+) -> None:
+    """``start_compiling`` compiles every mode's passes beside running jobs, then switches the denoiser."""
+    from lipsync.batching import BatchingSettings
+
+    video = write_video(tmp_path / "one-window.mp4", demo_frames(FRAMES))
+    audio = write_wav(tmp_path / "one-window.wav", speech(FRAMES / 25))
+    pipeline, serving, compiled = _compiling_pipeline(
+        tiny_weights, random_small_unet, windows_per_call=1, batching=BatchingSettings(4, 1.0)
+    )
+    lines: list[str] = []
+    graphs_before = counters["stats"]["unique_graphs"]
+    try:
+        thread = pipeline.start_compiling(log=lines.append)
+        while thread.is_alive() and not serving.seen:
+            pipeline.run(video, audio, tmp_path / "during.mp4", steps=1)
+        thread.join(timeout=600)
+        assert not thread.is_alive() and "compiled UNet serving on cpu" in lines[-1]
+        assert [line.split(", ")[1] for line in lines[:-1]] == ["exact", "fast"]
+        assert counters["stats"]["unique_graphs"] - graphs_before == 2  # the full pass (exact and fast) and the shallow one
+        assert False in serving.seen  # calls beside the compilation were told not to capture
+        assert serving.capturing  # and may again once it is done
+        calls = len(serving.seen)
+        pipeline.run(video, audio, tmp_path / "after.mp4", steps=1)
+        assert len(serving.seen) == calls and pipeline.denoiser.unet is compiled and pipeline.compiled
+        pipeline.compile_unet()  # nothing left to compile
+        assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    finally:
+        pipeline.close()
+
+
+def test_a_failed_compilation_is_logged_and_the_eager_unet_keeps_serving(tiny_weights, random_small_unet) -> None:
+    from dataclasses import replace
+
+    pipeline, serving, _ = _compiling_pipeline(tiny_weights, random_small_unet)
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("the compiler gave up")
+
+    broken = CompiledUNet(serving.inner, frames=FRAMES, backend=failing_backend)
+    pipeline.replicas[0] = replace(pipeline.replicas[0], compiled=broken)
+    lines: list[str] = []
+    pipeline.start_compiling(log=lines.append).join(timeout=120)
+    assert "compiling the UNet failed" in lines[-1] and pipeline.denoiser.unet is serving and serving.capturing
 
 
 def test_compilation_defaults_to_cuda_only() -> None:

@@ -1,4 +1,4 @@
-"""``CompiledUNet``: the UNet's three passes through ``torch.compile``, with a symbolic batch size.
+"""``CompiledUNet``: the UNet's passes through ``torch.compile``, with a symbolic batch size.
 
 Compilation keeps the math: Inductor fuses the GroupNorm/SiLU/residual elementwise work and the
 motion module's layout copies around the same cuBLAS/cuDNN/attention kernels, so outputs stay within
@@ -11,12 +11,17 @@ varying call sizes share one compilation per pass instead of paying minutes for 
 4-window call; docs/benchmarks.md). Frames, latent size and token count stay fixed. Calls the
 compilation does not cover run the module eagerly rather than compile again in the middle of a job:
 another frame count (the shorter last window of a clip) and a batch of one row (one window without
-guidance: the compiler specialises sizes 0 and 1). Wrap the result in :class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled
-kernels are then replayed from one CUDA graph per call shape, without the per-call launch and guard
-overhead.
+guidance: the compiler specialises sizes 0 and 1). The full pass is compiled once, as feature caching's
+``forward_caching`` (the module's ``forward`` is that pass without its second output), so exact and fast
+mode share it and fast mode adds only its small shallow pass. Wrap the result in
+:class:`~lipsync.models.graphed.GraphedUNet` on CUDA: the compiled kernels are then replayed from one
+CUDA graph per call shape, without the per-call launch and guard overhead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,7 +39,7 @@ class CompiledUNet:
     compiled UNet serves).
     """
 
-    def __init__(self, unet: UNet3DConditionModel, frames: int, backend: str = "inductor") -> None:
+    def __init__(self, unet: UNet3DConditionModel, frames: int, backend: str | Callable[..., Any] = "inductor") -> None:
         """``frames``: the window length compiled for (calls with other lengths run eagerly); ``backend``:
         ``torch.compile``'s; tests use ``"aot_eager"`` (the same graph capture, no code generation)."""
         self.unet = unet
@@ -42,7 +47,6 @@ class CompiledUNet:
         options = {"backend": backend, "fullgraph": True, "dynamic": False}
         if backend == "inductor":
             options["mode"] = COMPILE_MODE
-        self._forward = torch.compile(unet.forward, **options)
         self._forward_caching = torch.compile(unet.forward_caching, **options)
         self._forward_shallow = torch.compile(unet.forward_shallow, **options)
 
@@ -62,7 +66,7 @@ class CompiledUNet:
         if not self.covers(sample):
             return self.unet(sample, timestep, audio)
         sample, audio = _batch_symbolic(sample, audio)
-        return self._forward(sample, timestep, audio)
+        return self._forward_caching(sample, timestep, audio)[0]
 
     def forward_caching(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, audio: torch.Tensor

@@ -66,7 +66,9 @@ class GraphedUNet:
     """Drop-in :class:`~lipsync.sampling.NoisePredictor` over a CUDA ``UNet3DConditionModel`` or ``CompiledUNet``.
 
     ``max_graphs`` bounds how many shapes are kept (each holds its static tensors; activations
-    share the pool). Calls beyond it run eagerly rather than capture more.
+    share the pool). Calls beyond it run eagerly rather than capture more, and so do new shapes while
+    :attr:`capturing` is off (a capture waits for every other thread's GPU section to end, which must
+    not be a compilation running for minutes).
     """
 
     def __init__(self, unet: UNet3DConditionModel | CompiledUNet, max_graphs: int = 64) -> None:
@@ -77,6 +79,7 @@ class GraphedUNet:
         self._graphs: dict[tuple, _CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = threading.Lock()
+        self.capturing = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,7 +121,7 @@ class GraphedUNet:
         with self._lock, torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
-                if len(self._graphs) >= self.max_graphs:
+                if not self.capturing or len(self._graphs) >= self.max_graphs:
                     with GPU_GUARD.shared():
                         return function(*inputs)
                 captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)

@@ -188,12 +188,17 @@ class TritonPythonModel:
             on_batch=self.metrics.observe_batch,
             settings=settings,
         )
-        if on_gpu or settings.compiles_on(device):
-            # Compile, capture CUDA graphs and pick cuDNN algorithms before reporting ready.
+        log = pb_utils.Logger.log_info
+        if on_gpu:  # capture CUDA graphs and pick cuDNN algorithms before reporting ready
             started = time.monotonic()
-            self.pipeline.warm_up(max_windows=batching.max_windows, log=pb_utils.Logger.log_info)
-            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default")
-            pb_utils.Logger.log_info(f"lipsync: warmed up in {time.monotonic() - started:.1f} s (kernel cache: {cache})")
+            self.pipeline.warm_up(max_windows=batching.max_windows, log=log)
+            log(f"lipsync: warmed up in {time.monotonic() - started:.1f} s")
+        if not self.pipeline.compiled:
+            log(f"lipsync: compiling the UNet, kernel cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'of Inductor')}")
+            if _flag(params["compile_before_ready"]):
+                self.pipeline.compile_unet(max_windows=batching.max_windows, log=log)
+            else:
+                self.pipeline.start_compiling(max_windows=batching.max_windows, log=log)
         self.heartbeat_s = float(params["progress_heartbeat_s"])
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
@@ -214,7 +219,7 @@ class TritonPythonModel:
             job.start()
 
     def _describe(self, request) -> None:
-        info = json.dumps({"weights": self.weights, "version": self.version})
+        info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self.pipeline.compiled})
         final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
