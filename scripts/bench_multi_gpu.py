@@ -79,13 +79,17 @@ def timed_jobs(settings: TritonSettings, jobs: list[JobRequest]) -> tuple[float,
 def throughput(args: argparse.Namespace, gpus: int, job: JobRequest) -> dict:
     """Jobs per hour of ``jobs_per_gpu × gpus`` concurrent jobs on one instance per GPU."""
     settings = settings_for(args, gpus, split_jobs=False)
+    started = time.perf_counter()
     with TritonServer(settings) as server:
+        ready_s = time.perf_counter() - started
         timed_jobs(settings, [job] * gpus)  # warm-up: each instance's first job
         wait_until_compiled(server)
+        compiled_s = time.perf_counter() - started
         jobs = args.jobs_per_gpu * gpus
         wall, results = timed_jobs(settings, [job] * jobs)
     return {"jobs": jobs, "wall_s": round(wall, 2), "jobs_per_hour": round(jobs / wall * 3600, 1),
-            "video_seconds_per_job": results[0].info["frames"] / 25}
+            "video_seconds_per_job": results[0].info["frames"] / 25,
+            "server_ready_s": round(ready_s, 1), "compiled_serving_s": round(compiled_s, 1)}
 
 
 def split_walls(args: argparse.Namespace, counts: list[int], warmup: JobRequest, long_job: JobRequest) -> Iterator[tuple[int, dict]]:
