@@ -4,7 +4,7 @@ The inputs are :func:`lipsync.contract.encode`'s, and the gateway's job id is th
 so the model's log lines name it. Errors in a decoupled stream carry only a message, so a failed job
 first sends STAGE "failed" with INFO ``{"error", "code"}`` (the contract's failure protocol);
 :class:`TritonJobError` takes its kind from that code, or from the gRPC status of a transport error.
-:func:`served_weights` asks which weight set the model serves (a request without VIDEO and AUDIO).
+:func:`served_info` asks what the model serves (a request without VIDEO and AUDIO), :func:`served_weights` its weight set.
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ def served_weights(url: str, timeout_s: float = 10.0) -> str:
 
     Raises :class:`TritonJobError` (``unavailable`` when Triton cannot be reached).
     """
+    return served_info(url, timeout_s)["weights"]
+
+
+def served_info(url: str, timeout_s: float = 10.0) -> dict:
+    """What the answering ``lipsync`` instance serves: ``{"weights", "version", "compiled"}`` (docs/triton-api.md)."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -134,7 +139,7 @@ def served_weights(url: str, timeout_s: float = 10.0) -> str:
             raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", ErrorKind.UNAVAILABLE) from None
         if error is not None:
             raise _job_error(error)
-        return json.loads(result.as_numpy("INFO")[0])["weights"]
+        return json.loads(result.as_numpy("INFO")[0])
     except InferenceServerException as exc:
         raise _job_error(exc) from exc
     finally:

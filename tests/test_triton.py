@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from clips import demo_frames, flat, speech, write_video, write_wav
 from lipsync.testing import sample_sum
-from gateway.triton_client import served_weights
+from gateway.triton_client import served_info, served_weights
 from lipsync.media import VideoReader
 
 pytestmark = [
@@ -137,6 +137,7 @@ def test_progress_moves_after_every_ddim_step_with_stage_and_eta(triton, clip) -
 
 def test_a_request_without_media_names_the_served_weights(triton) -> None:
     assert served_weights(triton.settings.grpc_url) == "tiny-demo"
+    assert served_info(triton.settings.grpc_url) == {"weights": "tiny-demo", "version": "tiny", "compiled": True}
 
 
 def test_http_unary_job_in_fast_mode_returns_the_video(triton, clip, tmp_path) -> None:

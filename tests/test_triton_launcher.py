@@ -81,6 +81,13 @@ def test_compiled_kernels_are_cached_in_the_work_folder(tmp_path: Path) -> None:
     assert config.parameters["kernel_cache_dir"].string_value == str((tmp_path / "inductor-cache").resolve())
 
 
+def test_instances_compile_in_the_background_unless_told_to_compile_before_ready(tmp_path: Path) -> None:
+    assert _rendered(tmp_path, device="gpu").parameters["compile_before_ready"].string_value == "false"
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--compile-before-ready", "--workdir", str(tmp_path)])
+    config = _config(render_repository(cli._triton_settings(args)))
+    assert config.parameters["compile_before_ready"].string_value == "true"
+
+
 def test_the_stop_file_is_in_the_work_folder(tmp_path: Path) -> None:
     """The model cancels its jobs once the file exists; the launcher creates it when it stops the server."""
     config = _rendered(tmp_path, device="cpu")
