@@ -21,7 +21,7 @@ def test_bench_multi_gpu_writes_both_phases(tmp_path: Path) -> None:
     report = tmp_path / "multi-gpu.json"
     command = [
         sys.executable, str(REPO / "scripts" / "bench_multi_gpu.py"), "--version", "tiny", "--device", "cpu", "--dtype", "fp32",
-        "--video", str(video), "--audio", str(audio), "--steps", "2", "--long-seconds", "1.3",
+        "--video", str(video), "--audio", str(audio), "--steps", "1", "--jobs-per-gpu", "1", "--long-seconds", "1.3",
         "--workdir", str(tmp_path / "serve"), "--checkpoints", str(tmp_path / "weights"), "--json", str(report),
     ]
     subprocess.run([*command, "--phase", "throughput"], check=True, cwd=REPO, timeout=900)

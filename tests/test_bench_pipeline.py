@@ -18,12 +18,12 @@ SMALL = (270, 480)
 
 @pytest.mark.slow
 def test_bench_pipeline_writes_the_table_with_quality_checks(tmp_path) -> None:
-    video = write_video(tmp_path / "face.mp4", demo_frames(24, SMALL))
-    audio = write_wav(tmp_path / "speech.wav", speech(0.8))
+    video = write_video(tmp_path / "face.mp4", demo_frames(16, SMALL))
+    audio = write_wav(tmp_path / "speech.wav", speech(0.64))  # one 16-frame window
     report, table = tmp_path / "bench.json", tmp_path / "bench.md"
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--tiny", "--video", str(video),
-         "--audio", str(audio), "--check-frames", "20", "--variants", "exact-w4", "fast-w4-s10",
+         "--audio", str(audio), "--check-frames", "16", "--variants", "exact-w4", "fast-w4-s10",
          "--json", str(report), "--markdown", str(table)],
         check=True, cwd=REPO, timeout=900,
     )

@@ -50,10 +50,11 @@ BASH_DOCUMENTS = [doc for doc in DOCUMENTS if any(language == "bash" for languag
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with ``face.mp4`` (1 s of the demo clip at quarter size) and ``speech.wav`` (1 s)."""
+    """A folder with ``face.mp4`` (16 frames of the demo clip at quarter size) and ``speech.wav`` (0.64 s):
+    one 16-frame window, so the documents' 20-step jobs stay short."""
     folder = tmp_path_factory.mktemp("doc-inputs")
-    write_video(folder / "face.mp4", demo_frames(25, (270, 480)))
-    write_wav(folder / "speech.wav", speech(1.0))
+    write_video(folder / "face.mp4", demo_frames(16, (270, 480)))
+    write_wav(folder / "speech.wav", speech(0.64))
     return folder
 
 

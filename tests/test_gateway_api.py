@@ -219,7 +219,8 @@ def test_an_idempotency_key_returns_the_first_job(gateway, clip) -> None:
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
 def test_a_running_job_survives_a_gateway_restart(triton, clip, restart_audio, tmp_path, stop) -> None:
-    process = GatewayProcess(tmp_path / "data", triton.settings.grpc_url, free_port()).start()
+    # A short lease: after SIGKILL the job waits out its lease (and the next check, a third of it) before the re-queue.
+    process = GatewayProcess(tmp_path / "data", triton.settings.grpc_url, free_port()).configure(lease_s=3).start()
     try:
         client = Client(process.url)
         request_id = client.job(clip[0], restart_audio, inference_steps=2)

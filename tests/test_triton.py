@@ -121,9 +121,9 @@ def test_grpc_stream_reports_rising_progress_then_the_video(triton, clip, tmp_pa
 
 def test_progress_moves_after_every_ddim_step_with_stage_and_eta(triton, clip) -> None:
     video, _ = clip
-    audio = write_wav(Path(triton.settings.workdir) / "eight.wav", speech(8.0)).read_bytes()
-    # 200 frames = 13 windows; at 4 windows per call: calls of 4, 4, 4 and 1 window(s).
-    steps, calls = 6, 4
+    audio = write_wav(Path(triton.settings.workdir) / "progress.wav", speech(3.2)).read_bytes()
+    # 80 frames = 5 windows; at 4 windows per call: calls of 4 and 1 window(s).
+    steps, calls = 3, 2
     progress, result = _stream(triton, video, audio, steps=steps)
     assert not isinstance(result, (Exception, dict)), result
     generating = [report for report in progress if report[1] == "generate"]
