@@ -9,10 +9,11 @@ status 1 when their Triton exits on its own (crash, kill), so a supervisor sees 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -119,7 +120,12 @@ def _weights_line(settings: TritonSettings) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, calling ``on_ready`` once it listens."""
+    """uvicorn's server, calling ``on_ready`` once it listens.
+
+    A Ctrl-C or SIGTERM shuts it down gracefully and :meth:`run` returns. uvicorn would then raise the
+    signal again for the caller, and asyncio's own SIGINT handler would turn that into a traceback of
+    the already-finished app; the caller stops Triton next in either case, so the signal is not
+    raised again."""
 
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
         super().__init__(config)
@@ -129,6 +135,12 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.on_ready()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, triton: TritonServer | None = None) -> int:

@@ -150,6 +150,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _assert_stopped_cleanly(seconds: float, bound_s: float, code: int, log: str, regions: set[str], output: str) -> None:
     print(f"lipsync-serve up stopped in {seconds:.1f} s (stated bound {bound_s} s)")
     assert code == 0, output
+    assert "Traceback" not in output, output
     assert seconds <= bound_s * SLOW_MACHINE, f"the stop took {seconds:.1f} s\n{output}\n{log}"
     assert [line for line in log.splitlines() if line.startswith("E")] == [], log
     assert "successfully unloaded 'lipsync' version 1" in log, log
