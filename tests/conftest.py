@@ -90,9 +90,28 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     settings = TritonSettings.load(
         device="cpu", weights="tiny", checkpoints=str(root / "checkpoints"), workdir=root / "serve",
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), startup_timeout_s=300,
+        exit_timeout_s=5,  # at the end no job runs; Triton would wait out idle HTTP keep-alive clients instead
     )
     with TritonServer(settings) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _session_triton_survives(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that uses the session's Triton fails when the server dies during it, with how it ended
+    (signal, end of its log); the server is started again so that the tests after it still run."""
+    if "triton" not in request.fixturenames:
+        yield
+        return
+    server: TritonServer = request.getfixturevalue("triton")
+    yield
+    if server.process is None or server.process.poll() is None:
+        return
+    reason = server.exit_reason()
+    server.stop()  # reaps its stubs and frees the work folder
+    server.start()
+    server.wait_ready()
+    pytest.fail(f"the session's Triton died during this test (started again for the next ones): {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

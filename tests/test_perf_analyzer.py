@@ -33,7 +33,7 @@ def test_perf_analyzer_measures_both_models(triton, tmp_path: Path) -> None:
     done = subprocess.run(
         # Any three windows count as stable: the point is that it runs, not a steady number on a shared CPU.
         ["bash", str(SCRIPT), str(video), str(audio), "--stability-percentage", "1000"],
-        env=environment, capture_output=True, text=True, timeout=600,
+        env=environment, capture_output=True, text=True, timeout=300,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

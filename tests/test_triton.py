@@ -9,6 +9,7 @@ import json
 import queue
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -29,6 +30,8 @@ pytestmark = [
 
 STEPS = 3
 SECONDS = 2.0
+JOBS_AT_ONCE = 8
+"""The model's ``max_concurrent_jobs``: all of them run at once."""
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,21 @@ def test_bad_input_gets_a_clear_error_and_the_next_job_succeeds(triton, clip, tm
     assert "400" in str(raised.value)  # INVALID_ARG → HTTP 400
     result = client.infer("lipsync_unary", _inputs(httpclient, good_video, good_audio, steps=1))
     assert json.loads(result.as_numpy("INFO")[0])["frames"] == round(SECONDS * 25)
+
+
+def test_jobs_starting_and_ending_together_leave_the_server_up(triton, tmp_path) -> None:
+    """Eight short jobs at once, twice: their threads update the instance's metrics at the same moments.
+    The Python backend's server reads a metric's message while the stub rewrites it, so one metric
+    updated from two threads at once kills the server (SIGSEGV); the model serializes its updates."""
+    video = write_video(tmp_path / "short.mp4", demo_frames(10, (270, 480))).read_bytes()
+    audio = write_wav(tmp_path / "short.wav", speech(0.4)).read_bytes()
+    before = metric(triton, "lipsync_jobs_total", outcome="succeeded")
+    with ThreadPoolExecutor(JOBS_AT_ONCE) as pool:
+        for _ in range(2):
+            endings = list(pool.map(lambda _: _stream(triton, video, audio, steps=1)[1], range(JOBS_AT_ONCE)))
+            assert all(hasattr(ending, "as_numpy") for ending in endings), endings
+    assert triton.process.poll() is None
+    assert metric(triton, "lipsync_jobs_total", outcome="succeeded") == before + 2 * JOBS_AT_ONCE
 
 
 def test_metrics_show_our_families_beside_tritons(triton, clip) -> None:

@@ -39,12 +39,38 @@ _STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 
+class _Serialized:
+    """A metric whose updates take one lock shared by all of the instance's metrics.
+
+    The Python backend's stub rewrites a metric's shared-memory message on every update, without the
+    GIL: two threads updating one metric at once free the message the server is still reading, and
+    the server dies (SIGSEGV in ``Metric::LoadFromSharedMemory``). Jobs start and end on their own
+    threads, the batcher and the GPU sampler on theirs, so every update goes through here.
+    """
+
+    def __init__(self, metric, lock: threading.RLock) -> None:
+        self._metric, self._lock = metric, lock
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._metric.observe(value)
+
+
 class _Metrics:
-    """Our families on Triton's ``/metrics``, next to its own ``nv_inference_*``."""
+    """Our families on Triton's ``/metrics``, next to its own ``nv_inference_*``; safe to update from any thread."""
 
     def __init__(self, labels: dict[str, str]) -> None:
         # Families must outlive their metrics, so both are kept.
         self.labels = labels
+        self._lock = threading.RLock()
         self.families = {
             name: pb_utils.MetricFamily(name, description, kind)
             for name, description, kind in [
@@ -57,33 +83,37 @@ class _Metrics:
                 *((name, description, pb_utils.MetricFamily.GAUGE) for name, (description, _) in GPU_GAUGES.items()),
             ]
         }
-        self.frames = self.families["lipsync_frames_generated_total"].Metric(labels=labels)
-        self.active = self.families["lipsync_active_jobs"].Metric(labels=labels)
-        self.batch_windows = self.families["lipsync_unet_batch_windows"].Metric(labels=labels, buckets=_BATCH_BUCKETS)
-        self.batch_jobs = self.families["lipsync_unet_batch_jobs"].Metric(labels=labels, buckets=_BATCH_BUCKETS)
-        self._outcomes: dict[str, object] = {}
-        self._stages: dict[str, object] = {}
+        self.frames = self._metric("lipsync_frames_generated_total")
+        self.active = self._metric("lipsync_active_jobs")
+        self.batch_windows = self._metric("lipsync_unet_batch_windows", buckets=_BATCH_BUCKETS)
+        self.batch_jobs = self._metric("lipsync_unet_batch_jobs", buckets=_BATCH_BUCKETS)
+        self._outcomes: dict[str, _Serialized] = {}
+        self._stages: dict[str, _Serialized] = {}
 
-    def gpu_gauge(self, name: str, gpu: str):
-        return self.families[name].Metric(labels=self.labels | {"gpu": gpu})
+    def _metric(self, family: str, extra_labels: dict[str, str] | None = None, **options) -> _Serialized:
+        with self._lock:
+            metric = self.families[family].Metric(labels=self.labels | (extra_labels or {}), **options)
+        return _Serialized(metric, self._lock)
+
+    def gpu_gauge(self, name: str, gpu: str) -> _Serialized:
+        return self._metric(name, {"gpu": gpu})
 
     def observe_batch(self, windows: int, jobs: int) -> None:
         self.batch_windows.observe(windows)
         self.batch_jobs.observe(jobs)
 
     def finished(self, outcome: str, output: JobOutput | None = None) -> None:
-        if outcome not in self._outcomes:
-            self._outcomes[outcome] = self.families["lipsync_jobs_total"].Metric(labels=self.labels | {"outcome": outcome})
-        self._outcomes[outcome].increment(1)
-        if output is None:
-            return
-        self.frames.increment(output.result.frames)
-        for stage, seconds in output.result.seconds.items():
-            if stage not in self._stages:
-                self._stages[stage] = self.families["lipsync_stage_seconds"].Metric(
-                    labels=self.labels | {"stage": stage}, buckets=_STAGE_BUCKETS
-                )
-            self._stages[stage].observe(seconds)
+        with self._lock:  # one metric per label set, even when two jobs end at once
+            if outcome not in self._outcomes:
+                self._outcomes[outcome] = self._metric("lipsync_jobs_total", {"outcome": outcome})
+            self._outcomes[outcome].increment(1)
+            if output is None:
+                return
+            self.frames.increment(output.result.frames)
+            for stage, seconds in output.result.seconds.items():
+                if stage not in self._stages:
+                    self._stages[stage] = self._metric("lipsync_stage_seconds", {"stage": stage}, buckets=_STAGE_BUCKETS)
+                self._stages[stage].observe(seconds)
 
 
 class _Stopping:
@@ -98,6 +128,28 @@ class _Stopping:
 
     def __call__(self) -> bool:
         return self.unloading.is_set() or (self.file is not None and self.file.exists())
+
+
+class _CancelCheck:
+    """A job's cancel check: its request was cancelled (client gone, gRPC cancel) or the instance stops.
+
+    :meth:`close` it before the job's last response. The Python backend frees a decoupled request's
+    response factory when the final flag is sent, and ``is_cancelled()`` after that makes the server
+    read freed memory; the lock also lets a check already under way end first.
+    """
+
+    def __init__(self, request, stopping: _Stopping) -> None:
+        self._request, self._stopping = request, stopping
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __call__(self) -> bool:
+        with self._lock:
+            return self._open and (self._request.is_cancelled() or self._stopping())
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 def _progress_sender(sender):
@@ -228,6 +280,7 @@ class TritonPythonModel:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
         job = request.request_id() or "-"
+        cancelled = _CancelCheck(request, self.stopping)
         try:
             self.metrics.active.increment(1)
             options = _options(request, self.version)
@@ -235,11 +288,13 @@ class TritonPythonModel:
             with ProgressReporter(_progress_sender(sender), self.heartbeat_s) as progress:
                 output = run_job(
                     self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                    progress=progress, should_cancel=lambda: request.is_cancelled() or self.stopping(),
+                    progress=progress, should_cancel=cancelled,
                 )
         except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
+            cancelled.close()
             self._fail(sender, job, exc)
         else:
+            cancelled.close()
             self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
             info = json.dumps(output.info() | {"version": self.version, "weights": self.weights})
             final = pb_utils.InferenceResponse([
