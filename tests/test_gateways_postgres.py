@@ -24,8 +24,8 @@ JOBS = 30
 
 
 def test_thirty_jobs_on_two_gateways_one_killed_each_end_exactly_once(triton, postgres, tmp_path) -> None:
-    video = write_video(tmp_path / "clip.mp4", demo_frames(25)).read_bytes()
-    audio = write_wav(tmp_path / "s.wav", speech(1.0)).read_bytes()
+    video = write_video(tmp_path / "clip.mp4", demo_frames(10, (270, 480))).read_bytes()  # short jobs: 30 of them
+    audio = write_wav(tmp_path / "s.wav", speech(0.4)).read_bytes()
     shared = {"database_url": postgres.new_database("two_gateways"), "lease_s": 3, **LOAD_TEST_LIMITS}
     gateways = [
         GatewayProcess(tmp_path / "data", triton.settings.grpc_url, free_port(), concurrency=2).configure(**shared)

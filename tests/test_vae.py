@@ -43,7 +43,7 @@ def test_folder_has_official_files(vae_dir: Path) -> None:
 
 def test_tiny_vae_follows_its_config(vae) -> None:
     tiny = json.loads(TINY_VAE_CONFIG.read_text())
-    assert list(vae.config.block_out_channels) == tiny["block_out_channels"] == [32, 32, 64, 64]
+    assert list(vae.config.block_out_channels) == tiny["block_out_channels"] == [16, 16, 32, 32]
     assert vae.config.latent_channels == 4 and len(vae.config.down_block_types) == 4
 
 
