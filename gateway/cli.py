@@ -54,6 +54,10 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
     parser.add_argument("--split-jobs", action=argparse.BooleanOptionalAction,
                         help="one instance over all the GPUs, spreading long jobs over them (default: one instance per GPU)")
+    parser.add_argument("--job-processes", type=lambda text: text if text == "auto" else int(text),
+                        help="CPU processes for the jobs' frame work, windows generated on each GPU by lipsync_generate; "
+                             "0 = one process per GPU does everything (default auto: 4 on GPU, 0 on CPU)")
+    parser.add_argument("--gpu-memory-gib", type=float, help="cap on each GPU's generation process in GiB (0 = none; default 20)")
     parser.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
     parser.add_argument("--checkpoints", help="weights root")
     parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
@@ -67,7 +71,8 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _triton_settings(args: argparse.Namespace) -> TritonSettings:
     return TritonSettings.load(
-        args.config, device=args.device, gpus=args.gpus, split_jobs=args.split_jobs, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
+        args.config, device=args.device, gpus=args.gpus, split_jobs=args.split_jobs,
+        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
         compile_before_ready=args.compile_before_ready, address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
     )

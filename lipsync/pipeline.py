@@ -45,7 +45,7 @@ from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
-    initial_noise, load_scheduler, sampling_modes,
+    WindowGenerator, initial_noise, load_scheduler, sampling_modes,
 )
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
@@ -117,12 +117,14 @@ class LipSyncPipeline:
 
     With one :class:`Replica` (UNet and VAE) per device, a job runs on the least busy device, or, when it
     is long (``split_min_seconds``) or asks for it, spreads its windows over several devices at once
-    (:class:`FaceGenerator`). Whisper and the job's audio run on the first device.
+    (:class:`FaceGenerator`). Whisper and the job's audio run on the first device. The generators may
+    also be in another process (``lipsync.remote.RemoteGenerator``, :meth:`with_generators`): this
+    pipeline then does the frame work only, on the CPU.
     """
 
     def __init__(
         self,
-        replicas: Sequence[Replica],
+        replicas: Sequence[WindowGenerator],
         audio: AudioFeatureExtractor,
         detectors: DetectorPool,
         config: dict[str, Any],
@@ -145,14 +147,19 @@ class LipSyncPipeline:
         self._placing = threading.Lock()
 
     @property
+    def local_replicas(self) -> list[Replica]:
+        """The generators whose models live in this process."""
+        return [replica for replica in self.replicas if isinstance(replica, Replica)]
+
+    @property
     def vae(self) -> AutoencoderKL:
         """The first device's VAE."""
-        return self.replicas[0].vae
+        return self.local_replicas[0].vae
 
     @property
     def denoiser(self) -> Denoiser:
         """The first device's denoiser."""
-        return self.replicas[0].denoiser
+        return self.local_replicas[0].denoiser
 
     @property
     def devices(self) -> list[torch.device]:
@@ -171,6 +178,7 @@ class LipSyncPipeline:
         on_batch: BatchObserver | None = None,
         settings: PipelineSettings | None = None,
         cuda_graphs: bool | None = None,
+        vae_slots: int | None = None,
     ) -> LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
 
@@ -179,7 +187,8 @@ class LipSyncPipeline:
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
         ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``). Where
         ``settings.compile_unet`` says so (by default on CUDA), each replica also holds the UNet compiled
-        (``CompiledUNet``, graphed likewise); jobs use it after :meth:`compile_unet`.
+        (``CompiledUNet``, graphed likewise); jobs use it after :meth:`compile_unet`. ``vae_slots`` bounds the
+        window groups in VAE encode or decode at once per device (``None``: no bound).
         """
         devices = [torch.device(one) for one in ([device] if isinstance(device, (str, torch.device)) else device)]
         dtype = dtype or (torch.float16 if devices[0].type == "cuda" else torch.float32)
@@ -198,12 +207,33 @@ class LipSyncPipeline:
                 DirectDenoiser(eager, load_scheduler()) if batching is None
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)
             )
-            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled)
+            slots = None if vae_slots is None else threading.BoundedSemaphore(vae_slots)
+            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled, slots)
 
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
             [replica(device) for device in devices], audio, detectors or DetectorPool(MediaPipeFaceDetector),
             config, windows_per_call, settings=settings,
+        )
+
+    @classmethod
+    def with_generators(
+        cls,
+        paths: WeightPaths,
+        generators: Sequence[WindowGenerator],
+        detectors: DetectorPool | None = None,
+        windows_per_call: int | None = None,
+        settings: PipelineSettings | None = None,
+    ) -> LipSyncPipeline:
+        """A pipeline for the frame work of jobs whose windows ``generators`` generate elsewhere.
+
+        Loads Whisper only, on the CPU (float32): this process needs no GPU.
+        """
+        config = load_config(paths.unet_config)
+        audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, torch.device("cpu"))
+        return cls(
+            generators, audio, detectors or DetectorPool(MediaPipeFaceDetector), config, windows_per_call,
+            settings=settings,
         )
 
     def warm_up(
@@ -219,13 +249,13 @@ class LipSyncPipeline:
         first use, safely beside running jobs (``GpuGuard``) and in well under a second. ``log`` gets
         one line per shape with its seconds.
         """
-        for replica in self.replicas:
+        for replica in self.local_replicas:
             self._generate_dummy(replica, mode, max_windows, log)
 
     @property
     def compiled(self) -> bool:
         """Whether every replica that compiles runs its jobs on the compiled UNet."""
-        return all(replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in self.replicas)
+        return all(replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in self.local_replicas)
 
     def compile_unet(
         self, modes: Sequence[str] | None = None, max_windows: int | None = None, log: Callable[[str], None] | None = None
@@ -239,22 +269,30 @@ class LipSyncPipeline:
         uncaptured). A DDIM loop that started before the switch ends on the UNet it started with, so a
         job running across the switch mixes both: the same weights, within the dtype's rounding.
         """
-        pending = [replica for replica in self.replicas if replica.compiled is not None and replica.denoiser.unet is not replica.compiled]
+        pending = [
+            replica for replica in self.local_replicas
+            if replica.compiled is not None and replica.denoiser.unet is not replica.compiled
+        ]
         if not pending:
             return
-        serving = [replica.denoiser.unet for replica in self.replicas if hasattr(replica.denoiser.unet, "capturing")]
+        serving = [replica.denoiser.unet for replica in self.local_replicas if hasattr(replica.denoiser.unet, "capturing")]
         for unet in serving:
             unet.capturing = False
         try:
             for replica in pending:
-                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()))
+                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
                 for mode in modes or sampling_modes():
                     self._generate_dummy(staging, mode, max_windows, log, what="compiling the UNet")
+            replaced = []
             for replica in pending:
+                replaced.append(replica.denoiser.unet)
                 replica.denoiser.unet = replica.compiled
         finally:
             for unet in serving:
                 unet.capturing = True
+        for unet in replaced:  # a loop still running on it ends eagerly; its graphs' memory is freed
+            if isinstance(unet, GraphedUNet):
+                unet.release()
 
     def start_compiling(self, max_windows: int | None = None, log: Callable[[str], None] | None = None) -> threading.Thread:
         """:meth:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
@@ -301,7 +339,7 @@ class LipSyncPipeline:
 
     def close(self) -> None:
         """Stop the shared batchers' workers and free the face detectors."""
-        for replica in self.replicas:
+        for replica in self.local_replicas:
             if isinstance(replica.denoiser, WindowBatcher):
                 replica.denoiser.close()
         self.detectors.close()

@@ -24,11 +24,10 @@ from lipsync.contract import BY_NAME as OPTIONS_BY_NAME
 from lipsync.errors import BadInput, JobCancelled
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.timing import StageTimer
-from lipsync.vae import decode_latents, encode_latents, sampling_noise
+from lipsync.vae import LATENT_CHANNELS, decode_latents, encode_latents, sampling_noise
 
 SCHEDULER_CONFIG = CONFIG_DIR / "scheduler_config.json"
 SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
-LATENT_CHANNELS = 4
 
 
 @pydantic_dataclass(frozen=True, config=SCHEMA)
@@ -251,6 +250,53 @@ class DirectDenoiser:
 
 
 @dataclass(frozen=True)
+class WindowGroup:
+    """Consecutive, equally long windows of one job: what one :class:`WindowGenerator` call turns into faces."""
+
+    faces: torch.Tensor
+    """Aligned faces ``(N, 3, R, R)`` in [-1, 1], ``N`` = windows × ``window_frames``."""
+    audio: torch.Tensor
+    """Per-frame audio windows ``(N, tokens, dim)``."""
+    mask: torch.Tensor
+    """``(R, R)`` mouth mask, 1 = keep, 0 = generate."""
+    noise: torch.Tensor
+    """``(1, 4, 1, R/8, R/8)`` initial noise shared by the video."""
+    masked_noise: torch.Tensor
+    """VAE sampling noise of the masked faces ``(N, 4, R/8, R/8)``, drawn by the caller in official order."""
+    reference_noise: torch.Tensor
+    """VAE sampling noise of the unmasked faces, likewise."""
+    window_frames: int
+    steps: int
+    guidance_scale: float
+    cache_interval: int = 1
+    on_step: Callable[[int], None] | None = None
+    """Told the DDIM steps done after every step (see ``WindowBatch.on_step``)."""
+    should_cancel: CancelCheck | None = None
+
+    @property
+    def windows(self) -> int:
+        return self.faces.shape[0] // self.window_frames
+
+    def window_slices(self) -> list[slice]:
+        return [slice(start, start + self.window_frames) for start in range(0, self.faces.shape[0], self.window_frames)]
+
+
+class WindowGenerator(Protocol):
+    """Generates the faces of one :class:`WindowGroup`: in this process (:class:`Replica`) or in a
+    model server's generation model (``lipsync.remote.RemoteGenerator``)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def generate(self, group: WindowGroup, timer: StageTimer) -> torch.Tensor:
+        """``(N, 3, R, R)`` in [-1, 1]: the decoded face where the mask is 0, the input face where it is 1."""
+        ...
+
+
+@dataclass(frozen=True)
 class Replica:
     """The models of one device. Replicas hold the same weights, so a window comes out the same on any of them."""
 
@@ -259,10 +305,59 @@ class Replica:
     compiled: NoisePredictor | None = None
     """The same UNet compiled (``CompiledUNet``), which the denoiser switches to once it is compiled and
     captured (``LipSyncPipeline.compile_unet``); ``None``: this device does not compile."""
+    vae_slots: threading.Semaphore | None = None
+    """Bounds the groups in VAE encode or decode at once (their activations are most of a group's GPU
+    memory); ``None``: no bound."""
 
     @property
     def device(self) -> torch.device:
         return self.vae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def generate(self, group: WindowGroup, timer: StageTimer) -> torch.Tensor:
+        """Encode, denoise and decode ``group`` on this device."""
+        with _current_device(self.device):
+            return self._generate(group, timer)
+
+    def _generate(self, group: WindowGroup, timer: StageTimer) -> torch.Tensor:
+        vae, mask, faces = self.vae, group.mask.to(group.faces.dtype), group.faces
+        latent_size = mask.shape[-1] // 8
+        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
+        windows, length = group.windows, group.window_frames
+        with self._vae_slot(), GPU_GUARD.shared(), timer.stage("vae_encode"):
+            encoded = [
+                (
+                    encode_latents(vae, faces[window] * mask, noise=group.masked_noise[window]),
+                    encode_latents(vae, faces[window], noise=group.reference_noise[window]),
+                )
+                for window in group.window_slices()
+            ]
+            masked = torch.stack([pair[0] for pair in encoded]).transpose(1, 2).float().cpu()
+            reference = torch.stack([pair[1] for pair in encoded]).transpose(1, 2).float().cpu()
+        batch = WindowBatch(
+            group.noise.expand(windows, -1, length, -1, -1),
+            latent_mask[None, :, None].expand(windows, -1, length, -1, -1),
+            masked,
+            reference,
+            group.audio,
+            group.steps,
+            group.guidance_scale,
+            group.cache_interval,
+            on_step=group.on_step,
+        )
+        with timer.stage("denoise"):
+            latents = self.denoiser(batch, group.should_cancel)
+        with GPU_GUARD.shared():
+            generated = latents.transpose(1, 2).flatten(0, 1).cpu()
+        with self._vae_slot(), GPU_GUARD.shared(), timer.stage("vae_decode"):
+            decoded = decode_latents(vae, generated, chunk_size=length).float().cpu().clamp(-1, 1)
+        return decoded * (1 - mask) + faces * mask
+
+    def _vae_slot(self) -> AbstractContextManager:
+        return nullcontext() if self.vae_slots is None else self.vae_slots
 
 
 class FaceGenerator:
@@ -279,7 +374,7 @@ class FaceGenerator:
     generates it nor on how windows are grouped.
     """
 
-    def __init__(self, replicas: Sequence[Replica], settings: SamplingSettings, timer: StageTimer | None = None) -> None:
+    def __init__(self, replicas: Sequence[WindowGenerator], settings: SamplingSettings, timer: StageTimer | None = None) -> None:
         if not replicas:
             raise ValueError("a FaceGenerator needs at least one replica")
         self.replicas, self.settings = list(replicas), settings
@@ -323,9 +418,9 @@ class FaceGenerator:
             raise ValueError(f"mask must be ({size}, {size}), got {tuple(mask.shape)}")
         frames = self.settings.num_frames
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
-        vae = self.replicas[0].vae
+        dtype = self.replicas[0].dtype
         sampling = {
-            window.start: tuple(sampling_noise(vae, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
+            window.start: tuple(sampling_noise(dtype, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
             for window in windows
         }
         progress = None if on_step is None else _StepProgress(on_step, self.settings.steps)
@@ -379,52 +474,33 @@ class FaceGenerator:
                     future.cancel()
                 raise
 
-    def _generate(self, replica: Replica, group: list[slice], inputs: _GenerationInputs) -> torch.Tensor:
-        """Encode, denoise and decode one group of consecutive, equally long windows on ``replica``.
+    def _generate(self, replica: WindowGenerator, group: list[slice], inputs: _GenerationInputs) -> torch.Tensor:
+        """Generate one group of consecutive, equally long windows on ``replica``.
 
         Timed on a timer of ``replica``'s device (its syncs wait for that device's work), added to the job's.
         """
         timer = StageTimer(replica.device)
+        span = _span(group)
         try:
-            with _current_device(replica.device):
-                return self._generate_here(replica, group, inputs, timer)
+            return replica.generate(
+                WindowGroup(
+                    inputs.faces[span],
+                    inputs.audio[span],
+                    inputs.mask,
+                    inputs.noise,
+                    torch.cat([inputs.sampling[window.start][0] for window in group]),
+                    torch.cat([inputs.sampling[window.start][1] for window in group]),
+                    group[0].stop - group[0].start,
+                    self.settings.steps,
+                    self.settings.guidance_scale,
+                    self.settings.cache_interval,
+                    on_step=None if inputs.progress is None else inputs.progress.reporter(group[0].start, len(group)),
+                    should_cancel=inputs.should_cancel,
+                ),
+                timer,
+            )
         finally:
             self.timer.add(timer)
-
-    def _generate_here(self, replica: Replica, group: list[slice], inputs: _GenerationInputs, timer: StageTimer) -> torch.Tensor:
-        vae, mask = replica.vae, inputs.mask
-        size = mask.shape[-1]
-        latent_size = size // 8
-        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
-        span, length = _span(group), group[0].stop - group[0].start
-        with GPU_GUARD.shared(), timer.stage("vae_encode"):
-            encoded = [
-                (
-                    encode_latents(vae, inputs.faces[window] * mask, noise=inputs.sampling[window.start][0]),
-                    encode_latents(vae, inputs.faces[window], noise=inputs.sampling[window.start][1]),
-                )
-                for window in group
-            ]
-            masked = torch.stack([pair[0] for pair in encoded]).transpose(1, 2).float().cpu()
-            reference = torch.stack([pair[1] for pair in encoded]).transpose(1, 2).float().cpu()
-        batch = WindowBatch(
-            inputs.noise.expand(len(group), -1, length, -1, -1),
-            latent_mask[None, :, None].expand(len(group), -1, length, -1, -1),
-            masked,
-            reference,
-            inputs.audio[span],
-            self.settings.steps,
-            self.settings.guidance_scale,
-            self.settings.cache_interval,
-            on_step=None if inputs.progress is None else inputs.progress.reporter(group[0].start, len(group)),
-        )
-        with timer.stage("denoise"):
-            latents = replica.denoiser(batch, inputs.should_cancel)
-        with GPU_GUARD.shared():
-            generated = latents.transpose(1, 2).flatten(0, 1).cpu()
-        with GPU_GUARD.shared(), timer.stage("vae_decode"):
-            decoded = decode_latents(vae, generated, chunk_size=self.settings.num_frames).float().cpu().clamp(-1, 1)
-        return decoded * (1 - mask) + inputs.faces[span] * mask
 
 
 @dataclass(frozen=True)

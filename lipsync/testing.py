@@ -46,3 +46,38 @@ def sample_sum(text: str, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name in names and all(sample.labels.get(key) == value for key, value in labels.items())
     )
+
+
+def unet_window_step_flops(config: str | Path) -> int:
+    """Floating-point operations of one UNet call on one full window with guidance (2 batch rows), counted
+    by ``torch.utils.flop_counter`` on the meta device (no memory, no device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lipsync.config import load_config
+
+    settings = load_config(config)
+    latent, frames = settings["data"]["resolution"] // 8, settings["data"]["num_frames"]
+    unet = build_unet(config, "meta")
+    sample = torch.zeros(2, settings["model"]["in_channels"], frames, latent, latent, device="meta")
+    audio = torch.zeros(2 * frames, 50, settings["model"]["cross_attention_dim"], device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor(500, device="meta"), audio)
+    return counter.get_total_flops()
+
+
+def gemm_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.float16, repeats: int = 50) -> float:
+    """The device's measured dense matrix-product rate: ``size``³ products in ``dtype``, median of ``repeats``."""
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e12

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -45,9 +45,13 @@ class StageTimer:
 
     def add(self, other: StageTimer) -> None:
         """Add ``other``'s seconds (a part of this job timed on another device) to these."""
+        self.add_seconds(other.seconds)
+
+    def add_seconds(self, seconds: Mapping[str, float]) -> None:
+        """Add seconds per stage (a part of this job timed elsewhere: another device or process) to these."""
         with self._lock:
-            for name, seconds in other.seconds.items():
-                self.seconds[name] += seconds
+            for name, value in seconds.items():
+                self.seconds[name] += value
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}

@@ -17,6 +17,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from lipsync.config import CONFIG_DIR
 from lipsync.weights import WeightsConfig, WeightsError, load_weights_config
 
+LATENT_CHANNELS = 4
+"""Channels of the SD VAE's latents (``latent_channels`` of its config)."""
+
 FULL_VAE_ARCHITECTURE = CONFIG_DIR / "vae" / "sd-vae-ft-mse.json"
 """``sd-vae-ft-mse``'s architecture (its ``config.json``), for random full-size stand-ins in benchmarks."""
 
@@ -88,13 +91,14 @@ def encode_latents(
     return (mean + std * noise - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def sampling_noise(vae: AutoencoderKL, count: int, latent_size: int, generator: torch.Generator) -> torch.Tensor:
-    """The noise :func:`encode_latents` would draw from a CPU ``generator`` for ``count`` images, on the CPU.
+def sampling_noise(dtype: torch.dtype, count: int, latent_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The noise :func:`encode_latents` would draw from a CPU ``generator`` for ``count`` images of a VAE
+    of ``dtype``, on the CPU.
 
     The same values whichever device the VAE is on (diffusers draws on the generator's device, then copies).
     """
-    shape = (count, vae.config.latent_channels, latent_size, latent_size)
-    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=vae.dtype)
+    shape = (count, LATENT_CHANNELS, latent_size, latent_size)
+    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ to its own temporary file (huggingface_hub PR #4228), so an interrupted plain-HT
 
 from __future__ import annotations
 
+import fcntl
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -238,10 +240,17 @@ def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, Weigh
         return choice, present_weights(choice, root)
     tiny_root = root if root is None else Path(root) / "tiny"
     paths = weight_paths(choice, tiny_root)
-    if missing(paths):
-        from lipsync.tiny import write_tiny_weights  # torch and the model code, only when they are written
+    if not missing(paths):
+        return choice, paths
+    # Several server processes may start at once (a model's instances, the generation model): one writes,
+    # the others wait for it and then find the files complete.
+    paths.unet.parent.mkdir(parents=True, exist_ok=True)
+    with open(paths.unet.parent / ".writing", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if missing(paths):
+            from lipsync.tiny import write_tiny_weights  # torch and the model code, only when they are written
 
-        return choice, write_tiny_weights(tiny_root)
+            write_tiny_weights(tiny_root)
     return choice, paths
 
 

@@ -8,13 +8,21 @@ compiled UNet, then for each concurrency level runs that many identical jobs
 at once over gRPC streaming and reads the batcher's histograms from ``/metrics``: how many windows
 and jobs shared each DDIM loop.
 
+GPU busy and memory come from NVML in this process (every 0.25 s, the whole GPU: every process of the
+server), so the peak is the server's, not one model's. Each level also reports the UNet's achieved
+TFLOP/s (FLOPs counted with ``torch.utils.flop_counter`` per window and step, times the windows and steps
+its jobs ran, over the level's wall time) beside the GPU's measured dense fp16 matrix-product rate.
+
+``--job-processes`` and ``--gpu-memory-gib`` set the server's layout and memory cap
+(``configs/serving.yaml``'s ``job_processes`` and ``gpu_memory_gib``).
+
 ``--stress JOBS ROUNDS`` runs ROUNDS rounds of JOBS concurrent jobs of mixed clip lengths
 (the speech cut to several lengths, so most jobs end in a shorter window), step counts and sampling
 modes, and counts the jobs that succeeded. ``--restart`` stops the server and starts it again on the
 same work folder: the second ready time is the warm start (compiled kernels from the Inductor cache).
 Both starts report when the server was ready and when the compiled UNet served.
 
-    python scripts/bench_triton.py --video demo1_video.mp4 --audio demo1_audio.wav --concurrency 1 4 \
+    python scripts/bench_triton.py --video demo1_video.mp4 --audio demo1_audio.wav --concurrency 1 4 8 \
         --stress 8 3 --restart --json out.json
 """
 
@@ -30,13 +38,15 @@ import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import subprocess
+
 import httpx2
 import numpy as np
 
 from gateway.triton_client import JobRequest, run_job
 from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
-from lipsync.testing import sample_sum, write_random_weights
+from lipsync.testing import sample_sum, unet_window_step_flops, write_random_weights
 from lipsync.weights import missing, weight_paths
 
 
@@ -46,16 +56,41 @@ def scrape(url: str, *names: str) -> dict[str, float]:
     return {name: sample_sum(text, name) for name in names}
 
 
-GPU_GAUGES = ("lipsync_gpu_utilization_ratio", "lipsync_gpu_memory_used_bytes")
+def sample_gpu(jobs: list, interval_s: float = 0.25) -> list[tuple[float, int]]:
+    """(busy fraction, bytes used by all processes) of GPU 0 from NVML, every ``interval_s`` until all
+    ``jobs`` are done; none without NVML (a CPU run). NVML needs no CUDA context in this process."""
+    try:
+        import pynvml
 
-
-def sample_gpu(url: str, jobs: list, interval_s: float = 1.0) -> list[dict[str, float]]:
-    """The model's GPU gauges, read every ``interval_s`` until all ``jobs`` are done."""
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # noqa: BLE001 - no NVIDIA driver: nothing to sample
+        return []
     samples = []
     while not all(job.done() for job in jobs):
-        samples.append(scrape(url, *GPU_GAUGES))
+        samples.append((pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100, pynvml.nvmlDeviceGetMemoryInfo(handle).used))
         time.sleep(interval_s)
     return samples
+
+
+class Peak:
+    """NVML's peak of GPU 0's memory over a phase (the stress run), sampled on a thread."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._pool = ThreadPoolExecutor(1)
+        self._samples = self._pool.submit(sample_gpu, [self])
+
+    def __enter__(self) -> Peak:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.done = True
+        self._pool.shutdown()
+
+    def gib(self) -> float | None:
+        samples = self._samples.result()
+        return round(max(used for _, used in samples) / 2**30, 2) if samples else None
 
 
 BATCH_SAMPLES = (
@@ -64,19 +99,20 @@ BATCH_SAMPLES = (
 )
 
 
-def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> dict:
+def run_level(settings: TritonSettings, job: JobRequest, concurrency: int, rates: dict | None = None) -> dict:
     before = scrape(settings.metrics_url, *BATCH_SAMPLES)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency + 1) as pool:
         jobs = [pool.submit(run_job, settings.grpc_url, job) for _ in range(concurrency)]
-        utilization = pool.submit(sample_gpu, settings.metrics_url, jobs)
+        utilization = pool.submit(sample_gpu, jobs)
         results = [future.result() for future in jobs]
     wall = time.perf_counter() - started
     samples = utilization.result()
     after = scrape(settings.metrics_url, *BATCH_SAMPLES)
     delta = {name: after[name] - before[name] for name in BATCH_SAMPLES}
     calls = delta["lipsync_unet_batch_windows_count"]
-    return {
+    frames = results[0].info["frames"]
+    level = {
         "concurrency": concurrency,
         "wall_s": round(wall, 2),
         "jobs_per_hour": round(concurrency / wall * 3600, 1),
@@ -84,10 +120,17 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> di
         "ddim_loops": int(calls),
         "mean_windows_per_loop": round(delta["lipsync_unet_batch_windows_sum"] / calls, 2) if calls else 0,
         "mean_jobs_per_loop": round(delta["lipsync_unet_batch_jobs_sum"] / calls, 2) if calls else 0,
-        "gpu_utilization_mean": round(sum(s["lipsync_gpu_utilization_ratio"] for s in samples) / len(samples), 3) if samples else None,
-        "gpu_memory_used_peak_gib": round(max(s["lipsync_gpu_memory_used_bytes"] for s in samples) / 2**30, 2) if samples else None,
+        "seconds_per_video_second": round(wall / (frames / 25), 3),
+        "gpu_utilization_mean": round(sum(busy for busy, _ in samples) / len(samples), 3) if samples else None,
+        "gpu_memory_used_peak_gib": round(max(used for _, used in samples) / 2**30, 2) if samples else None,
         "stage_seconds_first_job": results[0].info["seconds"],
     }
+    if rates is not None:  # exact mode: every step is a full UNet pass
+        flops = concurrency * frames / 16 * job.steps * rates["unet_window_step_tflop"]
+        level["unet_tflops_achieved"] = round(flops / wall, 1)
+        if rates.get("gemm_tflops"):
+            level["unet_fraction_of_gemm"] = round(flops / wall / rates["gemm_tflops"], 3)
+    return level
 
 
 STRESS_SECONDS = (1.3, 2.9, 4.5, 9.6)
@@ -138,7 +181,8 @@ def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, round
 
 COMPILED_LINE = "lipsync: compiled UNet serving"
 COMPILE_FAILED_LINE = "lipsync: compiling the UNet failed"
-INSTANCE_LINE = "lipsync: warmed up in"
+INSTANCE_LINE = ": warmed up in"
+"""Logged by every GPU instance that holds a UNet (``lipsync`` or ``lipsync_generate``)."""
 
 
 def compiled(server: TritonServer) -> bool:
@@ -175,7 +219,10 @@ def main() -> None:
     parser.add_argument("--version", choices=["1.5", "1.6", "tiny"], default="1.5")
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lipsync-bench-weights"))
     parser.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
-    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4], help="levels to time (none: skip)")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8], help="levels to time (none: skip)")
+    parser.add_argument("--job-processes", type=lambda text: text if text == "auto" else int(text), default="auto",
+                        help="the server's job processes (0: one process per GPU does everything)")
+    parser.add_argument("--gpu-memory-gib", type=float, help="the generation process's GPU memory cap (default: the config's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
@@ -188,11 +235,22 @@ def main() -> None:
         print(f"writing full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
         write_random_weights(args.version, args.checkpoints)
     settings = TritonSettings.load(
-        device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir
+        device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
+        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib,
     )
     video = args.video.read_bytes()
     job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
-    report: dict = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "levels": []}
+    report: dict = {
+        "version": args.version, "dtype": args.dtype, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv), "job_processes": settings.resolved_job_processes(),
+        "gpu_memory_gib": settings.gpu_memory_gib, "levels": [],
+    }
+    rates = {"unet_window_step_tflop": round(unet_window_step_flops(weight_paths(args.version, args.checkpoints).unet_config) / 1e12, 3)}
+    if args.device == "gpu":  # in a child process: this one must hold no CUDA context beside the server's
+        probe = "import torch; from lipsync.testing import gemm_tflops; print(torch.cuda.get_device_name(), '|', gemm_tflops())"
+        name, gemm = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip().split(" | ")
+        report["device"], rates["gemm_tflops"] = name, round(float(gemm), 1)
+    report["rates"] = rates
 
     def save() -> None:
         """Write what is measured so far: a run cut short still leaves its finished phases."""
@@ -209,14 +267,16 @@ def main() -> None:
         report["warmup"] = run_level(settings, job, 1)  # on the uncompiled UNet, beside the compilation
         save()
         if args.stress:  # while the instances compile and then switch: the riskiest time for a job
-            report["stress"] = stress(settings, video, args.audio, *args.stress)
+            with Peak() as peak:
+                report["stress"] = stress(settings, video, args.audio, *args.stress)
+            report["stress"]["gpu_memory_used_peak_gib"] = peak.gib()
             report["stress"]["compiled_before_it_ended"] = compiled(server)
             save()
         wait_until_compiled(server)
         report["compiled_serving_s"] = round(time.perf_counter() - started, 1)
         save()
         for concurrency in args.concurrency:
-            report["levels"].append(run_level(settings, job, concurrency))
+            report["levels"].append(run_level(settings, job, concurrency, rates))
             save()
         print(server.log_tail(5), file=sys.stderr)
     report["inductor_cache_files"] = cache_files(settings)

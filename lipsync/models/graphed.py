@@ -109,6 +109,14 @@ class GraphedUNet:
             "forward_shallow", self.unet.forward_shallow, sample, self._timestep(timestep), audio, deep_features
         )
 
+    def release(self) -> None:
+        """Drop every graph and capture no more: calls run eagerly from now on, and the graphs' pool goes
+        back to the allocator (for a UNet no longer serving, once the compiled one has taken over)."""
+        with self._lock:
+            self.capturing = False
+            self._graphs.clear()
+        torch.cuda.empty_cache()
+
     def _timestep(self, timestep: torch.Tensor | int) -> torch.Tensor:
         """A one-element tensor on the GPU, so a graph can read each step's value from its static copy."""
         return torch.as_tensor(timestep, device=self.device).reshape(1)

@@ -5,7 +5,9 @@ the final video, through the request's response sender. A request without VIDEO 
 weights are served: it is answered at once with one final INFO. The instance's ``LipSyncPipeline``
 shares one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls.
 With the ``devices`` parameter the instance holds a replica of the models on each listed GPU and
-spreads long jobs' windows over them.
+spreads long jobs' windows over them. With the ``generator`` parameter the instance holds no UNet or
+VAE: it is one of several CPU processes doing the jobs' frame work, and sends each group of windows to
+that model (``lipsync_generate``, one instance per GPU) over BLS (``lipsync.remote``).
 
 Triton does not count a decoupled model's running jobs as in flight, so it unloads the model while
 they run: jobs still running then (or once the launcher has created the ``stop_file`` parameter's
@@ -26,11 +28,12 @@ import triton_python_backend_utils as pb_utils
 
 from lipsync import contract
 from lipsync.batching import BatchingSettings
-from lipsync.errors import BadInput, ErrorKind
+from lipsync.errors import BadInput, ErrorKind, LipSyncError
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import ProgressReport, ProgressReporter
+from lipsync.remote import RemoteGenerator
 from lipsync.weights import load_weights_config, weights_for
 
 _OUTCOMES = {ErrorKind.BAD_INPUT: "rejected", ErrorKind.CANCELLED: "cancelled"}
@@ -212,6 +215,24 @@ def _flag(value: str) -> bool | None:
     return None if value == "" else value == "true"
 
 
+_GENERATOR_OUTPUTS = ["STEP", "FACES_OUT", "SECONDS", "ERROR", "INFO"]
+
+
+def _bls_stream(model: str, arrays: dict[str, np.ndarray]):
+    """The responses of a decoupled model to one BLS request, as ``{output name: array}``."""
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in arrays.items()],
+        requested_output_names=_GENERATOR_OUTPUTS,
+    )
+    for response in request.exec(decoupled=True):
+        if response.has_error():
+            raise LipSyncError(f"{model}: {response.error().message()}", ErrorKind.INTERNAL)
+        outputs = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
+        if outputs:
+            yield outputs
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -226,12 +247,33 @@ class TritonPythonModel:
         self.version, paths = weights_for(params["weights"], params["checkpoints"] or None)
         self.weights = load_weights_config().version(self.version).label
         self.metrics = _Metrics({"model": args["model_name"], "instance": args["model_instance_name"]})
+        self.generator = params["generator"]
         settings = PipelineSettings.load(
             detect_threads=int(params["detect_threads"]), finish_threads=int(params["finish_threads"]),
             compile_unet=_flag(params["compile_unet"]),
+            split_min_seconds=0 if self.generator else None,  # every job keeps all its lanes busy
         )
         batching = BatchingSettings(int(params["max_batch_windows"]), float(params["max_batch_delay_ms"]))
-        self.pipeline = LipSyncPipeline.from_weights(
+        if self.generator:
+            remote = RemoteGenerator(lambda arrays: _bls_stream(self.generator, arrays), DTYPES[params["dtype"]])
+            self.pipeline = LipSyncPipeline.with_generators(
+                paths, [remote] * int(params["generator_lanes"]), windows_per_call=int(params["windows_per_call"]),
+                settings=settings,
+            )
+        else:
+            self.pipeline = self._load_pipeline(paths, devices, params, settings, batching)
+            self._prepare_unet(on_gpu, params, batching)
+        self.heartbeat_s = float(params["progress_heartbeat_s"])
+        self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
+        self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
+        self.stopping = _Stopping(params["stop_file"])
+        self.jobs: set[threading.Thread] = set()
+        self.logger = pb_utils.Logger
+        places = ", ".join(str(one) for one in devices) + (f" (windows on {self.generator})" if self.generator else "")
+        self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.replicas[0].dtype}")
+
+    def _load_pipeline(self, paths, devices, params, settings, batching) -> LipSyncPipeline:
+        return LipSyncPipeline.from_weights(
             paths,
             devices,
             DTYPES.get(params["dtype"]),
@@ -240,6 +282,9 @@ class TritonPythonModel:
             on_batch=self.metrics.observe_batch,
             settings=settings,
         )
+
+    def _prepare_unet(self, on_gpu: bool, params: dict[str, str], batching: BatchingSettings) -> None:
+        """Warm up (GPU) and compile this instance's own UNet, before or after it reports ready."""
         log = pb_utils.Logger.log_info
         if on_gpu:  # capture CUDA graphs and pick cuDNN algorithms before reporting ready
             started = time.monotonic()
@@ -251,14 +296,6 @@ class TritonPythonModel:
                 self.pipeline.compile_unet(max_windows=batching.max_windows, log=log)
             else:
                 self.pipeline.start_compiling(max_windows=batching.max_windows, log=log)
-        self.heartbeat_s = float(params["progress_heartbeat_s"])
-        self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
-        self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
-        self.stopping = _Stopping(params["stop_file"])
-        self.jobs: set[threading.Thread] = set()
-        self.logger = pb_utils.Logger
-        places = ", ".join(str(one) for one in devices)
-        self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.vae.dtype}")
 
     def execute(self, requests) -> None:
         for request in requests:
@@ -271,9 +308,17 @@ class TritonPythonModel:
             job.start()
 
     def _describe(self, request) -> None:
-        info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self.pipeline.compiled})
+        info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self._compiled()})
         final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _compiled(self) -> bool:
+        """Whether jobs run on the compiled UNet: this instance's, or the generation model's."""
+        if not self.generator:
+            return self.pipeline.compiled
+        for outputs in _bls_stream(self.generator, {}):
+            return bool(json.loads(bytes(outputs["INFO"].reshape(-1)[0]))["compiled"])
+        raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)
 
     def _serve(self, request) -> None:
         if self.device.type == "cuda":
