@@ -6,6 +6,10 @@ stacks up to ``max_windows`` compatible windows (same step count, guidance on/of
 into one DDIM loop, and hands each job its rows back. Per-window guidance scales and per-job noise
 travel with the windows, so a shared call computes exactly what separate calls would.
 
+A call's windows are padded up to the next of a small set of sizes (``batch_sizes``) with copies of
+its first window, whose results are dropped: the UNet then sees only those few shapes, so only they
+are captured as CUDA graphs and their memory is bounded by the largest.
+
 Before every DDIM step the worker asks each job whether it was cancelled and drops that job's rows,
 so a cancelled job stops using the GPU within one step.
 """
@@ -39,6 +43,22 @@ class BatchingSettings:
     """Windows per DDIM loop (each is one batch row, two with guidance): bounds GPU memory."""
     max_delay_ms: NonNegativeFloat = 10.0
     """How long the first waiting window waits for company before its call starts."""
+    batch_sizes: tuple[PositiveInt, ...] = ()
+    """Window counts a call is padded up to, rising to ``max_windows``; empty = the powers of two below
+    ``max_windows``, then ``max_windows`` (1, 2, 4, 8 for 8)."""
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes:
+            powers = {1 << bit for bit in range(self.max_windows.bit_length()) if 1 << bit < self.max_windows}
+            object.__setattr__(self, "batch_sizes", tuple(sorted(powers | {self.max_windows})))
+        if tuple(sorted(set(self.batch_sizes))) != self.batch_sizes or self.batch_sizes[-1] != self.max_windows:
+            raise ValueError(
+                f"batch_sizes must rise and end at max_windows ({self.max_windows}), got {list(self.batch_sizes)}"
+            )
+
+    def padded(self, windows: int) -> int:
+        """The call size ``windows`` windows are padded up to."""
+        return next(size for size in self.batch_sizes if size >= windows)
 
 
 @dataclass(eq=False)
@@ -127,12 +147,19 @@ class WindowBatcher:
         if not live:
             return
         owners = [index for index, waiting in enumerate(live) for _ in range(waiting.batch.windows)]
+        padding = self.settings.padded(len(owners)) - len(owners)
+        padded = [padding]  # padding rows still in the call: as few as keep it at a batch size, never more than before
 
         def active() -> list[bool]:
             on = [not waiting.cancelled() for waiting in live]
-            return [on[owner] for owner in owners]
+            real = [on[owner] for owner in owners]
+            running = sum(real)
+            padded[0] = min(padded[0], self.settings.padded(running) - running) if running else 0
+            return real + [True] * padded[0] + [False] * (padding - padded[0])
 
         batches = [waiting.batch for waiting in live]
+        if padding:
+            batches.append(_padding(batches[0], padding))
 
         def on_step(step: int) -> None:
             for waiting in live:
@@ -161,8 +188,21 @@ class WindowBatcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(owners), len(live))
-        for waiting, rows in zip(live, latents.split([batch.windows for batch in batches])):
+        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]])):
             if waiting.cancelled():
                 waiting.future.set_exception(JobCancelled("the job was cancelled"))
             else:
                 waiting.future.set_result(rows)
+
+
+def _padding(batch: WindowBatch, windows: int) -> WindowBatch:
+    """``windows`` copies of ``batch``'s first window, to fill a call up to its size (results dropped)."""
+    frames = batch.latents.shape[2]
+
+    def first(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:1].expand(windows, *tensor.shape[1:])
+
+    return WindowBatch(
+        first(batch.latents), first(batch.mask), first(batch.masked_latents), first(batch.reference_latents),
+        batch.audio[:frames].repeat(windows, 1, 1), batch.steps, batch.guidance_scale, batch.cache_interval,
+    )

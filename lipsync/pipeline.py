@@ -195,14 +195,17 @@ class LipSyncPipeline:
         settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
 
+        # With a batcher, UNet calls come in its batch sizes (×2 rows with guidance): only those are captured.
+        rows = None if batching is None else frozenset(copies * size for size in batching.batch_sizes for copies in (1, 2))
+
         def replica(device: torch.device) -> Replica:
             unet = load_unet(paths.unet_config, paths.unet, device, dtype)
             graphed = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
-            eager: NoisePredictor = GraphedUNet(unet) if graphed else unet
+            eager: NoisePredictor = GraphedUNet(unet, batch_rows=rows) if graphed else unet
             compiled: NoisePredictor | None = None
             if settings.compiles_on(device):
                 compiled = CompiledUNet(unet, frames=config["data"]["num_frames"])
-                compiled = GraphedUNet(compiled) if graphed else compiled
+                compiled = GraphedUNet(compiled, batch_rows=rows) if graphed else compiled
             denoiser: Denoiser = (
                 DirectDenoiser(eager, load_scheduler()) if batching is None
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)

@@ -93,7 +93,7 @@ def test_a_cancelled_job_leaves_the_call_within_one_step(tiny_unet) -> None:
         hook.remove()
         batcher.close()
     assert isinstance(results[0], JobCancelled)
-    assert rows_per_call == [2 * 3] * 2 + [2 * 1] * (STEPS - 2)  # windows per call, doubled by guidance
+    assert rows_per_call == [2 * 4] * 2 + [2 * 1] * (STEPS - 2)  # 3 windows padded to 4, doubled by guidance
     assert (results[1] - _alone(tiny_unet, batches[1])).norm() <= 1e-5 * results[1].norm()
 
 
@@ -128,3 +128,32 @@ def test_settings_reject_nonsense() -> None:
         BatchingSettings(max_windows=0)
     with pytest.raises(ValueError):
         BatchingSettings(max_delay_ms=-1)
+
+
+def test_calls_are_padded_to_the_batch_sizes_and_results_stay_exact(tiny_unet) -> None:
+    """3 and 5 windows become calls of 4 and 8 (the sizes captured as CUDA graphs); padding rows are dropped."""
+    rows_per_call: list[int] = []
+    hook = tiny_unet.register_forward_hook(lambda _m, args, _o: rows_per_call.append(args[0].shape[0]))
+    calls: list[tuple[int, int]] = []
+    settings = BatchingSettings(max_windows=8, max_delay_ms=0)
+    assert settings.batch_sizes == (1, 2, 4, 8)
+    batcher = WindowBatcher(tiny_unet, load_scheduler(), settings, lambda w, j: calls.append((w, j)))
+    try:
+        batches = [_batch(1, windows=3), _batch(2, windows=5, steps=2)]
+        results = [batcher(batch) for batch in batches]
+    finally:
+        hook.remove()
+        batcher.close()
+    assert set(rows_per_call) == {2 * 4, 2 * 8}
+    assert calls == [(3, 1), (5, 1)]  # the real windows
+    for batch, result in zip(batches, results):
+        assert result.shape == batch.latents.shape
+        expected = _alone(tiny_unet, batch)
+        assert (result - expected).norm() <= 1e-5 * expected.norm()
+
+
+def test_batch_sizes_must_rise_to_max_windows() -> None:
+    assert BatchingSettings(max_windows=6).batch_sizes == (1, 2, 4, 6)
+    assert BatchingSettings(max_windows=4).padded(3) == 4
+    with pytest.raises(ValueError, match="batch_sizes"):
+        BatchingSettings(max_windows=8, batch_sizes=(1, 4))

@@ -8,6 +8,8 @@ covered end to end in ``test_triton_split.py``.
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -103,3 +105,46 @@ def test_errors_keep_their_kind_across_the_wire(replica: Replica) -> None:
         with pytest.raises(LipSyncError) as raised:
             FaceGenerator([failing], settings)(faces, audio, mask, initial_noise(random, size // 8), random)
         assert (raised.value.kind, str(raised.value)) == (error.kind, str(error))
+
+
+class _CountingSlots:
+    """A semaphore of one slot that records how many holders it ever had at once."""
+
+    def __init__(self) -> None:
+        self._slot = threading.Semaphore(1)
+        self._lock = threading.Lock()
+        self.holders = self.most = self.waited = 0
+
+    def __enter__(self) -> None:
+        if not self._slot.acquire(blocking=False):
+            with self._lock:
+                self.waited += 1
+            self._slot.acquire()
+        with self._lock:
+            self.holders += 1
+            self.most = max(self.most, self.holders)
+
+    def __exit__(self, *_exc) -> None:
+        with self._lock:
+            self.holders -= 1
+        self._slot.release()
+
+
+def test_groups_beyond_the_vae_slots_wait_and_all_finish(replica: Replica) -> None:
+    """The generation model's memory bound: with one VAE slot, concurrent groups queue for the VAE instead of
+    running side by side (on a GPU: instead of allocating past the budget), and every one of them completes."""
+    size = load_config(TINY_UNET_CONFIG)["data"]["resolution"]
+    slots = _CountingSlots()
+    bounded = Replica(replica.vae, replica.denoiser, vae_slots=slots)  # type: ignore[arg-type]
+    settings = SamplingSettings.from_config(load_config(TINY_UNET_CONFIG), steps=1)
+
+    def job(seed: int) -> torch.Tensor:
+        faces, audio, mask = _inputs(16, size, seed)
+        random = torch.Generator().manual_seed(seed)
+        return FaceGenerator([bounded], settings)(faces, audio, mask, initial_noise(random, size // 8), random)
+
+    start = threading.Barrier(3)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda seed: (start.wait(), job(seed))[1], range(3)))
+    assert all(result.shape == (16, 3, size, size) for result in results)
+    assert slots.most == 1 and slots.waited >= 1

@@ -66,16 +66,19 @@ class GraphedUNet:
     """Drop-in :class:`~lipsync.sampling.NoisePredictor` over a CUDA ``UNet3DConditionModel`` or ``CompiledUNet``.
 
     ``max_graphs`` bounds how many shapes are kept (each holds its static tensors; activations
-    share the pool). Calls beyond it run eagerly rather than capture more, and so do new shapes while
-    :attr:`capturing` is off (a capture waits for every other thread's GPU section to end, which must
+    share the pool), and ``batch_rows`` (when given) which batch sizes are captured at all. Other calls
+    run eagerly rather than capture more, and so do new shapes while :attr:`capturing` is off (a capture waits for every other thread's GPU section to end, which must
     not be a compilation running for minutes).
     """
 
-    def __init__(self, unet: UNet3DConditionModel | CompiledUNet, max_graphs: int = 64) -> None:
+    def __init__(
+        self, unet: UNet3DConditionModel | CompiledUNet, max_graphs: int = 64, batch_rows: frozenset[int] | None = None
+    ) -> None:
         if unet.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the UNet on a CUDA device, not {unet.device}")
         self.unet = unet
         self.max_graphs = max_graphs
+        self.batch_rows = batch_rows
         self._graphs: dict[tuple, _CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = threading.Lock()
@@ -117,6 +120,11 @@ class GraphedUNet:
             self._graphs.clear()
         torch.cuda.empty_cache()
 
+    def _captures(self, sample: torch.Tensor) -> bool:
+        """Whether a call of this new shape gets a graph."""
+        allowed = self.batch_rows is None or sample.shape[0] in self.batch_rows
+        return self.capturing and allowed and len(self._graphs) < self.max_graphs
+
     def _timestep(self, timestep: torch.Tensor | int) -> torch.Tensor:
         """A one-element tensor on the GPU, so a graph can read each step's value from its static copy."""
         return torch.as_tensor(timestep, device=self.device).reshape(1)
@@ -129,7 +137,7 @@ class GraphedUNet:
         with self._lock, torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
-                if not self.capturing or len(self._graphs) >= self.max_graphs:
+                if not self._captures(inputs[0]):
                     with GPU_GUARD.shared():
                         return function(*inputs)
                 captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)
