@@ -18,8 +18,7 @@ from gateway.idempotency import fingerprint
 from gateway.quotas import Quotas
 from gateway.schemas import JobOptions, JobRef, SubmitRequest
 from gateway.settings import GatewaySettings
-from gateway.store import JobStore, QuotaExceeded, new_job_id
-from gateway.store_sqlite import SqliteJobStore
+from gateway.store import JobStore, QuotaExceeded, new_job_id, sqlite_url
 from gateway.validation import InvalidInput
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
@@ -27,7 +26,7 @@ PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": N
 
 @pytest.fixture
 def store(tmp_path) -> JobStore:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     yield store
     store.close()
 
@@ -158,7 +157,7 @@ def test_a_table_from_before_the_request_hash_gains_the_column(tmp_path) -> None
     )
     old.commit()
     old.close()
-    store = SqliteJobStore(path)
+    store = JobStore(sqlite_url(path))
     try:
         assert store.find_idempotent("a", "k").request_hash is None
         job, created = store.create(new_job_id(), "a", PARAMS, request_hash="h")

@@ -16,8 +16,7 @@ from clips import demo_frames, speech, write_video, write_wav
 from gateway.auth import ApiKeys, KeyConfigError, digest, local_key
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
-from gateway.store import JobStore, new_job_id
-from gateway.store_sqlite import SqliteJobStore
+from gateway.store import JobStore, new_job_id, sqlite_url
 from gateway.validation import InvalidInput, check_audio, check_video, decode_base64
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
@@ -25,7 +24,7 @@ PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": N
 
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     yield store
     store.close()
 
@@ -36,12 +35,12 @@ def queue(store: JobStore, owner: str = "a", key: str | None = None) -> str:
 
 
 def test_the_table_is_in_wal_mode_and_survives_reopening(tmp_path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     job_id = queue(store)
     store.close()
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = JobStore(sqlite_url(tmp_path / "jobs.db"))
     assert reopened.get(job_id).status == "InQueue"
     reopened.close()
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gateway.store import QuotaExceeded, new_job_id
-from gateway.store_postgres import PostgresJobStore
+from gateway.store import JobStore as PostgresJobStore
 
 pytestmark = pytest.mark.postgres
 

@@ -19,8 +19,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from gateway.settings import GatewaySettings
-from gateway.store import JobStore, new_job_id
-from gateway.store_sqlite import SqliteJobStore
+from gateway.store import JobStore, new_job_id, sqlite_url
 from gateway.webhook import Webhooks, backoff_s
 from gateway.webhook_signing import SecretError, Signer, load_secret, new_secret
 from gateway.webhook_targets import AddressPolicy, WebhookRefused, forbidden_kind, numeric_host, parse_target
@@ -160,7 +159,7 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[JobStore]:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     yield store
     store.close()
 
@@ -186,7 +185,7 @@ def test_the_outbox_keeps_one_delivery_per_job_ranks_due_ones_per_owner_and_dies
     store.webhook_failed(deliveries[2].id, "HTTP 410")
     assert store.next_webhook_due([deliveries[3].id]) == pytest.approx(now + 100)
     store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
+    reopened = JobStore(sqlite_url(tmp_path / "jobs.db"))
     first = reopened.delivery(jobs[0])
     assert (first.state, first.attempts, first.last_error) == ("pending", 1, "HTTP 500")
     assert reopened.get(jobs[1]).webhook_state == "delivered"
