@@ -170,31 +170,6 @@ def finished_job(store: JobStore, owner: str = "a", url: str | None = "http://x/
     return job.id
 
 
-def test_the_outbox_keeps_one_delivery_per_job_ranks_due_ones_per_owner_and_dies_with_its_job(tmp_path, store) -> None:
-    jobs = [finished_job(store, owner) for owner in "aaab"]
-    assert store.unnotified() == jobs
-    deliveries = [store.enqueue_webhook(job, owner, "http://x/", "{}") for job, owner in zip(jobs, "aaab", strict=True)]
-    assert store.enqueue_webhook(jobs[0], "a", "http://y/", "{}").id == deliveries[0].id  # one per job
-    assert store.unnotified() == [] and store.get(jobs[0]).webhook_state == "pending"
-    now = time.time() + 1
-    due = store.due_webhooks(now, running=[], saturated=[], per_owner=2, limit=10)
-    assert [d.job_id for d in due] == [jobs[0], jobs[1], jobs[3]]  # owner a capped at 2
-    assert [d.job_id for d in store.due_webhooks(now, [deliveries[0].id], ["b"], 2, 10)] == [jobs[1], jobs[2]]
-    store.webhook_retry(deliveries[0].id, "HTTP 500", now + 100)
-    store.webhook_delivered(deliveries[1].id)
-    store.webhook_failed(deliveries[2].id, "HTTP 410")
-    assert store.next_webhook_due([deliveries[3].id]) == pytest.approx(now + 100)
-    store.close()
-    reopened = JobStore(sqlite_url(tmp_path / "jobs.db"))
-    first = reopened.delivery(jobs[0])
-    assert (first.state, first.attempts, first.last_error) == ("pending", 1, "HTTP 500")
-    assert reopened.get(jobs[1]).webhook_state == "delivered"
-    assert reopened.get(jobs[2]).webhook_state == "failed: HTTP 410"
-    assert jobs[0] in reopened.delete_finished(time.time() + 1)
-    assert reopened.delivery(jobs[0]) is None
-    reopened.close()
-
-
 SETTINGS = GatewaySettings(
     webhook_allow=(HOOK_HOST,), webhook_timeout_s=1.0, webhook_backoff_s=0.3, webhook_attempts=3,
     webhook_concurrency=8, webhook_per_owner=2,

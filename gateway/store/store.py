@@ -58,12 +58,6 @@ class JobStore:
         self._db.migrate()
 
     def close(self) -> None:
-        """Hand back the webhook deliveries this store holds (another gateway may send them at once), then
-        close the connections."""
-        self._write(
-            update(outbox).where(outbox.c.claimed_by == self.claimant, outbox.c.state == WEBHOOK_PENDING)
-            .values(claimed_by=None, lease_until=None)
-        )
         self._db.close()
 
     def _rows(self, statement: Any) -> Sequence[Any]:
@@ -320,6 +314,14 @@ class JobStore:
                 .where(outbox.c.state == WEBHOOK_PENDING, outbox.c.id.not_in(tuple(running)),
                        outbox.c.owner.not_in(tuple(saturated)))
             ).scalar_one()
+
+    def release_webhooks(self) -> None:
+        """Hand back the pending deliveries this store holds (its sender stopped), so that any gateway, this
+        one included, may send them at once instead of after their lease."""
+        self._write(
+            update(outbox).where(outbox.c.claimed_by == self.claimant, outbox.c.state == WEBHOOK_PENDING)
+            .values(claimed_by=None, lease_until=None)
+        )
 
     def webhook_delivered(self, delivery_id: str) -> None:
         self._webhook_attempted(delivery_id, WEBHOOK_DELIVERED, "", None)
