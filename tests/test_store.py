@@ -371,3 +371,52 @@ def test_sqlite_claims_from_many_threads_hand_out_each_job_once(tmp_path) -> Non
         thread.join()
     store.close()
     assert sorted(claimed) == sorted(ids)
+
+
+def positions(store: JobStore, job_ids: list[str]) -> list[int]:
+    return [store.queue_position(store.get(job_id)) for job_id in job_ids]
+
+
+def test_a_key_with_one_job_goes_before_another_keys_queue_and_positions_follow_the_claims(open_store) -> None:
+    store = open_store()
+    busy = [queue(store, "b") for _ in range(16)]
+    assert store.claim_next().id == busy[0]  # b runs one job and has 15 queued
+    late = queue(store, "a")
+    assert store.queue_position(store.get(late)) == 1
+    assert positions(store, busy[1:]) == list(range(2, 17))
+    assert store.claim_next().id == late  # a runs nothing: its job is next
+    assert store.claim_next().id == busy[1]
+    for job_id in (busy[0], late, busy[1]):
+        store.succeed(job_id, 1.0, {})  # nobody runs anything now, but b's last job started after a's
+    again = queue(store, "a")
+    assert store.claim_next().id == again
+
+
+def test_fair_share_round_robins_owners_in_the_order_the_positions_promised(open_store) -> None:
+    store = open_store()
+    submitted = [queue(store, owner) for owner in "aaaabbc"]
+    store.claim_next()  # a's first
+    queued = submitted[1:]
+    promised = sorted(queued, key=lambda job_id: store.queue_position(store.get(job_id)))
+    assert sorted(positions(store, queued)) == list(range(1, len(queued) + 1))
+    claimed = [store.claim_next().id for _ in queued]
+    assert claimed == promised
+    owners = {job_id: owner for job_id, owner in zip(submitted, "aaaabbc", strict=True)}
+    assert "".join(owners[job_id] for job_id in claimed) == "bcabaa"  # a, b, c, then round by round
+
+
+def test_fair_share_holds_across_two_gateways(stores) -> None:
+    first, second = stores
+    busy = [queue(first, "b") for _ in range(6)]
+    first.claim_next()
+    second.claim_next()
+    late = queue(second, "a")
+    assert first.claim_next().id == late and second.claim_next().id == busy[2]
+
+
+def test_the_fifo_policy_keeps_submission_order(open_store) -> None:
+    store = open_store(queue_policy="fifo")
+    submitted = [queue(store, owner) for owner in "bbba"]
+    store.claim_next()
+    assert positions(store, submitted) == [0, 1, 2, 3]
+    assert [store.claim_next().id for _ in range(3)] == submitted[1:]

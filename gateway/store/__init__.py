@@ -5,6 +5,7 @@ PostgreSQL (several gateways sharing one table), through one :class:`JobStore`.
 - :mod:`gateway.store.schema` — the tables (SQLAlchemy metadata), made by the Alembic revisions of
   :mod:`gateway.store.migrations` on both databases;
 - :mod:`gateway.store.dialects` — what differs between the two databases;
+- :mod:`gateway.store.queue` — which queued job is claimed next (``fair`` across API keys, or ``fifo``);
 - :mod:`gateway.store.store` — :class:`JobStore`, every statement written once.
 
 Every state change is committed before the method that made it returns, so what a client was told
@@ -32,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.store.dialects import sqlite_url
+from gateway.store.queue import QUEUE_POLICIES, QueuePolicy
 from gateway.store.records import (
     CANCELLED,
     FAILED,
@@ -53,12 +55,12 @@ from gateway.store.records import (
 from gateway.store.store import JobStore
 
 __all__ = [
-    "CANCELLED", "FAILED", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "STATES", "SUCCEED",
+    "CANCELLED", "FAILED", "QUEUE_POLICIES", "QueuePolicy", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "STATES", "SUCCEED",
     "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore", "QuotaExceeded",
     "new_claimant", "new_job_id", "open_store", "sqlite_url",
 ]
 
 
-def open_store(database_url: str, sqlite_path: Path, lease_s: float) -> JobStore:
+def open_store(database_url: str, sqlite_path: Path, lease_s: float, queue_policy: QueuePolicy) -> JobStore:
     """The job table at ``database_url`` (PostgreSQL), else SQLite at ``sqlite_path``."""
-    return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s)
+    return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s, queue_policy=queue_policy)

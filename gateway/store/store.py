@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, sel
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.dialects import dialect_for
+from gateway.store.queue import QueuePolicy, next_job, position
 from gateway.store.records import (
     CANCELLED,
     FAILED,
@@ -50,8 +51,12 @@ class JobStore:
     Opening it brings the schema to the newest migration.
     """
 
-    def __init__(self, url: str, lease_s: float = 30.0, claimant: str | None = None) -> None:
+    def __init__(
+        self, url: str, lease_s: float = 30.0, claimant: str | None = None, queue_policy: QueuePolicy = "fair",
+    ) -> None:
         self.lease_s = lease_s
+        self.queue_policy = queue_policy
+        """Which queued job a claim takes (:mod:`gateway.store.queue`); gateways sharing a table should agree."""
         self.claimant = claimant or new_claimant()
         """This store's id in the ``claimed_by`` of the jobs and deliveries it claims."""
         self._db = dialect_for(url)
@@ -130,19 +135,16 @@ class JobStore:
         return [Job.from_row(row) for row in rows]
 
     def queue_position(self, job: Job) -> int:
-        """1 for the next job to run; 0 when the job is not queued."""
+        """1 for the next job to run (in the order of :attr:`queue_policy`); 0 when the job is not queued."""
         if job.status != IN_QUEUE:
             return 0
-        return self._count(select(func.count()).where(jobs.c.status == IN_QUEUE, jobs.c.seq <= job.seq))
+        return self._count(position(self.queue_policy, job.seq))
 
     def claim_next(self) -> Job | None:
-        """Move the next queued job to ``InProgress`` (one more attempt, leased to this store) and return it;
+        """Move the next queued job (:attr:`queue_policy`) to ``InProgress`` (one more attempt, leased to this store) and return it;
         no two stores on one table get the same job."""
         now = time.time()
-        chosen = (
-            select(jobs.c.seq).where(jobs.c.status == IN_QUEUE).order_by(jobs.c.seq).limit(1)
-            .with_for_update(skip_locked=True).scalar_subquery()
-        )
+        chosen = next_job(self.queue_policy).scalar_subquery()
         with self._db.transaction() as db:
             row = db.execute(
                 update(jobs).where(jobs.c.seq == chosen).values(
