@@ -53,6 +53,44 @@ def test_the_job_list_shows_the_callers_own_jobs_newest_first(local_gateway, bod
     assert all(listed_job["status"] == "Succeed" and listed_job["weights"] == STAND_IN_WEIGHTS for listed_job in listed)
 
 
+def test_the_job_list_pages_with_a_cursor_that_holds_under_new_submits(local_gateway, body) -> None:
+    client, key = local_gateway.client, KEYS[1]
+
+    def submit() -> str:
+        response = client.post("/lipsync/submit", headers=auth(key), json=body | {"inference_steps": 1})
+        assert response.status_code == 200, response.text
+        return response.json()["request_id"]
+
+    def page(**params) -> dict:
+        response = client.get("/v1/jobs", headers=auth(key), params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    before = page(limit=100)["jobs"]
+    submitted = [submit() for _ in range(5)]
+    newest_first = submitted[::-1] + [job["request_id"] for job in before]
+    first = page(limit=2)
+    listed = [job["request_id"] for job in first["jobs"]]
+    cursor = first["next_cursor"]
+    newer = submit()  # a submit between two pages moves nothing on the pages after the first
+    while cursor is not None:
+        following = page(limit=2, cursor=cursor)
+        listed += [job["request_id"] for job in following["jobs"]]
+        cursor = following["next_cursor"]
+    assert listed == newest_first
+    assert page(limit=1)["jobs"][0]["request_id"] == newer
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"limit": 2, "offset": 2}, "offset"), ({"limt": 2}, "limt"), ({"limit": 101}, "limit"), ({"limit": 0}, "limit"),
+    ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor"), ({"cursor": "W251bGwsICJ4Il0"}, "cursor"), ({"cursor": "%%%"}, "cursor"),
+    ({"cursor": "x" * 201}, "cursor"),
+])
+def test_unknown_or_bad_job_list_parameters_are_a_422_naming_them(local_gateway, params, named) -> None:
+    response = local_gateway.client.get("/v1/jobs", headers=auth(KEYS[0]), params=params)
+    assert response.status_code == 422 and named in response.json()["reason"], response.text
+
+
 def test_a_keys_only_job_runs_before_another_keys_fifteen_queued_ones(tmp_path, body) -> None:
     with LocalGateway(tmp_path / "data", StandInBackend(hold=True), **LOAD_TEST_LIMITS) as local:  # one job at a time
         client = local.client

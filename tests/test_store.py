@@ -420,3 +420,15 @@ def test_the_fifo_policy_keeps_submission_order(open_store) -> None:
     store.claim_next()
     assert positions(store, submitted) == [0, 1, 2, 3]
     assert [store.claim_next().id for _ in range(3)] == submitted[1:]
+
+
+def test_an_owners_jobs_are_listed_newest_first_a_page_after_a_given_job(store) -> None:
+    mine = [queue(store, "a") for _ in range(5)]
+    queue(store, "b")
+    newest_first = [store.get(job_id) for job_id in reversed(mine)]
+    assert [job.id for job in store.recent("a", 10)] == [job.id for job in newest_first]
+    after = newest_first[1]
+    queue(store, "a")  # a later submit is not on the pages after the first
+    assert [job.id for job in store.recent("a", 2, (after.created_at, after.id))] == [job.id for job in newest_first[2:4]]
+    last = newest_first[-1]
+    assert store.recent("a", 2, (last.created_at, last.id)) == []

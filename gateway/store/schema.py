@@ -53,7 +53,7 @@ jobs = Table(
     UniqueConstraint("owner", "idempotency_key"),
     Index("jobs_status", "status", "seq"),
     Index("jobs_lease", "lease_until", postgresql_where=RUNNING_ONLY, sqlite_where=RUNNING_ONLY),
-    Index("jobs_owner", "owner", "seq"),  # an owner's list, newest first, page by page
+    Index("jobs_owner", "owner", "created_at", "id"),  # an owner's list, newest first, page by page
     Index("jobs_owner_started", "owner", "started_at"),  # when an owner's last job started (fair share)
     sqlite_autoincrement=True,  # a deleted row's seq is never handed out again
 )

@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.dialects import dialect_for
@@ -129,9 +129,13 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._job(select(jobs).where(jobs.c.id == job_id))
 
-    def recent(self, owner: str, limit: int) -> list[Job]:
-        """The owner's ``limit`` most recently submitted jobs, newest first."""
-        rows = self._rows(select(jobs).where(jobs.c.owner == owner).order_by(jobs.c.seq.desc()).limit(limit))
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        """The owner's ``limit`` most recently submitted jobs, newest first (by ``created_at``, then ``id``);
+        with ``before``, only those listed after the job of that ``(created_at, id)``."""
+        query = select(jobs).where(jobs.c.owner == owner)
+        if before is not None:
+            query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(*before))
+        rows = self._rows(query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit))
         return [Job.from_row(row) for row in rows]
 
     def queue_position(self, job: Job) -> int:

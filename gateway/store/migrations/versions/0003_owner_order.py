@@ -11,7 +11,7 @@ down_revision = "0002"
 
 
 def upgrade() -> None:
-    op.create_index("jobs_owner", "jobs", ["owner", "seq"])
+    op.create_index("jobs_owner", "jobs", ["owner", "created_at", "id"])
     op.create_index("jobs_owner_started", "jobs", ["owner", "started_at"])
 
 
