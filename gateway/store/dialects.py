@@ -27,7 +27,7 @@ from gateway.store.schema import metadata
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x6C697073  # any constant shared by every gateway: the advisory lock of schema upgrades
 _WRITE = "lipsync_write"
-"""Execution option: whether an SQLite transaction starts with the write lock (``BEGIN IMMEDIATE``)."""
+"""Execution option: whether an SQLite transaction writes (``BEGIN IMMEDIATE``) or only reads."""
 
 
 def sqlite_url(path: Path) -> str:
@@ -94,7 +94,8 @@ class Postgres(Dialect):
 class Sqlite(Dialect):
     """``jobs.db`` in WAL mode with ``synchronous=FULL`` (a commit is on disk before a client hears of it):
     one connection for the process, its transactions serialised by a lock; a transaction that writes
-    starts with ``BEGIN IMMEDIATE``, so it holds the file's write lock from its first statement."""
+    starts with ``BEGIN IMMEDIATE``, so it holds the file's write lock from its first statement, and
+    reads run in autocommit."""
 
     def __init__(self, url: str) -> None:
         path = Path(make_url(url).database or "")
@@ -139,7 +140,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(db: Connection) -> None:
-    db.exec_driver_sql("BEGIN IMMEDIATE" if db.get_execution_options().get(_WRITE, True) else "BEGIN")
+    """A transaction that writes holds the write lock from its start; one that only reads runs its statements
+    in autocommit (each is consistent in itself, and this process's transactions take turns anyway)."""
+    if db.get_execution_options().get(_WRITE, True):
+        db.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def dialect_for(url: str) -> Dialect:

@@ -12,11 +12,11 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.dialects import dialect_for
-from gateway.store.queue import QueuePolicy, next_job, position
+from gateway.store.queue import NEXT_JOB, QueuePolicy, position
 from gateway.store.records import (
     CANCELLED,
     FAILED,
@@ -37,6 +37,19 @@ from gateway.store.records import (
 from gateway.store.schema import jobs, webhook_outbox
 
 outbox = webhook_outbox
+
+# The reads a status poll or a running job makes, built once: building a statement costs several times
+# what running it on SQLite does.
+_ID, _OWNER, _KEY, _CLAIMANT = bindparam("id"), bindparam("owner"), bindparam("key"), bindparam("claimant")
+_GET = select(jobs).where(jobs.c.id == _ID)
+_BY_KEY = select(jobs).where(jobs.c.owner == _OWNER, jobs.c.idempotency_key == _KEY)
+_ACTIVE = select(func.count()).where(jobs.c.owner == _OWNER, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
+_RUNNING_HERE = and_(jobs.c.id == _ID, jobs.c.status == IN_PROGRESS, jobs.c.claimed_by == _CLAIMANT)
+_IS_RUNNING = select(func.count()).where(_RUNNING_HERE)
+_NEWEST_FIRST = (jobs.c.created_at.desc(), jobs.c.id.desc())
+_RECENT = select(jobs).where(jobs.c.owner == _OWNER).order_by(*_NEWEST_FIRST).limit(bindparam("limit"))
+_RECENT_BEFORE = _RECENT.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(bindparam("created_at"), _ID))
+_COUNTS = select(jobs.c.status, func.count().label("n")).group_by(jobs.c.status)
 
 
 def greatest(value: Any, other: Any) -> ColumnElement:
@@ -65,17 +78,17 @@ class JobStore:
     def close(self) -> None:
         self._db.close()
 
-    def _rows(self, statement: Any) -> Sequence[Any]:
+    def _rows(self, statement: Any, **params: Any) -> Sequence[Any]:
         with self._db.transaction(write=False) as db:
-            return db.execute(statement).mappings().all()
+            return db.execute(statement, params).mappings().all()
 
     def _write(self, statement: Any) -> int:
         """Run one changing statement; returns the number of rows it changed."""
         with self._db.transaction() as db:
             return db.execute(statement).rowcount
 
-    def _job(self, statement: Any) -> Job | None:
-        rows = self._rows(statement)
+    def _job(self, statement: Any, **params: Any) -> Job | None:
+        rows = self._rows(statement, **params)
         return Job.from_row(rows[0]) if rows else None
 
     # Jobs
@@ -93,7 +106,7 @@ class JobStore:
         try:
             with self._db.transaction() as db:
                 self._db.lock_owner(db, owner)
-                if max_active is not None and db.execute(self._active(owner)).scalar_one() >= max_active:
+                if max_active is not None and db.execute(_ACTIVE, {"owner": owner}).scalar_one() >= max_active:
                     raise QuotaExceeded(owner)
                 row = db.execute(
                     jobs.insert().values(
@@ -109,46 +122,43 @@ class JobStore:
             return existing, False
         return Job.from_row(row), True
 
-    @staticmethod
-    def _active(owner: str) -> Select:
-        return select(func.count()).where(jobs.c.owner == owner, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
-
     def active_jobs(self, owner: str) -> int:
         """The owner's queued and running jobs."""
-        return self._count(self._active(owner))
+        return self._count(_ACTIVE, owner=owner)
 
-    def _count(self, statement: Select) -> int:
+    def _count(self, statement: Select, **params: Any) -> int:
         with self._db.transaction(write=False) as db:
-            return db.execute(statement).scalar_one()
+            return db.execute(statement, params).scalar_one()
 
     def find_idempotent(self, owner: str, idempotency_key: str | None) -> Job | None:
         if idempotency_key is None:
             return None
-        return self._job(select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == idempotency_key))
+        return self._job(_BY_KEY, owner=owner, key=idempotency_key)
 
     def get(self, job_id: str) -> Job | None:
-        return self._job(select(jobs).where(jobs.c.id == job_id))
+        return self._job(_GET, id=job_id)
 
     def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
         """The owner's ``limit`` most recently submitted jobs, newest first (by ``created_at``, then ``id``);
         with ``before``, only those listed after the job of that ``(created_at, id)``."""
-        query = select(jobs).where(jobs.c.owner == owner)
-        if before is not None:
-            query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(*before))
-        rows = self._rows(query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit))
+        if before is None:
+            rows = self._rows(_RECENT, owner=owner, limit=limit)
+        else:
+            rows = self._rows(_RECENT_BEFORE, owner=owner, limit=limit, created_at=before[0], id=before[1])
         return [Job.from_row(row) for row in rows]
 
     def queue_position(self, job: Job) -> int:
         """1 for the next job to run (in the order of :attr:`queue_policy`); 0 when the job is not queued."""
         if job.status != IN_QUEUE:
             return 0
-        return self._count(position(self.queue_policy, job.seq))
+        with self._db.transaction(write=False) as db:
+            return position(db, self.queue_policy, job)
 
     def claim_next(self) -> Job | None:
         """Move the next queued job (:attr:`queue_policy`) to ``InProgress`` (one more attempt, leased to this store) and return it;
         no two stores on one table get the same job."""
         now = time.time()
-        chosen = next_job(self.queue_policy).scalar_subquery()
+        chosen = NEXT_JOB[self.queue_policy].scalar_subquery()
         with self._db.transaction() as db:
             row = db.execute(
                 update(jobs).where(jobs.c.seq == chosen).values(
@@ -202,7 +212,7 @@ class JobStore:
 
     def is_running(self, job_id: str) -> bool:
         """Whether the job is still ``InProgress`` under this store's lease (not cancelled, not taken over)."""
-        return self._count(select(func.count()).where(self._running_here(job_id))) == 1
+        return self._count(_IS_RUNNING, id=job_id, claimant=self.claimant) == 1
 
     def succeed(self, job_id: str, inference_s: float, info: dict[str, Any]) -> bool:
         """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
@@ -245,7 +255,7 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         """Jobs per state (every state present, zero when none)."""
-        rows = self._rows(select(jobs.c.status, func.count().label("n")).group_by(jobs.c.status))
+        rows = self._rows(_COUNTS)
         return {state: 0 for state in STATES} | {row["status"]: row["n"] for row in rows}
 
     def delete_finished(self, before: float) -> list[str]:
