@@ -38,9 +38,9 @@ from gateway.store.schema import jobs, webhook_outbox
 
 outbox = webhook_outbox
 
-# The reads a status poll or a running job makes, built once: building a statement costs several times
-# what running it on SQLite does.
-_ID, _OWNER, _KEY, _CLAIMANT = bindparam("id"), bindparam("owner"), bindparam("key"), bindparam("claimant")
+# What a status poll or a running job asks, built once: building a statement costs several times what
+# running it on SQLite does.
+_ID, _OWNER, _KEY, _CLAIMANT = bindparam("job_id"), bindparam("owner"), bindparam("key"), bindparam("claimant")
 _GET = select(jobs).where(jobs.c.id == _ID)
 _BY_KEY = select(jobs).where(jobs.c.owner == _OWNER, jobs.c.idempotency_key == _KEY)
 _ACTIVE = select(func.count()).where(jobs.c.owner == _OWNER, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
@@ -82,10 +82,10 @@ class JobStore:
         with self._db.transaction(write=False) as db:
             return db.execute(statement, params).mappings().all()
 
-    def _write(self, statement: Any) -> int:
+    def _write(self, statement: Any, **params: Any) -> int:
         """Run one changing statement; returns the number of rows it changed."""
         with self._db.transaction() as db:
-            return db.execute(statement).rowcount
+            return db.execute(statement, params).rowcount
 
     def _job(self, statement: Any, **params: Any) -> Job | None:
         rows = self._rows(statement, **params)
@@ -136,7 +136,7 @@ class JobStore:
         return self._job(_BY_KEY, owner=owner, key=idempotency_key)
 
     def get(self, job_id: str) -> Job | None:
-        return self._job(_GET, id=job_id)
+        return self._job(_GET, job_id=job_id)
 
     def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
         """The owner's ``limit`` most recently submitted jobs, newest first (by ``created_at``, then ``id``);
@@ -144,7 +144,7 @@ class JobStore:
         if before is None:
             rows = self._rows(_RECENT, owner=owner, limit=limit)
         else:
-            rows = self._rows(_RECENT_BEFORE, owner=owner, limit=limit, created_at=before[0], id=before[1])
+            rows = self._rows(_RECENT_BEFORE, owner=owner, limit=limit, created_at=before[0], job_id=before[1])
         return [Job.from_row(row) for row in rows]
 
     def queue_position(self, job: Job) -> int:
@@ -201,18 +201,15 @@ class JobStore:
                 ))
         return requeued, failed
 
-    def _running_here(self, job_id: str) -> ColumnElement:
-        return and_(jobs.c.id == job_id, jobs.c.status == IN_PROGRESS, jobs.c.claimed_by == self.claimant)
-
     def set_progress(self, job_id: str, progress: float, stage: str, eta_s: float | None = None) -> None:
         self._write(
-            update(jobs).where(self._running_here(job_id))
-            .values(progress=greatest(jobs.c.progress, progress), stage=stage, eta_s=eta_s)
+            update(jobs).where(_RUNNING_HERE).values(progress=greatest(jobs.c.progress, progress), stage=stage, eta_s=eta_s),
+            job_id=job_id, claimant=self.claimant,
         )
 
     def is_running(self, job_id: str) -> bool:
         """Whether the job is still ``InProgress`` under this store's lease (not cancelled, not taken over)."""
-        return self._count(_IS_RUNNING, id=job_id, claimant=self.claimant) == 1
+        return self._count(_IS_RUNNING, job_id=job_id, claimant=self.claimant) == 1
 
     def succeed(self, job_id: str, inference_s: float, info: dict[str, Any]) -> bool:
         """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
@@ -226,8 +223,9 @@ class JobStore:
 
     def _finish_running(self, job_id: str, status: str, reason: str, **values: Any) -> bool:
         return self._write(
-            update(jobs).where(self._running_here(job_id))
-            .values(status=status, reason=reason, finished_at=time.time(), lease_until=None, **values)
+            update(jobs).where(_RUNNING_HERE)
+            .values(status=status, reason=reason, finished_at=time.time(), lease_until=None, **values),
+            job_id=job_id, claimant=self.claimant,
         ) == 1
 
     def requeue(self, job_id: str, reason: str, refund: bool = False) -> bool:
@@ -236,10 +234,11 @@ class JobStore:
         ``refund``: the attempt does not count (the gateway stopped it on purpose).
         """
         return self._write(
-            update(jobs).where(self._running_here(job_id)).values(
+            update(jobs).where(_RUNNING_HERE).values(
                 status=IN_QUEUE, reason=reason, progress=0, stage="", eta_s=None,
                 attempts=jobs.c.attempts - int(refund), claimed_by=None, lease_until=None,
-            )
+            ),
+            job_id=job_id, claimant=self.claimant,
         ) == 1
 
     def cancel(self, job_id: str, reason: str) -> bool:
