@@ -81,8 +81,8 @@ def position(db: Connection, policy: QueuePolicy, job: Job) -> int:
     nth = db.execute(_AHEAD_OF_OWNER, {"seq": job.seq, "owner": job.owner}).scalar_one()
     turn = mine.running + nth - 1
     rank = (-mine.running, mine.last_start, mine.first_seq)
-    # Another owner's jobs take turns running + 1, running + 2, …: those before this job's turn are ahead,
-    # and the one in the same turn if that owner goes first within a turn.
+    # Another owner's queued jobs take turns running, running + 1, …: those in turns before this job's are
+    # ahead, and the one in the same turn if that owner goes first within a turn.
     return nth + sum(
         min(other.queued, max(0, turn - other.running + ((-other.running, other.last_start, other.first_seq) < rank)))
         for other in owners.values()
