@@ -29,7 +29,7 @@ class Runtime:
         self.keys = keys
         self.backend = backend
         self.data = DataDir(settings.data_dir)
-        self.store = open_store(settings.database, self.data.database, settings.lease_s)
+        self.store = open_store(settings.database, self.data.database, settings.lease_s, settings.queue_policy)
         self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)
         self.weights = ServedWeights(backend)

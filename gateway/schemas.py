@@ -47,6 +47,20 @@ class JobRef(BaseModel):
     request_id: StrictStr
 
 
+MAX_LISTED_JOBS = 100
+MAX_CURSOR = 200
+
+
+class JobListQuery(BaseModel):
+    """``GET /v1/jobs``'s query: unknown parameters are refused (422 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(20, ge=1, le=MAX_LISTED_JOBS)
+    cursor: str | None = Field(None, min_length=1, max_length=MAX_CURSOR)
+    """The ``next_cursor`` of the page before; none for the first (newest) page."""
+
+
 _DESCRIBED = ("type", "enum", "minimum", "maximum")
 
 

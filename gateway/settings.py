@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator, NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic.dataclasses import dataclass
 
+from gateway.store.queue import QueuePolicy
 from lipsync.config import CONFIG_DIR, SCHEMA, home_path, load_settings, read_yaml
 
 SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
@@ -40,6 +41,8 @@ class GatewaySettings:
     """Empty: SQLite in ``data_dir``. ``$database_url_env``, when set, takes its place (it holds a password)."""
     database_url_env: str = "LIPSYNC_DATABASE_URL"
     lease_s: PositiveFloat = 30
+    queue_policy: QueuePolicy = "fair"
+    """Which queued job runs next: ``fair`` (round-robin across API keys) or ``fifo`` (:mod:`gateway.store.queue`)."""
     triton_grpc: str = "127.0.0.1:8001"
     triton_urls: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
     """Several Triton gRPC endpoints (``host:port``) to spread jobs over; empty = ``triton_grpc`` alone."""

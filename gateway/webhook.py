@@ -89,12 +89,14 @@ class Webhooks:
         self._started.wait()
 
     def close(self) -> None:
-        """Cancel what is in flight and stop; pending deliveries stay in the outbox for the next start."""
+        """Cancel what is in flight and stop; pending deliveries stay in the outbox, handed back for the next
+        start (or another gateway)."""
         if self._loop is not None and self._main is not None:
             with contextlib.suppress(RuntimeError):  # the loop has already ended
                 self._loop.call_soon_threadsafe(self._main.cancel)
         if self._thread is not None:
             self._thread.join(_STOP_JOIN_S)
+            self.store.release_webhooks()
 
     async def _dispatch(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -5,7 +5,6 @@ gateway: test_gateway_abuse.py and test_gateway_bad_input.py.)"""
 from __future__ import annotations
 
 import io
-import sqlite3
 
 import pytest
 from pydantic import ValidationError
@@ -18,8 +17,7 @@ from gateway.idempotency import fingerprint
 from gateway.quotas import Quotas
 from gateway.schemas import JobOptions, JobRef, SubmitRequest
 from gateway.settings import GatewaySettings
-from gateway.store import JobStore, QuotaExceeded, new_job_id
-from gateway.store_sqlite import SqliteJobStore
+from gateway.store import JobStore, new_job_id, sqlite_url
 from gateway.validation import InvalidInput
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
@@ -27,7 +25,7 @@ PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": N
 
 @pytest.fixture
 def store(tmp_path) -> JobStore:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     yield store
     store.close()
 
@@ -129,42 +127,6 @@ def test_the_fingerprint_covers_inputs_and_options() -> None:
     assert base != fingerprint(JobOptions(inference_steps=2), "c" * 64, "b" * 64)
     assert base != fingerprint(JobOptions(inference_steps=2), "a" * 64, "c" * 64)
     assert base != fingerprint(JobOptions(inference_steps=2, seed=1247), "a" * 64, "b" * 64)
-
-
-def test_the_table_keeps_the_request_hash_and_enforces_the_quota(store) -> None:
-    first, _ = store.create(new_job_id(), "a", PARAMS, idempotency_key="k", request_hash="h1", max_active=2)
-    assert store.find_idempotent("a", "k").request_hash == "h1"
-    store.create(new_job_id(), "a", PARAMS, max_active=2)
-    assert store.active_jobs("a") == 2 and store.active_jobs("b") == 0
-    with pytest.raises(QuotaExceeded):
-        store.create(new_job_id(), "a", PARAMS, max_active=2)
-    store.create(new_job_id(), "b", PARAMS, max_active=2)  # per owner
-    store.cancel(first.id, "test")
-    store.create(new_job_id(), "a", PARAMS, max_active=2)  # an ended job frees its place
-    assert store.counts()["InQueue"] == 3
-
-
-def test_a_table_from_before_the_request_hash_gains_the_column(tmp_path) -> None:
-    path = tmp_path / "jobs.db"
-    old = sqlite3.connect(path)
-    old.executescript(
-        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,"
-        " idempotency_key TEXT, status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', progress REAL NOT NULL DEFAULT 0,"
-        " stage TEXT NOT NULL DEFAULT '', params TEXT NOT NULL, webhook_url TEXT, webhook_state TEXT,"
-        " attempts INTEGER NOT NULL DEFAULT 0, result_token TEXT, inference_s REAL, info TEXT, created_at REAL NOT NULL,"
-        " started_at REAL, finished_at REAL, UNIQUE (owner, idempotency_key));"
-        "INSERT INTO jobs (id, owner, idempotency_key, status, params, created_at)"
-        " VALUES ('0123456789abcdef0123456789abcdef', 'a', 'k', 'InQueue', '{}', 0);"
-    )
-    old.commit()
-    old.close()
-    store = SqliteJobStore(path)
-    try:
-        assert store.find_idempotent("a", "k").request_hash is None
-        job, created = store.create(new_job_id(), "a", PARAMS, request_hash="h")
-        assert created and job.request_hash == "h"
-    finally:
-        store.close()
 
 
 def test_rates_answer_429_with_retry_after_per_key(store, tmp_path) -> None:

@@ -19,8 +19,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from gateway.settings import GatewaySettings
-from gateway.store import JobStore, new_job_id
-from gateway.store_sqlite import SqliteJobStore
+from gateway.store import JobStore, new_job_id, sqlite_url
 from gateway.webhook import Webhooks, backoff_s
 from gateway.webhook_signing import SecretError, Signer, load_secret, new_secret
 from gateway.webhook_targets import AddressPolicy, WebhookRefused, forbidden_kind, numeric_host, parse_target
@@ -160,7 +159,7 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[JobStore]:
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
     yield store
     store.close()
 
@@ -169,31 +168,6 @@ def finished_job(store: JobStore, owner: str = "a", url: str | None = "http://x/
     job, _ = store.create(new_job_id(), owner, {"inference_steps": 1}, webhook_url=url)
     store.cancel(job.id, "by test")
     return job.id
-
-
-def test_the_outbox_keeps_one_delivery_per_job_ranks_due_ones_per_owner_and_dies_with_its_job(tmp_path, store) -> None:
-    jobs = [finished_job(store, owner) for owner in "aaab"]
-    assert store.unnotified() == jobs
-    deliveries = [store.enqueue_webhook(job, owner, "http://x/", "{}") for job, owner in zip(jobs, "aaab", strict=True)]
-    assert store.enqueue_webhook(jobs[0], "a", "http://y/", "{}").id == deliveries[0].id  # one per job
-    assert store.unnotified() == [] and store.get(jobs[0]).webhook_state == "pending"
-    now = time.time() + 1
-    due = store.due_webhooks(now, running=[], saturated=[], per_owner=2, limit=10)
-    assert [d.job_id for d in due] == [jobs[0], jobs[1], jobs[3]]  # owner a capped at 2
-    assert [d.job_id for d in store.due_webhooks(now, [deliveries[0].id], ["b"], 2, 10)] == [jobs[1], jobs[2]]
-    store.webhook_retry(deliveries[0].id, "HTTP 500", now + 100)
-    store.webhook_delivered(deliveries[1].id)
-    store.webhook_failed(deliveries[2].id, "HTTP 410")
-    assert store.next_webhook_due([deliveries[3].id]) == pytest.approx(now + 100)
-    store.close()
-    reopened = SqliteJobStore(tmp_path / "jobs.db")
-    first = reopened.delivery(jobs[0])
-    assert (first.state, first.attempts, first.last_error) == ("pending", 1, "HTTP 500")
-    assert reopened.get(jobs[1]).webhook_state == "delivered"
-    assert reopened.get(jobs[2]).webhook_state == "failed: HTTP 410"
-    assert jobs[0] in reopened.delete_finished(time.time() + 1)
-    assert reopened.delivery(jobs[0]) is None
-    reopened.close()
 
 
 SETTINGS = GatewaySettings(

@@ -6,6 +6,9 @@ A job another key submitted is answered exactly like one that does not exist (40
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import shutil
 from dataclasses import asdict
 from collections.abc import Callable
@@ -30,6 +33,8 @@ from lipsync.media import MediaSettings
 NOT_FOUND = "no such request_id for this API key"
 NO_RESULT = "no result for this request_id"
 BAD_ID = "request_id is not a valid request id"
+
+BAD_CURSOR = "cursor: not a next_cursor this API gave out"
 
 StageInputs = Callable[[Path], tuple[str, str]]
 """Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
@@ -68,10 +73,18 @@ class JobService:
             "created_at": round(job.created_at, 3), "results": results,
         }
 
-    def recent(self, owner: str, limit: int) -> list[dict[str, Any]]:
-        """The owner's most recent jobs, newest first, each as its status shows it (counted against the key's rate)."""
+    def recent(self, owner: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+        """A page of the owner's jobs, newest first, each as its status shows it, and the cursor of the next
+        page (None on the last); counted against the key's rate.
+
+        The cursor is the last listed job's (submission time, id), so a page starts right after it
+        whatever was submitted meanwhile.
+        """
         self.quotas.count_request(owner, submit=False)
-        return [self.view(job) for job in self.store.recent(owner, limit)]
+        found = self.store.recent(owner, limit + 1, None if cursor is None else _read_cursor(cursor))
+        shown = found[:limit]
+        next_cursor = _cursor(shown[-1]) if len(found) > limit else None
+        return {"jobs": [self.view(job) for job in shown], "next_cursor": next_cursor}
 
     def notify(self, job_id: str) -> None:
         """A job finished (committed): call its webhook, if it has one."""
@@ -176,3 +189,19 @@ class JobService:
         self.metrics.finished.labels(CANCELLED).inc()
         self.notify(job.id)
         return cancelled
+
+
+def _cursor(job: Job) -> str:
+    """An opaque page cursor: where a listing continues after ``job``."""
+    return base64.urlsafe_b64encode(json.dumps([job.created_at, job.id]).encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[float, str]:
+    """``(created_at, id)`` of the job a page continues after; 422 for anything :func:`_cursor` did not make."""
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError):
+        raise ApiError(422, BAD_CURSOR) from None
+    if type(created_at) is not float or not math.isfinite(created_at) or not isinstance(job_id, str) or not is_job_id(job_id):
+        raise ApiError(422, BAD_CURSOR)
+    return created_at, job_id

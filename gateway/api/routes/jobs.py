@@ -18,10 +18,8 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.errors import ApiError
 from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.idempotency import copy_file, write_bytes
-from gateway.schemas import JobRef, SubmitRequest
+from gateway.schemas import JobListQuery, JobRef, SubmitRequest
 from gateway.validation import InvalidInput, decode_base64
-
-MAX_LISTED_JOBS = 100
 
 router = APIRouter()
 
@@ -69,11 +67,10 @@ def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any
 
 
 @router.get("/v1/jobs")
-def recent_jobs(
-    jobs: JobServiceDep, who: ApiKeyOwner, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20,
-) -> dict[str, Any]:
-    """The caller's most recent jobs, newest first, each as its status shows it."""
-    return {"jobs": jobs.recent(who, limit)}
+def recent_jobs(jobs: JobServiceDep, who: ApiKeyOwner, query: Annotated[JobListQuery, Query()]) -> dict[str, Any]:
+    """The caller's jobs, newest first, each as its status shows it, a page at a time: ``next_cursor``
+    (null on the last page) asks for the next one."""
+    return jobs.recent(who, query.limit, query.cursor)
 
 
 @router.get("/lipsync/result/{request_id}")

@@ -3,6 +3,8 @@ inside the store's transaction."""
 
 from alembic import context
 
-context.configure(connection=context.config.attributes["connection"], target_metadata=None)
+from gateway.store.schema import metadata
+
+context.configure(connection=context.config.attributes["connection"], target_metadata=metadata)
 with context.begin_transaction():
     context.run_migrations()
