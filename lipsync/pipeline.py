@@ -44,9 +44,9 @@ from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
-    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
-    WindowGenerator, initial_noise, load_scheduler, sampling_modes,
+    CancelCheck, Denoiser, DirectDenoiser, JobCancelled, NoisePredictor, SamplingSettings, initial_noise, load_scheduler, sampling_modes,
 )
+from lipsync.generation import FaceGenerator, Replica, WindowGenerator
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae

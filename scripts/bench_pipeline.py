@@ -65,9 +65,10 @@ from lipsync.models import load_unet  # noqa: E402
 from lipsync.models.compiled import CompiledUNet  # noqa: E402
 from lipsync.models.graphed import GraphedUNet  # noqa: E402
 from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
-from lipsync.sampling import (  # noqa: E402
-    Denoiser, DirectDenoiser, FaceGenerator, NoisePredictor, Replica, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
+from lipsync.sampling import (
+    # noqa: E402     Denoiser, DirectDenoiser, NoisePredictor, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
 )
+from lipsync.generation import FaceGenerator, Replica
 from lipsync.testing import write_random_weights  # noqa: E402
 from lipsync.tiny import write_tiny_weights  # noqa: E402
 from lipsync.vae import load_vae  # noqa: E402

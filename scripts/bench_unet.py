@@ -32,7 +32,8 @@ from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.models.loading import build_unet
 from lipsync.models.unet import UNet3DConditionModel
-from lipsync.sampling import DirectDenoiser, FaceGenerator, NoisePredictor, Replica, SamplingSettings, initial_noise, load_scheduler
+from lipsync.sampling import DirectDenoiser, NoisePredictor, SamplingSettings, initial_noise, load_scheduler
+from lipsync.generation import FaceGenerator, Replica
 from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import load_weights_config
 

@@ -21,9 +21,8 @@ from lipsync.contract import failure_info
 from lipsync.errors import BadInput, JobCancelled, LipSyncError
 from lipsync.models import load_unet
 from lipsync.remote import RemoteGenerator, faces_to_pixels, group_arrays, group_from_arrays
-from lipsync.sampling import (
-    DirectDenoiser, FaceGenerator, Replica, SamplingSettings, WindowGroup, initial_noise, load_scheduler,
-)
+from lipsync.sampling import DirectDenoiser, SamplingSettings, initial_noise, load_scheduler
+from lipsync.generation import FaceGenerator, Replica, WindowGroup
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths

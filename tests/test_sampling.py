@@ -12,7 +12,8 @@ from conftest import DEMO_AUDIO, DEMO_VIDEO, REFERENCE_DIR, TINY_UNET_CONFIG
 from lipsync import load_unet
 from lipsync.audio import AudioFeatureExtractor
 from lipsync.config import load_config
-from lipsync.sampling import DirectDenoiser, FaceGenerator, Replica, SamplingSettings, denoise, initial_noise, load_scheduler
+from lipsync.sampling import DirectDenoiser, SamplingSettings, denoise, initial_noise, load_scheduler
+from lipsync.generation import FaceGenerator, Replica
 from lipsync.vae import load_vae
 
 

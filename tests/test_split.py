@@ -20,15 +20,8 @@ from lipsync.batching import BatchingSettings, WindowBatcher
 from lipsync.config import load_config
 from lipsync.models import load_unet
 from lipsync.pipeline import LipSyncPipeline, PipelineSettings
-from lipsync.sampling import (
-    DirectDenoiser,
-    FaceGenerator,
-    JobCancelled,
-    Replica,
-    SamplingSettings,
-    initial_noise,
-    load_scheduler,
-)
+from lipsync.sampling import DirectDenoiser, JobCancelled, SamplingSettings, initial_noise, load_scheduler
+from lipsync.generation import FaceGenerator, Replica
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
 
