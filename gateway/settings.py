@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+)
 from pydantic.dataclasses import dataclass
 
-from gateway.store.queue import QueuePolicy
 from lipsync.config import CONFIG_DIR, SCHEMA, home_path, load_settings, read_yaml
+
+QueuePolicy = Literal["fair", "fifo"]
+"""Which queued job runs next: ``fair`` takes turns between API keys, ``fifo`` goes by submission (``gateway.store.queue``)."""
 
 SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
 

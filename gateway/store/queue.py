@@ -15,14 +15,12 @@ cheap with many jobs queued.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
 
+from gateway.settings import QueuePolicy
 from gateway.store.records import IN_PROGRESS, IN_QUEUE, Job
 from gateway.store.schema import jobs
 
-QueuePolicy = Literal["fair", "fifo"]
 QUEUE_POLICIES: tuple[QueuePolicy, ...] = ("fair", "fifo")
 
 
