@@ -15,6 +15,7 @@ retry may help. Importing this module costs numpy and PyYAML, never torch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class Option:
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise BadInput(f"{self.rest_name} must be {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            # NaN compares false with both bounds, so the range check below would pass it.
+            raise BadInput(f"{self.rest_name} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise BadInput(f"{self.rest_name} must be one of {list(self.choices)}, got {value!r}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):

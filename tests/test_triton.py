@@ -183,6 +183,7 @@ def test_cancelling_a_running_job_stops_it_within_one_window(triton, clip) -> No
         ("clip", "speech", {"LOOP_MODE": "sideways"}, "sideways"),
         ("clip", "speech", {"MODE": "turbo"}, "mode must be one of"),
         ("clip", "speech", {"GUIDANCE": np.float32(-2.0)}, "guidance"),
+        ("clip", "speech", {"GUIDANCE": np.float32("nan")}, "guidance_scale must be a finite number"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_next_job_succeeds(triton, clip, tmp_path, video, audio, extra, message) -> None:
