@@ -113,13 +113,17 @@ BOTH = {"video": "video", "audio": "audio"}
         (BOTH, {"seed": "1e3"}),
         (BOTH, {"guidance_scale": "nan"}),
         (BOTH, {"guidance_scale": "true"}),
+        (BOTH, {"inference_steps": "01"}),
+        (BOTH, {"guidance_scale": ".5"}),
+        (BOTH, {"guidance_scale": "5."}),
         (BOTH, {"inference_steps": ["1", "2"]}),
         (BOTH, {"output_path": "/etc/passwd"}),
         (BOTH | {"extra": "video"}, {}),
         ({"video": "video", "audio": "610 s audio"}, {}),
     ],
     ids=["non-media video", "non-media audio", "no audio part", "bad steps", "steps 2.0", "steps true", "steps with a space",
-         "seed 1e3", "guidance nan", "guidance true", "steps twice", "unknown field", "a third file", "audio over max_audio_s"],
+         "seed 1e3", "guidance nan", "guidance true", "steps 01", "guidance .5", "guidance 5.", "steps twice",
+         "unknown field", "a third file", "audio over max_audio_s"],
 )
 def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     before = job_count(gateway)
@@ -127,6 +131,7 @@ def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     response = gateway.client.post("/lipsync/upload", headers=AUTH, files=parts, data=data)
     assert response.status_code == 422, response.text
     assert response.json()["status"] == "Failed"
+    assert all(field in response.text for field in data)  # the message names the field
     assert job_count(gateway) == before
     assert not any((gateway.data_dir / "incoming").iterdir())
 
