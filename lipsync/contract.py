@@ -203,6 +203,12 @@ FAILURES: dict[ErrorKind, Failure] = {
 FAILED_STAGE = "failed"
 """STAGE of a failed job's last response, whose INFO is :func:`failure_info`."""
 
+NO_ERROR_RESPONSE = "no_error_response"
+"""Request parameter (bool) a BLS caller sets: its failed job ends with the STAGE "failed" response
+alone, without the Triton error response that stream clients get next. Triton 2.51 never delivers a
+decoupled model's error response to a BLS caller, and the undelivered response keeps the caller's
+model from unloading (a stop then waits out the exit timeout)."""
+
 
 def kind_of(error: BaseException) -> ErrorKind:
     return error.kind if isinstance(error, LipSyncError) else ErrorKind.INTERNAL

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -16,11 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from clips import demo_frames, speech, write_video, write_wav
-from conftest import free_port
+from conftest import free_port, triton_inputs
 from gateway.ports import listens
 
 SHM = Path("/dev/shm")
@@ -153,6 +158,7 @@ def _assert_stopped_cleanly(seconds: float, bound_s: float, code: int, log: str,
     assert "Traceback" not in output, output
     assert seconds <= bound_s * SLOW_MACHINE, f"the stop took {seconds:.1f} s\n{output}\n{log}"
     assert [line for line in log.splitlines() if line.startswith("E")] == [], log
+    assert "Exit timeout expired" not in log + output, log
     assert "successfully unloaded 'lipsync' version 1" in log, log
     assert "successfully unloaded 'lipsync_unary' version 1" in log, log
     assert regions and not [name for name in regions if (SHM / name).exists()], regions
@@ -250,16 +256,46 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         up.close()
 
 
+def _accepted_and_refused_requests_on_both_models(up: Up, clip: tuple[Path, Path]) -> None:
+    """Straight to Triton: a job and a refused request on ``lipsync_unary`` (HTTP) and a refused one on
+    ``lipsync`` (gRPC stream); the gateway's job is the accepted ``lipsync`` one."""
+    video, audio = (path.read_bytes() for path in clip)
+    unary = httpclient.InferenceServerClient(f"127.0.0.1:{up.ports['http']}", network_timeout=300)
+    try:
+        result = unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": video, "AUDIO": audio, "STEPS": np.int32(1)}))
+        assert json.loads(result.as_numpy("INFO")[0])["frames"] == 25
+        with pytest.raises(InferenceServerException, match="finite"):
+            unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": video, "AUDIO": audio, "GUIDANCE": np.float32("nan")}))
+        with pytest.raises(InferenceServerException, match="invalid input"):
+            unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": b"not a video" * 10, "AUDIO": audio}))
+    finally:
+        unary.close()
+    answers: queue.Queue = queue.Queue()
+    stream = grpcclient.InferenceServerClient(f"127.0.0.1:{up.ports['grpc']}")
+    try:
+        stream.start_stream(callback=lambda result, error: answers.put((result, error)))
+        stream.async_stream_infer("lipsync", triton_inputs(grpcclient, {"VIDEO": video, "AUDIO": audio, "CRF": np.int32(99)}))
+        while (answer := answers.get(timeout=60))[1] is None:  # STAGE "failed", then the error
+            pass
+        assert "crf must be in" in str(answer[1])
+        stream.stop_stream()
+    finally:
+        stream.close()
+
+
 @pytest.mark.slow
-def test_ctrl_c_after_a_job_stops_up_within_seconds_and_leaves_nothing_behind(
+def test_ctrl_c_after_jobs_and_refusals_stops_up_within_seconds_and_leaves_nothing_behind(
     tmp_path: Path, tiny_clip: tuple[Path, Path], record_property
 ) -> None:
+    """A refused ``lipsync_unary`` request once kept ``lipsync`` loaded (its BLS stream was left unread),
+    so every later stop waited out Triton's exit timeout."""
     up = Up(tmp_path, _ports())
     try:
         up.start().wait_ready()
         regions = up.shm_regions()
         job = up.submit(tiny_clip, steps=2)
         assert up.wait_for(job, lambda status: status["status"] != "InQueue" and status["status"] != "InProgress")["status"] == "Succeed"
+        _accepted_and_refused_requests_on_both_models(up, tiny_clip)
         seconds, code, log = up.interrupt()
         record_property("stop_seconds", round(seconds, 2))
         _assert_stopped_cleanly(seconds, IDLE_STOP_S, code, log, regions, up.output())
