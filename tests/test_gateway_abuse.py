@@ -298,6 +298,17 @@ def test_result_urls_come_from_the_configuration_not_the_host_header(local_gatew
     assert url.startswith(f"{local_gateway.url}/lipsync/result/") and "evil" not in url
 
 
+def test_a_path_with_a_trailing_slash_is_a_404_never_a_redirect_built_from_the_host(local_gateway, finished_job) -> None:
+    forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+    url = httpx2.URL(finished_job["results"]["video"][0]["url"])
+    slashed = url.copy_with(path=url.path + "/")
+    for method, path, extra in (("GET", slashed, {}), ("POST", "/lipsync/status/", {"json": {"request_id": "0" * 32}}),
+                                ("GET", "/healthz/", {}), ("GET", "/v1/jobs/", {})):
+        response = local_gateway.client.request(method, path, headers=AUTH | forged, **extra)
+        assert response.status_code == 404, (path, response.status_code, response.headers)
+        assert "location" not in response.headers and response.json()["status"] == "Failed", path
+
+
 # --- rates and quotas ---------------------------------------------------------------------------------
 
 
