@@ -27,9 +27,8 @@ from tritonclient.utils import InferenceServerException
 from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port, triton_inputs
 from gateway.ports import listens
+from gateway.shm import SHM_DIR, stub_regions
 
-SHM = Path("/dev/shm")
-REGION_PREFIX = "triton_python_backend_shm_region_"
 IDLE_STOP_S = 5
 """The stated bound on stopping an idle ``up``; asserted with :data:`SLOW_MACHINE` slack."""
 BUSY_STOP_S = 10
@@ -116,9 +115,7 @@ class Up:
 
     def shm_regions(self) -> set[str]:
         """The Python backend's shared-memory regions of this run's Triton: named on its stubs' command lines."""
-        stubs = [child for child in psutil.Process(self.process.pid).children(recursive=True)
-                 if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
-        return {arg for stub in stubs for arg in stub.cmdline() if arg.startswith(REGION_PREFIX)}
+        return stub_regions(psutil.Process(self.process.pid).children(recursive=True))
 
     def interrupt(self) -> tuple[float, int, str]:
         """Ctrl-C: SIGINT, and wait for the exit. Seconds it took, exit code, triton.log written meanwhile."""
@@ -161,7 +158,12 @@ def _assert_stopped_cleanly(seconds: float, bound_s: float, code: int, log: str,
     assert "Exit timeout expired" not in log + output, log
     assert "successfully unloaded 'lipsync' version 1" in log, log
     assert "successfully unloaded 'lipsync_unary' version 1" in log, log
-    assert regions and not [name for name in regions if (SHM / name).exists()], regions
+    assert regions and not _left(regions), regions
+
+
+def _left(regions: set[str]) -> list[str]:
+    """Those of ``regions`` still in /dev/shm."""
+    return [name for name in regions if (SHM_DIR / name).exists()]
 
 
 def _ports() -> dict[str, int]:
@@ -211,8 +213,10 @@ def test_up_starts_triton_and_the_gateway_and_sigterm_stops_both(tmp_path: Path)
         assert second.run() == 1  # the same work folder, while the first serves from it: refused, naming the first
         assert f"is in use by another lipsync-serve (pid {up.process.pid}: " in second.output()
         assert _ready(f"http://127.0.0.1:{port}/readyz")
+        regions = up.shm_regions()
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(120) == 0
+        assert regions and not _left(regions)
         with pytest.raises(httpx2.HTTPError):
             httpx2.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
         assert not (up.workdir / "triton.pid").exists()
@@ -232,6 +236,9 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         while not (stubs := [child.pid for child in psutil.Process(orphan).children()]):
             assert time.monotonic() < deadline, killed.output()
             time.sleep(0.2)
+        while not (orphaned := killed.shm_regions()):
+            assert time.monotonic() < deadline, killed.output()
+            time.sleep(0.2)
         # A Triton that outlives its launcher: stopped, it neither exits on the launcher's death nor frees the folder.
         os.kill(orphan, signal.SIGSTOP)
         while psutil.Process(orphan).status() != psutil.STATUS_STOPPED:  # before the launcher's death sends SIGTERM
@@ -241,6 +248,8 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
 
         up.start().wait_ready()
         assert _gone([orphan, *stubs]), up.output()
+        assert not _left(orphaned), up.output()  # the killed server's shared memory is gone with it
+        regions = up.shm_regions()
         assert f"stopping the Triton left behind in {up.workdir} by an earlier run (pid {orphan}: " in up.output()
         server = up.triton_pid()
         assert server != orphan and listens(server, ports["http"]) and listens(server, ports["grpc"])
@@ -251,6 +260,7 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         assert up.process.wait(60) == 1
         assert f"tritonserver (pid {server}) was killed by SIGKILL" in up.output()
         assert not _ready(f"http://127.0.0.1:{ports['gateway']}/readyz")
+        assert regions and not _left(regions)
     finally:
         killed.close()
         up.close()
