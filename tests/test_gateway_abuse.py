@@ -284,7 +284,10 @@ def test_nothing_tells_whether_a_job_exists(local_gateway, finished_job) -> None
         if name.startswith("result"):
             assert seen.status_code == 404, name
     url = finished_job["results"]["video"][0]["url"]
-    assert local_gateway.client.get(url).status_code == 200  # the job is there for its token…
+    download = local_gateway.client.get(url)
+    assert download.status_code == 200  # the job is there for its token…
+    assert download.headers["x-content-type-options"] == "nosniff"
+    assert download.headers["cache-control"] == "private, no-store"
     mine = local_gateway.client.post("/lipsync/status", headers=AUTH, json={"request_id": existing})
     assert mine.json()["status"] == "Succeed"  # …and the probes changed nothing
 
@@ -326,6 +329,13 @@ def limited(tmp_path_factory) -> Iterator[LocalGateway]:
     }
     with LocalGateway(folder / "data", StandInBackend(hold=True), **settings) as local:
         yield local.serve()
+
+
+def test_the_info_page_shows_no_server_path(limited) -> None:
+    info = limited.client.get("/v1/info")
+    assert info.status_code == 200
+    assert info.json()["api_keys"] == {"env": "LIPSYNC_API_KEYS", "local_key_file": None, "keys_file": True}
+    assert "/" not in json.dumps(info.json()["api_keys"])
 
 
 def test_a_key_over_its_rates_or_job_quota_gets_429_with_retry_after(limited, media) -> None:

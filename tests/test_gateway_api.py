@@ -166,6 +166,7 @@ def test_the_page_info_names_weights_options_and_where_keys_are_but_no_key(gatew
     assert info["defaults"]["inference_steps"] == 20
     assert info["api_keys"]["env"] == "LIPSYNC_API_KEYS"
     assert not any(key in json.dumps(info) for key in KEYS)
+    assert str(gateway.data_dir) not in json.dumps(info)
 
 
 def test_multipart_upload_runs_the_same_job(gateway, clip) -> None:
