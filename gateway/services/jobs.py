@@ -35,6 +35,11 @@ StageInputs = Callable[[Path], tuple[str, str]]
 """Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
 
 
+def _no_space(reason: str) -> ApiError:
+    """507 for a submit the data folder has no room for (:class:`gateway.storage.DataDirFull` or ENOSPC)."""
+    return ApiError(507, f"no new jobs for now: {reason}")
+
+
 class JobService:
     def __init__(
         self, settings: GatewaySettings, keys: ApiKeys, media: MediaSettings, data: DataDir, store: JobStore,
@@ -119,7 +124,11 @@ class JobService:
             self.data.check_space()
             staged = self.data.staging()
         except DataDirFull as exc:
-            raise ApiError(507, f"no new jobs for now: {exc}") from None
+            raise _no_space(str(exc)) from None
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
         try:
             request_hash = fingerprint(options, *stage_inputs(staged))
             replayed = self._replay(owner, idempotency_key, request_hash)
@@ -136,7 +145,7 @@ class JobService:
             raise ApiError(400, str(exc)) from None
         except OSError as exc:
             if is_out_of_space(exc):
-                raise ApiError(507, f"no new jobs for now: the data folder ran out of space ({exc.strerror})") from None
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
             raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
