@@ -34,7 +34,10 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
         yield
         runtime.stop()
 
-    app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirect to the slash-less path: Starlette builds its Location from the Host header, and every
+    # URL the gateway gives out comes from ``public_url``; such a path is a 404 like any unknown one.
+    app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestGuard, keys=keys, quotas=runtime.quotas)  # outside the body cap: it reads no body

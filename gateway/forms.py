@@ -2,14 +2,16 @@
 
 Form fields are text, so numbers arrive as strings; they are read with the grammar of a JSON number of
 the field's type and nothing looser: an integer field takes ``"2"`` or ``"-3"`` (ASCII digits, an
-optional minus) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"`` or ``"true"``; a float field takes
-``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``"nan"``, ``"inf"`` or ``"true"``. An empty field counts as
+optional minus, no leading zero) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"``, ``"02"`` or ``"true"``; a
+float field takes ``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``".5"``, ``"5."``, ``"01"``, ``"nan"``, ``"inf"``,
+``"1e999"`` or ``"true"``. An empty field counts as
 not given (browsers send empty inputs). The parts are exactly the ``video`` and ``audio`` files and
 the option fields of :class:`gateway.schemas.JobOptions`, each at most once; anything else is refused.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -22,20 +24,21 @@ from lipsync.contract import OPTIONS
 
 FILE_PARTS = ("video", "audio")
 
-_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
-_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+"""RFC 8259's ``int`` and ``number``: what the JSON submit would accept for the field."""
 
 
 def _integer(name: str, text: str) -> int:
     if not _INTEGER.fullmatch(text):
-        raise InvalidInput(f"{name}: must be an integer written with digits only, got {text[:40]!r}")
+        raise InvalidInput(f"{name}: must be a JSON integer (digits, an optional minus, no leading zero), got {text[:40]!r}")
     return int(text)
 
 
 def _number(name: str, text: str) -> float:
-    if not _NUMBER.fullmatch(text):
-        raise InvalidInput(f"{name}: must be a decimal number, got {text[:40]!r}")
-    return float(text)
+    if not _NUMBER.fullmatch(text) or not math.isfinite(value := float(text)):
+        raise InvalidInput(f"{name}: must be a finite JSON number (like 1.5, 2 or 1e-1), got {text[:40]!r}")
+    return value
 
 
 def _text(_: str, text: str) -> str:

@@ -28,7 +28,7 @@ class Runtime:
         self.settings = settings
         self.keys = keys
         self.backend = backend
-        self.data = DataDir(settings.data_dir)
+        self.data = DataDir(settings.data_dir, settings.min_free_mb)
         self.store = open_store(settings.database, self.data.database, settings.lease_s, settings.queue_policy)
         self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)

@@ -71,6 +71,7 @@ class GatewaySettings:
     job_timeout_s: float = 3600
     cancel_poll_s: float = 0.5
     retention_h: float = 24
+    min_free_mb: NonNegativeFloat = 256
     cleanup_interval_s: float = 600
     webhook_attempts: PositiveInt = 12
     webhook_backoff_s: float = 2.0

@@ -7,6 +7,7 @@ and ``inputs/<id>/audio``, ``results/<id>.mp4``. Paths are built only from ids t
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import shutil
@@ -25,9 +26,19 @@ def is_job_id(value: str) -> bool:
     return _JOB_ID.fullmatch(value) is not None
 
 
+class DataDirFull(Exception):
+    """The data folder has less free space than it keeps (``min_free_mb``), or ran out; the message says so."""
+
+
+def is_out_of_space(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class DataDir:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_mb: float = 0) -> None:
         self.root = root
+        self.reserve = int(min_free_mb * 2**20)
+        """Bytes of free space that new inputs and results must leave (the job table's room to commit)."""
         for folder in (self.incoming, self.root / "inputs", self.root / "results"):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -63,12 +74,29 @@ class DataDir:
         """Make a staging folder (holding ``video`` and ``audio``) the inputs of ``job_id``."""
         staged.rename(self.inputs(job_id))
 
+    def check_space(self, needed: int = 0) -> None:
+        """Raise :class:`DataDirFull` unless ``needed`` bytes fit with :attr:`reserve` left free."""
+        free = shutil.disk_usage(self.root).free
+        if free - needed < self.reserve:
+            raise DataDirFull(
+                f"the data folder has {free / 2**20:,.1f} MiB free and keeps {self.reserve / 2**20:,.0f} MiB "
+                f"(min_free_mb){f' beside {needed / 2**20:,.1f} MiB to write' if needed else ''}"
+            )
+
     def write_result(self, job_id: str, video: bytes) -> None:
-        """Write then rename, so a result file is either complete or absent."""
+        """Write then rename, so a result file is either complete or absent; :class:`DataDirFull` when it
+        does not fit (nothing of it is left)."""
+        self.check_space(len(video))
         path = self.result(job_id)
         partial = path.with_suffix(".part")
-        partial.write_bytes(video)
-        partial.rename(path)
+        try:
+            partial.write_bytes(video)
+            partial.rename(path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            if is_out_of_space(exc):
+                raise DataDirFull(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
 
     def drop_inputs(self, job_id: str) -> None:
         shutil.rmtree(self.inputs(job_id), ignore_errors=True)

@@ -55,7 +55,7 @@ from gateway.pidfile import PidFile, WorkFolderInUse
 from gateway.ports import Listener, listens, taken
 from gateway.processes import ProcessRecord, die_with_parent, kill_and_wait
 from gateway.settings import SERVING_CONFIG
-from gateway.shm import remove_regions, stub_regions
+from gateway.shm import record_regions, recorded_regions, remove_regions, stub_regions
 from gateway.triton_log import LogPump
 from lipsync.config import SCHEMA, ConfigError, home_path, load_settings
 
@@ -70,6 +70,8 @@ GENERATION_MODEL = "lipsync_generate"
 """Generates the windows of the ``lipsync`` model's jobs when those run in separate CPU processes."""
 PID_FILE = "triton.pid"
 """In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.pidfile`)."""
+REGIONS_FILE = "shm-regions"
+"""In the work folder: the server's shared-memory regions, removed by the next launcher if this one is killed."""
 STOP_FILE = "stopping"
 """In the work folder: created when the launcher stops the server; the ``lipsync`` model then cancels its jobs."""
 
@@ -338,16 +340,23 @@ class TritonServer:
     def _stop_left_behind(self, triton: ProcessRecord | None) -> None:
         """SIGKILL what a killed launcher left running from this work folder: the ``tritonserver`` of the
         PID file if that process still runs (same PID, start time and command line) with its process group,
-        and any backend stub of this folder."""
+        and any backend stub of this folder; then remove the shared-memory regions that run recorded or its
+        stubs name (a killed server cannot remove them itself)."""
         server = triton.process() if triton is not None else None
+        stubs = self._stubs()
+        regions = recorded_regions(self.settings.workdir / REGIONS_FILE) | stub_regions(stubs)
         if server is not None:
             log.warning("stopping the Triton left behind in %s by an earlier run (%s)", self.settings.workdir, triton.describe())
             if os.getpgid(server.pid) == server.pid:  # its own session: the group is its stubs and their workers
                 os.killpg(server.pid, signal.SIGKILL)
-        left = kill_and_wait([*([server] if server is not None else []), *self._stubs()])
+        left = kill_and_wait([*([server] if server is not None else []), *stubs])
         if left:
             raise TritonError(f"could not stop the Triton processes left in {self.settings.workdir}: "
                               + ", ".join(str(process.pid) for process in left))
+        removed = remove_regions(regions)
+        if removed:
+            log.warning("removed %d shared-memory region(s) an earlier run left in /dev/shm", len(removed))
+        (self.settings.workdir / REGIONS_FILE).unlink(missing_ok=True)
 
     def ready(self) -> bool:
         """Our server answers ready (it listens on the HTTP port itself: not another server there)."""
@@ -369,6 +378,7 @@ class TritonServer:
                 raise TritonError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
         self._regions |= stub_regions(self._stubs())
+        record_regions(self.settings.workdir / REGIONS_FILE, self._regions)
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Call ``on_exit`` with :meth:`exit_reason`, from a thread, if the server exits without :meth:`stop`
@@ -426,6 +436,7 @@ class TritonServer:
         if left:
             log.warning("removed %d shared-memory region(s) the server left in /dev/shm", len(left))
         self._regions = set()
+        (self.settings.workdir / REGIONS_FILE).unlink(missing_ok=True)
         self.settings.stop_file().unlink(missing_ok=True)
         if self.pid_file is not None:
             self.pid_file.release()

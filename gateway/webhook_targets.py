@@ -5,8 +5,8 @@ network (cloud metadata, loopback admin ports, private services). The rules:
 
 - ``http`` or ``https``, a host, no credentials (``user:pass@`` would be forwarded as Basic auth).
 - The host is resolved and *every* address it has must be public: loopback, private, link-local,
-  multicast, unspecified, reserved, shared (CGNAT) and documentation ranges are refused, IPv4 and
-  IPv6 alike. A host that is written as a number in any spelling a URL parser or ``inet_aton``
+  multicast, unspecified, reserved, shared (CGNAT), documentation, site-local and every other range
+  that is not globally reachable are refused, IPv4 and IPv6 alike. A host that is written as a number in any spelling a URL parser or ``inet_aton``
   accepts (``2130706433``, ``0x7f.1``, ``0177.0.0.1``) is read as the address it spells, and IPv6
   addresses that carry an IPv4 address (IPv4-mapped, NAT64, 6to4) are judged by that IPv4 address too.
 - An operator's allowlist (``webhook_allow``: IP addresses, CIDR networks, host names) lets chosen
@@ -34,6 +34,16 @@ SCHEMES = {"http": 80, "https": 443}
 
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*", re.ASCII)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_NOT_GLOBAL = tuple(ipaddress.ip_network(network) for network in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "240.0.0.0/4", "::/127", "100::/63", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7",
+    "fe80::/10", "fec0::/10",
+))
+"""Blocks the IANA special-purpose registries mark not globally reachable, whole (``192.0.0.0/24`` with
+its two anycast addresses), and IPv6 site-local ``fec0::/10`` (deprecated): checked beside ``ipaddress``'s
+``is_global``, which some Python versions get wrong for a few of them (3.11.7 calls ``192.0.0.8`` and
+``fec0::1`` global)."""
 
 
 class WebhookRefused(ValueError):
@@ -172,7 +182,7 @@ def forbidden_kind(address: IPAddress) -> str | None:
             return kind
     if address.version == 6 and address.scope_id:
         return "a scoped address"
-    if not address.is_global:
+    if not address.is_global or any(address.version == net.version and address in net for net in _NOT_GLOBAL):
         return "a non-public address"
     return None
 

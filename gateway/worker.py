@@ -20,7 +20,7 @@ from collections.abc import Callable
 from gateway.backend import JobBackend
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
-from gateway.storage import DataDir
+from gateway.storage import DataDir, DataDirFull
 from gateway.store import Job, JobStore
 from gateway.triton_client import JobRequest, TritonJobError
 from lipsync.contract import OPTIONS
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 WAITING_FOR_TRITON = "waiting for Triton"
 """The stage a job shows while its worker waits for Triton to come back."""
+INPUTS_GONE = "the job's input files are gone from the data folder (deleted while it was queued); submit it again"
 
 
 class Worker:
@@ -84,8 +85,13 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         self.metrics.queue_wait.observe(time.time() - job.created_at)
+        try:
+            video, audio = self.data.video(job.id).read_bytes(), self.data.audio(job.id).read_bytes()
+        except FileNotFoundError:
+            self._finish(job, self.store.fail(job.id, INPUTS_GONE))
+            return
         request = JobRequest(
-            video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(), job_id=job.id,
+            video=video, audio=audio, job_id=job.id,
             **{option.name: job.params.get(option.rest_name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
@@ -99,7 +105,11 @@ class Worker:
             self._failed(job, exc)
             return
         inference_s = time.monotonic() - started
-        self.data.write_result(job.id, result.video)
+        try:
+            self.data.write_result(job.id, result.video)
+        except DataDirFull as exc:
+            self._finish(job, self.store.fail(job.id, f"the result could not be stored: {exc}"))
+            return
         if self.store.succeed(job.id, inference_s, result.info):
             self.metrics.inference.observe(inference_s)
             self._finish(job, True)

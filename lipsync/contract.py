@@ -15,6 +15,7 @@ retry may help. Importing this module costs numpy and PyYAML, never torch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class Option:
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise BadInput(f"{self.rest_name} must be {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            # NaN compares false with both bounds, so the range check below would pass it.
+            raise BadInput(f"{self.rest_name} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise BadInput(f"{self.rest_name} must be one of {list(self.choices)}, got {value!r}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
@@ -198,6 +202,12 @@ FAILURES: dict[ErrorKind, Failure] = {
 
 FAILED_STAGE = "failed"
 """STAGE of a failed job's last response, whose INFO is :func:`failure_info`."""
+
+NO_ERROR_RESPONSE = "no_error_response"
+"""Request parameter (bool) a BLS caller sets: its failed job ends with the STAGE "failed" response
+alone, without the Triton error response that stream clients get next. Triton 2.51 never delivers a
+decoupled model's error response to a BLS caller, and the undelivered response keeps the caller's
+model from unloading (a stop then waits out the exit timeout)."""
 
 
 def kind_of(error: BaseException) -> ErrorKind:

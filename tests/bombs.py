@@ -8,13 +8,20 @@ import av
 import numpy as np
 
 
+_CODECS = {".avi": ("mjpeg", "yuvj420p", {})}
+"""Suffix → encoder, pixel format and options where it is not H.264 (MJPEG: a decoder FFmpeg must run to
+learn the stream's pixel format, so an over-large picture fails while the file is opened)."""
+
+
 def huge_frame_video(path: Path, width: int, height: int, frames: int = 1) -> Path:
-    """``frames`` flat grey ``width``×``height`` H.264 frames in a MOV/MP4 (by suffix): a few dozen KiB
-    on disk for what decodes to ``width × height × 1.5`` bytes a frame (×3 as RGB)."""
+    """``frames`` flat grey ``width``×``height`` frames, H.264 in a MOV/MP4/MKV or MJPEG in an AVI (by
+    suffix): a few dozen KiB on disk (MJPEG: a few hundred) for what decodes to ``width × height × 1.5``
+    bytes a frame (×3 as RGB)."""
+    codec, pix_fmt, options = _CODECS.get(path.suffix, ("libx264", "yuv420p", {"preset": "ultrafast"}))
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        frame = av.VideoFrame(width, height, "yuv420p")
+        stream = container.add_stream(codec, rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        frame = av.VideoFrame(width, height, pix_fmt)
         for plane in frame.planes:
             plane.update(bytes([128]) * plane.buffer_size)
         for index in range(frames):

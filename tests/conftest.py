@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from gateway.triton_server import TritonServer, TritonSettings
@@ -81,6 +82,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def triton_inputs(module, tensors: dict) -> list:
+    """``tritonclient.http`` or ``.grpc`` (``module``) inputs of shape [1]: bytes and str as BYTES, numpy
+    scalars as their datatype."""
+    inputs = []
+    for name, value in tensors.items():
+        if isinstance(value, (bytes, str)):
+            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+            tensor = module.InferInput(name, [1], "BYTES")
+        else:
+            array = np.array([value])
+            tensor = module.InferInput(name, [1], {np.int32: "INT32", np.int64: "INT64", np.float32: "FP32"}[type(value)])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,9 @@ def test_encode_then_decode_gives_the_options_back() -> None:
         ({"MODE": np.array([b"turbo"], np.object_)}, "mode must be one of"),
         ({"STEPS": np.array([0], np.int32)}, "inference_steps must be in 1..999"),
         ({"GUIDANCE": np.array([-2], np.float32)}, "guidance_scale must be in"),
+        ({"GUIDANCE": np.array([np.nan], np.float32)}, "guidance_scale must be a finite number"),
+        ({"GUIDANCE": np.array([np.inf], np.float32)}, "guidance_scale must be a finite number"),
+        ({"GUIDANCE": np.array([-np.inf], np.float32)}, "guidance_scale must be a finite number"),
         ({"CRF": np.array([52], np.int32)}, "crf must be in 0..51"),
         ({"STEPS": np.array([1, 2], np.int32)}, "one value"),
         ({"MODE": np.array([b"\xff"], np.object_)}, "UTF-8"),
@@ -94,6 +97,13 @@ def test_job_options_and_requests_are_checked_against_the_contract() -> None:
         JobOptions(mode="turbo")
     with pytest.raises(BadInput, match="inference_steps"):
         JobRequest(b"v", b"a", steps=1001).inputs()
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(BadInput, match="finite"):
+            JobOptions(guidance_scale=value)
+        with pytest.raises(BadInput, match="finite"):
+            contract.check({"guidance_scale": value})
+        with pytest.raises(BadInput, match="finite"):
+            contract.encode({"guidance_scale": value})
     assert [tensor.name() for tensor in JobRequest(b"v", b"a", steps=3, job_id="j").inputs()] == ["VIDEO", "AUDIO", "STEPS"]
 
 

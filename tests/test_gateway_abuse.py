@@ -284,7 +284,10 @@ def test_nothing_tells_whether_a_job_exists(local_gateway, finished_job) -> None
         if name.startswith("result"):
             assert seen.status_code == 404, name
     url = finished_job["results"]["video"][0]["url"]
-    assert local_gateway.client.get(url).status_code == 200  # the job is there for its token…
+    download = local_gateway.client.get(url)
+    assert download.status_code == 200  # the job is there for its token…
+    assert download.headers["x-content-type-options"] == "nosniff"
+    assert download.headers["cache-control"] == "private, no-store"
     mine = local_gateway.client.post("/lipsync/status", headers=AUTH, json={"request_id": existing})
     assert mine.json()["status"] == "Succeed"  # …and the probes changed nothing
 
@@ -296,6 +299,17 @@ def test_result_urls_come_from_the_configuration_not_the_host_header(local_gatew
     ).json()
     url = status["results"]["video"][0]["url"]
     assert url.startswith(f"{local_gateway.url}/lipsync/result/") and "evil" not in url
+
+
+def test_a_path_with_a_trailing_slash_is_a_404_never_a_redirect_built_from_the_host(local_gateway, finished_job) -> None:
+    forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+    url = httpx2.URL(finished_job["results"]["video"][0]["url"])
+    slashed = url.copy_with(path=url.path + "/")
+    for method, path, extra in (("GET", slashed, {}), ("POST", "/lipsync/status/", {"json": {"request_id": "0" * 32}}),
+                                ("GET", "/healthz/", {}), ("GET", "/v1/jobs/", {})):
+        response = local_gateway.client.request(method, path, headers=AUTH | forged, **extra)
+        assert response.status_code == 404, (path, response.status_code, response.headers)
+        assert "location" not in response.headers and response.json()["status"] == "Failed", path
 
 
 # --- rates and quotas ---------------------------------------------------------------------------------
@@ -315,6 +329,13 @@ def limited(tmp_path_factory) -> Iterator[LocalGateway]:
     }
     with LocalGateway(folder / "data", StandInBackend(hold=True), **settings) as local:
         yield local.serve()
+
+
+def test_the_info_page_shows_no_server_path(limited) -> None:
+    info = limited.client.get("/v1/info")
+    assert info.status_code == 200
+    assert info.json()["api_keys"] == {"env": "LIPSYNC_API_KEYS", "local_key_file": None, "keys_file": True}
+    assert "/" not in json.dumps(info.json()["api_keys"])
 
 
 def test_a_key_over_its_rates_or_job_quota_gets_429_with_retry_after(limited, media) -> None:

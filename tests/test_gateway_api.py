@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
+import shutil
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -20,6 +24,7 @@ from conftest import free_port
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 
 from gateway.triton_server import TritonServer, TritonSettings
+from gateway.worker import INPUTS_GONE, WAITING_FOR_TRITON
 from lipsync.media import VideoReader
 from lipsync.testing import sample_sum
 
@@ -166,6 +171,7 @@ def test_the_page_info_names_weights_options_and_where_keys_are_but_no_key(gatew
     assert info["defaults"]["inference_steps"] == 20
     assert info["api_keys"]["env"] == "LIPSYNC_API_KEYS"
     assert not any(key in json.dumps(info) for key in KEYS)
+    assert str(gateway.data_dir) not in json.dumps(info)
 
 
 def test_multipart_upload_runs_the_same_job(gateway, clip) -> None:
@@ -279,5 +285,103 @@ def test_a_job_is_retried_once_when_triton_restarts(clip, restart_audio, tmp_pat
         with TritonServer(settings):
             final = client.wait(request_id)[-1]
         assert final["status"] == "Succeed", final
+    finally:
+        process.stop()
+
+
+# --- faults: what a user sees when a part fails under a job -------------------------------------------
+
+
+def test_tritonserver_killed_mid_job_reruns_the_job_then_fails_it_cleanly_when_out_of_attempts(
+    clip, restart_audio, tmp_path
+) -> None:
+    """The user sees the running job at stage ``waiting for Triton`` while no Triton answers; once one is
+    back the job runs again (reason ``re-queued: Triton was unavailable``); when that server is killed too,
+    on the job's last attempt (``max_attempts`` 2), the job ends ``Failed`` with ``Triton was unavailable``:
+    never stuck, no 5xx."""
+    settings = TritonSettings.load(
+        device="cpu", weights="tiny", checkpoints=str(tmp_path / "checkpoints"), workdir=tmp_path / "serve",
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), startup_timeout_s=300,
+    )
+    process = GatewayProcess(tmp_path / "data", settings.grpc_url, free_port()).configure(triton_wait_s=600)
+    try:
+        with TritonServer(settings) as first:
+            client = Client(process.start().url)
+            request_id = client.job(clip[0], restart_audio, inference_steps=2)
+            client.wait(request_id, until=lambda s: s["status"] == "InProgress" and s["progress"] > 0)
+            os.kill(first.process.pid, signal.SIGKILL)  # the server alone, as the kernel's OOM killer would
+            waiting = client.wait(request_id, until=lambda s: s["stage"] == WAITING_FOR_TRITON or s["status"] in FINISHED)
+            assert waiting[-1]["status"] == "InProgress", waiting[-1]
+        with TritonServer(settings) as second:
+            rerun = client.wait(request_id, until=lambda s: (s["status"] == "InProgress" and s["progress"] > 0
+                                                            and s["stage"] != WAITING_FOR_TRITON) or s["status"] in FINISHED)
+            assert rerun[-1]["status"] == "InProgress", rerun[-1]
+            assert any((s["reason"] or "").startswith("re-queued: Triton was unavailable") for s in rerun), rerun
+            os.kill(second.process.pid, signal.SIGKILL)
+            final = client.wait(request_id)[-1]
+        assert (final["status"], final["reason"]) == ("Failed", "Triton was unavailable"), final
+        assert "results" not in final or not final["results"]
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (the test runs as root): a data folder that can fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_data_folder_refuses_new_jobs_with_507_and_fails_the_running_one_with_its_reason(
+    triton, clip, restart_audio, small_disk
+) -> None:
+    """The user sees new submits refused with 507 and a JSON reason naming ``min_free_mb`` (nothing is
+    created), the running job ``Failed`` with ``the result could not be stored: …`` and no result to
+    download (no partial file either); once space is back, submits are accepted again."""
+    data = small_disk / "data"
+    process = GatewayProcess(data, triton.settings.grpc_url, free_port()).configure(min_free_mb=16)
+    try:
+        client = Client(process.start().url)
+        request_id = client.job(clip[0], restart_audio, inference_steps=2)
+        client.wait(request_id, until=lambda s: s["status"] == "InProgress" and s["progress"] > 0)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as file:  # leaves 8 MiB: under min_free_mb, room for the job table
+            os.posix_fallocate(file.fileno(), 0, shutil.disk_usage(small_disk).free - 8 * 2**20)
+        refused = client.submit(*clip, inference_steps=1)
+        assert refused.status_code == 507, refused.text
+        assert refused.json()["status"] == "Failed" and "(min_free_mb)" in refused.json()["reason"]
+        assert not any((data / "incoming").iterdir())
+        final = client.wait(request_id)[-1]
+        assert final["status"] == "Failed" and final["reason"].startswith("the result could not be stored: "), final
+        assert "(min_free_mb)" in final["reason"]
+        assert not any((data / "results").iterdir())
+        assert client.http.get(f"/lipsync/result/{request_id}").status_code == 404
+        filler.unlink()
+        accepted = client.submit(*clip, inference_steps=1)
+        assert accepted.status_code == 200, accepted.text
+        client.cancel(accepted.json()["request_id"])
+    finally:
+        process.stop()
+
+
+def test_a_job_whose_inputs_were_deleted_fails_with_that_reason(triton, clip, restart_audio, tmp_path) -> None:
+    """The user sees the job whose input files were deleted from the data folder while it was queued
+    ``Failed`` with ``the job's input files are gone …; submit it again``; the job before it is unaffected."""
+    data = tmp_path / "data"
+    process = GatewayProcess(data, triton.settings.grpc_url, free_port()).start()  # one job at a time
+    try:
+        client = Client(process.url)
+        running = client.job(clip[0], restart_audio, inference_steps=2)
+        queued = client.job(*clip, inference_steps=1)
+        assert client.status(queued)["status"] == "InQueue"
+        shutil.rmtree(data / "inputs" / queued)
+        final = client.wait(queued)[-1]
+        assert (final["status"], final["reason"]) == ("Failed", INPUTS_GONE), final
+        assert client.wait(running)[-1]["status"] == "Succeed"
     finally:
         process.stop()

@@ -6,6 +6,7 @@ existence probes and rate limits: test_gateway_abuse.py.)"""
 from __future__ import annotations
 
 import base64
+import subprocess
 
 import pytest
 
@@ -113,13 +114,17 @@ BOTH = {"video": "video", "audio": "audio"}
         (BOTH, {"seed": "1e3"}),
         (BOTH, {"guidance_scale": "nan"}),
         (BOTH, {"guidance_scale": "true"}),
+        (BOTH, {"inference_steps": "01"}),
+        (BOTH, {"guidance_scale": ".5"}),
+        (BOTH, {"guidance_scale": "5."}),
         (BOTH, {"inference_steps": ["1", "2"]}),
         (BOTH, {"output_path": "/etc/passwd"}),
         (BOTH | {"extra": "video"}, {}),
         ({"video": "video", "audio": "610 s audio"}, {}),
     ],
     ids=["non-media video", "non-media audio", "no audio part", "bad steps", "steps 2.0", "steps true", "steps with a space",
-         "seed 1e3", "guidance nan", "guidance true", "steps twice", "unknown field", "a third file", "audio over max_audio_s"],
+         "seed 1e3", "guidance nan", "guidance true", "steps 01", "guidance .5", "guidance 5.", "steps twice",
+         "unknown field", "a third file", "audio over max_audio_s"],
 )
 def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     before = job_count(gateway)
@@ -127,6 +132,7 @@ def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     response = gateway.client.post("/lipsync/upload", headers=AUTH, files=parts, data=data)
     assert response.status_code == 422, response.text
     assert response.json()["status"] == "Failed"
+    assert all(field in response.text for field in data)  # the message names the field
     assert job_count(gateway) == before
     assert not any((gateway.data_dir / "incoming").iterdir())
 
@@ -202,3 +208,23 @@ def test_unknown_routes_and_methods_get_json_errors(gateway) -> None:
     assert wrong_method.status_code == 405 and wrong_method.json()["status"] == "Failed"
     assert gateway.client.get("/healthz").json() == {"status": "ok"}
     assert gateway.client.get("/readyz").status_code == 200
+
+
+def test_a_submit_that_fills_the_data_folder_gets_507_and_leaves_nothing(tmp_path, media) -> None:
+    """A 2 MiB data folder (tmpfs; the tests run as root) and no space kept (``min_free_mb`` 0): the
+    3 MiB upload runs out of space while it is written; the client gets 507, the partial upload is gone."""
+    from local_gateway import LocalGateway  # it imports conftest's free_port
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        with LocalGateway(disk / "data", min_free_mb=0) as local:
+            body = {"video_source": b64(b"\0" * 3 * 2**20), "audio_source": media["audio"]}
+            response = local.client.post("/lipsync/submit", headers=AUTH, json=body)
+            assert response.status_code == 507, response.text
+            assert response.json() == {"status": "Failed", "reason": response.json()["reason"]}
+            assert "ran out of space" in response.json()["reason"]
+            assert not any((disk / "data" / "incoming").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -65,7 +65,8 @@ def test_idle_page_shows_the_demo_banner_the_key_file_and_the_options(gateway, b
         key_file.unlink()
     assert "tiny-demo" in banner.text and "scripts/download_weights.py" in banner.text
     assert "tiny-demo" in browser.find_element(By.ID, "served").text
-    assert str(key_file) in hint and "LIPSYNC_API_KEYS" in hint and "a-local-key" not in browser.page_source
+    assert f"{LOCAL_KEY_FILE} in the gateway's data folder" in hint and "LIPSYNC_API_KEYS" in hint
+    assert str(gateway.data_dir) not in browser.page_source and "a-local-key" not in browser.page_source
     for name in ("inference_steps", "guidance_scale", "seed", "loop_mode", "mode", "version"):
         assert browser.find_element(By.ID, name).is_displayed(), name
     loop_modes = [option.get_attribute("value") for option in browser.find_elements(By.CSS_SELECTOR, "#loop_mode option")]

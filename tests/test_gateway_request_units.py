@@ -88,6 +88,10 @@ def test_form_fields_cover_every_option() -> None:
     ({"guidance_scale": "2"}, {"guidance_scale": 2.0}),
     ({"guidance_scale": "1.5"}, {"guidance_scale": 1.5}),
     ({"guidance_scale": "1e-1"}, {"guidance_scale": 0.1}),
+    ({"guidance_scale": "0.5"}, {"guidance_scale": 0.5}),
+    ({"guidance_scale": "-0"}, {"guidance_scale": 0.0}),
+    ({"inference_steps": "10"}, {"inference_steps": 10}),
+    ({"seed": "0"}, {"seed": 0}),
     ({"inference_steps": "", "mode": ""}, {}),
     ({"loop_mode": "cut", "version": "1.6", "mode": "fast"}, {"loop_mode": "cut", "version": "1.6", "mode": "fast"}),
 ])
@@ -101,6 +105,8 @@ def test_form_numbers_are_read_strictly(fields, expected) -> None:
     {"inference_steps": "2.0"}, {"inference_steps": "true"}, {"inference_steps": " 2"}, {"inference_steps": "+2"},
     {"inference_steps": "2_0"}, {"inference_steps": "٢"}, {"inference_steps": "0x10"}, {"seed": "1e3"},
     {"guidance_scale": "nan"}, {"guidance_scale": "inf"}, {"guidance_scale": "true"}, {"guidance_scale": "1,5"},
+    {"inference_steps": "01"}, {"seed": "-01"}, {"guidance_scale": "01"}, {"guidance_scale": ".5"},
+    {"guidance_scale": "5."}, {"guidance_scale": "-.5"}, {"guidance_scale": "1.e2"}, {"guidance_scale": "1e999"},
     {"inference_steps": ["2", "3"]}, {"output_path": "/etc/passwd"}, {"video": "not a file"},
 ])
 def test_loose_or_unknown_form_fields_are_refused(fields) -> None:

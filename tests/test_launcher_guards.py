@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,8 @@ from gateway.logfiles import rotate
 from gateway.pidfile import PidFile, WorkFolderInUse
 from gateway.ports import Listener, listens, taken
 from gateway.processes import ProcessRecord
+from gateway.shm import REGION_PREFIX, SHM_DIR, record_regions
+from gateway.triton_server import REGIONS_FILE, TritonError, TritonServer, TritonSettings
 
 LAUNCHER = """
 import os, subprocess, sys, time
@@ -96,3 +99,25 @@ def test_logs_of_earlier_runs_are_kept_up_to_the_configured_count(tmp_path: Path
     assert [path.name for path in sorted(tmp_path.iterdir())] == ["triton.log", "triton.log.1", "triton.log.2"]
     assert [(tmp_path / name).read_text() for name in ("triton.log", "triton.log.1", "triton.log.2")] == ["run 3", "run 2", "run 1"]
 
+
+
+def test_the_next_launcher_removes_the_shared_memory_a_killed_one_recorded(tmp_path: Path) -> None:
+    """Its server and stubs are gone (killed): only the work folder's record names their regions."""
+    ours, other = (SHM_DIR / f"{REGION_PREFIX}{uuid.uuid4()}" for _ in range(2))
+    ours.write_bytes(b"x")
+    other.write_bytes(b"x")  # another server's region, not in the record
+    try:
+        record_regions(tmp_path / REGIONS_FILE, [ours.name, "../../etc/passwd"])
+        with socket.socket() as holder:  # the launcher then refuses to start: a taken port
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            settings = TritonSettings.load(device="cpu", weights="tiny", workdir=tmp_path, http_port=port,
+                                           grpc_port=port, metrics_port=port)
+            with pytest.raises(TritonError, match="in use"):
+                TritonServer(settings).start()
+        assert not ours.exists() and other.exists()
+        assert not (tmp_path / REGIONS_FILE).exists()
+    finally:
+        ours.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)

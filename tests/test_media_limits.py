@@ -51,6 +51,34 @@ def test_a_picture_over_the_limits_is_refused_by_the_reader_and_the_submit_check
         check_video(bomb, "video_source")
 
 
+@pytest.mark.parametrize(("name", "size", "limit"), [
+    ("bomb.avi", (4000, 4000), "max_pixels"),
+    ("bomb.avi", (8192, 8192), "max_side"),
+    ("bomb.mkv", (12000, 12000), "max_side"),
+])
+def test_a_picture_the_decoder_must_open_to_describe_is_refused_naming_the_limit(tmp_path, name, size, limit) -> None:
+    """MJPEG's pixel format is only known once a frame is decoded, and the bounded decoder refuses the
+    frame: the limit is still named (from the header), not a corrupt file."""
+    bomb = huge_frame_video(tmp_path / name, *size)
+    with pytest.raises(MediaLimitError, match=rf"{size[0]}×{size[1]}.*\({limit}\)"):
+        VideoReader(bomb)
+    with pytest.raises(InvalidInput, match=rf"^video_source: .*\({limit}\)"):
+        check_video(bomb, "video_source")
+
+
+@pytest.mark.parametrize("name", ["edge.mp4", "edge.avi"])
+@pytest.mark.parametrize("size", [(LIMITS.max_pixels // LIMITS.max_side, LIMITS.max_side),
+                                  (LIMITS.max_side, LIMITS.max_pixels // LIMITS.max_side)])
+def test_a_picture_exactly_at_the_limits_is_accepted_and_decodes(tmp_path, name, size) -> None:
+    """2160×4096: FFmpeg pads the width to 2176 before its own ``max_pixels`` check."""
+    assert size[0] * size[1] == LIMITS.max_pixels and max(size) == LIMITS.max_side
+    video = huge_frame_video(tmp_path / name, *size)
+    check_video(video, "video_source")
+    with VideoReader(video) as reader:
+        assert (reader.info.width, reader.info.height) == size
+        assert next(iter(reader)) is not None
+
+
 def test_the_decoder_refuses_pictures_over_max_pixels_whatever_the_headers_say(tmp_path) -> None:
     video = huge_frame_video(tmp_path / "big.mp4", 640, 640)
     limits = with_limits(max_pixels=320 * 320).limits

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -16,15 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from clips import demo_frames, speech, write_video, write_wav
-from conftest import free_port
+from conftest import free_port, triton_inputs
 from gateway.ports import listens
+from gateway.shm import SHM_DIR, stub_regions
 
-SHM = Path("/dev/shm")
-REGION_PREFIX = "triton_python_backend_shm_region_"
 IDLE_STOP_S = 5
 """The stated bound on stopping an idle ``up``; asserted with :data:`SLOW_MACHINE` slack."""
 BUSY_STOP_S = 10
@@ -111,9 +115,7 @@ class Up:
 
     def shm_regions(self) -> set[str]:
         """The Python backend's shared-memory regions of this run's Triton: named on its stubs' command lines."""
-        stubs = [child for child in psutil.Process(self.process.pid).children(recursive=True)
-                 if "triton_python_backend_stub" in " ".join(child.cmdline()[:1])]
-        return {arg for stub in stubs for arg in stub.cmdline() if arg.startswith(REGION_PREFIX)}
+        return stub_regions(psutil.Process(self.process.pid).children(recursive=True))
 
     def interrupt(self) -> tuple[float, int, str]:
         """Ctrl-C: SIGINT, and wait for the exit. Seconds it took, exit code, triton.log written meanwhile."""
@@ -153,9 +155,15 @@ def _assert_stopped_cleanly(seconds: float, bound_s: float, code: int, log: str,
     assert "Traceback" not in output, output
     assert seconds <= bound_s * SLOW_MACHINE, f"the stop took {seconds:.1f} s\n{output}\n{log}"
     assert [line for line in log.splitlines() if line.startswith("E")] == [], log
+    assert "Exit timeout expired" not in log + output, log
     assert "successfully unloaded 'lipsync' version 1" in log, log
     assert "successfully unloaded 'lipsync_unary' version 1" in log, log
-    assert regions and not [name for name in regions if (SHM / name).exists()], regions
+    assert regions and not _left(regions), regions
+
+
+def _left(regions: set[str]) -> list[str]:
+    """Those of ``regions`` still in /dev/shm."""
+    return [name for name in regions if (SHM_DIR / name).exists()]
 
 
 def _ports() -> dict[str, int]:
@@ -205,8 +213,10 @@ def test_up_starts_triton_and_the_gateway_and_sigterm_stops_both(tmp_path: Path)
         assert second.run() == 1  # the same work folder, while the first serves from it: refused, naming the first
         assert f"is in use by another lipsync-serve (pid {up.process.pid}: " in second.output()
         assert _ready(f"http://127.0.0.1:{port}/readyz")
+        regions = up.shm_regions()
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(120) == 0
+        assert regions and not _left(regions)
         with pytest.raises(httpx2.HTTPError):
             httpx2.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
         assert not (up.workdir / "triton.pid").exists()
@@ -226,6 +236,9 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         while not (stubs := [child.pid for child in psutil.Process(orphan).children()]):
             assert time.monotonic() < deadline, killed.output()
             time.sleep(0.2)
+        while not (orphaned := killed.shm_regions()):
+            assert time.monotonic() < deadline, killed.output()
+            time.sleep(0.2)
         # A Triton that outlives its launcher: stopped, it neither exits on the launcher's death nor frees the folder.
         os.kill(orphan, signal.SIGSTOP)
         while psutil.Process(orphan).status() != psutil.STATUS_STOPPED:  # before the launcher's death sends SIGTERM
@@ -235,6 +248,8 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
 
         up.start().wait_ready()
         assert _gone([orphan, *stubs]), up.output()
+        assert not _left(orphaned), up.output()  # the killed server's shared memory is gone with it
+        regions = up.shm_regions()
         assert f"stopping the Triton left behind in {up.workdir} by an earlier run (pid {orphan}: " in up.output()
         server = up.triton_pid()
         assert server != orphan and listens(server, ports["http"]) and listens(server, ports["grpc"])
@@ -245,21 +260,52 @@ def test_up_stops_the_triton_a_killed_up_left_behind_and_exits_when_its_own_trit
         assert up.process.wait(60) == 1
         assert f"tritonserver (pid {server}) was killed by SIGKILL" in up.output()
         assert not _ready(f"http://127.0.0.1:{ports['gateway']}/readyz")
+        assert regions and not _left(regions)
     finally:
         killed.close()
         up.close()
 
 
+def _accepted_and_refused_requests_on_both_models(up: Up, clip: tuple[Path, Path]) -> None:
+    """Straight to Triton: a job and a refused request on ``lipsync_unary`` (HTTP) and a refused one on
+    ``lipsync`` (gRPC stream); the gateway's job is the accepted ``lipsync`` one."""
+    video, audio = (path.read_bytes() for path in clip)
+    unary = httpclient.InferenceServerClient(f"127.0.0.1:{up.ports['http']}", network_timeout=300)
+    try:
+        result = unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": video, "AUDIO": audio, "STEPS": np.int32(1)}))
+        assert json.loads(result.as_numpy("INFO")[0])["frames"] == 25
+        with pytest.raises(InferenceServerException, match="finite"):
+            unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": video, "AUDIO": audio, "GUIDANCE": np.float32("nan")}))
+        with pytest.raises(InferenceServerException, match="invalid input"):
+            unary.infer("lipsync_unary", triton_inputs(httpclient, {"VIDEO": b"not a video" * 10, "AUDIO": audio}))
+    finally:
+        unary.close()
+    answers: queue.Queue = queue.Queue()
+    stream = grpcclient.InferenceServerClient(f"127.0.0.1:{up.ports['grpc']}")
+    try:
+        stream.start_stream(callback=lambda result, error: answers.put((result, error)))
+        stream.async_stream_infer("lipsync", triton_inputs(grpcclient, {"VIDEO": video, "AUDIO": audio, "CRF": np.int32(99)}))
+        while (answer := answers.get(timeout=60))[1] is None:  # STAGE "failed", then the error
+            pass
+        assert "crf must be in" in str(answer[1])
+        stream.stop_stream()
+    finally:
+        stream.close()
+
+
 @pytest.mark.slow
-def test_ctrl_c_after_a_job_stops_up_within_seconds_and_leaves_nothing_behind(
+def test_ctrl_c_after_jobs_and_refusals_stops_up_within_seconds_and_leaves_nothing_behind(
     tmp_path: Path, tiny_clip: tuple[Path, Path], record_property
 ) -> None:
+    """A refused ``lipsync_unary`` request once kept ``lipsync`` loaded (its BLS stream was left unread),
+    so every later stop waited out Triton's exit timeout."""
     up = Up(tmp_path, _ports())
     try:
         up.start().wait_ready()
         regions = up.shm_regions()
         job = up.submit(tiny_clip, steps=2)
         assert up.wait_for(job, lambda status: status["status"] != "InQueue" and status["status"] != "InProgress")["status"] == "Succeed"
+        _accepted_and_refused_requests_on_both_models(up, tiny_clip)
         seconds, code, log = up.interrupt()
         record_property("stop_seconds", round(seconds, 2))
         _assert_stopped_cleanly(seconds, IDLE_STOP_S, code, log, regions, up.output())

@@ -20,6 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clips import demo_frames, flat, speech, write_video, write_wav
+from conftest import triton_inputs
 from lipsync.testing import sample_sum
 from gateway.triton_client import served_info, served_weights
 from lipsync.media import VideoReader
@@ -44,18 +45,7 @@ def clip(tmp_path_factory) -> tuple[bytes, bytes]:
 
 
 def _inputs(module, video: bytes, audio: bytes, steps: int = STEPS, **extra) -> list:
-    tensors = {"VIDEO": video, "AUDIO": audio, "STEPS": np.int32(steps)} | extra
-    inputs = []
-    for name, value in tensors.items():
-        if isinstance(value, (bytes, str)):
-            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-            tensor = module.InferInput(name, [1], "BYTES")
-        else:
-            array = np.array([value])
-            tensor = module.InferInput(name, [1], {np.int32: "INT32", np.int64: "INT64", np.float32: "FP32"}[type(value)])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return triton_inputs(module, {"VIDEO": video, "AUDIO": audio, "STEPS": np.int32(steps)} | extra)
 
 
 def _stream(triton, video: bytes, audio: bytes, cancel_when=None, **options) -> tuple[list[tuple[float, str, float]], object]:
@@ -183,6 +173,7 @@ def test_cancelling_a_running_job_stops_it_within_one_window(triton, clip) -> No
         ("clip", "speech", {"LOOP_MODE": "sideways"}, "sideways"),
         ("clip", "speech", {"MODE": "turbo"}, "mode must be one of"),
         ("clip", "speech", {"GUIDANCE": np.float32(-2.0)}, "guidance"),
+        ("clip", "speech", {"GUIDANCE": np.float32("nan")}, "guidance_scale must be a finite number"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_next_job_succeeds(triton, clip, tmp_path, video, audio, extra, message) -> None:

@@ -63,6 +63,11 @@ REFUSED = {
     "http://240.0.0.1/": "private",
     "http://255.255.255.255/": "private",
     "http://198.18.0.1/": "private",
+    # not globally reachable though this Python's ipaddress calls them global
+    "http://192.0.0.8/": "non-public",
+    "http://192.0.0.9/": "non-public",
+    "http://[fec0::1]/": "non-public",
+    "http://[2002:c000:8::]/": "non-public",  # 6to4 of 192.0.0.8
 }
 
 

@@ -23,7 +23,7 @@ from gateway.quotas import Quotas
 from gateway.schemas import JobOptions
 from gateway.served import ServedWeights
 from gateway.settings import GatewaySettings
-from gateway.storage import DataDir, is_job_id
+from gateway.storage import DataDir, DataDirFull, is_job_id, is_out_of_space
 from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, QuotaExceeded, new_job_id
 from gateway.validation import InvalidInput, check_audio, check_video
 from gateway.webhook import Webhooks
@@ -38,6 +38,11 @@ BAD_CURSOR = "cursor: not a next_cursor this API gave out"
 
 StageInputs = Callable[[Path], tuple[str, str]]
 """Writes a request's ``video`` and ``audio`` into a staging folder; returns their SHA-256s."""
+
+
+def _no_space(reason: str) -> ApiError:
+    """507 for a submit the data folder has no room for (:class:`gateway.storage.DataDirFull` or ENOSPC)."""
+    return ApiError(507, f"no new jobs for now: {reason}")
 
 
 class JobService:
@@ -128,7 +133,15 @@ class JobService:
         With an ``idempotency_key`` this owner used before: the same request gets the first job's id, a
         different one 409. The staging folder never outlives the call.
         """
-        staged = self.data.staging()
+        try:
+            self.data.check_space()
+            staged = self.data.staging()
+        except DataDirFull as exc:
+            raise _no_space(str(exc)) from None
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
         try:
             request_hash = fingerprint(options, *stage_inputs(staged))
             replayed = self._replay(owner, idempotency_key, request_hash)
@@ -143,6 +156,10 @@ class JobService:
             raise ApiError.of(exc) from None
         except WebhookRefused as exc:
             raise ApiError(400, str(exc)) from None
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         try:

@@ -6,9 +6,11 @@ declares. Bad files become a :class:`MediaError` whose message says what is wron
 
 Input limits (:class:`MediaLimits`, ``configs/media.yaml``) are checked here too, from the headers, by
 every reader of a job's inputs: the video reader, the audio decoder and the gateway's submit check.
-A file is opened with the decoder told ``max_pixels``, because FFmpeg already decodes frames while it
-opens a file (to learn the stream's parameters): a 400 KiB file holding one 12000×12000 frame would
-otherwise cost half a gigabyte before any header could be looked at.
+A video is first opened with no decoder allowed, so its size, duration and frame count come from the
+container headers and FFmpeg's parsers alone and a file over a limit is refused naming it. It is then
+opened for decoding with the decoder told ``max_pixels``, because FFmpeg decodes frames while it opens a
+file (to learn the stream's parameters): a 400 KiB file holding one 12000×12000 frame would otherwise
+cost half a gigabyte, and a stream whose size only its frames tell (e.g. MPEG-4 Part 2) is bounded too.
 """
 
 from __future__ import annotations
@@ -56,9 +58,21 @@ class VideoInfo:
         return round(self.duration * fps)
 
 
+_STRIDE_ALIGN = 64
+"""Pixels FFmpeg rounds a frame's width up to (its widest SIMD alignment, AVX-512) before it checks the
+picture against ``max_pixels``: 2160×4096 is checked as 2176×4096."""
+
+_HEADERS_ONLY = {"codec_whitelist": "none"}
+"""``av.open`` options under which no decoder may open: streams keep what the headers declare."""
+
+
 def decoder_options(limits: MediaLimits) -> dict[str, str]:
-    """FFmpeg codec options that make decoders refuse pictures over ``limits.max_pixels``."""
-    return {"max_pixels": str(limits.max_pixels)}
+    """FFmpeg codec options that make decoders refuse pictures over ``limits.max_pixels``.
+
+    FFmpeg checks the padded width (:data:`_STRIDE_ALIGN`), so the bound it is told leaves room for that
+    padding on a side of at most ``max_side``; the exact limit is checked from the headers.
+    """
+    return {"max_pixels": str(limits.max_pixels + (_STRIDE_ALIGN - 1) * limits.max_side)}
 
 
 def open_media(path: str | Path, limits: MediaLimits) -> InputContainer:
@@ -138,6 +152,7 @@ def open_video(path: str | Path, limits: MediaLimits) -> tuple[InputContainer, V
         raise MediaError(f"video file not found: {path}")
     if path.stat().st_size == 0:
         raise MediaError(f"{path} is empty")
+    _check_declared_limits(path, limits)
     try:
         container = open_media(path, limits)
     except av.InvalidDataError:
@@ -157,6 +172,27 @@ def open_video(path: str | Path, limits: MediaLimits) -> tuple[InputContainer, V
         container.close()
         raise
     return container, stream
+
+
+def _check_declared_limits(path: Path, limits: MediaLimits) -> None:
+    """:func:`check_video_limits` on what the headers declare, with no decoder opened.
+
+    Where FFmpeg must decode a frame to learn a stream's parameters (VP9 in WebM, MJPEG in AVI), a
+    picture over ``max_pixels`` makes the decoder fail and the stream forget its declared size, so
+    after :func:`open_media` the limit could no longer be named. A file this open cannot read is left
+    to :func:`open_media` to describe.
+    """
+    try:
+        container = av.open(str(path), options=_HEADERS_ONLY)
+    except av.FFmpegError:
+        return
+    with container:
+        try:
+            stream = _video_stream(container, path)
+        except MediaError:
+            return
+        if stream.width and stream.height:
+            check_video_limits(container, stream, limits)
 
 
 def declared_duration(stream: VideoStream) -> float | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -18,13 +17,11 @@ router = APIRouter()
 
 @router.get("/v1/info")
 def info(settings: SettingsDep, runtime: RuntimeDep) -> dict[str, Any]:
-    """Names the files that hold keys, never a key itself."""
-    candidates = [settings.data_dir / LOCAL_KEY_FILE]  # made by `lipsync-serve up` when no key is configured
-    if settings.api_keys_file:
-        candidates.append(Path(settings.api_keys_file).resolve())
-    files = [str(path) for path in candidates if path.is_file()]
+    """Says where keys are configured, by kind, never a key or a server path (anyone may ask)."""
+    local = (settings.data_dir / LOCAL_KEY_FILE).is_file()  # made by `lipsync-serve up` when no key is configured
     return {
         "weights": runtime.weights.value, "demo_weights": demo_weights(),
-        "api_keys": {"env": settings.api_keys_env, "files": files},
+        "api_keys": {"env": settings.api_keys_env, "local_key_file": LOCAL_KEY_FILE if local else None,
+                     "keys_file": bool(settings.api_keys_file)},
         "options": option_rules(), "defaults": asdict(settings.defaults),
     }

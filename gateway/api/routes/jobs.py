@@ -23,6 +23,10 @@ from gateway.validation import InvalidInput, decode_base64
 
 router = APIRouter()
 
+DOWNLOAD_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"}
+"""A result is served as the mp4 it is (a browser must not sniff another type into it) and is not kept
+by shared caches or the browser: its URL carries the token that grants it."""
+
 
 @router.post("/lipsync/submit")
 def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
@@ -80,4 +84,4 @@ def result(
 ) -> FileResponse:
     """The video, for its owner's key or the unguessable ``token`` of the status's URL (players cannot send headers)."""
     path = jobs.readable_result(request_id, token, authorization)
-    return FileResponse(path, media_type="video/mp4", filename=f"lipsync-{request_id}.mp4")
+    return FileResponse(path, media_type="video/mp4", filename=f"lipsync-{request_id}.mp4", headers=DOWNLOAD_HEADERS)

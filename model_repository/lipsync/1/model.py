@@ -180,6 +180,11 @@ def _array(request, name: str):
     return None if tensor is None else tensor.as_numpy()
 
 
+def _parameters(request) -> dict:
+    """The request's parameters (Triton passes them as a JSON object)."""
+    return json.loads(request.parameters() or "{}")
+
+
 def _is_describe(request) -> bool:
     """A request with neither VIDEO nor AUDIO: it asks which weights are served."""
     return all(_array(request, name) is None for name in contract.MEDIA)
@@ -337,7 +342,7 @@ class TritonPythonModel:
                 )
         except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
             cancelled.close()
-            self._fail(sender, job, exc)
+            self._fail(sender, job, exc, error_response=not _parameters(request).get(contract.NO_ERROR_RESPONSE, False))
         else:
             cancelled.close()
             self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
@@ -353,12 +358,13 @@ class TritonPythonModel:
             self.slots.release()
             self.jobs.discard(threading.current_thread())
 
-    def _fail(self, sender, job: str, error: Exception) -> None:
+    def _fail(self, sender, job: str, error: Exception, error_response: bool) -> None:
         """End the stream with STAGE "failed" and INFO {"error", "code"} (:func:`lipsync.contract.failure_info`),
-        then the Triton error itself.
+        then, if ``error_response``, the Triton error itself.
 
         The structured response comes first because BLS callers (``lipsync_unary``) never see error
-        responses of a decoupled model in Triton 2.51, and stream clients get the code as data.
+        responses of a decoupled model in Triton 2.51 (they ask for none: :data:`contract.NO_ERROR_RESPONSE`),
+        and stream clients get the code as data.
         """
         kind = contract.kind_of(error)
         prefix = {ErrorKind.BAD_INPUT: "invalid input: ", ErrorKind.INTERNAL: "internal error: "}.get(kind, "")
@@ -369,7 +375,8 @@ class TritonPythonModel:
         info = contract.failure_info(error, message)
         code = getattr(pb_utils.TritonError, contract.FAILURES[kind].triton_code)
         sender.send(pb_utils.InferenceResponse([_text("STAGE", contract.FAILED_STAGE), _text("INFO", info)]))
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
+        if error_response:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self.metrics.finished(_OUTCOMES.get(kind, "failed"))
 

@@ -21,18 +21,20 @@ class TritonPythonModel:
         inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         job = pb_utils.InferenceRequest(
             model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"],
-            request_id=request.request_id(),
+            request_id=request.request_id(), parameters={contract.NO_ERROR_RESPONSE: True},
         )
-        final = None
+        final = failure = None
+        # Read to the end (its final flag), past a failure, so the lipsync request is complete when this one answers.
         for response in job.exec(decoupled=True):
             stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
             if stage is not None and stage.as_numpy()[0].decode() == contract.FAILED_STAGE:
                 # INFO {"error", "code"}: the code is the Triton error code of the failure's kind
                 failure = json.loads(pb_utils.get_output_tensor_by_name(response, "INFO").as_numpy()[0])
-                code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
-            if pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
+            elif pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
                 final = response
+        if failure is not None:
+            code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
         if final is None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("lipsync ended without a video", pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(final, name) for name in _OUTPUTS])
