@@ -118,8 +118,8 @@ class EtaEstimate:
         self.rates, self.clock = rates, clock
         self.started = clock()
         self.size: JobSize | None = None
-        self.entered: dict[str, float] = {}
-        """When each stage's first report came, in the order of the stages."""
+        self.entered: dict[str, tuple[float, float]] = {}
+        """``(time, stage fraction)`` of each stage's first report, in the order of the stages."""
 
     def plan(self, size: JobSize) -> None:
         """The job's size, once known (after its audio is read)."""
@@ -127,14 +127,15 @@ class EtaEstimate:
 
     def __call__(self, fraction: float, stage: str) -> float | None:
         now = self.clock()
-        self.entered.setdefault(stage, now)
         low, high = STAGE_SPANS[stage]
         done = min(max((fraction - low) / (high - low), 0.0), 1.0)
-        elapsed = now - self.entered[stage]
+        since, done_then = self.entered.setdefault(stage, (now, done))
+        elapsed = now - since
         expected = self._learned(stage)
         left = None if expected is None else max(0.0, expected - elapsed)
-        if stage == PACED_STAGE and done > 0 and elapsed > 0:
-            own = elapsed * (1 - done) / done
+        if stage == PACED_STAGE and done > done_then and elapsed > 0:
+            # the stage's first report comes after its first DDIM step: its pace counts from there
+            own = elapsed * (1 - done) / (done - done_then)
             left = own if left is None else done * own + (1 - done) * left
         if left is None:
             left = self._from_overall_pace(stage, 1 - done, now, fraction)
@@ -161,8 +162,8 @@ class EtaEstimate:
         """The job succeeded: teach the shared rates how long each of its stages took."""
         if self.size is None or not self.entered:
             return
-        times = sorted(self.entered.values()) + [self.clock()]
-        stages = sorted(self.entered, key=self.entered.__getitem__)
+        stages = sorted(self.entered, key=lambda stage: self.entered[stage][0])
+        times = [self.entered[stage][0] for stage in stages] + [self.clock()]
         self.rates.learn({stage: end - start for stage, start, end in zip(stages, times, times[1:])}, self.size)
 
 

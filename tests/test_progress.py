@@ -64,6 +64,16 @@ def test_a_server_that_never_finished_a_job_tells_no_eta_before_generation_moved
     assert eta(0.575, "generate") == pytest.approx(10.0 + 20 / 0.575 * 0.05)
 
 
+def test_generation_pace_counts_from_its_first_report_which_comes_after_the_first_step() -> None:
+    clock = Clock()
+    eta = EtaEstimate(StageRates(8), clock=clock)
+    eta.plan(JobSize(frames=100, steps=20))
+    eta(0.2 + 0.75 * 0.1, "generate")  # one step of ten done, its time unknown
+    clock.now += 10
+    # one more step in 10 s: 8 steps left take 80 s (not 40 s, as counting both steps in 10 s would say)
+    assert eta(0.2 + 0.75 * 0.2, "generate") == pytest.approx(80.0 + 10 / (0.2 + 0.75 * 0.2) * 0.05)
+
+
 def test_a_finished_job_teaches_the_next_one_per_frame_and_step() -> None:
     clock = Clock()
     rates = StageRates(8)
