@@ -108,7 +108,9 @@ class EtaEstimate:
     Seconds left = what remains of the current stage + the learned durations of the stages after it.
     In the paced stage (generation) the remainder blends the learned duration left with the job's
     own pace since the stage began, trusting its own pace more as the stage proceeds (weight = the
-    stage's fraction done), so a server slowed by other work is seen within a few steps. Before
+    square of the stage's fraction done: its first steps share the CPU with the analysis of the rest of
+    the video, so its early pace says little about the rest), so a server slowed by other work is seen
+    before the stage ends. Before
     :meth:`plan` or before any job finished a stage, that stage falls back to the job's own pace
     over the whole progress scale, except generation: a job that has not generated yet on a server
     that never finished a job gets ``None`` (no way to tell how fast the UNet runs here).
@@ -136,7 +138,8 @@ class EtaEstimate:
         if stage == PACED_STAGE and done > done_then and elapsed > 0:
             # the stage's first report comes after its first DDIM step: its pace counts from there
             own = elapsed * (1 - done) / (done - done_then)
-            left = own if left is None else done * own + (1 - done) * left
+            trust = done**2
+            left = own if left is None else trust * own + (1 - trust) * left
         if left is None:
             left = self._from_overall_pace(stage, 1 - done, now, fraction)
         for later in STAGES[STAGES.index(stage) + 1:]:

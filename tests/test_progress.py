@@ -105,9 +105,9 @@ def test_generation_trusts_its_own_pace_more_as_it_proceeds() -> None:
     second(0.2, "generate")
     clock.now += 20.0  # a quarter of generation in 20 s: this server is twice as slow now
     own, learned = 60.0, 20.0
-    assert second(0.2 + 0.75 / 4, "generate") == pytest.approx(own / 4 + learned * 3 / 4 + 2.0)
+    assert second(0.2 + 0.75 / 4, "generate") == pytest.approx(own / 16 + learned * 15 / 16 + 2.0)
     clock.now += 60.0
-    assert second(0.2 + 0.75 * 0.9, "generate") == pytest.approx(0.9 * 80 / 9 + 0.1 * 0.0 + 2.0)
+    assert second(0.2 + 0.75 * 0.9, "generate") == pytest.approx(0.81 * 80 / 9 + 0.19 * 0.0 + 2.0)
 
 
 def test_stage_times_are_a_fixed_cost_plus_a_cost_per_unit_over_the_last_jobs() -> None:
