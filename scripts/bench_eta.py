@@ -111,10 +111,19 @@ def main() -> None:
         "fresh_server": args.url is None, "jobs": [],
     }
 
+    def save() -> None:
+        """Write what is measured so far: a run cut short still leaves its finished jobs."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        if args.markdown:
+            args.markdown.write_text(markdown(report), encoding="utf-8")
+
     def run_all(url: str) -> None:
         for seconds, speech in zip(args.seconds, speeches):
             job = run_one(url, video, speech, args.steps) | {"speech_s": seconds}
             report["jobs"].append(job)
+            save()
             print(f"job of {seconds} s: {job['actual_s']} s, worst error from 10 % progress "
                   f"{job['worst_error_from_10pct_progress']}", file=sys.stderr)
 
@@ -128,13 +137,7 @@ def main() -> None:
             )
             with TritonServer(settings):
                 run_all(settings.grpc_url)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    table = markdown(report)
-    if args.markdown:
-        args.markdown.write_text(table, encoding="utf-8")
-    print(table)
+    print(markdown(report))
 
 
 if __name__ == "__main__":
