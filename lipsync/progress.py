@@ -122,6 +122,8 @@ class EtaEstimate:
         self.size: JobSize | None = None
         self.entered: dict[str, tuple[float, float]] = {}
         """``(time, stage fraction)`` of each stage's first report, in the order of the stages."""
+        self.moved: tuple[float, float] | None = None
+        """``(time, stage fraction)`` of the paced stage's last report that moved it."""
 
     def plan(self, size: JobSize) -> None:
         """The job's size, once known (after its audio is read)."""
@@ -135,11 +137,17 @@ class EtaEstimate:
         elapsed = now - since
         expected = self._learned(stage)
         left = None if expected is None else max(0.0, expected - elapsed)
-        if stage == PACED_STAGE and done > done_then and elapsed > 0:
-            # the stage's first report comes after its first DDIM step: its pace counts from there
-            own = elapsed * (1 - done) / (done - done_then)
-            trust = done**2
-            left = own if left is None else trust * own + (1 - trust) * left
+        if stage == PACED_STAGE:
+            if self.moved is None or done > self.moved[1]:
+                self.moved = (now, done)
+            moved_at, moved_to = self.moved
+            if moved_to > done_then:
+                # The pace counts from the stage's first report (which comes after its first DDIM step)
+                # to its last move; a repeated report only spends time on the step in progress.
+                pace = (moved_at - since) / (moved_to - done_then)
+                own = max(0.0, pace * (1 - moved_to) - (now - moved_at))
+                trust = done**2
+                left = own if left is None else trust * own + (1 - trust) * left
         if left is None:
             left = self._from_overall_pace(stage, 1 - done, now, fraction)
         for later in STAGES[STAGES.index(stage) + 1:]:

@@ -74,6 +74,18 @@ def test_generation_pace_counts_from_its_first_report_which_comes_after_the_firs
     assert eta(0.2 + 0.75 * 0.2, "generate") == pytest.approx(80.0 + 10 / (0.2 + 0.75 * 0.2) * 0.05)
 
 
+def test_a_repeated_report_spends_time_on_the_step_in_progress_rather_than_slowing_the_pace() -> None:
+    clock = Clock()
+    eta = EtaEstimate(StageRates(8), clock=clock)
+    eta.plan(JobSize(frames=100, steps=20))
+    eta(0.2, "generate")
+    clock.now += 10
+    first = eta(0.2 + 0.75 * 0.5, "generate")  # half the stage in 10 s: 10 s more, plus encoding
+    clock.now += 4
+    # a heartbeat 4 s later: 4 s less of generation (encoding, at the job's overall pace, a little more)
+    assert eta(0.2 + 0.75 * 0.5, "generate") == pytest.approx(first - 4 + 4 / 0.575 * 0.05)
+
+
 def test_a_finished_job_teaches_the_next_one_per_frame_and_step() -> None:
     clock = Clock()
     rates = StageRates(8)
