@@ -3,13 +3,16 @@
 ``up`` starts Triton, then the gateway in front of it (the README's main command); ``gateway`` runs the
 gateway alone against a running Triton; ``triton`` runs Triton alone. ``up`` and ``triton`` exit with
 status 1 when their Triton exits on its own (crash, kill), so a supervisor sees it and can restart them.
-``up`` says which weights it serves and prints one ``ready at …`` line once the gateway answers.
+``up`` says which weights it serves and prints one ``ready at …`` line once the gateway answers, then one
+line per job start and end (no HTTP access lines: the web page polls every second), and a last line once
+everything has stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -155,7 +158,7 @@ def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, trit
     print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {', '.join(settings.triton_endpoints)}, "
           f"data {settings.data_dir})", file=sys.stderr)
     ready = f"ready at http://{settings.address}:{settings.port} (API key in {key_source})"
-    config = uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port)
+    config = uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port, access_log=False)
     server = _Server(config, on_ready=lambda: print(ready, file=sys.stderr, flush=True))
     triton_exited = threading.Event()
 
@@ -181,6 +184,8 @@ def _serve_gateway(args: argparse.Namespace) -> int:
         return _run_gateway(settings, keys, key_source)
     except KeyboardInterrupt:
         return 0
+    finally:
+        print("stopped: the gateway", file=sys.stderr)
 
 
 def _serve_all(args: argparse.Namespace) -> int:
@@ -206,9 +211,12 @@ def _serve_all(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.process is not None:
+        started = server.process is not None
+        if started:
             print("stopping Triton", file=sys.stderr)
         server.stop()
+        if started:
+            print("stopped: Triton and the gateway", file=sys.stderr)
 
 
 def _interrupt(*_: object) -> None:
@@ -241,11 +249,19 @@ def _serve_triton(args: argparse.Namespace) -> int:
         print("stopping Triton", file=sys.stderr)
         return 0
     finally:
+        started = server.process is not None
         server.stop()
+        if started:
+            print("stopped: Triton", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The gateway's own lines (a job started or ended, a Triton left behind) as plain lines beside ours.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("gateway").addHandler(handler)
+    logging.getLogger("gateway").setLevel(logging.INFO)
     commands = {"triton": _serve_triton, "gateway": _serve_gateway, "up": _serve_all}
     return commands[args.command](args)
 

@@ -21,6 +21,13 @@ class Listener(NamedTuple):
     port: int
 
 
+def free_port() -> int:
+    """A loopback TCP port no one listens on now (the kernel's pick), for servers started by tests and benchmarks."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def taken(listeners: Iterable[Listener]) -> list[str]:
     """One line per listener whose port cannot be bound now, naming the process that holds it where visible."""
     return [f"{listener.name} port {listener.port} on {listener.address} is in use by {holder(listener.port)}"

@@ -18,7 +18,7 @@ import av
 
 from lipsync.errors import BadInput
 from lipsync.media import MediaError, MediaSettings, VideoReader
-from lipsync.media.probe import check_audio_limits, open_media
+from lipsync.media.probe import check_audio_limits, check_file, open_media
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
 _WHITESPACE = re.compile(r"\s+")
@@ -52,6 +52,7 @@ def check_video(path: Path, field: str, settings: MediaSettings | None = None) -
 def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> None:
     limits = (settings or MediaSettings.load()).limits
     try:
+        check_file(path, "audio", MediaError)
         with open_media(path, limits) as container:
             stream = container.streams.best("audio")
             if stream is None:
@@ -60,7 +61,7 @@ def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -
             for _ in container.decode(stream):
                 return
     except MediaError as exc:
-        raise InvalidInput(f"{field}: {exc}") from None
+        raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
     except av.FFmpegError:
         raise InvalidInput(f"{field} is not an audio or video file FFmpeg can decode") from None
     raise InvalidInput(f"{field} has an audio stream but no audio in it")

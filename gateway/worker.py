@@ -21,7 +21,7 @@ from gateway.backend import JobBackend
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, DataDirFull
-from gateway.store import Job, JobStore
+from gateway.store import CANCELLED, IN_QUEUE, SUCCEED, Job, JobStore
 from gateway.triton_client import JobRequest, TritonJobError
 from lipsync.contract import OPTIONS
 from lipsync.errors import ErrorKind
@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 WAITING_FOR_TRITON = "waiting for Triton"
 """The stage a job shows while its worker waits for Triton to come back."""
 INPUTS_GONE = "the job's input files are gone from the data folder (deleted while it was queued); submit it again"
+
+
+def human_duration(seconds: float) -> str:
+    """``"0.4 s"``, ``"12 s"``, ``"6 min 48 s"``, ``"2 h 05 min"``: a duration as a person reads it."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 class Worker:
@@ -77,11 +89,29 @@ class Worker:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            log.info("job %s started", job.id)
+            started = time.monotonic()
             try:
                 self._run(job)
             except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
                 log.exception("job %s failed in the gateway", job.id)
                 self._finish(job, self.store.fail(job.id, "internal error in the gateway"))
+            self._say_ended(job.id, time.monotonic() - started)
+
+    def _say_ended(self, job_id: str, seconds: float) -> None:
+        """One log line with how the job's run ended: what ``lipsync-serve up`` shows per job."""
+        job = self.store.get(job_id)
+        if job is None:
+            return
+        took = human_duration(seconds)
+        if job.status == SUCCEED:
+            log.info("job %s succeeded in %s", job_id, took)
+        elif job.status == CANCELLED:
+            log.info("job %s cancelled after %s", job_id, took)
+        elif job.status == IN_QUEUE:
+            log.info("job %s stopped after %s and %s", job_id, took, job.reason)
+        else:
+            log.info("job %s failed after %s: %s", job_id, took, job.reason)
 
     def _run(self, job: Job) -> None:
         self.metrics.queue_wait.observe(time.time() - job.created_at)

@@ -1,23 +1,49 @@
-"""``lipsync`` command line: ``lipsync run --video V --audio A --out O``."""
+"""``lipsync`` command line: ``lipsync run --video V --audio A --out O``.
+
+It needs the ``model`` extra; without it, it says which one to install. MediaPipe's TFLite and absl
+logging write straight to file descriptor 2 from C++ (no flag or variable silences them): while a job
+runs, those lines are filtered out of that descriptor, and Python's own output goes around the filter.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from lipsync.audio import AudioSettings
 from lipsync.contract import OPTIONS
 from lipsync.errors import LipSyncError
-from lipsync.faces import DetectorPool
-from lipsync.jobs import JobOptions, pipeline_arguments
-from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
-from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
+
+try:
+    import torch
+    from tqdm import tqdm
+
+    from lipsync.audio import AudioSettings
+    from lipsync.faces import DetectorPool
+    from lipsync.jobs import JobOptions, pipeline_arguments
+    from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
+    from lipsync.tiny import write_tiny_weights
+except ModuleNotFoundError as exc:  # a base install, without the model extra: main() says what to install
+    if (exc.name or "").split(".")[0] == "lipsync":
+        raise
+    _MISSING: ModuleNotFoundError | None = exc
+else:
+    _MISSING = None
+
+MODEL_EXTRA = "pip install 'lipsync-serve[model]'"
+NATIVE_NOISE = re.compile(
+    rb"^(?:[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] |INFO: Created TensorFlow Lite |"
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)"
+)
+"""Lines of C++ logging dropped while a job runs: absl/glog info and warnings (``W0000 00:00:… file.cc:114] …``)
+and TFLite's delegate notice. Errors (``E…``, ``F…``) and anything else pass."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--detector", choices=["mediapipe", "insightface"], default="mediapipe",
                      help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
                      "its pretrained models are for non-commercial research use only)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device to run on: cpu, cuda, cuda:1, … (default: cuda when a GPU is visible, else cpu)")
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
     run.add_argument("--compile-unet", action=argparse.BooleanOptionalAction, default=None,
@@ -87,8 +114,49 @@ def _detectors(args: argparse.Namespace) -> DetectorPool | None:
     return DetectorPool(lambda: InsightFaceDetector(*models), [first])
 
 
+@contextmanager
+def _native_noise_filtered() -> Iterator[None]:
+    """Route file descriptor 2 through a thread that drops :data:`NATIVE_NOISE` lines; ``sys.stderr`` (the
+    progress bar, errors) writes to the terminal directly, so a bar redrawn with carriage returns is not held
+    back waiting for a line end."""
+    terminal = os.dup(2)
+    read, write = os.pipe()
+    python_stderr = sys.stderr
+    sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")
+
+    def forward() -> None:
+        with open(read, "rb") as lines:
+            for line in lines:
+                if not NATIVE_NOISE.match(line):
+                    os.write(terminal, line)
+
+    thread = threading.Thread(target=forward, name="native-stderr", daemon=True)
+    thread.start()
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(terminal, 2)  # the pipe's last writer is gone: the thread forwards what is left and ends
+        thread.join(5)
+        os.close(terminal)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _MISSING is not None:
+        package = (_MISSING.name or "?").split(".")[0]
+        print(f"error: lipsync run needs the model packages ({package} is not installed): {MODEL_EXTRA}",
+              file=sys.stderr)
+        return 1
     args = _parser().parse_args(argv)
+    with _native_noise_filtered():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         options = JobOptions(**{option.name: getattr(args, option.name) for option in OPTIONS if option.flag})
         detectors = _detectors(args)

@@ -9,6 +9,7 @@ else is the server's fault.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -17,6 +18,7 @@ from typing import Any
 from lipsync import contract
 from lipsync.errors import BadInput, LipSyncError
 from lipsync.pipeline import LipSyncPipeline, LipSyncResult, ProgressCallback
+from lipsync.progress import JobSize
 from lipsync.sampling import CancelCheck
 
 
@@ -63,8 +65,10 @@ def run_job(
     options: JobOptions,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    on_plan: Callable[[JobSize], None] | None = None,
 ) -> JobOutput:
-    """Lip-sync ``video`` (any container the decoder reads) to ``audio`` (an audio file or a video with sound)."""
+    """Lip-sync ``video`` (any container the decoder reads) to ``audio`` (an audio file or a video with sound);
+    ``progress``, ``should_cancel`` and ``on_plan`` as in :meth:`LipSyncPipeline.run`."""
     if not video:
         raise BadInput("the video is empty")
     if not audio:
@@ -76,7 +80,7 @@ def run_job(
         try:
             result = pipeline.run(
                 video_path, audio_path, output, **pipeline_arguments(options), progress=progress,
-                should_cancel=should_cancel,
+                should_cancel=should_cancel, on_plan=on_plan,
             )
         except LipSyncError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")

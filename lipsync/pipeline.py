@@ -43,6 +43,7 @@ from lipsync.media.colour import rgb_to_yuv420p
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
+from lipsync.progress import STAGE_SPANS, JobSize
 from lipsync.sampling import (
     CancelCheck, Denoiser, DirectDenoiser, JobCancelled, NoisePredictor, SamplingSettings, initial_noise, load_scheduler, sampling_modes,
 )
@@ -61,9 +62,6 @@ ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
 PIPELINE_CONFIG = CONFIG_DIR / "pipeline.yaml"
-_PROGRESS_SPAN = {"audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 0.95), "encode": (0.95, 1.0)}
-"""Each stage's share of the [0, 1] progress scale. ``generate`` moves after every DDIM step; ``encode``
-is the last batch's paste-back and encoding, after the last window is generated."""
 
 
 @dataclass
@@ -98,6 +96,8 @@ class PipelineSettings:
     split_min_seconds: NonNegativeFloat = 60.0
     """On a pipeline with several devices, a job whose output is at least this long spreads its windows over all
     of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
+    eta_history_jobs: PositiveInt = 8
+    """Finished jobs a server's ETA learns its stage times from (``lipsync.progress.StageRates``)."""
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -362,6 +362,7 @@ class LipSyncPipeline:
         crf: int | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        on_plan: Callable[[JobSize], None] | None = None,
     ) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``.
 
@@ -369,6 +370,7 @@ class LipSyncPipeline:
         ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
         them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
         ``crf``: the H.264 quality of the output; ``None``: ``configs/media.yaml``'s.
+        ``on_plan`` gets the job's size once the audio is read (what an ETA scales its learned rates by).
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
@@ -392,6 +394,8 @@ class LipSyncPipeline:
         info = probe(Path(video))
         output_frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self._parts(output_frames / fps, devices)
+        if on_plan is not None:
+            on_plan(JobSize(output_frames, settings.steps))
 
         track = FaceTrack(Path(video).name)
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
@@ -599,7 +603,7 @@ class _Progress:
     def __call__(self, stage: str, fraction: float) -> None:
         if self.callback is None:
             return
-        low, high = _PROGRESS_SPAN[stage]
+        low, high = STAGE_SPANS[stage]
         value = low + (high - low) * min(max(fraction, 0.0), 1.0)
         with self._lock:
             if value < self._reported:

@@ -15,11 +15,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 LAST_BEFORE_DONE = 0.99
 """The highest fraction streamed before the result."""
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 0.95), "encode": (0.95, 1.0),
+}
+"""Each stage's share of the [0, 1] progress scale, in the order a job runs them. ``generate`` moves after
+every DDIM step; ``encode`` is the last batch's paste-back and encoding, after the last window is generated."""
+STAGES = tuple(STAGE_SPANS)
+PACED_STAGE = "generate"
+"""The stage that dominates a job's time and whose progress moves evenly (one report per DDIM step)."""
 
 
 @dataclass(frozen=True)
@@ -34,40 +45,149 @@ class ProgressReport:
 ProgressSink = Callable[[ProgressReport], None]
 
 
-class EtaEstimate:
-    """Seconds left, extrapolated from the rate since the first report of the ``paced_stage``.
+@dataclass(frozen=True)
+class JobSize:
+    """How much work a job is, known once its audio is read: what the stages' durations scale with."""
 
-    The stages before it (audio, face analysis) run at rates unrelated to the rest, so until the
-    paced stage has moved, the estimate uses the rate since the job started.
+    frames: int
+    """Output frames."""
+    steps: int
+    """DDIM steps per window."""
+
+    def units(self, stage: str) -> int:
+        """Work units of ``stage``: frames × steps for generation, frames for the others."""
+        return self.frames * self.steps if stage == PACED_STAGE else self.frames
+
+
+class StageRates:
+    """Each stage's expected seconds for a job of a given size, learned from this process's finished jobs.
+
+    A stage's time is the wall time from its first report to the next stage's first report (the
+    analysis overlaps generation, so its stage ends when generation reports). Per stage, the last
+    ``history`` jobs' ``(units, seconds)`` are fitted with a fixed cost plus a cost per unit
+    (:meth:`JobSize.units`) by least squares: loading Whisper, opening the encoder and the first
+    batch's start cost the same whatever the clip, the rest scales with it. Only the jobs of one size
+    seen: seconds in proportion to units. Keeping only the newest jobs lets the fit follow a server
+    whose speed changes (jobs sharing the UNet, a compiled UNet taking over). Shared by the jobs of
+    one server; thread-safe.
     """
 
-    def __init__(self, paced_stage: str = "generate", clock: Callable[[], float] = time.monotonic) -> None:
-        self.paced_stage, self.clock = paced_stage, clock
+    def __init__(self, history: int) -> None:
+        self._samples: dict[str, deque[tuple[int, float]]] = {stage: deque(maxlen=history) for stage in STAGES}
+        self._lock = threading.Lock()
+
+    def seconds(self, stage: str, size: JobSize) -> float | None:
+        """Expected wall time of ``stage`` in a job of ``size``; ``None`` before a job finished it."""
+        with self._lock:
+            samples = list(self._samples[stage])
+        if not samples:
+            return None
+        units = np.array([max(1, done) for done, _ in samples], dtype=float)
+        seconds = np.array([taken for _, taken in samples])
+        wanted = size.units(stage)
+        if np.ptp(units) == 0:
+            return float(seconds.mean() / units[0] * wanted)
+        slope = float(np.cov(units, seconds, bias=True)[0, 1] / units.var())
+        if slope <= 0:  # no growth with size seen: the typical time
+            return float(seconds.mean())
+        fixed = float(seconds.mean() - slope * units.mean())
+        if fixed < 0:  # through the origin instead
+            return float(seconds @ units / (units @ units) * wanted)
+        return fixed + slope * wanted
+
+    def learn(self, durations: dict[str, float], size: JobSize) -> None:
+        """Add one finished job's stage durations."""
+        with self._lock:
+            for stage, seconds in durations.items():
+                self._samples[stage].append((size.units(stage), seconds))
+
+
+class EtaEstimate:
+    """Seconds left in one job, from the server's learned stage rates and the job's own pace.
+
+    Seconds left = what remains of the current stage + the learned durations of the stages after it.
+    In the paced stage (generation) the remainder blends the learned duration left with the job's
+    own pace since the stage began, trusting its own pace more as the stage proceeds (weight = the
+    square of the stage's fraction done: its first steps share the CPU with the analysis of the rest of
+    the video, so its early pace says little about the rest), so a server slowed by other work is seen
+    before the stage ends. Before
+    :meth:`plan` or before any job finished a stage, that stage falls back to the job's own pace
+    over the whole progress scale, except generation: a job that has not generated yet on a server
+    that never finished a job gets ``None`` (no way to tell how fast the UNet runs here).
+    """
+
+    def __init__(self, rates: StageRates, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rates, self.clock = rates, clock
         self.started = clock()
-        self.paced_from: tuple[float, float] | None = None
-        """``(time, fraction)`` of the first report of the paced stage."""
+        self.size: JobSize | None = None
+        self.entered: dict[str, tuple[float, float]] = {}
+        """``(time, stage fraction)`` of each stage's first report, in the order of the stages."""
+        self.moved: tuple[float, float] | None = None
+        """``(time, stage fraction)`` of the paced stage's last report that moved it."""
+
+    def plan(self, size: JobSize) -> None:
+        """The job's size, once known (after its audio is read)."""
+        self.size = size
 
     def __call__(self, fraction: float, stage: str) -> float | None:
         now = self.clock()
-        if stage == self.paced_stage and self.paced_from is None:
-            self.paced_from = (now, fraction)
-        since, base = self.paced_from if self.paced_from is not None and fraction > self.paced_from[1] else (self.started, 0.0)
-        if fraction <= base or now <= since:
+        low, high = STAGE_SPANS[stage]
+        done = min(max((fraction - low) / (high - low), 0.0), 1.0)
+        since, done_then = self.entered.setdefault(stage, (now, done))
+        elapsed = now - since
+        expected = self._learned(stage)
+        left = None if expected is None else max(0.0, expected - elapsed)
+        if stage == PACED_STAGE:
+            if self.moved is None or done > self.moved[1]:
+                self.moved = (now, done)
+            moved_at, moved_to = self.moved
+            if moved_to > done_then:
+                # The pace counts from the stage's first report (which comes after its first DDIM step)
+                # to its last move; a repeated report only spends time on the step in progress.
+                pace = (moved_at - since) / (moved_to - done_then)
+                own = max(0.0, pace * (1 - moved_to) - (now - moved_at))
+                trust = done**2
+                left = own if left is None else trust * own + (1 - trust) * left
+        if left is None:
+            left = self._from_overall_pace(stage, 1 - done, now, fraction)
+        for later in STAGES[STAGES.index(stage) + 1:]:
+            seconds = self._learned(later)
+            if seconds is None:
+                seconds = self._from_overall_pace(later, 1.0, now, fraction)
+            if left is None or seconds is None:
+                return None
+            left += seconds
+        return left
+
+    def _learned(self, stage: str) -> float | None:
+        return None if self.size is None else self.rates.seconds(stage, self.size)
+
+    def _from_overall_pace(self, stage: str, left: float, now: float, fraction: float) -> float | None:
+        """``left`` of ``stage``'s span at the job's pace over the whole scale so far (none for generation)."""
+        if stage == PACED_STAGE or fraction <= 0:
             return None
-        rate = (fraction - base) / (now - since)
-        return max(0.0, (1.0 - fraction) / rate)
+        low, high = STAGE_SPANS[stage]
+        return (now - self.started) / fraction * (high - low) * left
+
+    def finish(self) -> None:
+        """The job succeeded: teach the shared rates how long each of its stages took."""
+        if self.size is None or not self.entered:
+            return
+        stages = sorted(self.entered, key=lambda stage: self.entered[stage][0])
+        times = [self.entered[stage][0] for stage in stages] + [self.clock()]
+        self.rates.learn({stage: end - start for stage, start, end in zip(stages, times, times[1:])}, self.size)
 
 
 class ProgressReporter:
     """Hands every ``(fraction, stage)`` report to ``sink`` on its own thread, with an ETA.
 
     Use it as a context manager: leaving it sends what is still queued, so the caller's next message
-    (the result) comes after every progress report.
+    (the result) comes after every progress report; leaving it without an error teaches the ETA's
+    shared rates this job's stage times.
     """
 
-    def __init__(self, sink: ProgressSink, heartbeat_s: float, eta: EtaEstimate | None = None) -> None:
-        self.sink, self.heartbeat_s = sink, heartbeat_s
-        self.eta = eta or EtaEstimate()
+    def __init__(self, sink: ProgressSink, heartbeat_s: float, eta: EtaEstimate) -> None:
+        self.sink, self.heartbeat_s, self.eta = sink, heartbeat_s, eta
         self._reports: queue.Queue[tuple[float, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._send, name="progress", daemon=True)
 
@@ -75,9 +195,15 @@ class ProgressReporter:
         self._thread.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
         self._reports.put(None)
         self._thread.join()
+        if error is None:
+            self.eta.finish()
+
+    def plan(self, size: JobSize) -> None:
+        """The job's size, for the ETA (``LipSyncPipeline.run``'s ``on_plan``)."""
+        self.eta.plan(size)
 
     def __call__(self, fraction: float, stage: str) -> None:
         """A :data:`~lipsync.pipeline.ProgressCallback`: cheap, never blocks, never raises."""

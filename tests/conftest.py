@@ -7,7 +7,6 @@ skipped test fails the run too unless its reason is in :data:`EXPECTED_SKIPS`; t
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from gateway.ports import free_port
 from gateway.triton_server import TritonServer, TritonSettings
 from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
 from postgres_server import PostgresServer, find_binary
@@ -76,12 +76,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> WeightPaths:
     """The full tiny weight set (UNet .pt, Whisper .pt, VAE folder), seed 0, official formats."""
     return write_tiny_weights(tmp_path_factory.mktemp("tiny-weights"), seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def triton_inputs(module, tensors: dict) -> list:

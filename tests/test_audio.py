@@ -200,6 +200,12 @@ def test_video_without_audio(tmp_path: Path) -> None:
         load_audio(path)
 
 
+def test_a_0_byte_audio_file_is_empty_like_a_0_byte_video(tmp_path: Path) -> None:
+    (tmp_path / "speech.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="speech.wav is empty$"):
+        load_audio(tmp_path / "speech.wav")
+
+
 def test_zero_length_audio(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="contains no audio samples"):
         load_audio(_write_wav(tmp_path / "empty.wav", np.zeros(0)))

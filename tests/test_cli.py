@@ -6,6 +6,7 @@ traceback, and an empty output folder (no result, no ``*.part`` temp file).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -56,6 +57,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     audio_only(folder / "speech.m4a")
     write_wav(folder / "silence.wav", np.zeros(0, np.float32))
     evc_mp4(folder / "evc.mp4")
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "empty.wav").write_bytes(b"")
     rng = np.random.default_rng(0)
     write_video(folder / "no-face.mp4", [flat(128)] + [rng.integers(0, 256, (SIZE[1], SIZE[0], 3), np.uint8) for _ in range(5)])
     return folder
@@ -79,12 +82,17 @@ def test_run_writes_the_video_and_prints_a_json_report(inputs: Path, tmp_path: P
     assert "writing tiny demo weights" in completed.stderr
     assert weight_paths("tiny", weights).unet.is_file()
     assert "Traceback" not in completed.stderr and not error_lines(completed.stderr)
+    # MediaPipe's C++ logging (TFLite, absl) is not shown; the progress bar is
+    assert not re.search(r"^[IW]\d{4} |TensorFlow Lite|absl::InitializeLog", completed.stderr, re.MULTILINE), completed.stderr
+    assert "generate" in completed.stderr and "100%" in completed.stderr
 
 
 BAD_INPUTS: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
     "truncated-video": (lambda d: (d / "truncated.mp4", d / "speech.wav"), r"truncated\.mp4 is .*truncated"),
     "audio-only-as-video": (lambda d: (d / "speech.m4a", d / "speech.wav"), r"speech\.m4a has no video stream"),
     "zero-length-audio": (lambda d: (d / "clip.mp4", d / "silence.wav"), r"silence\.wav contains no audio samples"),
+    "0-byte-video": (lambda d: (d / "empty.mp4", d / "speech.wav"), r"empty\.mp4 is empty$"),
+    "0-byte-audio": (lambda d: (d / "clip.mp4", d / "empty.wav"), r"empty\.wav is empty$"),
     "unsupported-codec": (lambda d: (d / "evc.mp4", d / "speech.wav"), r"evc\.mp4: its video codec is not supported"),
     "missing-video": (lambda d: (d / "nope.mp4", d / "speech.wav"), r"video file not found: .*nope\.mp4"),
     "missing-audio": (lambda d: (d / "clip.mp4", d / "nope.wav"), r"audio file not found: .*nope\.wav"),
@@ -111,6 +119,29 @@ def test_bad_input_is_one_error_line_without_traceback_or_leftovers(
     assert completed.stdout == ""
     assert list(tmp_path.iterdir()) == []  # no output, no .part temp file
     assert sorted(path.name for path in inputs.iterdir()) == before
+
+
+def test_without_the_model_packages_it_names_the_extra_to_install(tmp_path: Path) -> None:
+    """A base install (no ``[model]`` extra), simulated by making ``whisper`` unimportable."""
+    code = ("import sys; sys.modules['whisper'] = None\n"
+            "from lipsync.cli import main\n"
+            "sys.exit(main(['run', '--video', 'v.mp4', '--audio', 'a.wav', '--out', 'o.mp4']))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 1
+    assert completed.stderr == (
+        "error: lipsync run needs the model packages (whisper is not installed): pip install 'lipsync-serve[model]'\n"
+    )
+
+
+def test_every_flag_has_help() -> None:
+    from gateway.cli import _parser as serve_parser
+    from lipsync.cli import _parser as lipsync_parser
+
+    for parser in (lipsync_parser(), serve_parser()):
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        for name, command in commands.choices.items():
+            bare = [action.option_strings for action in command._actions if not action.help]
+            assert bare == [], f"{parser.prog} {name}: flags without help: {bare}"
 
 
 def test_missing_real_weights_say_how_to_get_them(inputs: Path, tmp_path: Path) -> None:

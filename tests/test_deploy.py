@@ -80,8 +80,8 @@ def test_gateway_environment_names_the_settings_variables_and_the_triton_service
     assert resources()["Deployment", "lipsync-gateway"]["spec"]["replicas"] >= 2
 
 
-def test_secret_keys_are_the_ones_the_readme_creates() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_secret_keys_are_the_ones_the_deployment_doc_creates() -> None:
+    readme = (ROOT / "docs" / "deployment.md").read_text()
     keys = {ref["valueFrom"]["secretKeyRef"]["key"]
             for doc in resources().values() if doc["kind"] in ("Deployment", "StatefulSet")
             for ref in doc["spec"]["template"]["spec"]["containers"][0].get("env", []) if "valueFrom" in ref}

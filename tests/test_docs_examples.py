@@ -1,10 +1,12 @@
-"""The code blocks of the API docs run as written, against the test server (real Triton and gateway).
+"""The code blocks of the README and the docs run as written, against the test server (real Triton and gateway).
 
-Every fenced ``python`` and ``bash`` block of the documents in :data:`DOCUMENTS` runs, unless the line
-above it is ``<!-- not-run: why -->``. Python blocks run one by one; a document's bash blocks run in
-order in one shell, as a reader pastes them. Both run in a folder holding ``face.mp4`` and
-``speech.wav`` and reach the servers through the variables the documents name (``LIPSYNC_URL``,
-``LIPSYNC_API_KEY``, ``TRITON_HTTP``, ``TRITON_GRPC``, ``LIPSYNC_WEBHOOK_SECRET``).
+Every fenced ``python`` and ``bash`` block of the README and of ``docs/*.md`` runs, unless the line
+above it is ``<!-- not-run: why -->``; blocks in other languages are shown data (json, yaml), and a
+block without a language must be such data or be marked. Python blocks run one by one; a document's
+bash blocks run in order in one shell, as a reader pastes them. Both run in a folder holding
+``face.mp4`` and ``speech.wav``, with the test interpreter's ``bin/`` first on ``PATH`` (the
+``lipsync`` command), and reach the servers through the variables the documents name
+(``LIPSYNC_URL``, ``LIPSYNC_API_KEY``, ``TRITON_HTTP``, ``TRITON_GRPC``, ``LIPSYNC_WEBHOOK_SECRET``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from clips import demo_frames, speech, write_video, write_wav
 from gateway_process import KEYS
 from lipsync.media import VideoReader
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-DOCUMENTS = ("triton-api.md", "gateway-api.md")
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", *sorted(str(path.relative_to(REPO)) for path in (REPO / "docs").glob("*.md")))
 RUN = ("python", "bash")
 """Languages that run; blocks in others (json, yaml) are shown data."""
+README_MAX_LINES = 120
 NOT_RUN = re.compile(r"<!-- not-run: .+ -->")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.M | re.S)
 
@@ -34,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 def code_blocks(document: str) -> list[tuple[str, str, int]]:
     """``(language, code, line)`` of the blocks of ``document`` that run."""
-    text = (DOCS / document).read_text()
+    text = (REPO / document).read_text()
     blocks = []
     for match in FENCE.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
@@ -68,7 +71,7 @@ def reader_folder(inputs: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def environment(triton, gateway) -> dict[str, str]:
     return dict(
-        os.environ, LIPSYNC_URL=gateway.url, LIPSYNC_API_KEY=KEYS[0], TRITON_HTTP=triton.settings.http_address,
+        os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", LIPSYNC_URL=gateway.url, LIPSYNC_API_KEY=KEYS[0], TRITON_HTTP=triton.settings.http_address,
         TRITON_GRPC=triton.settings.grpc_url, LIPSYNC_WEBHOOK_SECRET=(gateway.data_dir / "webhook_secret").read_text().strip(),
     )
 
@@ -84,8 +87,21 @@ def _assert_video(path: Path) -> None:
 
 
 def test_the_documents_have_blocks_to_run() -> None:
-    assert {doc for doc, _, _ in PYTHON_BLOCKS} == set(DOCUMENTS)
-    assert BASH_DOCUMENTS == ["gateway-api.md"]
+    assert {doc for doc, _, _ in PYTHON_BLOCKS} == {"README.md", "docs/gateway-api.md", "docs/triton-api.md"}
+    assert BASH_DOCUMENTS == ["README.md", "docs/cli.md", "docs/gateway-api.md"]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_block_names_its_language(document: str) -> None:
+    """So that no command hides in a block nobody runs: python and bash blocks run or say why not; the
+    other languages (json, yaml, text) are shown data."""
+    text = (REPO / document).read_text()
+    bare = [text.count("\n", 0, match.start()) + 1 for match in FENCE.finditer(text) if not match.group(1)]
+    assert bare == [], f"{document}: blocks without a language at lines {bare}"
+
+
+def test_the_readme_fits_two_screens() -> None:
+    assert len((REPO / "README.md").read_text().splitlines()) <= README_MAX_LINES
 
 
 @pytest.mark.parametrize(("document", "code", "line"), PYTHON_BLOCKS, ids=[f"{doc}:{line}" for doc, _, line in PYTHON_BLOCKS])

@@ -137,6 +137,16 @@ def test_bad_multipart_upload_gets_422(gateway, media, files, data) -> None:
     assert not any((gateway.data_dir / "incoming").iterdir())
 
 
+@pytest.mark.parametrize("empty", ["video", "audio"])
+def test_an_empty_uploaded_file_is_called_empty_for_video_and_audio_alike(gateway, media, empty) -> None:
+    before = job_count(gateway)
+    parts = [(name, (f"{name}.mp4", b"" if name == empty else base64.b64decode(media[name]))) for name in BOTH]
+    response = gateway.client.post("/lipsync/upload", headers=AUTH, files=parts)
+    assert response.status_code == 422, response.text
+    assert response.json()["reason"] == f"{empty}_source: the file is empty"
+    assert job_count(gateway) == before
+
+
 def test_a_body_over_the_cap_gets_413(gateway, media) -> None:
     huge = {"video_source": "A" * (6 * 1024 * 1024), "audio_source": media["audio"]}  # the fixture's cap: 5 MB
     response = gateway.client.post("/lipsync/submit", headers=AUTH, json=huge)

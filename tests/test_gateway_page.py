@@ -1,16 +1,21 @@
 """The gateway's web page in headless Chromium (Selenium): the demo-weights banner, where the key is,
 the job options, uploading a clip and audio, watching the progress, a playable result with its download
-link in view, and the key's recent jobs. Each state is kept as a screenshot in the test's tmp dir."""
+link in view, the key's recent jobs following the running ones, failures and durations as sentences, the key
+remembered for the tab. One screenshot per job state (queued, running, done, failed) goes to docs/screenshots/."""
 
 from __future__ import annotations
 
+import io
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import pytest
+from PIL import Image
 
-from clips import demo_frames, speech, write_video, write_wav
+from clips import demo_frames, flat, speech, write_video, write_wav
 from gateway.cli import LOCAL_KEY_FILE
 from gateway_process import KEYS
 from lipsync.media import VideoReader
@@ -21,6 +26,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 pytestmark = [
     pytest.mark.slow,
@@ -74,47 +80,100 @@ def test_idle_page_shows_the_demo_banner_the_key_file_and_the_options(gateway, b
     assert browser.find_element(By.ID, "inference_steps").get_attribute("max") == "999"
 
 
+def api(gateway, path: str, **kwargs) -> dict:
+    answer = httpx2.post(f"{gateway.url}{path}", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=60, **kwargs)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def screenshot(driver, name: str) -> None:
+    """One screenshot per state of the page, kept in docs/screenshots/ (the documentation shows them), in 64
+    colours so that the repository stays small."""
+    SCREENSHOTS.mkdir(exist_ok=True)
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(64).save(SCREENSHOTS / f"{name}.png", optimize=True)
+
+
+def state_when(driver, done: Callable[[str], bool], timeout_s: float = 300) -> str:
+    """The job state line, once ``done`` holds for it (read once per check, so no later update slips in)."""
+    seen: list[str] = []
+
+    def check(d) -> bool:
+        seen.append(d.find_element(By.ID, "state").text)
+        return done(seen[-1])
+
+    WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(check)
+    return seen[-1]
+
+
 def test_upload_watch_progress_play_and_download(gateway, browser, tmp_path: Path) -> None:
     video = write_video(tmp_path / "face.mp4", demo_frames(50))  # portrait, 540×960
     audio = write_wav(tmp_path / "speech.wav", speech(2.0))
-    browser.get(gateway.url + "/")
-    browser.find_element(By.ID, "key").send_keys(KEYS[0])
-    browser.find_element(By.ID, "video").send_keys(str(video))
-    browser.find_element(By.ID, "audio").send_keys(str(audio))
-    browser.find_element(By.ID, "inference_steps").send_keys("10")
-    browser.find_element(By.ID, "seed").send_keys("7")
-    Select(browser.find_element(By.ID, "loop_mode")).select_by_value("loop")
-    browser.find_element(By.ID, "submit").click()
+    short = write_wav(tmp_path / "short.wav", speech(0.64))
+    with open(video, "rb") as v, open(short, "rb") as a:  # keeps the gateway's one worker busy
+        blocker = api(gateway, "/lipsync/upload", files={"video": v, "audio": a}, data={"inference_steps": "500"})["request_id"]
+    try:
+        browser.get(gateway.url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEYS[0])
+        browser.find_element(By.ID, "video").send_keys(str(video))
+        browser.find_element(By.ID, "audio").send_keys(str(audio))
+        browser.find_element(By.ID, "inference_steps").send_keys("10")
+        browser.find_element(By.ID, "seed").send_keys("7")
+        Select(browser.find_element(By.ID, "loop_mode")).select_by_value("loop")
+        browser.find_element(By.ID, "submit").click()
 
-    states: list[str] = []
+        assert state_when(browser, lambda text: text.startswith("Queued")) == "Queued: next in line."
+        screenshot(browser, "queued")
+        # The recent jobs list follows the running job by itself (no Refresh): its percentage moves.
+        jobs = browser.find_element(By.ID, "jobs")
+        first = WebDriverWait(browser, 300, poll_frequency=0.2).until(
+            lambda d: text if "generating the mouth: " in (text := jobs.text) else False
+        )
+        WebDriverWait(browser, 300, poll_frequency=0.2).until(lambda d: jobs.text not in (first, ""))
+    finally:
+        api(gateway, "/lipsync/cancel", json={"request_id": blocker})
 
-    def finished(driver) -> bool:
-        states.append(driver.find_element(By.ID, "state").text)
-        if states[-1].startswith("Working: generate") and not (tmp_path / "running.png").exists():
-            driver.save_screenshot(str(tmp_path / "running.png"))
-            assert in_viewport(driver, driver.find_element(By.ID, "progress"))
-            assert not driver.find_element(By.ID, "result").is_displayed()
-        return driver.find_element(By.ID, "download").is_displayed() or "Failed" in states[-1]
-
-    WebDriverWait(browser, 300, poll_frequency=0.2).until(finished)
-    assert states[-1].startswith("Done"), states[-1]
-    assert "tiny-demo" in states[-1]
-    assert (tmp_path / "running.png").exists(), states
-    assert any(" s left" in state for state in states), states
+    state_when(browser, lambda text: text.startswith("Generating the mouth: ") and " left" in text)  # with an ETA
+    screenshot(browser, "running")
+    assert in_viewport(browser, browser.find_element(By.ID, "progress"))
+    assert not browser.find_element(By.ID, "result").is_displayed()
+    final = state_when(browser, lambda text: text.startswith(("Done", "Failed")))
+    assert re.fullmatch(r"Done in (\d+\.\d s|\d+ s|\d+ min \d+ s)\. Weights: tiny-demo\.", final), final
+    WebDriverWait(browser, 60).until(lambda d: "cancelled." in d.find_element(By.ID, "jobs").text)
     assert float(browser.find_element(By.ID, "progress").get_attribute("value")) == 1.0
     player = browser.find_element(By.ID, "result")
     WebDriverWait(browser, 60).until(lambda d: d.execute_script("return arguments[0].readyState >= 1", player))
     WebDriverWait(browser, 10).until(lambda d: in_viewport(d, player))  # once its height is known
-    browser.save_screenshot(str(tmp_path / "result.png"))
+    screenshot(browser, "done")
     assert browser.execute_script("return arguments[0].duration", player) == pytest.approx(2.0, abs=0.1)
     assert in_viewport(browser, browser.find_element(By.ID, "download"))
-    WebDriverWait(browser, 30).until(lambda d: "Succeed" in d.find_element(By.ID, "jobs").text)
+    WebDriverWait(browser, 30).until(lambda d: "done in " in d.find_element(By.ID, "jobs").text)
     link = browser.find_element(By.ID, "download").get_attribute("href")
     download = httpx2.get(link, timeout=60)
     assert download.status_code == 200
     (tmp_path / "result.mp4").write_bytes(download.content)
     with VideoReader(tmp_path / "result.mp4") as reader:
         assert len(list(reader)) == 50
+
+
+def test_a_failed_job_reads_as_a_sentence_and_the_key_is_remembered_for_the_tab(gateway, browser, tmp_path: Path) -> None:
+    video = write_video(tmp_path / "no-face.mp4", [flat(128)] * 5)
+    audio = write_wav(tmp_path / "speech.wav", speech(0.2))
+    browser.get(gateway.url + "/")
+    browser.find_element(By.ID, "key").send_keys(KEYS[0])
+    browser.find_element(By.ID, "remember").click()
+    browser.find_element(By.ID, "video").send_keys(str(video))
+    browser.find_element(By.ID, "audio").send_keys(str(audio))
+    browser.find_element(By.ID, "submit").click()
+    final = state_when(browser, lambda text: text.startswith(("Done", "Failed")))
+    assert re.fullmatch(r"Failed: No face was found in any of the 5 frames of (the )?video\.", final), final
+    assert browser.find_element(By.ID, "state").get_attribute("class") == "error"
+    WebDriverWait(browser, 30).until(lambda d: "failed: no face was found" in d.find_element(By.ID, "jobs").text.lower())
+    screenshot(browser, "failed")
+    browser.refresh()  # the same tab: the key comes back, and with it the list
+    WebDriverWait(browser, 30).until(lambda d: "failed: no face was found" in d.find_element(By.ID, "jobs").text.lower())
+    assert browser.find_element(By.ID, "key").get_attribute("value") == KEYS[0]
+    assert browser.find_element(By.ID, "remember").is_selected()
 
 
 def test_a_wrong_key_shows_the_error(gateway, browser, tmp_path: Path) -> None:
@@ -125,5 +184,6 @@ def test_a_wrong_key_shows_the_error(gateway, browser, tmp_path: Path) -> None:
     browser.find_element(By.ID, "video").send_keys(str(video))
     browser.find_element(By.ID, "audio").send_keys(str(audio))
     browser.find_element(By.ID, "submit").click()
-    WebDriverWait(browser, 30).until(lambda d: "API key" in d.find_element(By.ID, "state").text)
+    message = state_when(browser, lambda text: "API key" in text, timeout_s=30)
+    assert message == "The API key was not accepted: check it against the hint below the key field."
     assert browser.find_element(By.ID, "state").get_attribute("class") == "error"

@@ -91,3 +91,11 @@ def test_content_checks_use_the_bytes_not_the_name(tmp_path) -> None:
     for check, field in ((check_video, "video_source"), (check_audio, "audio_source")):
         with pytest.raises(InvalidInput, match=field):
             check(text, field)
+
+
+def test_durations_read_as_a_person_reads_them() -> None:
+    from gateway.worker import human_duration
+
+    assert [human_duration(s) for s in (0.42, 9.96, 12.4, 59.6, 408.076, 7500)] == [
+        "0.4 s", "10.0 s", "12 s", "1 min 0 s", "6 min 48 s", "2 h 05 min",
+    ]

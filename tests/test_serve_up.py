@@ -309,6 +309,13 @@ def test_ctrl_c_after_jobs_and_refusals_stops_up_within_seconds_and_leaves_nothi
         seconds, code, log = up.interrupt()
         record_property("stop_seconds", round(seconds, 2))
         _assert_stopped_cleanly(seconds, IDLE_STOP_S, code, log, regions, up.output())
+        # The terminal: a line when the job started and one when it ended, none per status poll, and a last
+        # line once everything stopped.
+        lines = up.output().splitlines()
+        assert f"job {job} started" in lines, up.output()
+        assert [line for line in lines if line.startswith(f"job {job} succeeded in ")], up.output()
+        assert not [line for line in lines if "/lipsync/status" in line], up.output()
+        assert lines[-1] == "stopped: Triton and the gateway", up.output()
     finally:
         up.close()
 
@@ -327,5 +334,9 @@ def test_ctrl_c_cancels_running_jobs_and_stops_up_within_the_stated_bound(
         seconds, code, log = up.interrupt()
         record_property("stop_seconds", round(seconds, 2))
         _assert_stopped_cleanly(seconds, BUSY_STOP_S, code, log, regions, up.output())
+        lines = up.output().splitlines()
+        assert [line for line in lines if line.startswith(f"job {job} stopped after ")
+                and line.endswith(" and re-queued: the gateway stopped while the job ran")], up.output()
+        assert lines[-1] == "stopped: Triton and the gateway", up.output()
     finally:
         up.close()

@@ -15,7 +15,7 @@ import av
 import numpy as np
 
 from lipsync.errors import BadInput
-from lipsync.media.probe import check_audio_length, check_audio_limits, open_media
+from lipsync.media.probe import check_audio_length, check_audio_limits, check_file, open_media
 from lipsync.media.settings import AUDIO_SAMPLE_RATE, MediaLimits, MediaSettings
 
 _PCM_FORMAT = "s16"
@@ -37,8 +37,7 @@ def load_audio(path: str | Path, sample_rate: int = AUDIO_SAMPLE_RATE, limits: M
     declares a duration, else as soon as decoding passes the limit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"audio file not found: {path}")
+    check_file(path, "audio", AudioError)
     limits = limits or MediaSettings.load().limits
     resampler = av.AudioResampler(format=_PCM_FORMAT, layout="mono", rate=sample_rate)
     try:

@@ -140,6 +140,14 @@ def check_audio_length(seconds: float, limits: MediaLimits) -> None:
         )
 
 
+def check_file(path: Path, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` for a missing or 0-byte ``what`` (``"video"``, ``"audio"``) file, in the same words for both."""
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{path} is empty")
+
+
 def open_video(path: str | Path, limits: MediaLimits) -> tuple[InputContainer, VideoStream]:
     """Open ``path`` and return it with its video stream, or raise :class:`MediaError` saying why not.
 
@@ -148,10 +156,7 @@ def open_video(path: str | Path, limits: MediaLimits) -> tuple[InputContainer, V
     A video over ``limits`` raises :class:`MediaLimitError` before any of its frames is decoded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise MediaError(f"{path} is empty")
+    check_file(path, "video", MediaError)
     _check_declared_limits(path, limits)
     try:
         container = open_media(path, limits)

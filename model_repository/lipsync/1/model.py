@@ -32,7 +32,7 @@ from lipsync.errors import BadInput, ErrorKind, LipSyncError
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
-from lipsync.progress import ProgressReport, ProgressReporter
+from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
 from lipsync.remote import RemoteGenerator
 from lipsync.weights import load_weights_config, weights_for
 
@@ -269,6 +269,7 @@ class TritonPythonModel:
             self.pipeline = self._load_pipeline(paths, devices, params, settings, batching)
             self._prepare_unet(on_gpu, params, batching)
         self.heartbeat_s = float(params["progress_heartbeat_s"])
+        self.stage_rates = StageRates(settings.eta_history_jobs)
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.slots = threading.BoundedSemaphore(int(params["max_concurrent_jobs"]))
         self.stopping = _Stopping(params["stop_file"])
@@ -335,10 +336,11 @@ class TritonPythonModel:
             self.metrics.active.increment(1)
             options = _options(request, self.version)
             self.logger.log_info(f"lipsync: job {job} started: {options}")
-            with ProgressReporter(_progress_sender(sender), self.heartbeat_s) as progress:
+            eta = EtaEstimate(self.stage_rates)
+            with ProgressReporter(_progress_sender(sender), self.heartbeat_s, eta) as progress:
                 output = run_job(
                     self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                    progress=progress, should_cancel=cancelled,
+                    progress=progress, should_cancel=cancelled, on_plan=progress.plan,
                 )
         except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
             cancelled.close()

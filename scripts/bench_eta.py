@@ -1,0 +1,144 @@
+"""How well the streamed ETA predicts a job's end: predicted vs actual end over each of a series of jobs.
+
+Starts ``tritonserver`` through the launcher (CPU, tiny demo weights by default; or uses ``--url``, a
+running server's gRPC address), then runs one job after another, the speech cut to each of
+``--seconds`` in turn, so the jobs differ in size. For every progress response it records the time
+since the job was sent, the progress, the stage and the ETA; the predicted end is that time plus the
+ETA, and its error is relative to when the result actually arrived. The first job of a freshly
+started server has no learned stage rates yet (``lipsync.progress.EtaEstimate``), so it is reported
+apart from the others.
+
+    python scripts/bench_eta.py --seconds 3 6 4 6 --steps 10 --json docs/bench/eta-cpu.json --markdown eta.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from bench_triton import SAMPLE_RATE, wav_bytes
+from gateway.triton_client import JobRequest, run_job
+from gateway.ports import free_port
+from gateway.triton_server import TritonServer, TritonSettings
+from lipsync.audio import load_audio
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+FROM = 0.1
+"""Errors are summarised from this share of the job on (of its progress, and of its time)."""
+
+
+def run_one(url: str, video: bytes, speech: np.ndarray, steps: int) -> dict:
+    """One job; every progress response as ``[seconds since sent, progress, stage, eta_s]``."""
+    reports: list[list] = []
+    started = time.monotonic()
+
+    def seen(fraction: float, stage: str, eta: float | None) -> None:
+        reports.append([round(time.monotonic() - started, 2), round(fraction, 4), stage, None if eta is None else round(eta, 2)])
+
+    result = run_job(url, JobRequest(video, wav_bytes(speech), steps=steps), on_progress=seen)
+    actual = time.monotonic() - started
+    return summarise(reports, actual) | {"frames": result.info["frames"], "steps": steps, "reports": reports}
+
+
+def summarise(reports: list[list], actual: float) -> dict:
+    """The largest relative error of the predicted end from ``FROM`` of the job's progress on and from
+    ``FROM`` of its time on, and when the first ETA came."""
+
+    def worst(rows: list[list]) -> float | None:
+        errors = [abs(at + eta - actual) / actual for at, _, _, eta in rows if eta is not None]
+        return round(max(errors), 3) if errors else None
+
+    def unknown(rows: list[list]) -> int:
+        return sum(eta is None for *_, eta in rows)
+
+    by_progress = [row for row in reports if row[1] >= FROM]
+    by_time = [row for row in reports if row[0] >= FROM * actual]
+    first = next((row for row in reports if row[3] is not None), None)
+    return {
+        "actual_s": round(actual, 2),
+        "worst_error_from_10pct_progress": worst(by_progress),
+        "worst_error_from_10pct_time": worst(by_time),
+        "reports_without_eta_from_10pct_progress": unknown(by_progress),
+        "first_eta_at_progress": None if first is None else first[1],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| job | speech s | frames | steps | actual s | worst error from 10 % progress | from 10 % time | first ETA at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, job in enumerate(report["jobs"]):
+        label = f"{index + 1}{' (cold)' if index == 0 and report['fresh_server'] else ''}"
+
+        def pct(value: float | None) -> str:
+            return "—" if value is None else f"{100 * value:.0f} %"
+
+        lines.append(
+            f"| {label} | {job['speech_s']} | {job['frames']} | {job['steps']} | {job['actual_s']:.0f} | "
+            f"{pct(job['worst_error_from_10pct_progress'])} | {pct(job['worst_error_from_10pct_time'])} | "
+            f"{pct(job['first_eta_at_progress'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", type=Path, default=FIXTURES / "demo1_video.mp4", help="input video (default: the demo clip)")
+    parser.add_argument("--audio", type=Path, default=FIXTURES / "demo1_audio.wav", help="speech, cut to each --seconds")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[3, 6, 4, 6], help="speech length of each job, in order")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every job")
+    parser.add_argument("--url", help="gRPC host:port of a running server (default: start one on CPU with tiny weights)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    args = parser.parse_args()
+
+    waveform = load_audio(args.audio, SAMPLE_RATE)
+    speeches = [np.tile(waveform, -(-round(s * SAMPLE_RATE) // waveform.size))[: round(s * SAMPLE_RATE)] for s in args.seconds]
+    video = args.video.read_bytes()
+    report: dict = {
+        "command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}), tiny demo weights" if not args.url else "as served at --url",
+        "fresh_server": args.url is None, "jobs": [],
+    }
+
+    def save() -> None:
+        """Write what is measured so far: a run cut short still leaves its finished jobs."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        if args.markdown:
+            args.markdown.write_text(markdown(report), encoding="utf-8")
+
+    def run_all(url: str) -> None:
+        for seconds, speech in zip(args.seconds, speeches):
+            job = run_one(url, video, speech, args.steps) | {"speech_s": seconds}
+            report["jobs"].append(job)
+            save()
+            print(f"job of {seconds} s: {job['actual_s']} s, worst error from 10 % progress "
+                  f"{job['worst_error_from_10pct_progress']}", file=sys.stderr)
+
+    if args.url:
+        run_all(args.url)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lipsync-bench-eta-") as root:
+            settings = TritonSettings.load(
+                device="cpu", weights="tiny", checkpoints=str(Path(root, "checkpoints")), workdir=Path(root, "serve"),
+                http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            )
+            with TritonServer(settings):
+                run_all(settings.grpc_url)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
