@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway.triton_server import TritonServer, TritonSettings
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
 from postgres_server import PostgresServer, find_binary
 from lipsync.config import CONFIG_DIR

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx2
 import yaml
 
-from gateway.triton_server import SERVING_CONFIG
+from gateway.launcher.triton_server import SERVING_CONFIG
 
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 """Two accepted API keys (two owners)."""

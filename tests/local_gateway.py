@@ -17,17 +17,17 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from conftest import free_port
-from gateway.app import create_app
-from gateway.auth import ApiKeys
-from gateway.settings import GatewaySettings
-from gateway.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
+from gateway.api.app import create_app
+from gateway.backends.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
+from gateway.core.auth import ApiKeys
+from gateway.core.settings import GatewaySettings
 from gateway_process import HOOK_HOST, KEYS
 
 STAND_IN_WEIGHTS = "stand-in"
 
 
 class StandInBackend:
-    """A :class:`gateway.backend.JobBackend` without a model: reports three progress steps and returns the
+    """A :class:`gateway.backends.base.JobBackend` without a model: reports three progress steps and returns the
     job's input video as its result. ``hold``: each job then waits until :attr:`release` is set or the
     gateway cancels it, so that jobs stay active for as long as a test needs them to."""
 

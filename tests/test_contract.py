@@ -13,12 +13,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from gateway.errors import ApiError
-from gateway.forms import OPTION_PARSERS
-from gateway.schemas import JobOptions as RequestOptions
-from gateway.schemas import option_rules
-from gateway.triton_client import JobRequest, TritonJobError
-from gateway.triton_server import MODEL_REPOSITORY
+from gateway.backends.triton_client import JobRequest, TritonJobError
+from gateway.core.errors import ApiError
+from gateway.jobs.forms import OPTION_PARSERS
+from gateway.jobs.schemas import JobOptions as RequestOptions
+from gateway.jobs.schemas import option_rules
+from gateway.launcher.triton_server import MODEL_REPOSITORY
 from lipsync import contract
 from lipsync.config import CONFIG_DIR, ConfigError, read_yaml
 from lipsync.errors import BadInput, ErrorKind, JobCancelled, LipSyncError

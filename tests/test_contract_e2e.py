@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from clips import FPS, demo_frames, speech, write_video, write_wav
-from gateway.triton_client import JobRequest, run_job
+from gateway.backends.triton_client import JobRequest, run_job
 from gateway_process import KEYS
 from lipsync.weights import WeightPaths, weight_paths
 

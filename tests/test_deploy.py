@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.settings import GatewaySettings
-from gateway.triton_server import TritonSettings
+from gateway.core.settings import GatewaySettings
+from gateway.launcher.triton_server import TritonSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))

@@ -22,9 +22,9 @@ import pytest
 
 from bombs import huge_frame_video
 from clips import demo_frames, speech, write_video, write_wav
-from lipsync.testing import sample_sum
+from gateway.backends.triton_client import JobRequest, TritonJobError, run_job
 from gateway.store import new_job_id
-from gateway.triton_client import JobRequest, TritonJobError, run_job
+from lipsync.testing import sample_sum
 from gateway_process import KEYS, memory_mb, reset_peak_memory
 from local_gateway import LocalGateway, StandInBackend
 

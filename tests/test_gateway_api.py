@@ -19,7 +19,7 @@ from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 
-from gateway.triton_server import TritonServer, TritonSettings
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.media import VideoReader
 from lipsync.testing import sample_sum
 

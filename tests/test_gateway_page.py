@@ -11,7 +11,7 @@ import httpx2
 import pytest
 
 from clips import demo_frames, speech, write_video, write_wav
-from gateway.cli import LOCAL_KEY_FILE
+from gateway.core.auth import LOCAL_KEY_FILE
 from gateway_process import KEYS
 from lipsync.media import VideoReader
 

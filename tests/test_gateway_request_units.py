@@ -10,15 +10,15 @@ import pytest
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from gateway.auth import ApiKeys, bearer_key, secure_equal
-from gateway.errors import ApiError
-from gateway.forms import OPTION_PARSERS, upload_parts
-from gateway.idempotency import fingerprint
-from gateway.quotas import Quotas
-from gateway.schemas import JobOptions, JobRef, SubmitRequest
-from gateway.settings import GatewaySettings
+from gateway.core.auth import ApiKeys, bearer_key, secure_equal
+from gateway.core.errors import ApiError
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.forms import OPTION_PARSERS, upload_parts
+from gateway.jobs.idempotency import fingerprint
+from gateway.jobs.quotas import Quotas
+from gateway.jobs.schemas import JobOptions, JobRef, SubmitRequest
+from gateway.jobs.validation import InvalidInput
 from gateway.store import JobStore, new_job_id, sqlite_url
-from gateway.validation import InvalidInput
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
 

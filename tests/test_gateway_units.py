@@ -9,11 +9,11 @@ import os
 import pytest
 
 from clips import demo_frames, speech, write_video, write_wav
-from gateway.auth import ApiKeys, KeyConfigError, digest, local_key
-from gateway.settings import GatewaySettings
-from gateway.storage import DataDir, is_job_id
+from gateway.core.auth import ApiKeys, KeyConfigError, digest, local_key
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.storage import DataDir, is_job_id
+from gateway.jobs.validation import InvalidInput, check_audio, check_video, decode_base64
 from gateway.store import new_job_id
-from gateway.validation import InvalidInput, check_audio, check_video, decode_base64
 
 @pytest.mark.parametrize("value", ["../x", "0" * 31, "0" * 33, "A" * 32, "0" * 31 + "/", "", "0" * 32 + "\n"])
 def test_paths_are_built_only_from_ids_of_our_shape(tmp_path, value) -> None:

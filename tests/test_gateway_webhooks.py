@@ -20,8 +20,8 @@ from standardwebhooks.webhooks import Webhook
 
 from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
+from gateway.core.settings import GatewaySettings
 from lipsync.testing import sample_sum
-from gateway.settings import GatewaySettings
 from gateway_process import HOOK_HOST, KEYS, GatewayProcess
 from local_gateway import LocalGateway
 from webhook_receivers import TRICKLE, Receiver

@@ -15,16 +15,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.logfiles import rotate
-from gateway.pidfile import PidFile, WorkFolderInUse
-from gateway.ports import Listener, listens, taken
-from gateway.processes import ProcessRecord
+from gateway.launcher.logfiles import rotate
+from gateway.launcher.pidfile import PidFile, WorkFolderInUse
+from gateway.launcher.ports import Listener, listens, taken
+from gateway.launcher.processes import ProcessRecord
 
 LAUNCHER = """
 import os, subprocess, sys, time
 from pathlib import Path
-from gateway.pidfile import PidFile
-from gateway.processes import ProcessRecord, die_with_parent
+from gateway.launcher.pidfile import PidFile
+from gateway.launcher.processes import ProcessRecord, die_with_parent
 pid_file = PidFile.claim(Path(sys.argv[1]))
 child = subprocess.Popen(["sleep", "60"], start_new_session=True, preexec_fn=die_with_parent())
 pid_file.record(launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(child.pid))

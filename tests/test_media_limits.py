@@ -13,7 +13,7 @@ import pytest
 
 from bombs import huge_frame_video, raw_h264, silent_flac, sparse_video
 from clips import speech, write_wav
-from gateway.validation import InvalidInput, check_audio, check_video
+from gateway.jobs.validation import InvalidInput, check_audio, check_video
 from lipsync.audio import load_audio
 from lipsync.config import ConfigError
 from lipsync.media import MediaSettings, VideoReader

@@ -30,7 +30,7 @@ def _clean_env() -> dict[str, str]:
 
 def test_the_gateway_imports_none_of_the_model_dependencies() -> None:
     code = (
-        "import sys, gateway.app, gateway.cli\n"
+        "import sys, gateway.api.app, gateway.cli\n"
         f"loaded = [name for name in {MODEL_ONLY!r} if name in sys.modules]\n"
         "assert not loaded, loaded"
     )

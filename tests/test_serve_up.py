@@ -21,7 +21,7 @@ import pytest
 
 from clips import demo_frames, speech, write_video, write_wav
 from conftest import free_port
-from gateway.ports import listens
+from gateway.launcher.ports import listens
 
 SHM = Path("/dev/shm")
 REGION_PREFIX = "triton_python_backend_shm_region_"

@@ -17,7 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from gateway.storage import DataDir
+from gateway.jobs.storage import DataDir
 from gateway.store import JobStore, QuotaExceeded, new_job_id, sqlite_url
 from gateway.store.schema import metadata
 

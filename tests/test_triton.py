@@ -20,9 +20,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clips import demo_frames, flat, speech, write_video, write_wav
-from lipsync.testing import sample_sum
-from gateway.triton_client import served_info, served_weights
+from gateway.backends.triton_client import served_info, served_weights
 from lipsync.media import VideoReader
+from lipsync.testing import sample_sum
 
 pytestmark = [
     pytest.mark.slow,

@@ -17,8 +17,8 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import free_port
 from gateway import cli
-from gateway.triton_log import LogPump
-from gateway.triton_server import TritonError, TritonServer, TritonSettings, render_repository
+from gateway.launcher.triton_log import LogPump
+from gateway.launcher.triton_server import TritonError, TritonServer, TritonSettings, render_repository
 from lipsync.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Jobs spread over several Triton endpoints (:mod:`gateway.triton_pool`): the selection policy and the
+"""Jobs spread over several Triton endpoints (:mod:`gateway.backends.triton_pool`): the selection policy and the
 health cache on their own, the pool on stand-in endpoints, then real jobs on the session Triton beside
 an endpoint where nothing listens."""
 
@@ -11,11 +11,11 @@ import pytest
 
 from clips import DEMO_AUDIO, DEMO_VIDEO, demo_frames, speech, write_video, write_wav
 from conftest import free_port
-from gateway.app import triton_backend
-from gateway.backend import TritonBackend
-from gateway.settings import GatewaySettings
-from gateway.triton_client import JobRequest, JobResult, TritonJobError
-from gateway.triton_pool import HealthCache, TritonPool, least_loaded
+from gateway.api.app import triton_backend
+from gateway.backends.base import TritonBackend
+from gateway.backends.triton_client import JobRequest, JobResult, TritonJobError
+from gateway.backends.triton_pool import HealthCache, TritonPool, least_loaded
+from gateway.core.settings import GatewaySettings
 from lipsync.errors import ErrorKind
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from clips import write_wav, speech
 from conftest import free_port
-from gateway.triton_client import served_info
-from gateway.triton_server import TritonServer, TritonSettings
+from gateway.backends.triton_client import served_info
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.media import VideoReader
 from test_triton import SECONDS, _check_video, _stream, clip, metric  # noqa: F401 - clip is a fixture
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
 from gateway.store import JobStore, new_job_id, sqlite_url
-from gateway.webhook import Webhooks, backoff_s
-from gateway.webhook_signing import SecretError, Signer, load_secret, new_secret
-from gateway.webhook_targets import AddressPolicy, WebhookRefused, forbidden_kind, numeric_host, parse_target
+from gateway.webhooks.delivery import Webhooks, backoff_s
+from gateway.webhooks.signing import SecretError, Signer, load_secret, new_secret
+from gateway.webhooks.targets import AddressPolicy, WebhookRefused, forbidden_kind, numeric_host, parse_target
 from gateway_process import HOOK_HOST
 from webhook_receivers import TRICKLE, Receiver
 

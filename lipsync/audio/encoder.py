@@ -17,7 +17,7 @@ from whisper.audio import log_mel_spectrogram, pad_or_trim
 from whisper.model import AudioEncoder, ModelDimensions, Whisper, disable_sdpa
 
 from lipsync.audio.decode import AudioError
-from lipsync.weights import WeightsError
+from lipsync.errors import WeightsError
 
 CHECKPOINT_KEYS = ("dims", "model_state_dict")
 """Top-level keys of an OpenAI-format Whisper checkpoint (``tiny.pt``)."""

@@ -94,6 +94,10 @@ class ApiKeys:
         return None if match is None else owner_id(match)
 
 
+LOCAL_KEY_FILE = "local_api_key"
+"""In the data directory: the key ``up`` makes when no key is configured."""
+
+
 def local_key(path: Path) -> str:
     """The key of a local service started without configured keys: read from ``path``, or made and
     saved there (mode 0600) on first use, so it stays the same across restarts."""

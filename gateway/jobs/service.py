@@ -15,19 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import ApiKeys, bearer_key, secure_equal
-from gateway.errors import ApiError
-from gateway.idempotency import fingerprint
-from gateway.metrics import Metrics
-from gateway.quotas import Quotas
-from gateway.schemas import JobOptions
-from gateway.served import ServedWeights
-from gateway.settings import GatewaySettings
-from gateway.storage import DataDir, is_job_id
+from gateway.backends.served import ServedWeights
+from gateway.core.auth import ApiKeys, bearer_key, secure_equal
+from gateway.core.errors import ApiError
+from gateway.core.metrics import Metrics
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.idempotency import fingerprint
+from gateway.jobs.quotas import Quotas
+from gateway.jobs.schemas import JobOptions
+from gateway.jobs.storage import DataDir, is_job_id
+from gateway.jobs.validation import InvalidInput, check_audio, check_video
 from gateway.store import CANCELLED, IN_PROGRESS, IN_QUEUE, SUCCEED, Job, JobStore, QuotaExceeded, new_job_id
-from gateway.validation import InvalidInput, check_audio, check_video
-from gateway.webhook import Webhooks
-from gateway.webhook_targets import WebhookRefused
+from gateway.webhooks.delivery import Webhooks
+from gateway.webhooks.targets import WebhookRefused
 from lipsync.media import MediaSettings
 
 NOT_FOUND = "no such request_id for this API key"

@@ -7,19 +7,19 @@ gateway that died are re-queued by the worker once their lease runs out (:mod:`g
 
 from __future__ import annotations
 
-from gateway.auth import ApiKeys
-from gateway.backend import JobBackend
-from gateway.metrics import Metrics
-from gateway.quotas import Quotas
-from gateway.served import ServedWeights
-from gateway.services.jobs import JobService
-from gateway.settings import GatewaySettings
-from gateway.storage import DataDir
+from gateway.backends.base import JobBackend
+from gateway.backends.served import ServedWeights
+from gateway.core.auth import ApiKeys
+from gateway.core.metrics import Metrics
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.quotas import Quotas
+from gateway.jobs.service import JobService
+from gateway.jobs.storage import DataDir
+from gateway.jobs.worker import Worker
 from gateway.store import open_store
-from gateway.webhook import Webhooks
-from gateway.webhook_signing import Signer, load_secret
-from gateway.webhook_targets import AddressPolicy
-from gateway.worker import Worker
+from gateway.webhooks.delivery import Webhooks
+from gateway.webhooks.signing import Signer, load_secret
+from gateway.webhooks.targets import AddressPolicy
 from lipsync.media import MediaSettings
 
 

@@ -1,8 +1,8 @@
 """What runs a job's inference, seen from the gateway: :class:`JobBackend`, and Triton's implementation.
 
 The worker, the readiness check and the served-weights label talk only to this interface, so the app
-can be built around another backend (:func:`gateway.app.create_app`'s ``backend``). A backend signals
-a job that made no video with :class:`~gateway.triton_client.TritonJobError`, whose ``kind`` the
+can be built around another backend (:func:`gateway.api.app.create_app`'s ``backend``). A backend signals
+a job that made no video with :class:`~gateway.backends.triton_client.TritonJobError`, whose ``kind`` the
 worker acts on (``unavailable``: wait for the backend and retry).
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import tritonclient.grpc as grpcclient
 
-from gateway.triton_client import MODEL, JobRequest, JobResult, ProgressCallback, run_job, served_weights
+from gateway.backends.triton_client import MODEL, JobRequest, JobResult, ProgressCallback, run_job, served_weights
 
 
 class JobBackend(Protocol):

@@ -19,8 +19,8 @@ from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from gateway.errors import ApiError
-from gateway.settings import GatewaySettings
+from gateway.core.errors import ApiError
+from gateway.core.settings import GatewaySettings
 from gateway.store import JobStore
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from gateway.backend import JobBackend
+from gateway.backends.base import JobBackend
 from lipsync.weights import load_weights_config
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""The gateway's FastAPI app: the runtime (:mod:`gateway.runtime`) around a job backend, the guard and
+"""The gateway's FastAPI app: the runtime (:mod:`gateway.api.runtime`) around a job backend, the guard and
 body cap in front, the error handlers, and the routes of :mod:`gateway.api`.
 
 Every error is ``{"status": "Failed", "reason": …}`` with a 4xx/5xx code (:mod:`gateway.api.handlers`).
 Requests that may carry a body are authenticated and rate-limited from their headers before the body
-is read (:mod:`gateway.guard`); bodies are validated strictly (:mod:`gateway.schemas`, :mod:`gateway.forms`).
+is read (:mod:`gateway.api.guard`); bodies are validated strictly (:mod:`gateway.jobs.schemas`, :mod:`gateway.jobs.forms`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
+from gateway.api.body_limit import BodyLimit
+from gateway.api.guard import RequestGuard
 from gateway.api.handlers import add_error_handlers
 from gateway.api.main import api_router
-from gateway.auth import ApiKeys
-from gateway.backend import JobBackend, TritonBackend
-from gateway.guard import RequestGuard
-from gateway.limits import BodyLimit
-from gateway.runtime import Runtime
-from gateway.settings import GatewaySettings
-from gateway.triton_pool import TritonPool
+from gateway.api.runtime import Runtime
+from gateway.backends.base import JobBackend, TritonBackend
+from gateway.backends.triton_pool import TritonPool
+from gateway.core.auth import ApiKeys
+from gateway.core.settings import GatewaySettings
 
 
 def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | None = None) -> FastAPI:

@@ -34,10 +34,10 @@ from typing import Any, TypeVar
 
 import httpx2
 
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
 from gateway.store import Delivery, Job, JobStore
-from gateway.webhook_signing import Signer
-from gateway.webhook_targets import AddressPolicy, Destination, WebhookRefused
+from gateway.webhooks.signing import Signer
+from gateway.webhooks.targets import AddressPolicy, Destination, WebhookRefused
 
 log = logging.getLogger(__name__)
 

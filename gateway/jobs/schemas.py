@@ -3,7 +3,7 @@
 Pydantic would by default turn ``"2"``, ``2.0`` or ``true`` into the integer 2; here an integer field
 takes only a JSON integer, a float field a JSON number (an integer is fine, a bool or a string is not),
 a string field only a string, and unknown fields are refused. Multipart form fields, which are text by
-nature, are parsed into these types by :mod:`gateway.forms` first.
+nature, are parsed into these types by :mod:`gateway.jobs.forms` first.
 
 The job options are the REST ones of :data:`lipsync.contract.OPTIONS`: names, types, ranges and
 choices come from there, so the API accepts exactly what the model does.

@@ -5,7 +5,7 @@ the field's type and nothing looser: an integer field takes ``"2"`` or ``"-3"`` 
 optional minus) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"`` or ``"true"``; a float field takes
 ``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``"nan"``, ``"inf"`` or ``"true"``. An empty field counts as
 not given (browsers send empty inputs). The parts are exactly the ``video`` and ``audio`` files and
-the option fields of :class:`gateway.schemas.JobOptions`, each at most once; anything else is refused.
+the option fields of :class:`gateway.jobs.schemas.JobOptions`, each at most once; anything else is refused.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.datastructures import FormData, UploadFile
 
-from gateway.schemas import JobOptions
-from gateway.validation import InvalidInput
+from gateway.jobs.schemas import JobOptions
+from gateway.jobs.validation import InvalidInput
 from lipsync.contract import OPTIONS
 
 FILE_PARTS = ("video", "audio")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TextIO
 
-from gateway.processes import ProcessRecord
+from gateway.launcher.processes import ProcessRecord
 
 
 class WorkFolderInUse(RuntimeError):

@@ -1,7 +1,7 @@
 """Feeds queued jobs to the backend (Triton): ``concurrency`` threads, each running one job at a time.
 
 A thread claims the oldest queued job (committed as ``InProgress``), runs it on the
-:class:`~gateway.backend.JobBackend` (the job id as the Triton request id), writes progress into the table as it arrives, and has the
+:class:`~gateway.backends.base.JobBackend` (the job id as the Triton request id), writes progress into the table as it arrives, and has the
 backend check the table between responses: a job that left ``InProgress`` (cancelled through the API)
 has its Triton stream cancelled. When Triton is unavailable the job waits for it to come back and is
 re-queued if it has an attempt left. Every ending is committed before the finish callback (webhook) runs.
@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.backend import JobBackend
-from gateway.metrics import Metrics
-from gateway.settings import GatewaySettings
-from gateway.storage import DataDir
+from gateway.backends.base import JobBackend
+from gateway.backends.triton_client import JobRequest, TritonJobError
+from gateway.core.metrics import Metrics
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.storage import DataDir
 from gateway.store import Job, JobStore
-from gateway.triton_client import JobRequest, TritonJobError
 from lipsync.contract import OPTIONS
 from lipsync.errors import ErrorKind
 

@@ -21,9 +21,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import ApiKeys, bearer_key
-from gateway.errors import ApiError, send_error
-from gateway.quotas import Quotas
+from gateway.core.auth import ApiKeys, bearer_key
+from gateway.core.errors import ApiError, send_error
+from gateway.jobs.quotas import Quotas
 
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SUBMIT_PATHS = frozenset({"/lipsync/submit", "/lipsync/upload"})

@@ -50,13 +50,13 @@ from pydantic import AfterValidator, NonNegativeFloat, NonNegativeInt
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from tritonclient.grpc import model_config_pb2
 
-from gateway.logfiles import rotate
-from gateway.pidfile import PidFile, WorkFolderInUse
-from gateway.ports import Listener, listens, taken
-from gateway.processes import ProcessRecord, die_with_parent, kill_and_wait
-from gateway.settings import SERVING_CONFIG
-from gateway.shm import remove_regions, stub_regions
-from gateway.triton_log import LogPump
+from gateway.core.settings import SERVING_CONFIG
+from gateway.launcher.logfiles import rotate
+from gateway.launcher.pidfile import PidFile, WorkFolderInUse
+from gateway.launcher.ports import Listener, listens, taken
+from gateway.launcher.processes import ProcessRecord, die_with_parent, kill_and_wait
+from gateway.launcher.shm import remove_regions, stub_regions
+from gateway.launcher.triton_log import LogPump
 from lipsync.config import SCHEMA, ConfigError, home_path, load_settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ AUTO_JOB_PROCESSES = 4
 GENERATION_MODEL = "lipsync_generate"
 """Generates the windows of the ``lipsync`` model's jobs when those run in separate CPU processes."""
 PID_FILE = "triton.pid"
-"""In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.pidfile`)."""
+"""In the work folder: the launcher and the ``tritonserver`` it started (:mod:`gateway.launcher.pidfile`)."""
 STOP_FILE = "stopping"
 """In the work folder: created when the launcher stops the server; the ``lipsync`` model then cancels its jobs."""
 
@@ -108,7 +108,7 @@ class TritonSettings:
     log_files_kept: int = 5
     """Logs of earlier runs kept beside ``triton.log`` as ``triton.log.1`` (the last) … ``.N``."""
     cpu_log_noise: tuple[str, ...] = ()
-    """Server output lines containing one of these are left out of the log on CPU (:mod:`gateway.triton_log`)."""
+    """Server output lines containing one of these are left out of the log on CPU (:mod:`gateway.launcher.triton_log`)."""
     python_env: Path = field(default_factory=lambda: Path(sys.prefix))
     """Environment the backend stub runs in (``numpy<2`` and this package installed)."""
 
@@ -259,7 +259,7 @@ class TritonServer:
         self._stopping = False
         self._log_pump: LogPump | None = None
         self._regions: set[str] = set()
-        """Shared-memory regions of this server's stubs (:mod:`gateway.shm`)."""
+        """Shared-memory regions of this server's stubs (:mod:`gateway.launcher.shm`)."""
 
     def command(self, repository: Path, backends: Path) -> list[str]:
         s = self.settings
@@ -307,7 +307,7 @@ class TritonServer:
         """Claim the work folder, stop a Triton left behind in it, check that Triton's ports and
         ``other_listeners`` (what the caller opens once Triton is ready) are free, keep the last log, start
         ``tritonserver`` in a session of its own and record it. Call from the thread that will stop it: the
-        server gets SIGTERM when that thread ends (:func:`gateway.processes.die_with_parent`)."""
+        server gets SIGTERM when that thread ends (:func:`gateway.launcher.processes.die_with_parent`)."""
         self._stopping = False
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ApiError, send_error
+from gateway.core.errors import ApiError, send_error
 
 
 class _TooLarge(HTTPException):

@@ -1,4 +1,4 @@
-"""Several Triton endpoints behind one :class:`~gateway.backend.JobBackend`: :class:`TritonPool`.
+"""Several Triton endpoints behind one :class:`~gateway.backends.base.JobBackend`: :class:`TritonPool`.
 
 Each job goes to the ready endpoint with the fewest jobs this gateway has running on it; ties go
 round-robin (:func:`least_loaded`). Readiness is asked of each endpoint at most once per ``health_ttl_s``
@@ -13,8 +13,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from gateway.backend import TritonBackend
-from gateway.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
+from gateway.backends.base import TritonBackend
+from gateway.backends.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
 from lipsync.errors import ErrorKind
 
 

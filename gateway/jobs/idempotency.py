@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.schemas import JobOptions
+from gateway.jobs.schemas import JobOptions
 
 _CHUNK = 1 << 20
 
