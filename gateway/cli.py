@@ -21,14 +21,17 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.auth import ApiKeys, local_key
-from gateway.ports import Listener
-from gateway.settings import GatewaySettings
-from gateway.triton_server import SERVING_CONFIG, TritonError, TritonServer, TritonSettings
-from lipsync.weights import WeightsError, chosen_version, load_weights_config, present_weights
-
-LOCAL_KEY_FILE = "local_api_key"
-"""In the data directory: the key ``up`` makes when no key is configured."""
+from gateway.core.auth import LOCAL_KEY_FILE, ApiKeys, local_key
+from gateway.core.settings import GatewaySettings
+from gateway.launcher.ports import Listener
+from gateway.launcher.triton_server import (
+    SERVING_CONFIG,
+    TritonError,
+    TritonServer,
+    TritonSettings,
+)
+from lipsync.errors import WeightsError
+from lipsync.weights import chosen_version, load_weights_config, present_weights
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,7 +119,7 @@ def _keys(settings: GatewaySettings, local: bool) -> tuple[ApiKeys, str]:
 
 
 def _weights_line(settings: TritonSettings) -> str:
-    """What the ``lipsync`` model will load, chosen as the model chooses it (:func:`lipsync.tiny.weights_for`).
+    """What the ``lipsync`` model will load, chosen as the model chooses it (:func:`lipsync.server_weights.weights_for`).
     Raises :class:`WeightsError` when a named real version is missing."""
     root = settings.checkpoints or None
     version = chosen_version(settings.weights, root)
@@ -153,7 +156,9 @@ class _Server(uvicorn.Server):
 
 def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, triton: TritonServer | None = None) -> int:
     """Serve until SIGTERM/Ctrl-C (0), or until ``triton`` exits on its own (1: the gateway stops with it)."""
-    from gateway.app import create_app  # FastAPI and the media checks load only for the commands that serve
+    from gateway.api.app import (
+        create_app,  # FastAPI and the media checks load only for the commands that serve
+    )
 
     print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {', '.join(settings.triton_endpoints)}, "
           f"data {settings.data_dir})", file=sys.stderr)

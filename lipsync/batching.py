@@ -29,7 +29,13 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.config import SCHEMA
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.sampling import CancelCheck, JobCancelled, NoisePredictor, WindowBatch, denoise
+from lipsync.sampling import (
+    CancelCheck,
+    JobCancelled,
+    NoisePredictor,
+    WindowBatch,
+    denoise,
+)
 
 BatchObserver = Callable[[int, int], None]
 """Called after each shared DDIM loop with (windows in the call, jobs in the call)."""

@@ -50,3 +50,9 @@ class JobCancelled(LipSyncError):
 
 class Unavailable(LipSyncError):
     kind = ErrorKind.UNAVAILABLE
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint file is missing, corrupt, or not the file the weights config describes.
+
+    Raised where weights are fetched or loaded (:mod:`lipsync.weights` and the loaders), not by a job."""

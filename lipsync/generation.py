@@ -20,7 +20,13 @@ import torch
 from diffusers import AutoencoderKL
 
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.sampling import CancelCheck, Denoiser, NoisePredictor, SamplingSettings, WindowBatch
+from lipsync.sampling import (
+    CancelCheck,
+    Denoiser,
+    NoisePredictor,
+    SamplingSettings,
+    WindowBatch,
+)
 from lipsync.timing import StageTimer
 from lipsync.vae import decode_latents, encode_latents, sampling_noise
 

@@ -16,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,8 +34,17 @@ from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
 from lipsync.errors import BadInput
-from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
+from lipsync.faces import (
+    DetectorPool,
+    FaceAligner,
+    FaceLandmarks,
+    FacePaster,
+    FaceSettings,
+    MediaPipeFaceDetector,
+    load_mask,
+)
 from lipsync.frames import frames_in_order
+from lipsync.generation import FaceGenerator, Replica, WindowGenerator
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.media import MediaSettings, VideoReader, VideoWriter
 from lipsync.media.colour import rgb_to_yuv420p
@@ -45,9 +53,16 @@ from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.progress import STAGE_SPANS, JobSize
 from lipsync.sampling import (
-    CancelCheck, Denoiser, DirectDenoiser, JobCancelled, NoisePredictor, SamplingSettings, initial_noise, load_scheduler, sampling_modes,
+    CancelCheck,
+    Denoiser,
+    DirectDenoiser,
+    JobCancelled,
+    NoisePredictor,
+    SamplingSettings,
+    initial_noise,
+    load_scheduler,
+    sampling_modes,
 )
-from lipsync.generation import FaceGenerator, Replica, WindowGenerator
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae

@@ -20,8 +20,8 @@ import torch
 
 from lipsync.contract import failure_from_info
 from lipsync.errors import JobCancelled
-from lipsync.sampling import CancelCheck
 from lipsync.generation import WindowGroup
+from lipsync.sampling import CancelCheck
 from lipsync.timing import StageTimer
 
 Arrays = Mapping[str, np.ndarray]

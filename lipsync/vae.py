@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL
 from diffusers.utils.torch_utils import randn_tensor
 
 from lipsync.config import CONFIG_DIR
-from lipsync.weights import WeightsConfig, WeightsError, load_weights_config
+from lipsync.errors import WeightsError
+from lipsync.weights import WeightsConfig, load_weights_config
 
 LATENT_CHANNELS = 4
 """Channels of the SD VAE's latents (``latent_channels`` of its config)."""

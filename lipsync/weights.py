@@ -13,8 +13,6 @@ to its own temporary file (huggingface_hub PR #4228), so an interrupted plain-HT
 
 from __future__ import annotations
 
-import fcntl
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +23,7 @@ from pydantic import AfterValidator, NonNegativeInt, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.config import CONFIG_DIR, SCHEMA, ConfigError, home_path, load_settings
+from lipsync.errors import WeightsError
 
 WEIGHTS_CONFIG = CONFIG_DIR / "weights.yaml"
 
@@ -32,10 +31,6 @@ HomePath = Annotated[Path, AfterValidator(home_path)]
 """A weights root: relative paths are taken from :data:`lipsync.config.HOME`."""
 ConfigPath = Annotated[Path, AfterValidator(lambda path: CONFIG_DIR / path)]
 """A UNet config: relative paths are taken from the configs folder."""
-
-
-class WeightsError(RuntimeError):
-    """A checkpoint file is missing, corrupt, or not the file the weights config describes."""
 
 
 class DownloadError(WeightsError):
@@ -226,32 +221,6 @@ def present_weights(version: str, root: str | Path | None = None) -> WeightPaths
             f"download them with: python scripts/download_weights.py --version {version}"
         )
     return paths
-
-
-def weights_for(choice: str, root: str | Path | None = None) -> tuple[str, WeightPaths]:
-    """The weight set a server loads: ``(version name, paths)``.
-
-    ``choice`` is a version name from the weights config ("1.5", "1.6", "tiny") or "auto"
-    (:func:`chosen_version`). Tiny weights are written on first use; a named real version must be
-    present (``WeightsError`` otherwise).
-    """
-    choice = chosen_version(choice, root)
-    if choice != "tiny":
-        return choice, present_weights(choice, root)
-    tiny_root = root if root is None else Path(root) / "tiny"
-    paths = weight_paths(choice, tiny_root)
-    if not missing(paths):
-        return choice, paths
-    # Several server processes may start at once (a model's instances, the generation model): one writes,
-    # the others wait for it and then find the files complete.
-    paths.unet.parent.mkdir(parents=True, exist_ok=True)
-    with open(paths.unet.parent / ".writing", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if missing(paths):
-            from lipsync.tiny import write_tiny_weights  # torch and the model code, only when they are written
-
-            write_tiny_weights(tiny_root)
-    return choice, paths
 
 
 def download_file(file: WeightFile, root: Path, *, endpoint: str | None = None) -> Path:

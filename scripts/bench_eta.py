@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
 from bench_triton import SAMPLE_RATE, wav_bytes
-from gateway.triton_client import JobRequest, run_job
-from gateway.ports import free_port
-from gateway.triton_server import TritonServer, TritonSettings
+
+from gateway.backends.triton_client import JobRequest, run_job
+from gateway.launcher.ports import free_port
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ import httpx2
 import numpy as np
 import yaml
 
-from gateway.triton_server import SERVING_CONFIG
+from gateway.launcher.triton_server import SERVING_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "scripts" / "gateway_locustfile.py"

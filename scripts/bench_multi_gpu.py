@@ -37,8 +37,8 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 import numpy as np
 from bench_triton import SAMPLE_RATE, wait_until_compiled, wav_bytes
 
-from gateway.triton_client import JobRequest, run_job
-from gateway.triton_server import TritonServer, TritonSettings
+from gateway.backends.triton_client import JobRequest, run_job
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import write_random_weights
 from lipsync.weights import missing, weight_paths

@@ -45,10 +45,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,15 +60,21 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 from lipsync.audio import AudioFeatureExtractor, load_audio  # noqa: E402
 from lipsync.config import load_config  # noqa: E402
 from lipsync.faces import DetectorPool, FaceAligner, MediaPipeFaceDetector  # noqa: E402
+from lipsync.generation import FaceGenerator, Replica  # noqa: E402
 from lipsync.media import VideoReader  # noqa: E402
 from lipsync.models import load_unet  # noqa: E402
 from lipsync.models.compiled import CompiledUNet  # noqa: E402
 from lipsync.models.graphed import GraphedUNet  # noqa: E402
 from lipsync.pipeline import DTYPES, LipSyncPipeline  # noqa: E402
-from lipsync.sampling import (
-    # noqa: E402     Denoiser, DirectDenoiser, NoisePredictor, SamplingSettings, WindowBatch, initial_noise, load_scheduler,
+from lipsync.sampling import (  # noqa: E402
+    Denoiser,
+    DirectDenoiser,
+    NoisePredictor,
+    SamplingSettings,
+    WindowBatch,
+    initial_noise,
+    load_scheduler,
 )
-from lipsync.generation import FaceGenerator, Replica
 from lipsync.testing import write_random_weights  # noqa: E402
 from lipsync.tiny import write_tiny_weights  # noqa: E402
 from lipsync.vae import load_vae  # noqa: E402

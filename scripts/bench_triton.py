@@ -1,6 +1,6 @@
 """Jobs per hour through a real Triton server, 1 job alone vs N concurrent jobs sharing the GPU.
 
-Starts ``tritonserver`` with our model repository through the launcher (``gateway.triton_server``),
+Starts ``tritonserver`` with our model repository through the launcher (``gateway.launcher.triton_server``),
 full-size random weights of ``--version`` in the official formats (written to ``--checkpoints``
 unless present), runs one job, then (``--stress``) the stress run below while the instances compile
 their UNet on a thread of their own (they report ready first), waits until every instance serves the
@@ -32,19 +32,18 @@ import argparse
 import io
 import itertools
 import json
+import subprocess
 import sys
 import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import subprocess
-
 import httpx2
 import numpy as np
 
-from gateway.triton_client import JobRequest, run_job
-from gateway.triton_server import TritonServer, TritonSettings
+from gateway.backends.triton_client import JobRequest, run_job
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import sample_sum, unet_window_step_flops, write_random_weights
 from lipsync.weights import missing, weight_paths

@@ -28,12 +28,18 @@ import torch
 from diffusers import AutoencoderKL
 
 from lipsync.config import CONFIG_DIR, load_config
+from lipsync.generation import FaceGenerator, Replica
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.models.loading import build_unet
 from lipsync.models.unet import UNet3DConditionModel
-from lipsync.sampling import DirectDenoiser, NoisePredictor, SamplingSettings, initial_noise, load_scheduler
-from lipsync.generation import FaceGenerator, Replica
+from lipsync.sampling import (
+    DirectDenoiser,
+    NoisePredictor,
+    SamplingSettings,
+    initial_noise,
+    load_scheduler,
+)
 from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import load_weights_config
 

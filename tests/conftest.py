@@ -8,32 +8,17 @@ skipped test fails the run too unless its reason is in :data:`EXPECTED_SKIPS`; t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
+from support.files import DEMO_AUDIO, DEMO_VIDEO, OFFICIAL_UNET_KEYS, REFERENCE_DIR
+from support.gateway_process import LOAD_TEST_LIMITS, GatewayProcess
+from support.local_gateway import LocalGateway
+from support.postgres_server import PostgresServer, find_binary
 
-from gateway.ports import free_port
-from gateway.triton_server import TritonServer, TritonSettings
-from gateway_process import LOAD_TEST_LIMITS, GatewayProcess
-from postgres_server import PostgresServer, find_binary
-from lipsync.config import CONFIG_DIR
+from gateway.launcher.ports import free_port
+from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.tiny import write_tiny_weights
 from lipsync.weights import WeightPaths
-
-if TYPE_CHECKING:
-    from local_gateway import LocalGateway
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-DEMO_VIDEO = FIXTURES / "demo1_video.mp4"
-"""The demo clip (1080×1920 HEVC, 25 fps, 10 s, one face); see fixtures/NOTICE."""
-DEMO_AUDIO = FIXTURES / "demo1_audio.wav"
-"""The demo speech (16 kHz mono, 9.6 s)."""
-OFFICIAL_UNET_KEYS = FIXTURES / "latentsync_unet_keys_v15.tsv"
-"""Every tensor name and shape of the official LatentSync 1.5 UNet checkpoint."""
-REFERENCE_DIR = FIXTURES / "reference"
-TINY_UNET_CONFIG = CONFIG_DIR / "unet" / "tiny.yaml"
 
 EXPECTED_SKIPS = ("insightface is installed",)
 """Skip reasons (prefixes) that are expected on some machines; any other skip fails the session."""
@@ -76,22 +61,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> WeightPaths:
     """The full tiny weight set (UNet .pt, Whisper .pt, VAE folder), seed 0, official formats."""
     return write_tiny_weights(tmp_path_factory.mktemp("tiny-weights"), seed=0)
-
-
-def triton_inputs(module, tensors: dict) -> list:
-    """``tritonclient.http`` or ``.grpc`` (``module``) inputs of shape [1]: bytes and str as BYTES, numpy
-    scalars as their datatype."""
-    inputs = []
-    for name, value in tensors.items():
-        if isinstance(value, (bytes, str)):
-            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-            tensor = module.InferInput(name, [1], "BYTES")
-        else:
-            array = np.array([value])
-            tensor = module.InferInput(name, [1], {np.int32: "INT32", np.int64: "INT64", np.float32: "FP32"}[type(value)])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
 
 
 @pytest.fixture(scope="session")
@@ -138,8 +107,8 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A ``lipsync-serve gateway`` process in front of the ``triton`` fixture: one job at a time, 5 MB body cap,
-    the two keys of :data:`gateway_process.KEYS`, rates and job quota high enough for the load tests
-    (:data:`gateway_process.LOAD_TEST_LIMITS`; the limits themselves are tested on a gateway of their own)."""
+    the two keys of :data:`support.gateway_process.KEYS`, rates and job quota high enough for the load tests
+    (:data:`support.gateway_process.LOAD_TEST_LIMITS`; the limits themselves are tested on a gateway of their own)."""
     process = GatewayProcess(tmp_path_factory.mktemp("gateway") / "data", triton.settings.grpc_url, free_port())
     process.configure(**LOAD_TEST_LIMITS).start()
     yield process
@@ -148,8 +117,6 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
-    """The gateway app in this process on a stand-in backend (:mod:`local_gateway`), with the limits of ``gateway``."""
-    from local_gateway import LocalGateway  # it imports this module's free_port
-
+    """The gateway app in this process on a stand-in backend (:mod:`support.local_gateway`), with the limits of ``gateway``."""
     with LocalGateway(tmp_path_factory.mktemp("local-gateway") / "data", **LOAD_TEST_LIMITS) as local:
         yield local

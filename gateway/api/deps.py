@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from gateway.auth import bearer_key
-from gateway.errors import ApiError
-from gateway.guard import OWNER, UNAUTHORIZED
-from gateway.runtime import Runtime
-from gateway.services.jobs import JobService
-from gateway.settings import GatewaySettings
+from gateway.api.guard import OWNER, UNAUTHORIZED
+from gateway.api.runtime import Runtime
+from gateway.core.auth import bearer_key
+from gateway.core.errors import ApiError
+from gateway.core.settings import GatewaySettings
+from gateway.jobs.service import JobService
 
 MAX_IDEMPOTENCY_KEY = 200
 

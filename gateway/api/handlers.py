@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import ApiError, error_response
+from gateway.core.errors import ApiError, error_response
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
 
-from gateway.settings import QueuePolicy
+from gateway.core.settings import QueuePolicy
 from gateway.store.records import IN_PROGRESS, IN_QUEUE, Job
 from gateway.store.schema import jobs
 

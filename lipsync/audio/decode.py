@@ -15,7 +15,12 @@ import av
 import numpy as np
 
 from lipsync.errors import BadInput
-from lipsync.media.probe import check_audio_length, check_audio_limits, check_file, open_media
+from lipsync.media.probe import (
+    check_audio_length,
+    check_audio_limits,
+    check_file,
+    open_media,
+)
 from lipsync.media.settings import AUDIO_SAMPLE_RATE, MediaLimits, MediaSettings
 
 _PCM_FORMAT = "s16"

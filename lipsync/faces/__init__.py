@@ -4,7 +4,13 @@ The MediaPipe backend is the default; the InsightFace backend (official's, non-c
 imported from :mod:`lipsync.faces.insightface_backend` only by those who opt in.
 """
 
-from lipsync.faces.alignment import AlignedFace, FaceAligner, crop_size, similarity_transform, template_points
+from lipsync.faces.alignment import (
+    AlignedFace,
+    FaceAligner,
+    crop_size,
+    similarity_transform,
+    template_points,
+)
 from lipsync.faces.detection import DetectorPool, FaceDetector, FaceLandmarks
 from lipsync.faces.mask import load_mask, render_mask_image
 from lipsync.faces.mediapipe_backend import MediaPipeFaceDetector

@@ -34,7 +34,7 @@ import av
 import numpy as np
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
-from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from lipsync.media.errors import MediaError
 from lipsync.media.settings import AUDIO_SAMPLE_RATE, MediaSettings

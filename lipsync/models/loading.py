@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from lipsync.config import load_config
+from lipsync.errors import WeightsError
 from lipsync.models.unet import UNet3DConditionModel
-from lipsync.weights import WeightsError
 
 _LISTED_KEYS = 8
 _V10_MARKER = "audio_cross_attn"

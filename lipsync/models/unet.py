@@ -9,7 +9,12 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from lipsync.models.blocks import BlockSettings, DownBlock3D, UNetMidBlock3DCrossAttn, UpBlock3D
+from lipsync.models.blocks import (
+    BlockSettings,
+    DownBlock3D,
+    UNetMidBlock3DCrossAttn,
+    UpBlock3D,
+)
 from lipsync.models.resnet import FramePooledGroupNorm
 
 _DOWN_TYPES = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}

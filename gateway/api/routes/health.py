@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from gateway.api.deps import RuntimeDep
-from gateway.errors import error_response
+from gateway.core.errors import error_response
 
 router = APIRouter()
 

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from gateway.api.deps import RuntimeDep, SettingsDep
-from gateway.cli import LOCAL_KEY_FILE
-from gateway.schemas import option_rules
-from gateway.served import demo_weights
+from gateway.backends.served import demo_weights
+from gateway.core.auth import LOCAL_KEY_FILE
+from gateway.jobs.schemas import option_rules
 
 router = APIRouter()
 

@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
-from gateway.errors import ApiError
-from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
-from gateway.idempotency import copy_file, write_bytes
-from gateway.schemas import JobListQuery, JobRef, SubmitRequest
-from gateway.validation import InvalidInput, decode_base64
+from gateway.core.errors import ApiError
+from gateway.jobs.forms import MAX_FIELDS, MAX_FILES, upload_parts
+from gateway.jobs.idempotency import copy_file, write_bytes
+from gateway.jobs.schemas import JobListQuery, JobRef, SubmitRequest
+from gateway.jobs.validation import InvalidInput, decode_base64
 
 router = APIRouter()
 

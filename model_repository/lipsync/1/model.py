@@ -34,7 +34,8 @@ from lipsync.jobs import JobOptions, JobOutput, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
 from lipsync.remote import RemoteGenerator
-from lipsync.weights import load_weights_config, weights_for
+from lipsync.server_weights import weights_for
+from lipsync.weights import load_weights_config
 
 _OUTCOMES = {ErrorKind.BAD_INPUT: "rejected", ErrorKind.CANCELLED: "cancelled"}
 """``lipsync_jobs_total``'s outcome label of a failed job by error kind; any other kind is "failed"."""

@@ -28,8 +28,8 @@ from lipsync.batching import BatchingSettings
 from lipsync.contract import failure_info
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler, limit_gpu_memory
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
+from lipsync.server_weights import weights_for
 from lipsync.timing import StageTimer
-from lipsync.weights import weights_for
 
 CUDA_CONTEXT_GIB = 0.75
 """GPU memory of the process that torch does not allocate (CUDA context, kernels, cuBLAS/cuDNN handles)."""

@@ -1,0 +1,1 @@
+"""Settings, the JSON error, API keys and Prometheus metrics: what every other part of the gateway uses."""

@@ -1,0 +1,1 @@
+"""Submitting and running jobs: the request schemas and their checks, quotas, idempotency, the job files and the worker."""

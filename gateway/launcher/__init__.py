@@ -1,0 +1,1 @@
+"""Starting and stopping ``tritonserver``: ports, PID records, processes, shared memory and logs."""

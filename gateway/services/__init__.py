@@ -1,1 +1,0 @@
-"""What the routes do, apart from HTTP: the job service and the parts it runs with."""

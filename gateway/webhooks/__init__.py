@@ -1,0 +1,1 @@
+"""Telling clients that their jobs finished: target checks, signing and the durable delivery."""
