@@ -279,13 +279,17 @@ class LipSyncPipeline:
         self, modes: Sequence[str] | None = None, max_windows: int | None = None, log: Callable[[str], None] | None = None
     ) -> None:
         """Compile each replica's UNet (``Replica.compiled``) for every UNet pass of ``modes`` (default: all
-        sampling modes), capture it at :meth:`warm_up`'s shapes, then switch the denoisers to it.
+        sampling modes), switch the denoisers to it, then capture it at :meth:`warm_up`'s shapes.
 
         Minutes of compilation for the full-size UNet (less with a warm ``TORCHINDUCTOR_CACHE_DIR``). Jobs
         may run meanwhile on the UNet they use now: this thread holds its GPU sections shared for as
         long as a compilation lasts, so their UNets capture no new shapes until it ends (those calls run
         uncaptured). A DDIM loop that started before the switch ends on the UNet it started with, so a
         job running across the switch mixes both: the same weights, within the dtype's rounding.
+
+        GPU memory holds one set of CUDA graphs at a time: the compilation runs uncaptured on one window
+        (a compilation serves every batch size), the uncompiled UNet's graphs are freed at the switch,
+        and only then are the compiled UNet's graphs captured.
         """
         pending = [
             replica for replica in self.local_replicas
@@ -298,9 +302,10 @@ class LipSyncPipeline:
             unet.capturing = False
         try:
             for replica in pending:
-                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
+                compiled = replica.compiled.unet if isinstance(replica.compiled, GraphedUNet) else replica.compiled
+                staging = Replica(replica.vae, DirectDenoiser(compiled, load_scheduler()), vae_slots=replica.vae_slots)
                 for mode in modes or sampling_modes():
-                    self._generate_dummy(staging, mode, max_windows, log, what="compiling the UNet")
+                    self._generate_dummy(staging, mode, None, log, what="compiling the UNet", counts=(1,))
             replaced = []
             for replica in pending:
                 replaced.append(replica.denoiser.unet)
@@ -311,6 +316,11 @@ class LipSyncPipeline:
         for unet in replaced:  # a loop still running on it ends eagerly; its graphs' memory is freed
             if isinstance(unet, GraphedUNet):
                 unet.release()
+        for replica in pending:
+            if isinstance(replica.compiled, GraphedUNet):
+                capturing = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
+                for mode in modes or sampling_modes():
+                    self._generate_dummy(capturing, mode, max_windows, log, what="capturing the compiled UNet")
 
     def start_compiling(self, max_windows: int | None = None, log: Callable[[str], None] | None = None) -> threading.Thread:
         """:meth:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
@@ -335,12 +345,19 @@ class LipSyncPipeline:
         return thread
 
     def _generate_dummy(
-        self, replica: Replica, mode: str, max_windows: int | None, log: Callable[[str], None] | None, what: str = "warm-up"
+        self,
+        replica: Replica,
+        mode: str,
+        max_windows: int | None,
+        log: Callable[[str], None] | None,
+        what: str = "warm-up",
+        counts: Sequence[int] | None = None,
     ) -> None:
-        """Generate from zeros on ``replica`` at 1, ``windows_per_call`` and ``max_windows`` windows, with guidance,
-        with enough DDIM steps to reach every UNet pass of ``mode`` (fast: one caching and one shallow step)."""
+        """Generate from zeros on ``replica`` at ``counts`` windows (default: 1, ``windows_per_call`` and
+        ``max_windows``), with guidance, with enough DDIM steps to reach every UNet pass of ``mode`` (fast:
+        one caching and one shallow step)."""
         settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
-        counts = sorted({1, settings.windows_per_call, max_windows or settings.windows_per_call})
+        counts = sorted(counts or {1, settings.windows_per_call, max_windows or settings.windows_per_call})
         sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
         features = self.audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
         random = torch.Generator().manual_seed(settings.seed)

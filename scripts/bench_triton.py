@@ -227,6 +227,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
     parser.add_argument("--stress", type=int, nargs=2, metavar=("JOBS", "ROUNDS"), help="mixed-job stress run")
     parser.add_argument("--restart", action="store_true", help="restart on the same work folder; time the warm start")
+    parser.add_argument("--stress-when", choices=["compiling", "compiled"], default="compiling",
+                        help="run the stress while the UNet compiles (the riskiest time) or after the timed levels")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="time one job on the uncompiled UNet first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -263,20 +267,27 @@ def main() -> None:
     started = time.perf_counter()
     with TritonServer(settings) as server:
         report["server_ready_s"] = round(time.perf_counter() - started, 1)
-        report["warmup"] = run_level(settings, job, 1)  # on the uncompiled UNet, beside the compilation
-        save()
-        if args.stress:  # while the instances compile and then switch: the riskiest time for a job
+        if args.warmup:
+            report["warmup"] = run_level(settings, job, 1)  # on the uncompiled UNet, beside the compilation
+            save()
+
+        def run_stress() -> None:
             with Peak() as peak:
                 report["stress"] = stress(settings, video, args.audio, *args.stress)
             report["stress"]["gpu_memory_used_peak_gib"] = peak.gib()
             report["stress"]["compiled_before_it_ended"] = compiled(server)
             save()
+
+        if args.stress and args.stress_when == "compiling":
+            run_stress()
         wait_until_compiled(server)
         report["compiled_serving_s"] = round(time.perf_counter() - started, 1)
         save()
         for concurrency in args.concurrency:
             report["levels"].append(run_level(settings, job, concurrency, rates))
             save()
+        if args.stress and args.stress_when == "compiled":
+            run_stress()
         print(server.log_tail(5), file=sys.stderr)
     report["inductor_cache_files"] = cache_files(settings)
     if args.restart:
