@@ -302,8 +302,9 @@ class LipSyncPipeline:
             unet.capturing = False
         try:
             for replica in pending:
-                compiled = replica.compiled.unet if isinstance(replica.compiled, GraphedUNet) else replica.compiled
-                staging = Replica(replica.vae, DirectDenoiser(compiled, load_scheduler()), vae_slots=replica.vae_slots)
+                if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
+                    replica.compiled.capturing = False
+                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
                 for mode in modes or sampling_modes():
                     self._generate_dummy(staging, mode, None, log, what="compiling the UNet", counts=(1,))
             replaced = []
@@ -318,6 +319,7 @@ class LipSyncPipeline:
                 unet.release()
         for replica in pending:
             if isinstance(replica.compiled, GraphedUNet):
+                replica.compiled.capturing = True
                 capturing = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
                 for mode in modes or sampling_modes():
                     self._generate_dummy(capturing, mode, max_windows, log, what="capturing the compiled UNet")

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx2
 import numpy as np
 
-from gateway.backends.triton_client import JobRequest, run_job
+from gateway.backends.triton_client import JobRequest, run_job, served_info
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import sample_sum, unet_window_step_flops, write_random_weights
@@ -178,18 +178,15 @@ def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, round
     }
 
 
-COMPILED_LINE = "lipsync: compiled UNet serving"
 COMPILE_FAILED_LINE = "lipsync: compiling the UNet failed"
-INSTANCE_LINE = ": warmed up in"
-"""Logged by every GPU instance that holds a UNet (``lipsync`` or ``lipsync_generate``)."""
 
 
 def compiled(server: TritonServer) -> bool:
-    """Whether every GPU instance serves its compiled UNet now (``triton.log``)."""
-    log = server.log_path.read_text(errors="replace")
-    if COMPILE_FAILED_LINE in log:
+    """Whether jobs run on the compiled UNet now (the describe request's ``compiled``; true where the UNet
+    is not compiled at all); a compilation that failed ends the benchmark with the server's log."""
+    if COMPILE_FAILED_LINE in server.log_path.read_text(errors="replace"):
         raise SystemExit(f"an instance could not compile its UNet:\n{server.log_tail(20)}")
-    return log.count(COMPILED_LINE) >= log.count(INSTANCE_LINE)
+    return bool(served_info(server.settings.grpc_url)["compiled"])
 
 
 def wait_until_compiled(server: TritonServer, timeout_s: float = 900.0) -> float:
@@ -267,6 +264,7 @@ def main() -> None:
     started = time.perf_counter()
     with TritonServer(settings) as server:
         report["server_ready_s"] = round(time.perf_counter() - started, 1)
+        save()
         if args.warmup:
             report["warmup"] = run_level(settings, job, 1)  # on the uncompiled UNet, beside the compilation
             save()

@@ -80,6 +80,8 @@ class GraphedUNet:
         self.max_graphs = max_graphs
         self.batch_rows = batch_rows
         self._graphs: dict[tuple, _CapturedCall] = {}
+        self._too_large: set[tuple] = set()
+        """Shapes whose capture ran out of memory (a ``gpu_memory_gib`` cap): they run eagerly."""
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = threading.Lock()
         self.capturing = True
@@ -137,8 +139,14 @@ class GraphedUNet:
         with self._lock, torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
-                if not self._captures(inputs[0]):
+                if key in self._too_large or not self._captures(inputs[0]):
                     with GPU_GUARD.shared():
                         return function(*inputs)
-                captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)
+                try:
+                    captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)
+                except torch.OutOfMemoryError:  # over the process's memory cap: this shape runs uncaptured
+                    self._too_large.add(key)
+                    torch.cuda.empty_cache()
+                    with GPU_GUARD.shared():
+                        return function(*inputs)
             return captured(inputs)

@@ -223,7 +223,7 @@ def test_unknown_routes_and_methods_get_json_errors(gateway) -> None:
 def test_a_submit_that_fills_the_data_folder_gets_507_and_leaves_nothing(tmp_path, media) -> None:
     """A 2 MiB data folder (tmpfs; the tests run as root) and no space kept (``min_free_mb`` 0): the
     3 MiB upload runs out of space while it is written; the client gets 507, the partial upload is gone."""
-    from local_gateway import LocalGateway  # it imports conftest's free_port
+    from support.local_gateway import LocalGateway
 
     disk = tmp_path / "disk"
     disk.mkdir()
