@@ -29,12 +29,16 @@ from lipsync.config import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _rendered_repository(tmp_path: Path, **overrides) -> Path:
+    return render_repository(TritonSettings.load(workdir=tmp_path, **overrides))
+
+
 def _rendered(tmp_path: Path, **overrides) -> model_config_pb2.ModelConfig:
-    return _config(render_repository(TritonSettings.load(workdir=tmp_path, **overrides)))
+    return _config(_rendered_repository(tmp_path, **overrides))
 
 
-def _config(repository: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse((repository / "lipsync" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+def _config(repository: Path, model: str = "lipsync") -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 def test_cpu_rendering_places_one_cpu_instance_with_the_chosen_weights(tmp_path: Path) -> None:
@@ -48,20 +52,39 @@ def test_cpu_rendering_places_one_cpu_instance_with_the_chosen_weights(tmp_path:
 
 
 def test_gpu_rendering_lists_the_configured_gpus(tmp_path: Path) -> None:
-    config = _rendered(tmp_path, device="gpu", gpus=(0, 1))
+    config = _rendered(tmp_path, device="gpu", gpus=(0, 1), job_processes=0)
     [group] = config.instance_group
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
-    every_gpu = _rendered(tmp_path, device="gpu")
+    assert not (tmp_path / "model_repository" / "lipsync_generate").exists()  # not loaded in this layout
+    every_gpu = _rendered(tmp_path, device="gpu", job_processes=0)
     assert list(every_gpu.instance_group[0].gpus) == []  # Triton then places one instance per visible GPU
     assert every_gpu.parameters["devices"].string_value == ""  # each instance uses its own GPU
 
 
 def test_up_with_gpus_renders_one_instance_per_listed_gpu(tmp_path: Path) -> None:
-    args = cli._parser().parse_args(["up", "--device", "gpu", "--gpus", "0,1", "--workdir", str(tmp_path)])
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--gpus", "0,1", "--job-processes", "0", "--workdir", str(tmp_path)])
     config = _config(render_repository(cli._triton_settings(args)))
     assert [(group.kind, group.count, list(group.gpus)) for group in config.instance_group] == [
         (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [0, 1])
     ]
+
+
+def test_a_gpu_server_splits_jobs_into_cpu_processes_and_one_generation_model_per_gpu(tmp_path: Path) -> None:
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--gpus", "0,1", "--workdir", str(tmp_path)])
+    repository = render_repository(cli._triton_settings(args))
+    jobs, generation = _config(repository), _config(repository, "lipsync_generate")
+    assert [(group.kind, group.count) for group in jobs.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 4)]
+    assert jobs.parameters["generator"].string_value == "lipsync_generate"
+    assert jobs.parameters["dtype"].string_value == "fp16"  # the generating VAE's, for the sampling noise
+    assert [(group.kind, list(group.gpus)) for group in generation.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_GPU, [0, 1])
+    ]
+    assert generation.parameters["gpu_memory_gib"].string_value == "20.0"
+    assert generation.parameters["compile_unet"].string_value == "false"  # the compiled graphs do not fit the cap
+    uncapped = _config(_rendered_repository(tmp_path, device="gpu", gpu_memory_gib=0), "lipsync_generate")
+    assert uncapped.parameters["compile_unet"].string_value == ""
+    with pytest.raises(ConfigError, match="job_processes"):
+        _rendered(tmp_path, device="gpu", split_jobs=True, job_processes=2)
 
 
 def test_split_jobs_renders_one_instance_holding_every_listed_gpu(tmp_path: Path) -> None:
@@ -70,7 +93,7 @@ def test_split_jobs_renders_one_instance_holding_every_listed_gpu(tmp_path: Path
     [group] = config.instance_group
     assert (group.kind, group.count, list(group.gpus)) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [2])
     assert config.parameters["devices"].string_value == "2,3"
-    every_gpu = _rendered(tmp_path, device="gpu", split_jobs=True)
+    every_gpu = _rendered(tmp_path, device="gpu", split_jobs=True)  # auto: no job processes with split_jobs
     assert list(every_gpu.instance_group[0].gpus) == [0] and every_gpu.parameters["devices"].string_value == "all"
 
 
@@ -87,8 +110,8 @@ def test_compiled_kernels_are_cached_in_the_work_folder(tmp_path: Path) -> None:
 
 
 def test_instances_compile_in_the_background_unless_told_to_compile_before_ready(tmp_path: Path) -> None:
-    assert _rendered(tmp_path, device="gpu").parameters["compile_before_ready"].string_value == "false"
-    args = cli._parser().parse_args(["up", "--device", "gpu", "--compile-before-ready", "--workdir", str(tmp_path)])
+    assert _rendered(tmp_path, device="gpu", job_processes=0).parameters["compile_before_ready"].string_value == "false"
+    args = cli._parser().parse_args(["up", "--device", "gpu", "--job-processes", "0", "--compile-before-ready", "--workdir", str(tmp_path)])
     config = _config(render_repository(cli._triton_settings(args)))
     assert config.parameters["compile_before_ready"].string_value == "true"
 
