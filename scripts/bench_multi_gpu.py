@@ -38,6 +38,7 @@ import numpy as np
 from bench_triton import SAMPLE_RATE, wait_until_compiled, wav_bytes
 
 from gateway.backends.triton_client import JobRequest, run_job
+from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import write_random_weights
@@ -65,6 +66,7 @@ def settings_for(args: argparse.Namespace, gpus: int, split_jobs: bool) -> Trito
     return TritonSettings.load(
         device=args.device, gpus=tuple(range(gpus)) if args.device == "gpu" else (), split_jobs=split_jobs,
         weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
 
 

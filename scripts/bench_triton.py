@@ -43,6 +43,7 @@ import httpx2
 import numpy as np
 
 from gateway.backends.triton_client import JobRequest, run_job, served_info
+from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import sample_sum, unet_window_step_flops, write_random_weights
@@ -237,6 +238,7 @@ def main() -> None:
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
         job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib,
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
     video = args.video.read_bytes()
     job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
