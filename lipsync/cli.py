@@ -19,10 +19,6 @@ from pathlib import Path
 
 from lipsync.contract import OPTIONS
 from lipsync.errors import LipSyncError, WeightsError
-from lipsync.faces import DetectorPool
-from lipsync.jobs import JobOptions, pipeline_arguments
-from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
-from lipsync.tiny import write_tiny_weights
 from lipsync.weights import auxiliary_paths, missing, weight_paths
 
 try:

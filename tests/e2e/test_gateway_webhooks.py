@@ -101,7 +101,7 @@ def test_internal_and_credentialed_webhook_urls_get_400_and_create_no_job(gatewa
 
 def test_a_trickling_receiver_is_cut_at_the_deadline_and_does_not_delay_another_keys_webhook(gateway, media) -> None:
     per_owner = GatewaySettings.load().webhook_per_owner
-    deadline_s = gateway.core.settings.webhook_timeout_s
+    deadline_s = gateway.settings.webhook_timeout_s
     slow, fast = Receiver(then=TRICKLE), Receiver()
     try:
         for _ in range(per_owner + 1):  # one more than the key may have in flight
