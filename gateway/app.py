@@ -34,7 +34,8 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
         yield
         runtime.stop()
 
-    app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="lipsync-serve gateway", summary="Lip-sync jobs over REST (docs/gateway-api.md)",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestGuard, keys=keys, quotas=runtime.quotas)  # outside the body cap: it reads no body

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import httpx2
 
+from gateway.schemas import JobStatus
 from gateway.settings import GatewaySettings
 from gateway.store import Delivery, Job, JobStore
 from gateway.webhook_signing import Signer
@@ -72,10 +73,10 @@ class Webhooks:
         self.policy.destination(url)
         return url
 
-    def send(self, job: Job, payload: dict[str, Any]) -> None:
+    def send(self, job: Job, payload: JobStatus) -> None:
         """Queue ``job``'s webhook (committed before this returns) and let the delivery thread know."""
         if job.webhook_url:
-            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, json.dumps(payload))
+            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, json.dumps(payload.model_dump(mode="json")))
             self.wake()
 
     def wake(self) -> None:

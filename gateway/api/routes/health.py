@@ -7,17 +7,18 @@ from fastapi.responses import JSONResponse
 
 from gateway.api.deps import RuntimeDep
 from gateway.errors import error_response
+from gateway.schemas import ErrorBody, Health, Ready
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/readyz")
-def readyz(runtime: RuntimeDep) -> JSONResponse:
+@router.get("/readyz", response_model=Ready, responses={503: {"model": ErrorBody, "description": "Triton is not ready"}})
+def readyz(runtime: RuntimeDep) -> Ready | JSONResponse:
     if not runtime.backend.ready():
         return error_response(503, "Triton is not ready")
-    return JSONResponse({"status": "ready", "weights": runtime.weights.refresh()})
+    return Ready(status="ready", weights=runtime.weights.refresh())

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter
 
 from gateway.api.deps import RuntimeDep, SettingsDep
 from gateway.cli import LOCAL_KEY_FILE
-from gateway.schemas import option_rules
+from gateway.schemas import Info, KeyPlaces, option_rules
 from gateway.served import demo_weights
 
 router = APIRouter()
 
 
 @router.get("/v1/info")
-def info(settings: SettingsDep, runtime: RuntimeDep) -> dict[str, Any]:
+def info(settings: SettingsDep, runtime: RuntimeDep) -> Info:
     """Names the files that hold keys, never a key itself."""
     candidates = [settings.data_dir / LOCAL_KEY_FILE]  # made by `lipsync-serve up` when no key is configured
     if settings.api_keys_file:
         candidates.append(Path(settings.api_keys_file).resolve())
     files = [str(path) for path in candidates if path.is_file()]
-    return {
-        "weights": runtime.weights.value, "demo_weights": demo_weights(),
-        "api_keys": {"env": settings.api_keys_env, "files": files},
-        "options": option_rules(), "defaults": asdict(settings.defaults),
-    }
+    return Info(
+        weights=runtime.weights.value, demo_weights=demo_weights(),
+        api_keys=KeyPlaces(env=settings.api_keys_env, files=files),
+        options=option_rules(), defaults=settings.defaults,
+    )

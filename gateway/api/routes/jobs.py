@@ -7,7 +7,7 @@ files, the job table or FFmpeg are plain ``def``s or run on FastAPI's thread poo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
@@ -18,16 +18,29 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.errors import ApiError
 from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.idempotency import copy_file, write_bytes
-from gateway.schemas import JobRef, SubmitRequest
+from gateway.schemas import JobList, JobOptions, JobRef, JobStatus, Submitted, SubmitRequest
 from gateway.validation import InvalidInput, decode_base64
 
 MAX_LISTED_JOBS = 100
 
 router = APIRouter()
 
+UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["video", "audio"],
+        "properties": {
+            "video": {"type": "string", "format": "binary"}, "audio": {"type": "string", "format": "binary"},
+            **{name: {"type": "string", "description": "as the submit's field of this name"}
+               for name in JobOptions.model_fields},
+        },
+    }}},
+}
+"""The multipart body the upload route parses itself (:mod:`gateway.forms`), described for OpenAPI."""
+
 
 @router.post("/lipsync/submit")
-def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> Submitted:
     def stage(folder: Path) -> tuple[str, str]:
         return (write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
                 write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"))
@@ -35,8 +48,8 @@ def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: Idem
     return jobs.submit(who, body.options(), stage, key)
 
 
-@router.post("/lipsync/upload")
-async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+@router.post("/lipsync/upload", openapi_extra={"requestBody": UPLOAD_BODY})
+async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> Submitted:
     """Multipart variant of submit: the files as parts (no base64), options as form fields."""
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
@@ -59,24 +72,25 @@ async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: I
 
 
 @router.post("/lipsync/status")
-def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> JobStatus:
     return jobs.view(jobs.owned(body.request_id, who))
 
 
 @router.post("/lipsync/cancel")
-def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> JobStatus:
     return jobs.view(jobs.cancel(jobs.owned(body.request_id, who)))
 
 
 @router.get("/v1/jobs")
 def recent_jobs(
     jobs: JobServiceDep, who: ApiKeyOwner, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20,
-) -> dict[str, Any]:
+) -> JobList:
     """The caller's most recent jobs, newest first, each as its status shows it."""
-    return {"jobs": jobs.recent(who, limit)}
+    return JobList(jobs=jobs.recent(who, limit))
 
 
-@router.get("/lipsync/result/{request_id}")
+@router.get("/lipsync/result/{request_id}", response_class=FileResponse,
+            responses={200: {"content": {"video/mp4": {}}, "description": "the result video"}})
 def result(
     request_id: str, jobs: JobServiceDep, token: str | None = None,
     authorization: Annotated[str | None, Header()] = None,
