@@ -5,7 +5,7 @@ the field's type and nothing looser: an integer field takes ``"2"`` or ``"-3"`` 
 optional minus) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"`` or ``"true"``; a float field takes
 ``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``"nan"``, ``"inf"`` or ``"true"``. An empty field counts as
 not given (browsers send empty inputs). The parts are exactly the ``video`` and ``audio`` files and
-the option fields of :class:`gateway.schemas.JobOptions`, each at most once; anything else is refused.
+the option fields of :class:`gateway.schemas.SubmitOptions`, each at most once; anything else is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.datastructures import FormData, UploadFile
 
-from gateway.schemas import JobOptions
+from gateway.schemas import SubmitOptions
 from gateway.validation import InvalidInput
 from lipsync.contract import OPTIONS
 
@@ -45,16 +45,16 @@ def _text(_: str, text: str) -> str:
 _PARSERS: dict[type, Callable[[str, str], Any]] = {int: _integer, float: _number, str: _text}
 
 OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
-    **{option.rest_name: _PARSERS[option.type] for option in OPTIONS if option.rest},
+    **{option.name: _PARSERS[option.type] for option in OPTIONS if option.rest},
     "webhook_url": _text,
 }
-"""How each option field's text becomes the value :class:`JobOptions` validates (one entry per option)."""
+"""How each option field's text becomes the value :class:`SubmitOptions` validates (one entry per option)."""
 
 MAX_FIELDS = len(OPTION_PARSERS)
 MAX_FILES = len(FILE_PARTS)
 
 
-def upload_parts(form: FormData) -> tuple[JobOptions, dict[str, UploadFile]]:
+def upload_parts(form: FormData) -> tuple[SubmitOptions, dict[str, UploadFile]]:
     """The options and the ``video``/``audio`` files of an upload; :class:`InvalidInput` (or pydantic's
     ``ValidationError`` for values out of range) when the form is not exactly that."""
     unknown = sorted(set(form.keys()) - set(OPTION_PARSERS) - set(FILE_PARTS))
@@ -76,4 +76,4 @@ def upload_parts(form: FormData) -> tuple[JobOptions, dict[str, UploadFile]]:
         if not isinstance(given[0], str):
             raise InvalidInput(f"{name}: must be a form field, not a file")
         values[name] = parse(name, given[0])
-    return JobOptions.model_validate(values), files
+    return SubmitOptions.model_validate(values), files

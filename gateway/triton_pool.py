@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from gateway.backend import TritonBackend
-from gateway.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
+from gateway.triton_client import JobRequest, JobResult, ProgressListener, TritonJobError
 from lipsync.errors import ErrorKind
 
 
@@ -67,7 +67,7 @@ class TritonPool:
     def ready_urls(self) -> list[str]:
         return [url for url in self.urls if self.health.ready(url)]
 
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobResult:
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Callable[[], bool]) -> JobResult:
         url = self._acquire()
         try:
             return self.backends[url].run(job, on_progress, should_cancel)

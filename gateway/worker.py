@@ -86,7 +86,7 @@ class Worker:
         self.metrics.queue_wait.observe(time.time() - job.created_at)
         request = JobRequest(
             video=self.data.video(job.id).read_bytes(), audio=self.data.audio(job.id).read_bytes(), job_id=job.id,
-            **{option.name: job.params.get(option.rest_name) for option in OPTIONS if option.rest},
+            **{option.name: job.params.get(option.name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
         try:

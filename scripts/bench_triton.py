@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx2
 import numpy as np
 
-from gateway.triton_client import JobRequest, run_job
+from gateway.triton_client import JobRequest, stream_job
 from gateway.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.testing import sample_sum, write_random_weights
@@ -68,7 +68,7 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int) -> di
     before = scrape(settings.metrics_url, *BATCH_SAMPLES)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency + 1) as pool:
-        jobs = [pool.submit(run_job, settings.grpc_url, job) for _ in range(concurrency)]
+        jobs = [pool.submit(stream_job, settings.grpc_url, job) for _ in range(concurrency)]
         utilization = pool.submit(sample_gpu, settings.metrics_url, jobs)
         results = [future.result() for future in jobs]
     wall = time.perf_counter() - started
@@ -119,7 +119,7 @@ def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, round
         batch = [next(mixes) for _ in range(jobs)]
         with ThreadPoolExecutor(jobs) as pool:
             futures = [
-                pool.submit(run_job, settings.grpc_url, JobRequest(video, cuts[cut], steps=steps, mode=mode))
+                pool.submit(stream_job, settings.grpc_url, JobRequest(video, cuts[cut], inference_steps=steps, mode=mode))
                 for cut, (steps, mode) in batch
             ]
             for (cut, (steps, mode)), future in zip(batch, futures):
@@ -191,7 +191,7 @@ def main() -> None:
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir
     )
     video = args.video.read_bytes()
-    job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
+    job = JobRequest(video, args.audio.read_bytes(), inference_steps=args.steps)
     report: dict = {"version": args.version, "dtype": args.dtype, "steps": args.steps, "levels": []}
 
     def save() -> None:

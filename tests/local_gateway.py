@@ -20,7 +20,7 @@ from conftest import free_port
 from gateway.app import create_app
 from gateway.auth import ApiKeys
 from gateway.settings import GatewaySettings
-from gateway.triton_client import JobRequest, JobResult, ProgressCallback, TritonJobError
+from gateway.triton_client import JobRequest, JobResult, ProgressListener, TritonJobError
 from gateway_process import HOOK_HOST, KEYS
 
 STAND_IN_WEIGHTS = "stand-in"
@@ -36,7 +36,7 @@ class StandInBackend:
         if not hold:
             self.release.set()
 
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Any) -> JobResult:
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Any) -> JobResult:
         for step in (1, 2, 3):
             on_progress(step / 4, "generate", 0.1)
         while not self.release.wait(0.05):

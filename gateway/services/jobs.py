@@ -7,7 +7,6 @@ A job another key submitted is answered exactly like one that does not exist (40
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from gateway.errors import ApiError
 from gateway.idempotency import fingerprint
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
-from gateway.schemas import JobOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
+from gateway.schemas import SubmitOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
 from gateway.served import ServedWeights
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id
@@ -108,7 +107,7 @@ class JobService:
         return path
 
     def submit(
-        self, owner: str, options: JobOptions, stage_inputs: StageInputs, idempotency_key: str | None,
+        self, owner: str, options: SubmitOptions, stage_inputs: StageInputs, idempotency_key: str | None,
     ) -> Submitted:
         """Stage the inputs, check them by content and queue the job.
 
@@ -158,11 +157,10 @@ class JobService:
             )
         return existing
 
-    def _params(self, options: JobOptions) -> dict[str, Any]:
-        """The job options (:data:`lipsync.contract.OPTIONS`) by REST name: the request's, else the configured defaults."""
-        defaults = asdict(self.settings.defaults)
-        given = options.model_dump(exclude={"webhook_url"})
-        return {name: defaults.get(name) if value is None else value for name, value in given.items()}
+    @staticmethod
+    def _params(options: SubmitOptions) -> dict[str, Any]:
+        """The job options (:data:`lipsync.contract.OPTIONS`) by name; ``None``: the served configuration decides."""
+        return options.model_dump(exclude={"webhook_url"})
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from gateway.api.deps import RuntimeDep, SettingsDep
 from gateway.cli import LOCAL_KEY_FILE
 from gateway.schemas import Info, KeyPlaces, option_rules
-from gateway.served import demo_weights
+from gateway.served import demo_weights, served_defaults
 
 router = APIRouter()
 
@@ -24,5 +24,5 @@ def info(settings: SettingsDep, runtime: RuntimeDep) -> Info:
     return Info(
         weights=runtime.weights.value, demo_weights=demo_weights(),
         api_keys=KeyPlaces(env=settings.api_keys_env, files=files),
-        options=option_rules(), defaults=settings.defaults,
+        options=option_rules(), defaults=served_defaults(runtime.weights.value),
     )

@@ -18,7 +18,7 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.errors import ApiError
 from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.idempotency import copy_file, write_bytes
-from gateway.schemas import JobList, JobOptions, JobRef, JobStatus, Submitted, SubmitRequest
+from gateway.schemas import JobList, SubmitOptions, JobRef, JobStatus, Submitted, SubmitRequest
 from gateway.validation import InvalidInput, decode_base64
 
 MAX_LISTED_JOBS = 100
@@ -32,7 +32,7 @@ UPLOAD_BODY = {
         "properties": {
             "video": {"type": "string", "format": "binary"}, "audio": {"type": "string", "format": "binary"},
             **{name: {"type": "string", "description": "as the submit's field of this name"}
-               for name in JobOptions.model_fields},
+               for name in SubmitOptions.model_fields},
         },
     }}},
 }
