@@ -13,7 +13,7 @@ from typing import Protocol
 
 import tritonclient.grpc as grpcclient
 
-from gateway.triton_client import MODEL, JobRequest, JobResult, ProgressListener, stream_job, served_weights
+from gateway.triton_client import MODEL, JobRequest, JobResult, ProgressListener, served_weights, stream_job
 
 
 class JobBackend(Protocol):

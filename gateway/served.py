@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-
 from typing import Any
 
 from gateway.backend import JobBackend

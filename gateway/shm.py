@@ -19,7 +19,7 @@ REGION_PREFIX = "triton_python_backend_shm_region_"
 
 def stub_regions(stubs: Iterable[psutil.Process]) -> set[str]:
     """The region names on the command lines of ``stubs`` (backend stub processes)."""
-    names = set()
+    names: set[str] = set()
     for stub in stubs:
         try:
             names.update(arg for arg in stub.cmdline() if arg.startswith(REGION_PREFIX) and "/" not in arg)

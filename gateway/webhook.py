@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -110,7 +111,7 @@ class Webhooks:
             while True:
                 try:
                     await self._step(client, running, owners)
-                except Exception:  # noqa: BLE001 - e.g. the table busy: keep delivering after a pause
+                except Exception:
                     log.exception("webhook delivery loop")
                     await asyncio.sleep(self.settings.webhook_backoff_s)
         except asyncio.CancelledError:
@@ -157,9 +158,11 @@ class Webhooks:
             owners[delivery.owner] += 1
             task = asyncio.create_task(self._deliver(client, delivery))
             running[delivery.id] = task
-            task.add_done_callback(lambda _, d=delivery: self._finished(d, running, owners))
+            task.add_done_callback(functools.partial(self._finished, delivery, running, owners))
 
-    def _finished(self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str]) -> None:
+    def _finished(
+        self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str], _: asyncio.Task,
+    ) -> None:
         running.pop(delivery.id, None)
         owners[delivery.owner] -= 1
         if owners[delivery.owner] <= 0:
@@ -179,7 +182,7 @@ class Webhooks:
             error = f"refused: {exc}"
         except (httpx2.HTTPError, OSError) as exc:
             error = type(exc).__name__
-        except Exception as exc:  # noqa: BLE001 - a fault here must back off like any failed attempt, not spin
+        except Exception as exc:
             log.exception("webhook for job %s: unexpected error", delivery.job_id)
             error = f"internal error: {type(exc).__name__}"
         attempts = delivery.attempts + 1

@@ -108,7 +108,8 @@ class WindowBatcher:
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            key, group, total = self._waiting[0].batch.shape_key, [], 0
+            key, total = self._waiting[0].batch.shape_key, 0
+            group: list[_Waiting] = []
             for waiting in self._waiting:
                 fits = not group or total + waiting.batch.windows <= self.settings.max_windows
                 if waiting.batch.shape_key == key and fits:
@@ -155,13 +156,13 @@ class WindowBatcher:
                     cache_interval=batches[0].cache_interval,
                     on_step=on_step,
                 )
-        except Exception as exc:  # the jobs get the error; the worker stays up for the next call
+        except Exception as exc:  # noqa: BLE001 - the jobs get the error; the worker stays up for the next call
             for waiting in live:
                 waiting.future.set_exception(exc)
             return
         if self.on_batch is not None:
             self.on_batch(len(owners), len(live))
-        for waiting, rows in zip(live, latents.split([batch.windows for batch in batches])):
+        for waiting, rows in zip(live, latents.split([batch.windows for batch in batches]), strict=True):
             if waiting.cancelled():
                 waiting.future.set_exception(JobCancelled("the job was cancelled"))
             else:

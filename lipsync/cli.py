@@ -17,7 +17,7 @@ from lipsync.faces import DetectorPool
 from lipsync.jobs import JobOptions, pipeline_arguments
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
 from lipsync.tiny import write_tiny_weights
-from lipsync.weights import WeightsError, auxiliary_paths, missing, weight_paths
+from lipsync.weights import WeightPaths, WeightsError, auxiliary_paths, missing, weight_paths
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _weights(args: argparse.Namespace):
+def _weights(args: argparse.Namespace) -> WeightPaths:
     if args.tiny:
         paths = weight_paths("tiny", args.checkpoints)
         if missing(paths):

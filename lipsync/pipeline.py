@@ -16,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,7 +34,15 @@ from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
 from lipsync.errors import BadInput
-from lipsync.faces import DetectorPool, FaceAligner, FaceLandmarks, FacePaster, FaceSettings, MediaPipeFaceDetector, load_mask
+from lipsync.faces import (
+    DetectorPool,
+    FaceAligner,
+    FaceLandmarks,
+    FacePaster,
+    FaceSettings,
+    MediaPipeFaceDetector,
+    load_mask,
+)
 from lipsync.frames import frames_in_order
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.media import MediaSettings, VideoReader, VideoWriter
@@ -44,8 +51,17 @@ from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
-    CancelCheck, Denoiser, DirectDenoiser, FaceGenerator, JobCancelled, NoisePredictor, Replica, SamplingSettings,
-    initial_noise, load_scheduler, sampling_modes,
+    CancelCheck,
+    Denoiser,
+    DirectDenoiser,
+    FaceGenerator,
+    JobCancelled,
+    NoisePredictor,
+    Replica,
+    SamplingSettings,
+    initial_noise,
+    load_scheduler,
+    sampling_modes,
 )
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
@@ -106,7 +122,7 @@ class PipelineSettings:
     @classmethod
     def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | str | None) -> PipelineSettings:
         """The settings at ``path`` (read once) with ``overrides`` (``None``: keep the file's); bad values raise :class:`ConfigError`."""
-        return load_settings(cls, path, "pipeline config", **overrides)
+        return load_settings(cls, path, "pipeline config", None, **overrides)
 
 
 class LipSyncPipeline:
@@ -192,8 +208,8 @@ class LipSyncPipeline:
             eager: NoisePredictor = GraphedUNet(unet) if graphed else unet
             compiled: NoisePredictor | None = None
             if settings.compiles_on(device):
-                compiled = CompiledUNet(unet, frames=config["data"]["num_frames"])
-                compiled = GraphedUNet(compiled) if graphed else compiled
+                compiling = CompiledUNet(unet, frames=config["data"]["num_frames"])
+                compiled = GraphedUNet(compiling) if graphed else compiling
             denoiser: Denoiser = (
                 DirectDenoiser(eager, load_scheduler()) if batching is None
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)
@@ -247,10 +263,12 @@ class LipSyncPipeline:
             unet.capturing = False
         try:
             for replica in pending:
+                assert replica.compiled is not None  # pending holds replicas that compile
                 staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()))
                 for mode in modes or sampling_modes():
                     self._generate_dummy(staging, mode, max_windows, log, what="compiling the UNet")
             for replica in pending:
+                assert replica.compiled is not None
                 replica.denoiser.unet = replica.compiled
         finally:
             for unet in serving:
@@ -364,11 +382,11 @@ class LipSyncPipeline:
 
         def prepare() -> _FrameBatch:
             """The next batch's frames, in output order, with final alignments and warped faces."""
-            sources, originals = zip(*islice(frames, batch))
+            sources, originals = zip(*islice(frames, batch), strict=True)
             track.wait_for(max(sources))
             placements = [track.alignment(index) for index in sources]
             with timer.stage("detect_align", sync=False):
-                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements, strict=True)])
             return _FrameBatch(sources, originals, placements, faces)
 
         def paste(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> np.ndarray:
@@ -429,7 +447,7 @@ class LipSyncPipeline:
                         _check_cancel(should_cancel)
 
                     def on_step(done: float) -> None:
-                        report("generate", (done_before + done) / total_windows)
+                        report("generate", (done_before + done) / total_windows)  # noqa: B023 - used in this iteration only
 
                     generated = generator(
                         torch.from_numpy(prepared.faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
@@ -529,7 +547,7 @@ def _generation_frames(
         yield from enumerate(timed(islice(iter(reader), output_frames), timer, "decode"))
     video_frames = track.wait_until_done()
     rest = source_frames(output_frames, video_frames, loop_mode)[video_frames:]
-    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"))
+    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"), strict=False)  # the decoder may end early
 
 
 def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:

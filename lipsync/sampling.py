@@ -8,11 +8,12 @@ per-window statistics and the result equals window-by-window denoising.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -47,7 +48,7 @@ class SamplingSettings:
     """1 = exact. ``n > 1``: fast mode's feature caching, a full UNet pass every ``n``-th step (see :func:`denoise`)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> "SamplingSettings":
+    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> SamplingSettings:
         """Defaults from ``config`` (:func:`run_defaults`), then the named mode (``configs/sampling_modes.yaml``),
         then ``overrides``."""
         run = run_defaults(config)
@@ -95,8 +96,11 @@ def initial_noise(generator: torch.Generator, latent_size: int) -> torch.Tensor:
 class NoisePredictor(Protocol):
     """What :func:`denoise` calls: :class:`UNet3DConditionModel` or a wrapper that runs it faster."""
 
-    dtype: torch.dtype
-    device: torch.device
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
 
@@ -182,6 +186,7 @@ def denoise(
         elif step % cache_interval == 0:
             noise, deep_features = unet.forward_caching(sample, timestep, window_audio)
         else:
+            assert deep_features is not None  # step 0 is a full step, which caches them
             noise = unet.forward_shallow(sample, timestep, window_audio, deep_features)
         noise = noise.float()
         if use_guidance:
@@ -227,6 +232,9 @@ class WindowBatch:
 
 class Denoiser(Protocol):
     """Runs the DDIM loop for a job's windows; raises ``JobCancelled`` once ``should_cancel`` says so."""
+
+    unet: NoisePredictor
+    """The UNet its loops call (switched to the compiled one once it is ready)."""
 
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor: ...
 
@@ -325,7 +333,10 @@ class FaceGenerator:
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
         vae = self.replicas[0].vae
         sampling = {
-            window.start: tuple(sampling_noise(vae, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
+            window.start: (  # masked, then reference: the official order of draws
+                sampling_noise(vae, window.stop - window.start, size // 8, generator),
+                sampling_noise(vae, window.stop - window.start, size // 8, generator),
+            )
             for window in windows
         }
         progress = None if on_step is None else _StepProgress(on_step, self.settings.steps)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from local_gateway import LocalGateway
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "gateway-api.md").read_text()

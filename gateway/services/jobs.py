@@ -16,7 +16,7 @@ from gateway.errors import ApiError
 from gateway.idempotency import fingerprint
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
-from gateway.schemas import SubmitOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
+from gateway.schemas import JobResults, JobStatus, SubmitOptions, Submitted, Timings, VideoUrl
 from gateway.served import ServedWeights
 from gateway.settings import GatewaySettings
 from gateway.storage import DataDir, is_job_id

@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES_PER_TOKEN, TOKENS_PER_SECOND
-from whisper.audio import log_mel_spectrogram, pad_or_trim
+from whisper.audio import (
+    FRAMES_PER_SECOND,
+    N_FRAMES,
+    N_SAMPLES_PER_TOKEN,
+    TOKENS_PER_SECOND,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 from whisper.model import AudioEncoder, ModelDimensions, Whisper, disable_sdpa
 
 from lipsync.audio.decode import AudioError

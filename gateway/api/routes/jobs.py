@@ -18,7 +18,7 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.errors import ApiError
 from gateway.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.idempotency import copy_file, write_bytes
-from gateway.schemas import JobList, SubmitOptions, JobRef, JobStatus, Submitted, SubmitRequest
+from gateway.schemas import JobList, JobRef, JobStatus, SubmitOptions, SubmitRequest, Submitted
 from gateway.validation import InvalidInput, decode_base64
 
 MAX_LISTED_JOBS = 100

@@ -19,6 +19,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from lipsync.serving import OUTCOMES, InstanceMetrics, InstanceStopping, ModelPa
 from lipsync.weights import load_weights_config, weights_for
 
 
-def _progress_sender(sender):
+def _progress_sender(sender: Any) -> Callable[[ProgressReport], None]:
     """A :class:`ProgressReporter` sink: one progress response per report; ETA -1 = not known yet."""
 
     def send(report: ProgressReport) -> None:
@@ -55,24 +57,24 @@ def _text(name: str, value: str | bytes) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array([value if isinstance(value, bytes) else value.encode()], dtype=np.object_))
 
 
-def _array(request, name: str):
+def _array(request: Any, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
 
 
-def _is_describe(request) -> bool:
+def _is_describe(request: Any) -> bool:
     """A request with neither VIDEO nor AUDIO: it asks which weights are served."""
     return all(_array(request, name) is None for name in contract.MEDIA)
 
 
-def _bytes(request, name: str) -> bytes:
+def _bytes(request: Any, name: str) -> bytes:
     value = _array(request, name)
     if value is None:
         raise BadInput(f"input {name} is missing")
     return bytes(value.reshape(-1)[0])
 
 
-def _options(request, served_version: str) -> JobOptions:
+def _options(request: Any, served_version: str) -> JobOptions:
     options = JobOptions(**contract.decode(lambda name: _array(request, name)))
     if options.version not in (None, served_version):
         raise BadInput(f"this server runs LatentSync {served_version}, not {options.version!r}")
@@ -135,7 +137,7 @@ class TritonPythonModel:
         places = ", ".join(str(one) for one in devices)
         self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.vae.dtype}")
 
-    def execute(self, requests) -> None:
+    def execute(self, requests: list[Any]) -> None:
         for request in requests:
             if _is_describe(request):
                 self._describe(request)
@@ -145,12 +147,12 @@ class TritonPythonModel:
             self.jobs.add(job)
             job.start()
 
-    def _describe(self, request) -> None:
+    def _describe(self, request: Any) -> None:
         info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self.pipeline.compiled})
         final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _serve(self, request) -> None:
+    def _serve(self, request: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
@@ -183,7 +185,7 @@ class TritonPythonModel:
             self.slots.release()
             self.jobs.discard(threading.current_thread())
 
-    def _fail(self, sender, job: str, error: Exception) -> None:
+    def _fail(self, sender: Any, job: str, error: Exception) -> None:
         """End the stream with STAGE "failed" and INFO {"error", "code"} (:func:`lipsync.contract.failure_info`),
         then the Triton error itself.
 
