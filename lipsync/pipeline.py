@@ -20,13 +20,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from av.video.frame import VideoFrame
 from diffusers import AutoencoderKL
-from pydantic import NonNegativeFloat, PositiveInt, StrictBool
+from pydantic import Field, NonNegativeFloat, PositiveInt, StrictBool
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
@@ -113,6 +113,9 @@ class PipelineSettings:
     of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
     eta_history_jobs: PositiveInt = 8
     """Finished jobs a server's ETA learns its stage times from (``lipsync.progress.StageRates``)."""
+    graph_memory_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Under a GPU memory cap: the share of what the cap leaves beside the loaded weights that CUDA graphs may
+    take (:meth:`LipSyncPipeline.limit_graph_memory`); the rest is for the eager work (VAE, uncaptured calls)."""
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -269,6 +272,15 @@ class LipSyncPipeline:
         """
         for replica in self.local_replicas:
             self._generate_dummy(replica, mode, max_windows, log)
+
+    def limit_graph_memory(self, cap_bytes: int) -> None:
+        """Bound the CUDA graphs of every local replica's UNets to ``settings.graph_memory_share`` of what
+        ``cap_bytes`` (the process's memory cap) leaves beside the memory allocated now (the weights)."""
+        for replica in self.local_replicas:
+            budget = int(self.settings.graph_memory_share * (cap_bytes - torch.cuda.memory_allocated(replica.device)))
+            for unet in (replica.denoiser.unet, replica.compiled):
+                if isinstance(unet, GraphedUNet):
+                    unet.pool_budget = max(0, budget)
 
     @property
     def compiled(self) -> bool:

@@ -85,6 +85,10 @@ class GraphedUNet:
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = threading.Lock()
         self.capturing = True
+        self.pool_budget: int | None = None
+        """Bytes the captures may add to the device's reserved memory (under a process memory cap: what the
+        cap leaves for graphs beside the weights and the eager work); new shapes past it run eagerly."""
+        self._pool_bytes = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,7 +129,20 @@ class GraphedUNet:
     def _captures(self, sample: torch.Tensor) -> bool:
         """Whether a call of this new shape gets a graph."""
         allowed = self.batch_rows is None or sample.shape[0] in self.batch_rows
-        return self.capturing and allowed and len(self._graphs) < self.max_graphs
+        room = self.pool_budget is None or self._pool_bytes < self.pool_budget
+        return self.capturing and allowed and room and len(self._graphs) < self.max_graphs
+
+    def _capture(self, function: TensorFunction, inputs: tuple[torch.Tensor, ...]) -> _CapturedCall:
+        """Capture one shape, counting what it adds to reserved memory (the pool's growth; the warm-up calls'
+        cached blocks are returned first, so they do not count)."""
+        if self.pool_budget is None:
+            return _CapturedCall(function, inputs, self._pool)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        captured = _CapturedCall(function, inputs, self._pool)
+        torch.cuda.empty_cache()
+        self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
+        return captured
 
     def _timestep(self, timestep: torch.Tensor | int) -> torch.Tensor:
         """A one-element tensor on the GPU, so a graph can read each step's value from its static copy."""
@@ -143,7 +160,7 @@ class GraphedUNet:
                     with GPU_GUARD.shared():
                         return function(*inputs)
                 try:
-                    captured = self._graphs[key] = _CapturedCall(function, inputs, self._pool)
+                    captured = self._graphs[key] = self._capture(function, inputs)
                 except torch.OutOfMemoryError:  # over the process's memory cap: this shape runs uncaptured
                     self._too_large.add(key)
                     torch.cuda.empty_cache()

@@ -34,6 +34,9 @@ from lipsync.timing import StageTimer
 CUDA_CONTEXT_GIB = 0.75
 """GPU memory of the process that torch does not allocate (CUDA context, kernels, cuBLAS/cuDNN handles)."""
 
+MEMORY_WAIT_S = 120.0
+"""How long a group over the memory cap waits for another group to end before its job fails."""
+
 
 def _flag(value: str) -> bool | None:
     if value not in ("true", "false", ""):
@@ -63,6 +66,7 @@ class TritonPythonModel:
         on_gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
         log = pb_utils.Logger.log_info
+        cap = None
         if on_gpu:
             torch.cuda.set_device(self.device)
             budget = float(params["gpu_memory_gib"])
@@ -95,6 +99,8 @@ class TritonPythonModel:
             vae_slots=int(params["vae_slots"]),
         )
         self.replica = self.pipeline.local_replicas[0]
+        if cap is not None:
+            self.pipeline.limit_graph_memory(cap)
         if on_gpu:
             started = time.monotonic()
             self.pipeline.warm_up(max_windows=batching.max_windows, log=log)
@@ -109,6 +115,9 @@ class TritonPythonModel:
         self.unloading = threading.Event()
         self.slots = threading.BoundedSemaphore(int(params["max_inflight_groups"]))
         self.groups: set[threading.Thread] = set()
+        self._ended = threading.Condition()
+        self._ended_groups = 0
+        """Groups ended so far: a group over the memory cap waits until this grows."""
         log(f"lipsync_generate: on {self.device}, {self.replica.dtype}")
 
     def _gauge(self, name: str, gpu: str) -> _LockedGauge:
@@ -148,7 +157,7 @@ class TritonPythonModel:
             arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in remote.INPUTS}
             group = remote.group_from_arrays(arrays, self.replica.dtype, on_step, self._stopping)
             timer = StageTimer(self.device)
-            faces = self.replica.generate(group, timer)
+            faces = self._generate(group, timer)
             final = pb_utils.InferenceResponse([
                 pb_utils.Tensor("FACES_OUT", faces.numpy()), _text("SECONDS", json.dumps(dict(timer.seconds))),
             ])
@@ -159,6 +168,27 @@ class TritonPythonModel:
         finally:
             self.slots.release()
             self.groups.discard(threading.current_thread())
+            with self._ended:
+                self._ended_groups += 1
+                self._ended.notify_all()
+
+    def _generate(self, group, timer: StageTimer) -> torch.Tensor:
+        """Generate ``group``; when the memory cap is reached, wait for another group to end and try again.
+
+        A group's result depends only on its inputs (its noise travels with it), so a retry gives the
+        same faces. Alone on the instance, or when nothing ends within ``MEMORY_WAIT_S``, the error stands.
+        """
+        while True:
+            with self._ended:
+                ended = self._ended_groups
+            try:
+                return self.replica.generate(group, timer)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                with self._ended:
+                    if not self._ended.wait_for(lambda: self._ended_groups > ended, timeout=MEMORY_WAIT_S):
+                        raise
+                pb_utils.Logger.log_info("lipsync_generate: a group waited for GPU memory and runs again")
 
     def finalize(self) -> None:
         self.unloading.set()
