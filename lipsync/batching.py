@@ -10,6 +10,10 @@ A call's windows are padded up to the next of a small set of sizes (``batch_size
 its first window, whose results are dropped: the UNet then sees only those few shapes, so only they
 are captured as CUDA graphs and their memory is bounded by the largest.
 
+When a call runs out of GPU memory (a process memory cap), its jobs are split in two calls that run
+one after the other, and later calls take at most the next smaller batch size: under a cap, jobs wait
+for room rather than fail. Only a single job's call that does not fit fails.
+
 Before every DDIM step the worker asks each job whether it was cancelled and drops that job's rows,
 so a cancelled job stops using the GPU within one step.
 """
@@ -91,6 +95,8 @@ class WindowBatcher:
         self.settings = settings or BatchingSettings()
         self.on_batch = on_batch
         self._waiting: list[_Waiting] = []
+        self._max_windows = self.settings.max_windows
+        """Windows per call now: ``settings.max_windows``, less after a call ran out of memory."""
         self._changed = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="window-batcher", daemon=True)
@@ -129,14 +135,14 @@ class WindowBatcher:
             if self._closed:
                 return None
             deadline = time.monotonic() + self.settings.max_delay_ms / 1000
-            while sum(w.batch.windows for w in self._waiting) < self.settings.max_windows and not self._closed:
+            while sum(w.batch.windows for w in self._waiting) < self._max_windows and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
             key, group, total = self._waiting[0].batch.shape_key, [], 0
             for waiting in self._waiting:
-                fits = not group or total + waiting.batch.windows <= self.settings.max_windows
+                fits = not group or total + waiting.batch.windows <= self._max_windows
                 if waiting.batch.shape_key == key and fits:
                     group.append(waiting)
                     total += waiting.batch.windows
@@ -188,6 +194,17 @@ class WindowBatcher:
                     cache_interval=batches[0].cache_interval,
                     on_step=on_step,
                 )
+        except torch.OutOfMemoryError as exc:
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+                return
+            size = self.settings.padded(len(owners))
+            self._max_windows = max([1, *(smaller for smaller in self.settings.batch_sizes if smaller < size)])
+            torch.cuda.empty_cache()
+            half = len(live) // 2
+            self._run(live[:half])
+            self._run(live[half:])
+            return
         except Exception as exc:  # the jobs get the error; the worker stays up for the next call
             for waiting in live:
                 waiting.future.set_exception(exc)

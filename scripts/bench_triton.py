@@ -34,6 +34,7 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
 import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -77,15 +78,19 @@ class Peak:
     """NVML's peak of GPU 0's memory over a phase (the stress run), sampled on a thread."""
 
     def __init__(self) -> None:
-        self.done = False
+        self._ended = threading.Event()
         self._pool = ThreadPoolExecutor(1)
         self._samples = self._pool.submit(sample_gpu, [self])
+
+    def done(self) -> bool:
+        """Whether the phase ended (``sample_gpu`` asks, as it asks its jobs)."""
+        return self._ended.is_set()
 
     def __enter__(self) -> Peak:
         return self
 
     def __exit__(self, *_exc) -> None:
-        self.done = True
+        self._ended.set()
         self._pool.shutdown()
 
     def gib(self) -> float | None:

@@ -157,3 +157,41 @@ def test_batch_sizes_must_rise_to_max_windows() -> None:
     assert BatchingSettings(max_windows=4).padded(3) == 4
     with pytest.raises(ValueError, match="batch_sizes"):
         BatchingSettings(max_windows=8, batch_sizes=(1, 4))
+
+
+class _MemoryCapped:
+    """The tiny UNet behind a memory cap: a call of more than ``max_rows`` batch rows runs out of memory."""
+
+    def __init__(self, unet, max_rows: int) -> None:
+        self.unet, self.max_rows, self.rows_seen = unet, max_rows, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        self.rows_seen.append(sample.shape[0])
+        if sample.shape[0] > self.max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in cap)")
+        return self.unet(sample, *args)
+
+
+def test_a_call_over_the_memory_cap_splits_its_jobs_and_later_calls_stay_smaller(tiny_unet) -> None:
+    capped = _MemoryCapped(tiny_unet, max_rows=4)  # two windows with guidance
+    calls: list[tuple[int, int]] = []
+    batcher = WindowBatcher(capped, load_scheduler(), BatchingSettings(max_windows=4, max_delay_ms=500), lambda w, j: calls.append((w, j)))
+    batches = [_batch(seed, windows=1) for seed in (1, 2, 3)]
+    try:
+        results = _run_together(batcher, batches)
+        later = _run_together(batcher, [_batch(seed, windows=1) for seed in (4, 5, 6)])
+        alone_too_large = batcher(_batch(7, windows=4))
+    except torch.OutOfMemoryError as exc:
+        alone_too_large = exc
+    finally:
+        batcher.close()
+    for batch, result in zip(batches, results):
+        expected = _alone(tiny_unet, batch)
+        assert (result - expected).norm() / expected.norm() <= 1e-5
+    assert all(isinstance(result, torch.Tensor) for result in later)
+    assert calls[:2] == [(1, 1), (2, 2)]  # the 3-window call (padded to 4) split into 1 + 2
+    assert all(windows <= 2 for windows, _ in calls[2:])  # and no later call tried 4 windows again
+    assert isinstance(alone_too_large, torch.OutOfMemoryError)  # one job's call that cannot fit fails
