@@ -40,7 +40,9 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
                   redirect_slashes=False)
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestGuard, keys=keys, quotas=runtime.quotas)  # outside the body cap: it reads no body
+    app.add_middleware(  # outside the body cap: it reads no body
+        RequestGuard, keys=keys, quotas=runtime.quotas, store_retry_s=settings.store_retry_s,
+    )
     add_error_handlers(app)
 
     @app.middleware("http")

@@ -65,6 +65,8 @@ class GatewaySettings:
     max_active_jobs: PositiveInt = 16
     max_concurrent_submits: PositiveInt = 2
     quota_retry_after_s: int = 10
+    store_retry_s: PositiveInt = 2
+    """While the job database is unreachable: the ``Retry-After`` of the 503s, and how often workers try again."""
     concurrency: PositiveInt = 2
     max_attempts: PositiveInt = 2
     triton_wait_s: float = 120

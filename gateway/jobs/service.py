@@ -33,6 +33,7 @@ from gateway.store import (
     Job,
     JobStore,
     QuotaExceeded,
+    StoreUnavailable,
     new_job_id,
 )
 from gateway.webhooks.delivery import Webhooks
@@ -179,6 +180,9 @@ class JobService:
         except QuotaExceeded:
             self.data.drop_inputs(job_id)
             raise self.quotas.too_many_jobs() from None
+        except StoreUnavailable:  # answered 503: nothing may stay behind
+            self.data.drop_inputs(job_id)
+            raise
         if not created:  # the same key raced us: that job stands, this upload goes
             self.data.drop_inputs(job_id)
             self._replay(owner, idempotency_key, request_hash)

@@ -49,6 +49,7 @@ from gateway.store.records import (
     Delivery,
     Job,
     QuotaExceeded,
+    StoreUnavailable,
     new_claimant,
     new_job_id,
 )
@@ -57,7 +58,7 @@ from gateway.store.store import JobStore
 __all__ = [
     "CANCELLED", "FAILED", "QUEUE_POLICIES", "QueuePolicy", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "STATES", "SUCCEED",
     "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore", "QuotaExceeded",
-    "new_claimant", "new_job_id", "open_store", "sqlite_url",
+    "StoreUnavailable", "new_claimant", "new_job_id", "open_store", "sqlite_url",
 ]
 
 

@@ -20,8 +20,10 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
+from gateway.store.records import StoreUnavailable
 from gateway.store.schema import metadata
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -79,6 +81,17 @@ class Postgres(Dialect):
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
 
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Connection]:
+        """A server out of reach (refused or lost connection, shutting down) raises :class:`StoreUnavailable`;
+        a pooled connection the server dropped is replaced at its next checkout (``pool_pre_ping``), so
+        calls succeed again as soon as the server is back."""
+        try:
+            with self.engine.begin() as db:
+                yield db
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(_first_line(exc)) from exc
+
     def lock_owner(self, db: Connection, owner: str) -> None:
         db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
 
@@ -131,6 +144,12 @@ class Sqlite(Dialect):
                 columns = ", ".join(f'"{name}"' for name in kept)
                 db.exec_driver_sql(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "legacy_{table.name}"')
                 db.exec_driver_sql(f'DROP TABLE "legacy_{table.name}"')
+
+
+def _first_line(error: OperationalError | InterfaceError) -> str:
+    """The driver's own message, first line (no SQL, no parameters)."""
+    lines = str(error.orig or type(error).__name__).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
