@@ -15,7 +15,9 @@ cheap with many jobs queued.
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, Connection, Row, Select, bindparam, func, select
 
 from gateway.core.settings import QueuePolicy
 from gateway.store.records import IN_PROGRESS, IN_QUEUE, Job
@@ -68,13 +70,21 @@ _AHEAD = select(func.count()).where(jobs.c.status == IN_QUEUE, jobs.c.seq <= _SE
 _AHEAD_OF_OWNER = _AHEAD.where(jobs.c.owner == _OWNER)
 
 
-def position(db: Connection, policy: QueuePolicy, job: Job) -> int:
-    """The queue position (1 = next) of the queued ``job``; 0 if it no longer is."""
+def positions(db: Connection, policy: QueuePolicy, listed: Sequence[Job]) -> list[int]:
+    """The queue position (1 = next) of each of the ``listed`` jobs; 0 for one that is not queued. The
+    owners' figures are read once for all of them."""
+    queued = [job for job in listed if job.status == IN_QUEUE]
+    if not queued:
+        return [0] * len(listed)
     if policy == "fifo":
-        return db.execute(_AHEAD, {"seq": job.seq}).scalar_one()
+        return [db.execute(_AHEAD, {"seq": job.seq}).scalar_one() if job.status == IN_QUEUE else 0 for job in listed]
     owners = {row.owner: row for row in db.execute(_OWNERS)}
-    mine = owners.pop(job.owner, None)
-    if mine is None:
+    return [_fair_position(db, owners, job) if job.status == IN_QUEUE else 0 for job in listed]
+
+
+def _fair_position(db: Connection, owners: dict[str, Row], job: Job) -> int:
+    mine = owners.get(job.owner)
+    if mine is None:  # no longer queued
         return 0
     nth = db.execute(_AHEAD_OF_OWNER, {"seq": job.seq, "owner": job.owner}).scalar_one()
     turn = mine.running + nth - 1
@@ -83,5 +93,5 @@ def position(db: Connection, policy: QueuePolicy, job: Job) -> int:
     # ahead, and the one in the same turn if that owner goes first within a turn.
     return nth + sum(
         min(other.queued, max(0, turn - other.running + ((-other.running, other.last_start, other.first_seq) < rank)))
-        for other in owners.values()
+        for owner, other in owners.items() if owner != job.owner
     )

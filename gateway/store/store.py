@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.dialects import dialect_for
-from gateway.store.queue import NEXT_JOB, QueuePolicy, position
+from gateway.store.queue import NEXT_JOB, QueuePolicy, positions
 from gateway.store.records import (
     CANCELLED,
     FAILED,
@@ -161,10 +161,23 @@ class JobStore:
 
     def queue_position(self, job: Job) -> int:
         """1 for the next job to run (in the order of :attr:`queue_policy`); 0 when the job is not queued."""
-        if job.status != IN_QUEUE:
-            return 0
+        return self.queue_positions([job])[0]
+
+    def queue_positions(self, listed: Sequence[Job]) -> list[int]:
+        """:meth:`queue_position` of each job, read in one transaction."""
+        if all(job.status != IN_QUEUE for job in listed):
+            return [0] * len(listed)
         with self._db.transaction(write=False) as db:
-            return position(db, self.queue_policy, job)
+            return positions(db, self.queue_policy, listed)
+
+    def get_with_position(self, job_id: str) -> tuple[Job | None, int]:
+        """:meth:`get` and the job's :meth:`queue_position`, in one transaction (what a status poll reads)."""
+        with self._db.transaction(write=False) as db:
+            rows = db.execute(_GET, {"job_id": job_id}).mappings().all()
+            if not rows:
+                return None, 0
+            job = Job.from_row(rows[0])
+            return job, positions(db, self.queue_policy, [job])[0]
 
     def claim_next(self) -> Job | None:
         """Move the next queued job (:attr:`queue_policy`) to ``InProgress`` (one more attempt, leased to this store) and return it;
