@@ -135,11 +135,14 @@ def uptime() -> str:
 
 
 PROFILE_TOP = 15
+_TOTAL_OF = ("(gateway/", "(lipsync/", "sqlalchemy/", "fastapi/routing", "pydantic", "limits/", "anyio/")
+"""Frames counted in a profile's ``total``: those of a file path containing one of these."""
 
 
 def profile_summary(raw: Path, top: int = PROFILE_TOP) -> dict[str, list[dict]]:
     """From py-spy's collapsed stacks (``--format raw``): the functions the gateway's threads were sampled in,
-    ``self`` (the innermost frame) and ``total`` (anywhere on the stack), as shares of all samples."""
+    ``self`` (the innermost frame) and ``total`` (anywhere on the stack; the gateway's own functions and
+    the libraries' request handling, not the frames every stack starts with), as shares of all samples."""
     own: collections.Counter[str] = collections.Counter()
     anywhere: collections.Counter[str] = collections.Counter()
     samples = 0
@@ -152,7 +155,8 @@ def profile_summary(raw: Path, top: int = PROFILE_TOP) -> dict[str, list[dict]]:
         samples += n
         own[frames[-1]] += n
         for frame in set(frames):
-            anywhere[frame] += n
+            if any(part in frame for part in _TOTAL_OF):
+                anywhere[frame] += n
 
     def share(counter: collections.Counter[str]) -> list[dict]:
         return [{"function": name, "share": round(n / samples, 3)} for name, n in counter.most_common(top)]

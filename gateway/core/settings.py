@@ -51,6 +51,8 @@ class GatewaySettings:
     lease_s: PositiveFloat = 30
     queue_policy: QueuePolicy = "fair"
     """Which queued job runs next: ``fair`` (round-robin across API keys) or ``fifo`` (:mod:`gateway.store.queue`)."""
+    position_ttl_s: NonNegativeFloat = 1.0
+    """How long the per-key figures behind ``fair`` queue positions are reused while this gateway changes no job."""
     triton_grpc: str = "127.0.0.1:8001"
     triton_urls: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
     """Several Triton gRPC endpoints (``host:port``) to spread jobs over; empty = ``triton_grpc`` alone."""
