@@ -135,33 +135,59 @@ def uptime() -> str:
 
 
 PROFILE_TOP = 15
-_TOTAL_OF = ("(gateway/", "(lipsync/", "sqlalchemy/", "fastapi/routing", "pydantic", "limits/", "anyio/")
-"""Frames counted in a profile's ``total``: those of a file path containing one of these."""
+PROFILE_PARTS = (  # (part, markers, counted when a marker is anywhere on the stack rather than in its innermost frame)
+    ("job table (SQLAlchemy, the database driver, gateway/store)", ("sqlalchemy/", "(gateway/store/", "psycopg"), True),
+    ("submit: media checks and staging (PyAV, gateway/jobs)",
+     ("(lipsync/media/", "(gateway/jobs/validation", "(gateway/jobs/idempotency"), True),
+    ("API keys and rate limits", ("(gateway/core/auth", "limits/"), True),
+    ("thread-pool hand-offs (anyio, threading)", ("anyio/", "threading.py"), False),
+    ("routing, validation, JSON (FastAPI, Starlette, pydantic)", ("fastapi/", "starlette/", "pydantic"), False),
+    ("HTTP and the event loop (uvicorn, uvloop/asyncio)", ("uvicorn/", "asyncio/", "runners.py"), False),
+)
+"""What a sample of the gateway was doing: the first part that matches it, else ``other``."""
 
 
-def profile_summary(raw: Path, top: int = PROFILE_TOP) -> dict[str, list[dict]]:
-    """From py-spy's collapsed stacks (``--format raw``): the functions the gateway's threads were sampled in,
-    ``self`` (the innermost frame) and ``total`` (anywhere on the stack; the gateway's own functions and
-    the libraries' request handling, not the frames every stack starts with), as shares of all samples."""
+def _part(frames: list[str]) -> str:
+    for name, markers, anywhere in PROFILE_PARTS:
+        if any(marker in frame for frame in (frames if anywhere else frames[-1:]) for marker in markers):
+            return name
+    return "other"
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/file.py:123)`` without the line number, so a function's lines count as one."""
+    name, _, place = frame.partition(" (")
+    return f"{name} ({place.rsplit(':', 1)[0]})" if place else name
+
+
+def profile_summary(raw: Path, top: int = PROFILE_TOP) -> dict:
+    """From py-spy's collapsed stacks (``--format raw``), as shares of all samples: ``parts``, the samples
+    by what the gateway was doing (:data:`PROFILE_PARTS`); ``self``, the functions sampled innermost;
+    ``gateway``, the gateway's own functions anywhere on the stack."""
     own: collections.Counter[str] = collections.Counter()
-    anywhere: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
+    parts: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        frames = [frame.strip() for frame in stack.split(";")]
+        frames = [_frame_name(frame.strip()) for frame in stack.split(";")]
         n = int(count)
         samples += n
         own[frames[-1]] += n
         for frame in set(frames):
-            if any(part in frame for part in _TOTAL_OF):
-                anywhere[frame] += n
+            if "(gateway/" in frame and "(gateway/cli.py" not in frame:
+                ours[frame] += n
+        parts[_part(frames)] += n
+    if not samples:
+        return {"samples": 0}
 
-    def share(counter: collections.Counter[str]) -> list[dict]:
-        return [{"function": name, "share": round(n / samples, 3)} for name, n in counter.most_common(top)]
+    def share(counter: collections.Counter[str], limit: int) -> list[dict]:
+        return [{"function": name, "share": round(n / samples, 3)} for name, n in counter.most_common(limit)]
 
-    return {"samples": samples, "self": share(own), "total": share(anywhere)} if samples else {"samples": 0}
+    return {"samples": samples, "parts": {name: round(n / samples, 3) for name, n in parts.most_common()},
+            "self": share(own, top), "gateway": share(ours, top)}
 
 
 def main() -> None:

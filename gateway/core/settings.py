@@ -48,6 +48,8 @@ class GatewaySettings:
     database_url: str = ""
     """Empty: SQLite in ``data_dir``. ``$database_url_env``, when set, takes its place (it holds a password)."""
     database_url_env: str = "LIPSYNC_DATABASE_URL"
+    database_pool_size: PositiveInt = 40
+    """PostgreSQL connections a gateway keeps open: as many as requests it runs at once (its thread pool's 40)."""
     lease_s: PositiveFloat = 30
     queue_policy: QueuePolicy = "fair"
     """Which queued job runs next: ``fair`` (round-robin across API keys) or ``fifo`` (:mod:`gateway.store.queue`)."""

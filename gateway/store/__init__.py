@@ -64,7 +64,8 @@ __all__ = [
 
 def open_store(
     database_url: str, sqlite_path: Path, lease_s: float, queue_policy: QueuePolicy, position_ttl_s: float,
+    pool_size: int,
 ) -> JobStore:
     """The job table at ``database_url`` (PostgreSQL), else SQLite at ``sqlite_path``."""
     return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s, queue_policy=queue_policy,
-                    position_ttl_s=position_ttl_s)
+                    position_ttl_s=position_ttl_s, pool_size=pool_size)

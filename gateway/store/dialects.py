@@ -78,8 +78,10 @@ class Postgres(Dialect):
     """A pool of connections; READ COMMITTED transactions. Gateways sharing the table migrate it under an
     advisory lock, so that those starting together migrate once."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+    def __init__(self, url: str, pool_size: int) -> None:
+        # Connections beyond pool_size (up to as many again) are closed when handed back: under a load
+        # that needs them, every request would pay a new connection.
+        self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Connection]:
@@ -165,11 +167,12 @@ def _sqlite_begin(db: Connection) -> None:
         db.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def dialect_for(url: str) -> Dialect:
-    """:class:`Postgres` for a ``postgresql…`` URL, :class:`Sqlite` for a ``sqlite…`` one."""
+def dialect_for(url: str, pool_size: int) -> Dialect:
+    """:class:`Postgres` for a ``postgresql…`` URL (``pool_size`` connections kept open), :class:`Sqlite` for
+    a ``sqlite…`` one."""
     name = make_url(url).get_backend_name()
     if name == "postgresql":
-        return Postgres(url)
+        return Postgres(url, pool_size)
     if name == "sqlite":
         return Sqlite(url)
     raise ValueError(f"database_url: {name!r} is not supported (postgresql+psycopg://… or empty for SQLite)")

@@ -74,13 +74,14 @@ def greatest(value: Any, other: Any) -> ColumnElement:
 class JobStore:
     """Thread-safe; every method is one transaction, committed before it returns.
 
-    ``url``: ``sqlite:///…/jobs.db`` (:func:`gateway.store.dialects.sqlite_url`) or ``postgresql+psycopg://…``.
+    ``url``: ``sqlite:///…/jobs.db`` (:func:`gateway.store.dialects.sqlite_url`) or ``postgresql+psycopg://…``
+    (``pool_size``: connections kept open to it).
     Opening it brings the schema to the newest migration.
     """
 
     def __init__(
         self, url: str, lease_s: float = 30.0, claimant: str | None = None, queue_policy: QueuePolicy = "fair",
-        position_ttl_s: float = 0.0,
+        position_ttl_s: float = 0.0, pool_size: int = 8,
     ) -> None:
         self.lease_s = lease_s
         self.queue_policy = queue_policy
@@ -94,7 +95,7 @@ class JobStore:
         """Write transactions of this store that ended, counted after each one ends."""
         self._owners: tuple[int, float, Owners] | None = None
         """The last owners' figures read: the write count before they were read, when, and the figures."""
-        self._db = dialect_for(url)
+        self._db = dialect_for(url, pool_size)
         self._db.migrate()
 
     def close(self) -> None:
