@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gateway.backends.base import JobBackend
 from gateway.backends.triton_client import JobRequest, TritonJobError
@@ -108,18 +109,18 @@ class Worker:
                     raise
                 except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
                     log.exception("job %s failed in the gateway", job.id)
-                    self._finish(job, self._committed(lambda: self.store.fail(job.id, "internal error in the gateway")))
+                    self._finish(job, self._committed(self.store.fail, job.id, "internal error in the gateway"))
             except StoreUnavailable as exc:  # stopping (_committed), or after the ending was committed
                 log.warning("job %s: the job database is unavailable (%s)", job.id, exc)
                 continue
             self._say_ended(job.id, time.monotonic() - started)
 
-    def _committed(self, write: Callable[[], bool]) -> bool:
-        """``write()``, one of the store's changes of a running job, tried until the database answers; raises
-        :class:`StoreUnavailable` if the worker stops first."""
+    def _committed(self, write: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+        """``write(*args, **kwargs)``, one of the store's changes of a running job, tried until the database
+        answers; raises :class:`StoreUnavailable` if the worker stops first."""
         while True:
             try:
-                return write()
+                return write(*args, **kwargs)
             except StoreUnavailable as exc:
                 log.warning("the job database is unavailable (%s); trying again in %d s", exc, self.settings.store_retry_s)
                 if self._stop.wait(self.settings.store_retry_s):
@@ -163,7 +164,7 @@ class Worker:
         try:
             video, audio = self.data.video(job.id).read_bytes(), self.data.audio(job.id).read_bytes()
         except FileNotFoundError:
-            self._finish(job, self._committed(lambda: self.store.fail(job.id, INPUTS_GONE)))
+            self._finish(job, self._committed(self.store.fail, job.id, INPUTS_GONE))
             return
         request = JobRequest(
             video=video, audio=audio, job_id=job.id,
@@ -183,9 +184,9 @@ class Worker:
         try:
             self.data.write_result(job.id, result.video)
         except DataDirFull as exc:
-            self._finish(job, self._committed(lambda: self.store.fail(job.id, f"the result could not be stored: {exc}")))
+            self._finish(job, self._committed(self.store.fail, job.id, f"the result could not be stored: {exc}"))
             return
-        if self._committed(lambda: self.store.succeed(job.id, inference_s, result.info)):
+        if self._committed(self.store.succeed, job.id, inference_s, result.info):
             self.metrics.inference.observe(inference_s)
             self._finish(job, True)
         else:  # cancelled while the last response was on its way
@@ -195,20 +196,20 @@ class Worker:
         if error.retry and job.attempts < self.settings.max_attempts:
             self._progress(job.id, 0.0, WAITING_FOR_TRITON)
             if self._await_triton():
-                self._committed(lambda: self.store.requeue(job.id, "re-queued: Triton was unavailable"))
+                self._committed(self.store.requeue, job.id, "re-queued: Triton was unavailable")
                 self._wake.set()
                 return
         if self._stop.is_set() and (error.retry or error.kind is ErrorKind.CANCELLED):  # stopping: the next start reruns it
-            self._committed(lambda: self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True))
+            self._committed(self.store.requeue, job.id, "re-queued: the gateway stopped while the job ran", refund=True)
             return
         if error.kind is ErrorKind.CANCELLED:  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
-            self._finish(job, self._committed(lambda: self.store.fail(job.id, "cancelled by Triton")))
+            self._finish(job, self._committed(self.store.fail, job.id, "cancelled by Triton"))
             return
         if error.retry:
-            self._finish(job, self._committed(lambda: self.store.fail(job.id, "Triton was unavailable")))
+            self._finish(job, self._committed(self.store.fail, job.id, "Triton was unavailable"))
             return
         reason = str(error) if error.kind is ErrorKind.BAD_INPUT else f"inference failed: {error}"
-        self._finish(job, self._committed(lambda: self.store.fail(job.id, reason)))
+        self._finish(job, self._committed(self.store.fail, job.id, reason))
 
     def _await_triton(self) -> bool:
         deadline = time.monotonic() + self.settings.triton_wait_s
