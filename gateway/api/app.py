@@ -55,8 +55,8 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
 class ResponseCounter:
     """Counts every response by route and status code, those of the guard and the body cap included.
 
-    Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs the app in a task of its
-    own and streams the response through a memory channel, a cost every status poll paid."""
+    Plain ASGI, not ``@app.middleware``: Starlette's ``BaseHTTPMiddleware`` would run every request in a
+    task of its own and stream its response through a memory channel."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
