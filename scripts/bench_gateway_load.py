@@ -1,13 +1,19 @@
-"""How much load the REST gateway holds: Locust drives a real ``lipsync-serve gateway`` (SQLite job table)
-with status polls, job lists and submits from 50 API keys, and the figures go to a JSON file.
+"""How much load the REST gateway holds: Locust drives a real ``lipsync-serve gateway`` (SQLite job table, or
+PostgreSQL with ``--postgres``) with status polls, job lists and submits from 50 API keys, and the figures go
+to a JSON file.
 
 No Triton runs: submitted jobs are checked, stored and queued as always, then wait for a Triton that
 does not come (the worker's ``waiting for Triton``), so the figures are the gateway's own cost (auth,
 rate limits, validation, the job table), not the model's. Each Locust user holds one key, submits a
 1 s 64×64 clip when it starts, then loops without pause over: its job's status (20 parts), its job
-list (4 parts) and another submit (1 part). The gateway's resident memory is read before and after.
+list (4 parts) and another submit (1 part). The gateway's resident memory and the machine's load average
+(``uptime``) are read before and after. ``--postgres`` runs a throwaway PostgreSQL cluster for the job
+table (``tests/support/postgres_server.py``; Debian's ``postgresql``); ``--profile`` samples the gateway
+with py-spy (the ``bench`` extra) while Locust runs and reports the functions it was found in most,
+in samples of the thread holding the GIL (where the gateway spends CPU, not where it waits).
+The report of each store is one entry of ``--out`` (a run replaces the entry of its store).
 
-    python scripts/bench_gateway_load.py [--seconds 60] [--users 50] [--out docs/bench/gateway-load.json]
+    python scripts/bench_gateway_load.py [--postgres] [--profile] [--seconds 60] [--users 50] [--out docs/bench/gateway-load.json]
 
 Goal: at least 500 status requests/s at a p99 of at most 100 ms on SQLite.
 """
@@ -15,6 +21,7 @@ Goal: at least 500 status requests/s at a p99 of at most 100 ms on SQLite.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime
 import json
@@ -85,9 +92,9 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def start_gateway(folder: Path, keys: list[str]) -> tuple[subprocess.Popen, str]:
+def start_gateway(folder: Path, keys: list[str], database_url: str) -> tuple[subprocess.Popen, str]:
     config = yaml.safe_load(SERVING_CONFIG.read_text())
-    config["gateway"].update(LIMITS)
+    config["gateway"].update(LIMITS, database_url=database_url)
     (folder / "serving.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     command = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--data-dir", str(folder / "data"),
@@ -122,44 +129,134 @@ def read_stats(path: Path) -> dict[str, dict]:
     return stats
 
 
+def uptime() -> str:
+    """``uptime``'s line: how busy the (shared) machine is."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+PROFILE_TOP = 15
+PROFILE_PARTS = (  # (part, markers, counted when a marker is anywhere on the stack rather than in its innermost frame)
+    ("job table (SQLAlchemy, the database driver, gateway/store)", ("sqlalchemy/", "(gateway/store/", "psycopg"), True),
+    ("submit: media checks and staging (PyAV, gateway/jobs)",
+     ("(lipsync/media/", "(gateway/jobs/validation", "(gateway/jobs/idempotency"), True),
+    ("API keys and rate limits", ("(gateway/core/auth", "limits/"), True),
+    ("thread-pool hand-offs (anyio, threading)", ("anyio/", "threading.py"), False),
+    ("routing, validation, JSON (FastAPI, Starlette, pydantic)", ("fastapi/", "starlette/", "pydantic"), False),
+    ("HTTP and the event loop (uvicorn, uvloop/asyncio)", ("uvicorn/", "asyncio/", "runners.py"), False),
+)
+"""What a sample of the gateway was doing: the first part that matches it, else ``other``."""
+
+
+def _part(frames: list[str]) -> str:
+    for name, markers, anywhere in PROFILE_PARTS:
+        if any(marker in frame for frame in (frames if anywhere else frames[-1:]) for marker in markers):
+            return name
+    return "other"
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/file.py:123)`` without the line number, so a function's lines count as one."""
+    name, _, place = frame.partition(" (")
+    return f"{name} ({place.rsplit(':', 1)[0]})" if place else name
+
+
+def profile_summary(raw: Path, top: int = PROFILE_TOP) -> dict:
+    """From py-spy's collapsed stacks (``--format raw``), as shares of all samples: ``parts``, the samples
+    by what the gateway was doing (:data:`PROFILE_PARTS`); ``self``, the functions sampled innermost;
+    ``gateway``, the gateway's own functions anywhere on the stack."""
+    own: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
+    parts: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [_frame_name(frame.strip()) for frame in stack.split(";")]
+        n = int(count)
+        samples += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if "(gateway/" in frame and "(gateway/cli.py" not in frame:
+                ours[frame] += n
+        parts[_part(frames)] += n
+    if not samples:
+        return {"samples": 0}
+
+    def share(counter: collections.Counter[str], limit: int) -> list[dict]:
+        return [{"function": name, "share": round(n / samples, 3)} for name, n in counter.most_common(limit)]
+
+    return {"samples": samples, "parts": {name: round(n / samples, 3) for name, n in parts.most_common()},
+            "self": share(own, top), "gateway": share(ours, top)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--users", type=int, default=50, help="Locust users, one API key each")
+    parser.add_argument("--postgres", action="store_true", help="the job table in a throwaway PostgreSQL cluster")
+    parser.add_argument("--profile", action="store_true", help="sample the gateway with py-spy while Locust runs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "gateway-load.json")
     args = parser.parse_args()
     keys = [f"bench-{index:02d}-{secrets.token_urlsafe(16)}" for index in range(args.users)]
-    with tempfile.TemporaryDirectory() as temp:
-        folder = Path(temp)
-        video, audio = write_clip(folder)
-        gateway, url = start_gateway(folder, keys)
-        try:
-            rss_before = rss_mb(gateway.pid)
-            locust = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users),
-                      "-r", str(args.users), "-t", f"{args.seconds}s", "--host", url, "--csv", str(folder / "locust"),
-                      "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5"]
-            env = dict(os.environ, BENCH_KEYS=",".join(keys), BENCH_VIDEO=str(video), BENCH_AUDIO=str(audio))
-            run = subprocess.run(locust, env=env, capture_output=True, text=True, timeout=args.seconds + 120)
-            stats_file = folder / "locust_stats.csv"
-            if not stats_file.is_file():
-                raise SystemExit(f"locust wrote no statistics:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-            stats = read_stats(stats_file)
-            rss_after = rss_mb(gateway.pid)
-        finally:
-            gateway.terminate()
-            gateway.wait(60)
+    postgres = None
+    if args.postgres:
+        sys.path.append(str(ROOT / "tests"))  # after the repository root: support is the tests' helper package
+        from support.postgres_server import PostgresServer
+
+        postgres = PostgresServer(free_port()).start()
+    load_before = uptime()
+    try:
+        with tempfile.TemporaryDirectory() as temp:
+            folder = Path(temp)
+            video, audio = write_clip(folder)
+            gateway, url = start_gateway(folder, keys, postgres.new_database("bench") if postgres else "")
+            try:
+                rss_before = rss_mb(gateway.pid)
+                locust = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users),
+                          "-r", str(args.users), "-t", f"{args.seconds}s", "--host", url, "--csv", str(folder / "locust"),
+                          "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5"]
+                env = dict(os.environ, BENCH_KEYS=",".join(keys), BENCH_VIDEO=str(video), BENCH_AUDIO=str(audio))
+                spy = None
+                if args.profile:
+                    spy = subprocess.Popen(
+                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(gateway.pid), "--format",
+                         "raw", "--output", str(folder / "profile.txt"), "--duration", str(args.seconds), "--rate", "50", "--gil",
+                         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )
+                run = subprocess.run(locust, env=env, capture_output=True, text=True, timeout=args.seconds + 120)
+                if spy is not None:
+                    spy.wait(60)
+                stats_file = folder / "locust_stats.csv"
+                if not stats_file.is_file():
+                    raise SystemExit(f"locust wrote no statistics:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+                stats = read_stats(stats_file)
+                rss_after = rss_mb(gateway.pid)
+                profile = profile_summary(folder / "profile.txt") if spy is not None else None
+            finally:
+                gateway.terminate()
+                gateway.wait(60)
+    finally:
+        if postgres is not None:
+            postgres.stop()
     status = stats.get("status", {"requests_per_s": 0.0, "p99_ms": float("inf")})
+    store = "postgresql" if postgres else "sqlite"
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": f"{cpu_name()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end)",
+        "device": f"{cpu_name()}, {os.cpu_count()} cores",
+        "uptime": {"before": load_before, "after": uptime()},
         "command": " ".join(["python", "scripts/bench_gateway_load.py", *sys.argv[1:]]),
-        "store": "sqlite", "seconds": args.seconds, "users": args.users, "keys": len(keys),
+        "store": store, "seconds": args.seconds, "users": args.users, "keys": len(keys),
         "requests": stats, "gateway_rss_mb": {"before": rss_before, "after": rss_after},
         "goal": GOAL,
         "goal_met": status["requests_per_s"] >= GOAL["status_rps"] and status["p99_ms"] <= GOAL["status_p99_ms"],
     }
+    if profile is not None:
+        report["profile"] = profile
+    runs = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    runs.setdefault("runs", {})[store] = report  # the other store's entry is kept
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(runs, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

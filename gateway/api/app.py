@@ -8,10 +8,11 @@ is read (:mod:`gateway.api.guard`); bodies are validated strictly (:mod:`gateway
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.body_limit import BodyLimit
 from gateway.api.guard import RequestGuard
@@ -21,6 +22,7 @@ from gateway.api.runtime import Runtime
 from gateway.backends.base import JobBackend, TritonBackend
 from gateway.backends.triton_pool import TritonPool
 from gateway.core.auth import ApiKeys
+from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
 
 
@@ -40,18 +42,41 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
                   redirect_slashes=False)
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestGuard, keys=keys, quotas=runtime.quotas)  # outside the body cap: it reads no body
+    app.add_middleware(  # outside the body cap: it reads no body
+        RequestGuard, keys=keys, quotas=runtime.quotas, store_retry_s=settings.store_retry_s,
+    )
     add_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        runtime.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(ResponseCounter, metrics=runtime.metrics)
     app.include_router(api_router)
     return app
+
+
+class ResponseCounter:
+    """Counts every response by route and status code, those of the guard and the body cap included.
+
+    Plain ASGI, not ``@app.middleware``: Starlette's ``BaseHTTPMiddleware`` would run every request in a
+    task of its own and stream its response through a memory channel."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = ""
+
+        async def noting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, noting_send)
+        if status:  # the route is known once the router ran
+            self.metrics.requests.labels(getattr(scope.get("route"), "path", "unmatched"), status).inc()
 
 
 def triton_backend(settings: GatewaySettings) -> JobBackend:

@@ -1,4 +1,8 @@
-"""``Annotated`` dependencies of the routes: the runtime's parts, the caller's owner id, the Idempotency-Key."""
+"""``Annotated`` dependencies of the routes: the runtime's parts, the caller's owner id, the Idempotency-Key.
+
+They are ``async def``: none waits for anything, and FastAPI runs a plain ``def`` dependency on its thread
+pool, a hand-off to another thread and back for each of them on every request.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,18 @@ from gateway.jobs.service import JobService
 MAX_IDEMPOTENCY_KEY = 200
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(runtime: RuntimeDep) -> GatewaySettings:
+async def get_settings(runtime: RuntimeDep) -> GatewaySettings:
     return runtime.settings
 
 
-def get_jobs(runtime: RuntimeDep) -> JobService:
+async def get_jobs(runtime: RuntimeDep) -> JobService:
     return runtime.jobs
 
 
@@ -35,7 +39,7 @@ SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 JobServiceDep = Annotated[JobService, Depends(get_jobs)]
 
 
-def get_owner(request: Request, runtime: RuntimeDep) -> str:
+async def get_owner(request: Request, runtime: RuntimeDep) -> str:
     """The owner id the guard found for the request's Bearer key (checked again should a route be reached
     without the guard); 401 without an accepted key."""
     found = getattr(request.state, OWNER, None)
@@ -46,7 +50,7 @@ def get_owner(request: Request, runtime: RuntimeDep) -> str:
     return found
 
 
-def get_idempotency_key(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
+async def get_idempotency_key(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
         raise ApiError(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
     return idempotency_key

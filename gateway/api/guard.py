@@ -22,8 +22,9 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.core.auth import ApiKeys, bearer_key
-from gateway.core.errors import ApiError, send_error
+from gateway.core.errors import ApiError, database_unavailable, send_error
 from gateway.jobs.quotas import Quotas
+from gateway.store import StoreUnavailable
 
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SUBMIT_PATHS = frozenset({"/lipsync/submit", "/lipsync/upload"})
@@ -35,10 +36,11 @@ UNAUTHORIZED = "missing or invalid API key (Authorization: Bearer <key>)"
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, keys: ApiKeys, quotas: Quotas) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, quotas: Quotas, store_retry_s: int) -> None:
         self.app = app
         self.keys = keys
         self.quotas = quotas
+        self.store_retry_s = store_retry_s
         self._in_flight: Counter[str] = Counter()
         """Submits per owner between the guard and their answer (one event loop: no lock needed)."""
 
@@ -59,6 +61,9 @@ class RequestGuard:
                 await run_in_threadpool(self.quotas.check_active_jobs, owner, headers.get("idempotency-key"))
         except ApiError as refused:
             await send_error(send, refused)
+            return
+        except StoreUnavailable:
+            await send_error(send, database_unavailable(self.store_retry_s))
             return
         scope.setdefault("state", {})[OWNER] = owner
         if not submit:

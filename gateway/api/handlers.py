@@ -1,5 +1,6 @@
 """Every error as ``{"status": "Failed", "reason": …}``: refusals, validation errors (field and message,
-never the input), Starlette's 404/405, and a bare 500 for anything unexpected (logged)."""
+never the input), Starlette's 404/405, a 503 with ``Retry-After`` while the job database is out of reach,
+and a bare 500 for anything unexpected (logged)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.core.errors import ApiError, error_response
+from gateway.core.errors import ApiError, database_unavailable, error_response
+from gateway.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
+async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    log.warning("%s %s: the job database is unavailable: %s", request.method, request.url.path, exc)
+    error = database_unavailable(request.app.state.runtime.settings.store_retry_s)
+    return error_response(error.status_code, error.reason, error.headers)
+
+
 async def internal_error(_: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return error_response(500, "internal error")
@@ -42,4 +50,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(ValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StoreUnavailable, store_unavailable)
     app.add_exception_handler(Exception, internal_error)

@@ -29,7 +29,10 @@ class Runtime:
         self.keys = keys
         self.backend = backend
         self.data = DataDir(settings.data_dir, settings.min_free_mb)
-        self.store = open_store(settings.database, self.data.database, settings.lease_s, settings.queue_policy)
+        self.store = open_store(
+            settings.database, self.data.database, settings.lease_s, settings.queue_policy, settings.position_ttl_s,
+            settings.database_pool_size,
+        )
         self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)
         self.weights = ServedWeights(backend)

@@ -32,6 +32,14 @@ class ApiError(Exception):
         return cls(FAILURES[error.kind].http_status, str(error))
 
 
+def database_unavailable(retry_s: int) -> ApiError:
+    """503 for a request that needs the job database while it is out of reach; nothing was changed."""
+    return ApiError(
+        503, f"the job database is unavailable for now; nothing was changed, retry in {retry_s} s",
+        {"Retry-After": str(retry_s)},
+    )
+
+
 def error_body(reason: str) -> dict[str, str]:
     return {"status": "Failed", "reason": reason}
 

@@ -48,9 +48,13 @@ class GatewaySettings:
     database_url: str = ""
     """Empty: SQLite in ``data_dir``. ``$database_url_env``, when set, takes its place (it holds a password)."""
     database_url_env: str = "LIPSYNC_DATABASE_URL"
+    database_pool_size: PositiveInt = 40
+    """PostgreSQL connections a gateway keeps open: as many as requests it runs at once (its thread pool's 40)."""
     lease_s: PositiveFloat = 30
     queue_policy: QueuePolicy = "fair"
     """Which queued job runs next: ``fair`` (round-robin across API keys) or ``fifo`` (:mod:`gateway.store.queue`)."""
+    position_ttl_s: NonNegativeFloat = 1.0
+    """How long the per-key figures behind ``fair`` queue positions are reused while this gateway changes no job."""
     triton_grpc: str = "127.0.0.1:8001"
     triton_urls: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
     """Several Triton gRPC endpoints (``host:port``) to spread jobs over; empty = ``triton_grpc`` alone."""
@@ -65,6 +69,8 @@ class GatewaySettings:
     max_active_jobs: PositiveInt = 16
     max_concurrent_submits: PositiveInt = 2
     quota_retry_after_s: int = 10
+    store_retry_s: PositiveInt = 2
+    """While the job database is unreachable: the ``Retry-After`` of the 503s, and how often workers try again."""
     concurrency: PositiveInt = 2
     max_attempts: PositiveInt = 2
     triton_wait_s: float = 120

@@ -33,6 +33,7 @@ from gateway.store import (
     Job,
     JobStore,
     QuotaExceeded,
+    StoreUnavailable,
     new_job_id,
 )
 from gateway.webhooks.delivery import Webhooks
@@ -70,10 +71,11 @@ class JobService:
         self.weights = weights
         self.on_queued = on_queued
 
-    def view(self, job: Job) -> dict[str, Any]:
+    def view(self, job: Job, queue_position: int | None = None) -> dict[str, Any]:
         """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base.
 
         ``weights``: what made the result for a finished job, what Triton serves for the others.
+        ``queue_position``: the job's, when the caller read it already (else it is read here).
         """
         results = None
         if job.status == SUCCEED:
@@ -82,7 +84,8 @@ class JobService:
         eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
         return {
             "request_id": job.id, "status": job.status, "reason": job.reason or None,
-            "queue_position": self.store.queue_position(job), "progress": round(job.progress, 4),
+            "queue_position": self.store.queue_position(job) if queue_position is None else queue_position,
+            "progress": round(job.progress, 4),
             "stage": job.stage or None, "eta_s": eta, "weights": (job.info or {}).get("weights", self.weights.value),
             "created_at": round(job.created_at, 3), "results": results,
         }
@@ -98,7 +101,8 @@ class JobService:
         found = self.store.recent(owner, limit + 1, None if cursor is None else _read_cursor(cursor))
         shown = found[:limit]
         next_cursor = _cursor(shown[-1]) if len(found) > limit else None
-        return {"jobs": [self.view(job) for job in shown], "next_cursor": next_cursor}
+        listed = zip(shown, self.store.queue_positions(shown), strict=True)
+        return {"jobs": [self.view(job, position) for job, position in listed], "next_cursor": next_cursor}
 
     def notify(self, job_id: str) -> None:
         """A job finished (committed): call its webhook, if it has one."""
@@ -108,12 +112,12 @@ class JobService:
 
     def owned(self, request_id: str, owner: str) -> Job:
         """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
-        if not is_job_id(request_id):
-            raise ApiError(400, BAD_ID)
-        job = self.store.get(request_id)
-        if job is None or not secure_equal(job.owner, owner):
-            raise ApiError(404, NOT_FOUND)
-        return job
+        return _owned(self.store.get(_checked_id(request_id)), owner)
+
+    def status(self, request_id: str, owner: str) -> dict[str, Any]:
+        """:meth:`view` of the :meth:`owned` job, the job and its queue position read in one transaction."""
+        job, position = self.store.get_with_position(_checked_id(request_id))
+        return self.view(_owned(job, owner), position)
 
     def readable_result(self, request_id: str, token: str | None, authorization: str | None) -> Path:
         """The result file of ``request_id`` for the holder of its token or of its owner's key.
@@ -121,9 +125,7 @@ class JobService:
         Every refusal is the same 404 (unknown id, unfinished job, wrong or missing token, a key that
         is not accepted or not the owner's), so the answer never tells whether the job exists.
         """
-        if not is_job_id(request_id):
-            raise ApiError(400, BAD_ID)
-        job = self.store.get(request_id)
+        job = self.store.get(_checked_id(request_id))
         owner = self.keys.owner(bearer_key(authorization)) if authorization is not None else None
         allowed = job is not None and job.status == SUCCEED and (
             (token is not None and job.result_token is not None and secure_equal(token, job.result_token))
@@ -179,6 +181,9 @@ class JobService:
         except QuotaExceeded:
             self.data.drop_inputs(job_id)
             raise self.quotas.too_many_jobs() from None
+        except StoreUnavailable:  # answered 503: nothing may stay behind
+            self.data.drop_inputs(job_id)
+            raise
         if not created:  # the same key raced us: that job stands, this upload goes
             self.data.drop_inputs(job_id)
             self._replay(owner, idempotency_key, request_hash)
@@ -215,6 +220,18 @@ class JobService:
         self.metrics.finished.labels(CANCELLED).inc()
         self.notify(job.id)
         return cancelled
+
+
+def _checked_id(request_id: str) -> str:
+    if not is_job_id(request_id):
+        raise ApiError(400, BAD_ID)
+    return request_id
+
+
+def _owned(job: Job | None, owner: str) -> Job:
+    if job is None or not secure_equal(job.owner, owner):
+        raise ApiError(404, NOT_FOUND)
+    return job
 
 
 def _cursor(job: Job) -> str:

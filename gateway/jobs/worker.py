@@ -8,6 +8,11 @@ re-queued if it has an attempt left. Every ending is committed before the finish
 
 A lease thread renews the leases of this gateway's running jobs every third of ``lease_s`` and re-queues
 jobs of any gateway whose lease ran out (that gateway died), or fails them when out of attempts.
+
+While the job database is out of reach (:class:`~gateway.store.StoreUnavailable`) the threads wait it out:
+no job is claimed, a running job goes on (its progress is not recorded, a cancel is noticed once the
+database is back) and its ending is committed as soon as the database answers again. A worker stopping
+during the outage leaves its jobs ``InProgress``; their lease runs out and they are re-queued.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gateway.backends.base import JobBackend
 from gateway.backends.triton_client import JobRequest, TritonJobError
 from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
 from gateway.jobs.storage import DataDir, DataDirFull
-from gateway.store import CANCELLED, IN_QUEUE, SUCCEED, Job, JobStore
+from gateway.store import CANCELLED, IN_QUEUE, SUCCEED, Job, JobStore, StoreUnavailable
 from lipsync.contract import OPTIONS
 from lipsync.errors import ErrorKind
 
@@ -84,7 +90,12 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.store.claim_next()
+            try:
+                job = self.store.claim_next()
+            except StoreUnavailable as exc:
+                log.warning("no job claimed: the job database is unavailable (%s)", exc)
+                self._stop.wait(self.settings.store_retry_s)
+                continue
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -92,15 +103,50 @@ class Worker:
             log.info("job %s started", job.id)
             started = time.monotonic()
             try:
-                self._run(job)
-            except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
-                log.exception("job %s failed in the gateway", job.id)
-                self._finish(job, self.store.fail(job.id, "internal error in the gateway"))
+                try:
+                    self._run(job)
+                except StoreUnavailable:
+                    raise
+                except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
+                    log.exception("job %s failed in the gateway", job.id)
+                    self._finish(job, self._committed(self.store.fail, job.id, "internal error in the gateway"))
+            except StoreUnavailable as exc:  # stopping (_committed), or after the ending was committed
+                log.warning("job %s: the job database is unavailable (%s)", job.id, exc)
+                continue
             self._say_ended(job.id, time.monotonic() - started)
+
+    def _committed(self, write: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+        """``write(*args, **kwargs)``, one of the store's changes of a running job, tried until the database
+        answers; raises :class:`StoreUnavailable` if the worker stops first."""
+        while True:
+            try:
+                return write(*args, **kwargs)
+            except StoreUnavailable as exc:
+                log.warning("the job database is unavailable (%s); trying again in %d s", exc, self.settings.store_retry_s)
+                if self._stop.wait(self.settings.store_retry_s):
+                    raise
+
+    def _progress(self, job_id: str, fraction: float, stage: str, eta_s: float | None = None) -> None:
+        """Record a running job's progress, if the database answers (the next report does otherwise)."""
+        try:
+            self.store.set_progress(job_id, fraction, stage, eta_s)
+        except StoreUnavailable:
+            pass
+
+    def _cancelled(self, job_id: str) -> bool:
+        """Whether the job left ``InProgress`` under this store (cancelled, taken over); a database out of reach
+        answers no: the job goes on, and is stopped once the database says so."""
+        try:
+            return not self.store.is_running(job_id)
+        except StoreUnavailable:
+            return False
 
     def _say_ended(self, job_id: str, seconds: float) -> None:
         """One log line with how the job's run ended: what ``lipsync-serve up`` shows per job."""
-        job = self.store.get(job_id)
+        try:
+            job = self.store.get(job_id)
+        except StoreUnavailable:
+            return
         if job is None:
             return
         took = human_duration(seconds)
@@ -118,7 +164,7 @@ class Worker:
         try:
             video, audio = self.data.video(job.id).read_bytes(), self.data.audio(job.id).read_bytes()
         except FileNotFoundError:
-            self._finish(job, self.store.fail(job.id, INPUTS_GONE))
+            self._finish(job, self._committed(self.store.fail, job.id, INPUTS_GONE))
             return
         request = JobRequest(
             video=video, audio=audio, job_id=job.id,
@@ -128,8 +174,8 @@ class Worker:
         try:
             result = self.backend.run(
                 request,
-                on_progress=lambda fraction, stage, eta_s: self.store.set_progress(job.id, fraction, stage, eta_s),
-                should_cancel=lambda: self._stop.is_set() or not self.store.is_running(job.id),
+                on_progress=lambda fraction, stage, eta_s: self._progress(job.id, fraction, stage, eta_s),
+                should_cancel=lambda: self._stop.is_set() or self._cancelled(job.id),
             )
         except TritonJobError as exc:
             self._failed(job, exc)
@@ -138,9 +184,9 @@ class Worker:
         try:
             self.data.write_result(job.id, result.video)
         except DataDirFull as exc:
-            self._finish(job, self.store.fail(job.id, f"the result could not be stored: {exc}"))
+            self._finish(job, self._committed(self.store.fail, job.id, f"the result could not be stored: {exc}"))
             return
-        if self.store.succeed(job.id, inference_s, result.info):
+        if self._committed(self.store.succeed, job.id, inference_s, result.info):
             self.metrics.inference.observe(inference_s)
             self._finish(job, True)
         else:  # cancelled while the last response was on its way
@@ -148,22 +194,22 @@ class Worker:
 
     def _failed(self, job: Job, error: TritonJobError) -> None:
         if error.retry and job.attempts < self.settings.max_attempts:
-            self.store.set_progress(job.id, 0.0, WAITING_FOR_TRITON)
+            self._progress(job.id, 0.0, WAITING_FOR_TRITON)
             if self._await_triton():
-                self.store.requeue(job.id, "re-queued: Triton was unavailable")
+                self._committed(self.store.requeue, job.id, "re-queued: Triton was unavailable")
                 self._wake.set()
                 return
         if self._stop.is_set() and (error.retry or error.kind is ErrorKind.CANCELLED):  # stopping: the next start reruns it
-            self.store.requeue(job.id, "re-queued: the gateway stopped while the job ran", refund=True)
+            self._committed(self.store.requeue, job.id, "re-queued: the gateway stopped while the job ran", refund=True)
             return
         if error.kind is ErrorKind.CANCELLED:  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
-            self._finish(job, self.store.fail(job.id, "cancelled by Triton"))
+            self._finish(job, self._committed(self.store.fail, job.id, "cancelled by Triton"))
             return
         if error.retry:
-            self._finish(job, self.store.fail(job.id, "Triton was unavailable"))
+            self._finish(job, self._committed(self.store.fail, job.id, "Triton was unavailable"))
             return
         reason = str(error) if error.kind is ErrorKind.BAD_INPUT else f"inference failed: {error}"
-        self._finish(job, self.store.fail(job.id, reason))
+        self._finish(job, self._committed(self.store.fail, job.id, reason))
 
     def _await_triton(self) -> bool:
         deadline = time.monotonic() + self.settings.triton_wait_s
@@ -188,6 +234,8 @@ class Worker:
         while not self._stop.wait(self.settings.cleanup_interval_s):
             try:
                 self.data.cleanup(self.store, self.settings.retention_h * 3600)
+            except StoreUnavailable as exc:
+                log.warning("retention cleanup skipped: the job database is unavailable (%s)", exc)
             except OSError:
                 log.exception("retention cleanup failed")
 
@@ -196,6 +244,8 @@ class Worker:
             try:
                 self.store.renew_leases()
                 self._recover()
+            except StoreUnavailable as exc:
+                log.warning("job leases not renewed: the job database is unavailable (%s)", exc)
             except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
                 log.exception("renewing job leases failed")
             if self._stop.wait(self.settings.lease_s / 3):

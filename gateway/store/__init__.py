@@ -49,6 +49,7 @@ from gateway.store.records import (
     Delivery,
     Job,
     QuotaExceeded,
+    StoreUnavailable,
     new_claimant,
     new_job_id,
 )
@@ -57,10 +58,14 @@ from gateway.store.store import JobStore
 __all__ = [
     "CANCELLED", "FAILED", "QUEUE_POLICIES", "QueuePolicy", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "STATES", "SUCCEED",
     "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore", "QuotaExceeded",
-    "new_claimant", "new_job_id", "open_store", "sqlite_url",
+    "StoreUnavailable", "new_claimant", "new_job_id", "open_store", "sqlite_url",
 ]
 
 
-def open_store(database_url: str, sqlite_path: Path, lease_s: float, queue_policy: QueuePolicy) -> JobStore:
+def open_store(
+    database_url: str, sqlite_path: Path, lease_s: float, queue_policy: QueuePolicy, position_ttl_s: float,
+    pool_size: int,
+) -> JobStore:
     """The job table at ``database_url`` (PostgreSQL), else SQLite at ``sqlite_path``."""
-    return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s, queue_policy=queue_policy)
+    return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s, queue_policy=queue_policy,
+                    position_ttl_s=position_ttl_s, pool_size=pool_size)

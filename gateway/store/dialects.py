@@ -20,8 +20,10 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
+from gateway.store.records import StoreUnavailable
 from gateway.store.schema import metadata
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -76,8 +78,21 @@ class Postgres(Dialect):
     """A pool of connections; READ COMMITTED transactions. Gateways sharing the table migrate it under an
     advisory lock, so that those starting together migrate once."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+    def __init__(self, url: str, pool_size: int) -> None:
+        # Connections beyond pool_size (up to as many again) are closed when handed back: under a load
+        # that needs them, every request would pay a new connection.
+        self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Connection]:
+        """A server out of reach (refused or lost connection, shutting down) raises :class:`StoreUnavailable`;
+        a pooled connection the server dropped is replaced at its next checkout (``pool_pre_ping``), so
+        calls succeed again as soon as the server is back."""
+        try:
+            with self.engine.begin() as db:
+                yield db
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(_first_line(exc)) from exc
 
     def lock_owner(self, db: Connection, owner: str) -> None:
         db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
@@ -133,6 +148,12 @@ class Sqlite(Dialect):
                 db.exec_driver_sql(f'DROP TABLE "legacy_{table.name}"')
 
 
+def _first_line(error: OperationalError | InterfaceError) -> str:
+    """The driver's own message, first line (no SQL, no parameters)."""
+    lines = str(error.orig or type(error).__name__).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver's own BEGINs off: _sqlite_begin says which
     dbapi_connection.execute("PRAGMA journal_mode=WAL")
@@ -146,11 +167,12 @@ def _sqlite_begin(db: Connection) -> None:
         db.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def dialect_for(url: str) -> Dialect:
-    """:class:`Postgres` for a ``postgresql…`` URL, :class:`Sqlite` for a ``sqlite…`` one."""
+def dialect_for(url: str, pool_size: int) -> Dialect:
+    """:class:`Postgres` for a ``postgresql…`` URL (``pool_size`` connections kept open), :class:`Sqlite` for
+    a ``sqlite…`` one."""
     name = make_url(url).get_backend_name()
     if name == "postgresql":
-        return Postgres(url)
+        return Postgres(url, pool_size)
     if name == "sqlite":
         return Sqlite(url)
     raise ValueError(f"database_url: {name!r} is not supported (postgresql+psycopg://… or empty for SQLite)")

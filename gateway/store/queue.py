@@ -15,6 +15,9 @@ cheap with many jobs queued.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
 
 from gateway.core.settings import QueuePolicy
@@ -68,20 +71,50 @@ _AHEAD = select(func.count()).where(jobs.c.status == IN_QUEUE, jobs.c.seq <= _SE
 _AHEAD_OF_OWNER = _AHEAD.where(jobs.c.owner == _OWNER)
 
 
-def position(db: Connection, policy: QueuePolicy, job: Job) -> int:
-    """The queue position (1 = next) of the queued ``job``; 0 if it no longer is."""
+class OwnerFigures(NamedTuple):
+    """An owner with queued jobs, as a ``fair`` position counts it."""
+
+    queued: int
+    running: int
+    rank: tuple[int, float, int]
+    """Order within a turn: more running jobs first, then the longest since its last start, then the oldest job."""
+
+
+Owners = dict[str, OwnerFigures]
+
+
+def queued_owners(db: Connection) -> Owners:
+    """The figures of every owner with queued jobs: what a ``fair`` position is counted from, and the
+    costly part of it (one pass over the queued jobs, two look-ups per owner)."""
+    return {
+        row.owner: OwnerFigures(row.queued, row.running, (-row.running, row.last_start, row.first_seq))
+        for row in db.execute(_OWNERS)
+    }
+
+
+def positions(
+    db: Connection, policy: QueuePolicy, listed: Sequence[Job], owners: Callable[[Connection], Owners] = queued_owners,
+) -> list[int]:
+    """The queue position (1 = next) of each of the ``listed`` jobs; 0 for one that is not queued. The
+    owners' figures are read once for all of them, by ``owners`` (a cache may stand in)."""
+    queued = [job for job in listed if job.status == IN_QUEUE]
+    if not queued:
+        return [0] * len(listed)
     if policy == "fifo":
-        return db.execute(_AHEAD, {"seq": job.seq}).scalar_one()
-    owners = {row.owner: row for row in db.execute(_OWNERS)}
-    mine = owners.pop(job.owner, None)
-    if mine is None:
+        return [db.execute(_AHEAD, {"seq": job.seq}).scalar_one() if job.status == IN_QUEUE else 0 for job in listed]
+    figures = owners(db)
+    return [_fair_position(db, figures, job) if job.status == IN_QUEUE else 0 for job in listed]
+
+
+def _fair_position(db: Connection, owners: Owners, job: Job) -> int:
+    mine = owners.get(job.owner)
+    if mine is None:  # no longer queued
         return 0
     nth = db.execute(_AHEAD_OF_OWNER, {"seq": job.seq, "owner": job.owner}).scalar_one()
     turn = mine.running + nth - 1
-    rank = (-mine.running, mine.last_start, mine.first_seq)
     # Another owner's queued jobs take turns running, running + 1, …: those in turns before this job's are
     # ahead, and the one in the same turn if that owner goes first within a turn.
     return nth + sum(
-        min(other.queued, max(0, turn - other.running + ((-other.running, other.last_start, other.first_seq) < rank)))
-        for other in owners.values()
+        min(other.queued, max(0, turn - other.running + (other.rank < mine.rank)))
+        for owner, other in owners.items() if owner != job.owner
     )

@@ -21,6 +21,11 @@ class QuotaExceeded(Exception):
     """The owner already has as many queued and running jobs as allowed."""
 
 
+class StoreUnavailable(Exception):
+    """The database server did not answer (down, restarting, its connection lost): the call may be tried
+    again later. Its transaction was rolled back, unless the connection was lost during the commit itself."""
+
+
 @dataclass(frozen=True)
 class Job:
     seq: int

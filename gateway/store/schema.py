@@ -55,6 +55,7 @@ jobs = Table(
     Index("jobs_lease", "lease_until", postgresql_where=RUNNING_ONLY, sqlite_where=RUNNING_ONLY),
     Index("jobs_owner", "owner", "created_at", "id"),  # an owner's list, newest first, page by page
     Index("jobs_owner_started", "owner", "started_at"),  # when an owner's last job started (fair share)
+    Index("jobs_owner_status", "owner", "status", "seq"),  # an owner's queued jobs ahead of one, its running ones
     sqlite_autoincrement=True,  # a deleted row's seq is never handed out again
 )
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Select,
     and_,
     bindparam,
@@ -28,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.dialects import dialect_for
-from gateway.store.queue import NEXT_JOB, QueuePolicy, position
+from gateway.store.queue import NEXT_JOB, Owners, QueuePolicy, positions, queued_owners
 from gateway.store.records import (
     CANCELLED,
     FAILED,
@@ -72,31 +74,59 @@ def greatest(value: Any, other: Any) -> ColumnElement:
 class JobStore:
     """Thread-safe; every method is one transaction, committed before it returns.
 
-    ``url``: ``sqlite:///…/jobs.db`` (:func:`gateway.store.dialects.sqlite_url`) or ``postgresql+psycopg://…``.
+    ``url``: ``sqlite:///…/jobs.db`` (:func:`gateway.store.dialects.sqlite_url`) or ``postgresql+psycopg://…``
+    (``pool_size``: connections kept open to it).
     Opening it brings the schema to the newest migration.
     """
 
     def __init__(
         self, url: str, lease_s: float = 30.0, claimant: str | None = None, queue_policy: QueuePolicy = "fair",
+        position_ttl_s: float = 0.0, pool_size: int = 8,
     ) -> None:
         self.lease_s = lease_s
         self.queue_policy = queue_policy
         """Which queued job a claim takes (:mod:`gateway.store.queue`); gateways sharing a table should agree."""
         self.claimant = claimant or new_claimant()
         """This store's id in the ``claimed_by`` of the jobs and deliveries it claims."""
-        self._db = dialect_for(url)
+        self.position_ttl_s = position_ttl_s
+        """How long the owners' figures behind ``fair`` queue positions are reused, unless this store wrote
+        to the table meanwhile (other gateways' changes show after at most this long); 0: never reused."""
+        self._writes = 0
+        """Write transactions of this store that ended, counted after each one ends."""
+        self._owners: tuple[int, float, Owners] | None = None
+        """The last owners' figures read: the write count before they were read, when, and the figures."""
+        self._db = dialect_for(url, pool_size)
         self._db.migrate()
 
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _transaction(self, write: bool = True) -> Iterator[Connection]:
+        try:
+            with self._db.transaction(write) as db:
+                yield db
+        finally:
+            if write:
+                self._writes += 1
+
+    def _queued_owners(self, db: Connection) -> Owners:
+        """:func:`gateway.store.queue.queued_owners`, reused for ``position_ttl_s`` while this store writes nothing.
+        The write count is taken before the read: a write ending during it makes the figures stale at once."""
+        now, writes, cached = time.monotonic(), self._writes, self._owners
+        if cached is not None and cached[0] == writes and now - cached[1] < self.position_ttl_s:
+            return cached[2]
+        figures = queued_owners(db)
+        self._owners = (writes, now, figures)
+        return figures
+
     def _rows(self, statement: Any, **params: Any) -> Sequence[Any]:
-        with self._db.transaction(write=False) as db:
+        with self._transaction(write=False) as db:
             return db.execute(statement, params).mappings().all()
 
     def _write(self, statement: Any, **params: Any) -> int:
         """Run one changing statement; returns the number of rows it changed."""
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             return db.execute(statement, params).rowcount
 
     def _job(self, statement: Any, **params: Any) -> Job | None:
@@ -116,7 +146,7 @@ class JobStore:
         one submit of an owner at a time across gateways).
         """
         try:
-            with self._db.transaction() as db:
+            with self._transaction() as db:
                 self._db.lock_owner(db, owner)
                 if max_active is not None and db.execute(_ACTIVE, {"owner": owner}).scalar_one() >= max_active:
                     raise QuotaExceeded(owner)
@@ -139,7 +169,7 @@ class JobStore:
         return self._count(_ACTIVE, owner=owner)
 
     def _count(self, statement: Select, **params: Any) -> int:
-        with self._db.transaction(write=False) as db:
+        with self._transaction(write=False) as db:
             return db.execute(statement, params).scalar_one()
 
     def find_idempotent(self, owner: str, idempotency_key: str | None) -> Job | None:
@@ -161,17 +191,30 @@ class JobStore:
 
     def queue_position(self, job: Job) -> int:
         """1 for the next job to run (in the order of :attr:`queue_policy`); 0 when the job is not queued."""
-        if job.status != IN_QUEUE:
-            return 0
-        with self._db.transaction(write=False) as db:
-            return position(db, self.queue_policy, job)
+        return self.queue_positions([job])[0]
+
+    def queue_positions(self, listed: Sequence[Job]) -> list[int]:
+        """:meth:`queue_position` of each job, read in one transaction."""
+        if all(job.status != IN_QUEUE for job in listed):
+            return [0] * len(listed)
+        with self._transaction(write=False) as db:
+            return positions(db, self.queue_policy, listed, self._queued_owners)
+
+    def get_with_position(self, job_id: str) -> tuple[Job | None, int]:
+        """:meth:`get` and the job's :meth:`queue_position`, in one transaction (what a status poll reads)."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(_GET, {"job_id": job_id}).mappings().all()
+            if not rows:
+                return None, 0
+            job = Job.from_row(rows[0])
+            return job, positions(db, self.queue_policy, [job], self._queued_owners)[0]
 
     def claim_next(self) -> Job | None:
         """Move the next queued job (:attr:`queue_policy`) to ``InProgress`` (one more attempt, leased to this store) and return it;
         no two stores on one table get the same job."""
         now = time.time()
         chosen = NEXT_JOB[self.queue_policy].scalar_subquery()
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             row = db.execute(
                 update(jobs).where(jobs.c.seq == chosen).values(
                     status=IN_PROGRESS, attempts=jobs.c.attempts + 1, started_at=now, progress=0, stage="", eta_s=None,
@@ -193,7 +236,7 @@ class JobStore:
         Returns the ids ``(requeued, failed)``; two stores never both recover one job.
         """
         now = time.time() if now is None else now
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             rows = db.execute(
                 select(jobs.c.id, jobs.c.attempts)
                 .where(jobs.c.status == IN_PROGRESS, or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now))
@@ -276,7 +319,7 @@ class JobStore:
             select(jobs.c.id).where(jobs.c.status.in_(FINISHED), jobs.c.finished_at < before)
             .with_for_update(skip_locked=True)
         )
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             ids = list(db.execute(delete(jobs).where(jobs.c.id.in_(doomed)).returning(jobs.c.id)).scalars())
             if ids:
                 db.execute(delete(outbox).where(outbox.c.job_id.in_(ids)))
@@ -291,7 +334,7 @@ class JobStore:
     def enqueue_webhook(self, job_id: str, owner: str, url: str, body: str) -> Delivery:
         """Queue the job's webhook, due now; a job already queued keeps its delivery (one per job)."""
         now = time.time()
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             db.execute(
                 self._db.insert(outbox).values(
                     id=f"msg_{secrets.token_hex(16)}", job_id=job_id, owner=owner, url=url, body=body,
@@ -324,7 +367,7 @@ class JobStore:
             select(outbox.c.id).where(outbox.c.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_owner)), free)
             .order_by(outbox.c.next_attempt_at, outbox.c.seq).limit(limit).with_for_update(skip_locked=True)
         )
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             rows = db.execute(
                 update(outbox).where(outbox.c.id.in_(chosen))
                 .values(claimed_by=self.claimant, lease_until=now + self.lease_s).returning(*outbox.c)
@@ -335,7 +378,7 @@ class JobStore:
         """When the earliest pending delivery is due, leaving out ``running`` ids and ``saturated`` owners;
         None when there is none. One another gateway holds is due again when its lease runs out (should
         that gateway die)."""
-        with self._db.transaction(write=False) as db:
+        with self._transaction(write=False) as db:
             return db.execute(
                 select(func.min(greatest(outbox.c.next_attempt_at, func.coalesce(outbox.c.lease_until, 0.0))))
                 .where(outbox.c.state == WEBHOOK_PENDING, outbox.c.id.not_in(tuple(running)),
@@ -363,7 +406,7 @@ class JobStore:
 
     def _webhook_attempted(self, delivery_id: str, state: str, error: str, next_attempt_at: float | None) -> None:
         job_state = state if state != WEBHOOK_FAILED else f"{WEBHOOK_FAILED}: {error}"
-        with self._db.transaction() as db:
+        with self._transaction() as db:
             db.execute(
                 update(outbox).where(outbox.c.id == delivery_id, outbox.c.state == WEBHOOK_PENDING).values(
                     state=state, attempts=outbox.c.attempts + 1, last_error=error,

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import httpx2
 
 from gateway.core.settings import GatewaySettings
-from gateway.store import Delivery, Job, JobStore
+from gateway.store import Delivery, Job, JobStore, StoreUnavailable
 from gateway.webhooks.signing import Signer
 from gateway.webhooks.targets import AddressPolicy, Destination, WebhookRefused
 
@@ -96,7 +96,8 @@ class Webhooks:
                 self._loop.call_soon_threadsafe(self._main.cancel)
         if self._thread is not None:
             self._thread.join(_STOP_JOIN_S)
-            self.store.release_webhooks()
+            with contextlib.suppress(StoreUnavailable):  # then their leases run out instead
+                self.store.release_webhooks()
 
     async def _dispatch(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -111,6 +112,9 @@ class Webhooks:
             while True:
                 try:
                     await self._step(client, running, owners)
+                except StoreUnavailable as exc:
+                    log.warning("webhook delivery paused: the job database is unavailable (%s)", exc)
+                    await asyncio.sleep(self.settings.store_retry_s)
                 except Exception:  # noqa: BLE001 - e.g. the table busy: keep delivering after a pause
                     log.exception("webhook delivery loop")
                     await asyncio.sleep(self.settings.webhook_backoff_s)

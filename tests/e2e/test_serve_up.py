@@ -321,13 +321,14 @@ def test_ctrl_c_after_jobs_and_refusals_stops_up_within_seconds_and_leaves_nothi
 
 
 @pytest.mark.slow
-def test_ctrl_c_cancels_running_jobs_and_stops_up_within_the_stated_bound(
+def test_ctrl_c_after_refusals_cancels_running_jobs_and_stops_up_within_the_stated_bound(
     tmp_path: Path, tiny_clip: tuple[Path, Path], record_property
 ) -> None:
     up = Up(tmp_path, _ports())
     try:
         up.start().wait_ready()
         regions = up.shm_regions()
+        _accepted_and_refused_requests_on_both_models(up, tiny_clip)
         job = up.submit(tiny_clip, steps=200)  # minutes on this CPU: still running when the stop comes
         running = up.wait_for(job, lambda status: status["progress"] >= 0.2 or status["status"] not in ("InQueue", "InProgress"))
         assert running["status"] == "InProgress", running  # faces found, denoising

@@ -238,3 +238,14 @@ def test_a_submit_that_fills_the_data_folder_gets_507_and_leaves_nothing(tmp_pat
             assert not any((disk / "data" / "incoming").iterdir())
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_responses_are_counted_by_route_and_code_refusals_of_the_guard_too(gateway) -> None:
+    def responses(route: str, code: str) -> float:
+        text = gateway.client.get("/metrics").text
+        return sample_sum(text, "lipsync_gateway_http_responses_total", route=route, code=code)
+
+    before = responses("/lipsync/status", "404"), responses("unmatched", "401")
+    assert gateway.client.post("/lipsync/status", json={"request_id": "0" * 32}, headers=AUTH).status_code == 404
+    assert gateway.client.post("/lipsync/status", json={"request_id": "0" * 32}).status_code == 401
+    assert (responses("/lipsync/status", "404"), responses("unmatched", "401")) == (before[0] + 1, before[1] + 1)

@@ -5,6 +5,7 @@ through a real Triton: test_gateway_api.py."""
 from __future__ import annotations
 
 import base64
+import logging
 import time
 
 import pytest
@@ -114,3 +115,55 @@ def test_a_keys_only_job_runs_before_another_keys_fifteen_queued_ones(tmp_path, 
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert status(KEYS[1], busy[1])["status"] == "InQueue"
+
+
+@pytest.mark.postgres
+def test_requests_get_503_while_postgresql_is_down_and_a_job_ending_meanwhile_is_committed_after(
+    tmp_path, body, postgres, caplog,
+) -> None:
+    """The worker keeps its threads through the outage: the running job's ending is retried until PostgreSQL
+    answers, and the next queued job is claimed afterwards."""
+    caplog.set_level(logging.WARNING, logger="gateway.jobs.worker")
+    backend = StandInBackend(hold=True)
+    url = postgres.new_database("outage_local")
+    with LocalGateway(tmp_path / "data", backend, database_url=url, store_retry_s=1, **LOAD_TEST_LIMITS) as local:
+        client = local.client
+
+        def submit() -> str:
+            response = client.post("/lipsync/submit", headers=auth(KEYS[0]), json=body | {"inference_steps": 1})
+            assert response.status_code == 200, response.text
+            return response.json()["request_id"]
+
+        def status(job_id: str) -> dict:
+            return client.post("/lipsync/status", headers=auth(KEYS[0]), json={"request_id": job_id}).json()
+
+        running, queued = submit(), submit()
+        deadline = time.monotonic() + 30
+        while status(running)["status"] != "InProgress":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        postgres.halt()
+        try:
+            answer = client.post("/lipsync/status", headers=auth(KEYS[0]), json={"request_id": running})
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+            assert answer.json() == {
+                "status": "Failed", "reason": "the job database is unavailable for now; nothing was changed, retry in 1 s",
+            }
+            refused = client.post("/lipsync/submit", headers=auth(KEYS[0]), json=body | {"inference_steps": 1})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert client.get("/metrics").status_code == 503
+            backend.release.set()  # the job ends while its row cannot be written
+            while not any("trying again" in record.getMessage() for record in caplog.records):
+                assert time.monotonic() < deadline + 30
+                time.sleep(0.05)
+        finally:
+            postgres.resume()
+        endings = {}
+        for job_id in (running, queued):
+            while (seen := status(job_id))["status"] not in FINISHED:
+                assert time.monotonic() < deadline + 60, seen
+                time.sleep(0.05)
+            endings[job_id] = seen["status"]
+        assert endings == {running: "Succeed", queued: "Succeed"}
+        listed = client.get("/v1/jobs", headers=auth(KEYS[0])).json()["jobs"]
+        assert {job["request_id"] for job in listed} == {running, queued}  # the refused submit made nothing

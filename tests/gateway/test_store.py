@@ -432,3 +432,16 @@ def test_an_owners_jobs_are_listed_newest_first_a_page_after_a_given_job(store) 
     assert [job.id for job in store.recent("a", 2, (after.created_at, after.id))] == [job.id for job in newest_first[2:4]]
     last = newest_first[-1]
     assert store.recent("a", 2, (last.created_at, last.id)) == []
+
+
+def test_reused_owner_figures_follow_the_stores_own_changes_at_once_and_others_after_their_ttl(stores) -> None:
+    first, second = stores
+    first.position_ttl_s = 3600
+    busy = [queue(first, "b") for _ in range(3)]
+    assert positions(first, busy) == [1, 2, 3]
+    first.claim_next()
+    assert positions(first, busy) == [0, 1, 2]  # its own claim shows at once
+    queue(second, "a")  # another gateway's: a runs nothing, so its job goes before b's queued ones
+    assert positions(first, busy[1:]) == [1, 2]  # the figures read before it are still reused
+    first.position_ttl_s = 0
+    assert positions(first, busy[1:]) == [2, 3]

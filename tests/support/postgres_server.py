@@ -43,6 +43,15 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
         self._run(find_binary("initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync")
+        return self.resume()
+
+    def halt(self) -> None:
+        """Shut the server down as an administrator would (``pg_ctl stop -m fast``: open sessions are ended),
+        keeping the cluster for :meth:`resume`."""
+        self._run(find_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> PostgresServer:
+        """Start the server on the cluster and port it had; returns once it takes connections."""
         self._run(
             find_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w", "start", "-o",
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off"

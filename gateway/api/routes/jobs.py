@@ -62,7 +62,7 @@ async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: I
 
 @router.post("/lipsync/status")
 def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
-    return jobs.view(jobs.owned(body.request_id, who))
+    return jobs.status(body.request_id, who)
 
 
 @router.post("/lipsync/cancel")
