@@ -28,6 +28,7 @@ try:
     from lipsync.audio import AudioSettings
     from lipsync.faces import DetectorPool
     from lipsync.jobs import JobOptions, pipeline_arguments
+    from lipsync.lifecycle import compile_unet, is_compiled
     from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings, check_inputs
     from lipsync.tiny import write_tiny_weights
 except ModuleNotFoundError as exc:  # a base install, without the model extra: main() says what to install
@@ -166,9 +167,9 @@ def _run(args: argparse.Namespace) -> int:
             paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call,
             settings=PipelineSettings.load(compile_unet=args.compile_unet),
         )
-        if not pipeline.compiled:
+        if not is_compiled(pipeline):
             print("compiling the UNet (minutes on a cold kernel cache)", file=sys.stderr)
-            pipeline.compile_unet(modes=[options.mode])
+            compile_unet(pipeline, modes=[options.mode])
         with tqdm(total=100, unit="%", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
 
             def progress(fraction: float, stage: str) -> None:

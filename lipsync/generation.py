@@ -86,7 +86,7 @@ class Replica:
     denoiser: Denoiser
     compiled: NoisePredictor | None = None
     """The same UNet compiled (``CompiledUNet``), which the denoiser switches to once it is compiled and
-    captured (``LipSyncPipeline.compile_unet``); ``None``: this device does not compile."""
+    captured (``lipsync.lifecycle.compile_unet``); ``None``: this device does not compile."""
     vae_slots: threading.Semaphore | None = None
     """Bounds the groups in VAE encode or decode at once (their activations are most of a group's GPU
     memory); ``None``: no bound."""
@@ -105,7 +105,10 @@ class Replica:
             return self._generate(group, timer)
 
     def _generate(self, group: WindowGroup, timer: StageTimer) -> torch.Tensor:
-        vae, mask, faces = self.vae, group.mask.to(group.faces.dtype), group.faces
+        # One memory layout whatever the caller's: the VAE's convolutions round differently on channels-last
+        # faces (a job's warped batch, permuted from NHWC) than on contiguous ones (a group off the wire), so
+        # without it a split job's faces would differ from an unsplit job's in the last bits.
+        vae, mask, faces = self.vae, group.mask.to(group.faces.dtype), group.faces.contiguous()
         latent_size = mask.shape[-1] // 8
         latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
         windows, length = group.windows, group.window_frames

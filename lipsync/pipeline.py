@@ -1,23 +1,34 @@
 """``LipSyncPipeline``: one object that loads the models once and lip-syncs many videos.
 
-A job runs in two passes over the video so that memory does not grow with its length, and the
-passes overlap so the GPU starts early:
+A job is a sequence of named stages, each a method that can be read and tested on its own, as in
+diffusers' pipelines: :meth:`~LipSyncPipeline.check_options` (the job's options),
+:meth:`~LipSyncPipeline.plan` (audio, output length, devices, noise: a :class:`Job`),
+:meth:`~LipSyncPipeline.analyse` (detection and alignment, :mod:`lipsync.analysis`),
+:meth:`~LipSyncPipeline.prepare_batch` (the next frames in output order, their faces warped),
+:meth:`~LipSyncPipeline.generate` (the batch's faces through the models) and
+:meth:`~LipSyncPipeline.finish` (paste-back, YUV, encode). :meth:`~LipSyncPipeline.run` runs them
+on threads of their own, so that memory does not grow with the video's length and the passes overlap:
 
-1. *analyse* (its own thread, ``lipsync.analysis``) — decode at 25 fps, detect the face and compute
-   each frame's smoothed alignment (only the 2×3 affine is kept per frame);
-2. *generate* — decode again in output order (looping when the audio is longer), wait until the
-   batch's alignments are final, warp the faces, generate a batch of windows; paste-back and
-   encoding of that batch run on a third thread while the next batch is generated.
+1. *analyse* (its own thread) — decode at 25 fps, detect the face and compute each frame's smoothed
+   alignment (only the 2×3 affine is kept per frame);
+2. *prepare* (a prefetch thread) — decode again in output order (looping when the audio is longer),
+   wait until the batch's alignments are final, warp the faces;
+3. *generate* (the job's thread) — VAE encode, DDIM loop and VAE decode of the batch's windows, in
+   this process or another;
+4. *finish* (an encoder thread and its finishers) — paste-back and encoding of that batch while the
+   next batch is generated.
+
+What happens to the models outside a job (placing jobs on replicas, warm-up, compilation) is
+:mod:`lipsync.lifecycle`'s.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,7 +40,8 @@ from diffusers import AutoencoderKL
 from pydantic import Field, NonNegativeFloat, PositiveInt, StrictBool
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
+from lipsync import analysis
+from lipsync.analysis import FaceTrack, NoFaceError, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
@@ -46,12 +58,14 @@ from lipsync.faces import (
 from lipsync.frames import frames_in_order
 from lipsync.generation import FaceGenerator, Replica, WindowGenerator
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.media import MediaSettings, VideoReader, VideoWriter
-from lipsync.media.colour import rgb_to_yuv420p
+from lipsync.lifecycle import Placement
+from lipsync.media import MediaSettings, VideoInfo, VideoReader, VideoWriter
+from lipsync.media.colour import yuv420p_pictures
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.progress import STAGE_SPANS, JobSize
+from lipsync.remote import pixels_to_faces
 from lipsync.sampling import (
     CancelCheck,
     Denoiser,
@@ -61,14 +75,15 @@ from lipsync.sampling import (
     SamplingSettings,
     initial_noise,
     load_scheduler,
-    sampling_modes,
 )
 from lipsync.timeline import LoopMode, output_length, source_frames
 from lipsync.timing import StageTimer
 from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
 
-__all__ = ["DTYPES", "JobCancelled", "LipSyncPipeline", "LipSyncResult", "NoFaceError", "check_inputs"]
+__all__ = [
+    "DTYPES", "FrameBatch", "Job", "JobCancelled", "LipSyncPipeline", "LipSyncResult", "NoFaceError", "check_inputs",
+]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """Precision names the CLI, the Triton model config and the benchmarks accept."""
@@ -107,7 +122,7 @@ class PipelineSettings:
     """Frames converted to YUV on the GPU at a time."""
     compile_unet: StrictBool | Literal["auto"] = "auto"
     """Run the UNet through ``torch.compile`` (``CompiledUNet``): ``True``, ``False`` or ``"auto"`` (on CUDA only);
-    compiles on first use or in :meth:`LipSyncPipeline.warm_up`."""
+    compiles on first use or in :func:`lipsync.lifecycle.compile_unet`."""
     split_min_seconds: NonNegativeFloat = 60.0
     """On a pipeline with several devices, a job whose output is at least this long spreads its windows over all
     of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
@@ -115,7 +130,7 @@ class PipelineSettings:
     """Finished jobs a server's ETA learns its stage times from (``lipsync.progress.StageRates``)."""
     graph_memory_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Under a GPU memory cap: the share of what the cap leaves beside the loaded weights that CUDA graphs may
-    take (:meth:`LipSyncPipeline.limit_graph_memory`); the rest is for the eager work (VAE, uncaptured calls)."""
+    take (:func:`lipsync.lifecycle.limit_graph_memory`); the rest is for the eager work (VAE, uncaptured calls)."""
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -128,7 +143,7 @@ class PipelineSettings:
 
 
 class LipSyncPipeline:
-    """Loaded models plus settings; :meth:`run` processes one job.
+    """Loaded models plus settings; :meth:`run` processes one job through the stages of the module docstring.
 
     Several threads may call :meth:`run` at once when the denoisers are ``WindowBatcher`` objects: each job
     borrows its own face detector, and their windows share UNet calls.
@@ -161,8 +176,7 @@ class LipSyncPipeline:
         self.resolution: int = config["data"]["resolution"]
         self.face_settings = face_settings or FaceSettings.load()
         self.mask = torch.from_numpy(load_mask(self.resolution, self.face_settings))
-        self._jobs_per_replica = [0] * len(self.replicas)
-        self._placing = threading.Lock()
+        self.placement = Placement(self.replicas, self.settings.split_min_seconds)
 
     @property
     def local_replicas(self) -> list[Replica]:
@@ -205,7 +219,7 @@ class LipSyncPipeline:
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
         ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``). Where
         ``settings.compile_unet`` says so (by default on CUDA), each replica also holds the UNet compiled
-        (``CompiledUNet``, graphed likewise); jobs use it after :meth:`compile_unet`. ``vae_slots`` bounds the
+        (``CompiledUNet``, graphed likewise); jobs use it after ``lipsync.lifecycle.compile_unet``. ``vae_slots`` bounds the
         window groups in VAE encode or decode at once per device (``None``: no bound).
         """
         devices = [torch.device(one) for one in ([device] if isinstance(device, (str, torch.device)) else device)]
@@ -257,134 +271,6 @@ class LipSyncPipeline:
             settings=settings,
         )
 
-    def warm_up(
-        self, mode: str = "exact", max_windows: int | None = None, log: Callable[[str], None] | None = None
-    ) -> None:
-        """Generate from dummy inputs at the UNet call shapes a job of ``mode`` reaches most, with guidance.
-
-        That is 1 window, ``windows_per_call`` windows (one job) and ``max_windows`` windows (the
-        batcher's cap, when calls mix windows of several jobs): ``GraphedUNet`` captures those shapes,
-        cuDNN picks its algorithms and the VAE gets its first calls, on the UNet the denoisers use now
-        (seconds; the compiled one is :meth:`compile_unet`'s). A server calls this before it reports
-        ready. Other shapes (other window counts, the shorter last window, no guidance) are captured on
-        first use, safely beside running jobs (``GpuGuard``) and in well under a second. ``log`` gets
-        one line per shape with its seconds.
-        """
-        for replica in self.local_replicas:
-            self._generate_dummy(replica, mode, max_windows, log)
-
-    def limit_graph_memory(self, cap_bytes: int) -> None:
-        """Bound the CUDA graphs of every local replica's UNets to ``settings.graph_memory_share`` of what
-        ``cap_bytes`` (the process's memory cap) leaves beside the memory allocated now (the weights)."""
-        for replica in self.local_replicas:
-            budget = int(self.settings.graph_memory_share * (cap_bytes - torch.cuda.memory_allocated(replica.device)))
-            for unet in (replica.denoiser.unet, replica.compiled):
-                if isinstance(unet, GraphedUNet):
-                    unet.pool_budget = max(0, budget)
-
-    @property
-    def compiled(self) -> bool:
-        """Whether every replica that compiles runs its jobs on the compiled UNet."""
-        return all(replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in self.local_replicas)
-
-    def compile_unet(
-        self, modes: Sequence[str] | None = None, max_windows: int | None = None, log: Callable[[str], None] | None = None
-    ) -> None:
-        """Compile each replica's UNet (``Replica.compiled``) for every UNet pass of ``modes`` (default: all
-        sampling modes), switch the denoisers to it, then capture it at :meth:`warm_up`'s shapes.
-
-        Minutes of compilation for the full-size UNet (less with a warm ``TORCHINDUCTOR_CACHE_DIR``). Jobs
-        may run meanwhile on the UNet they use now: this thread holds its GPU sections shared for as
-        long as a compilation lasts, so their UNets capture no new shapes until it ends (those calls run
-        uncaptured). A DDIM loop that started before the switch ends on the UNet it started with, so a
-        job running across the switch mixes both: the same weights, within the dtype's rounding.
-
-        GPU memory holds one set of CUDA graphs at a time: the compilation runs uncaptured on one window
-        (a compilation serves every batch size), the uncompiled UNet's graphs are freed at the switch,
-        and only then are the compiled UNet's graphs captured.
-        """
-        pending = [
-            replica for replica in self.local_replicas
-            if replica.compiled is not None and replica.denoiser.unet is not replica.compiled
-        ]
-        if not pending:
-            return
-        serving = [replica.denoiser.unet for replica in self.local_replicas if hasattr(replica.denoiser.unet, "capturing")]
-        for unet in serving:
-            unet.capturing = False
-        try:
-            for replica in pending:
-                if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
-                    replica.compiled.capturing = False
-                staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
-                for mode in modes or sampling_modes():
-                    self._generate_dummy(staging, mode, None, log, what="compiling the UNet", counts=(1,))
-            replaced = []
-            for replica in pending:
-                replaced.append(replica.denoiser.unet)
-                replica.denoiser.unet = replica.compiled
-        finally:
-            for unet in serving:
-                unet.capturing = True
-        for unet in replaced:  # a loop still running on it ends eagerly; its graphs' memory is freed
-            if isinstance(unet, GraphedUNet):
-                unet.release()
-        for replica in pending:
-            if isinstance(replica.compiled, GraphedUNet):
-                replica.compiled.capturing = True
-                capturing = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
-                for mode in modes or sampling_modes():
-                    self._generate_dummy(capturing, mode, max_windows, log, what="capturing the compiled UNet")
-
-    def start_compiling(self, max_windows: int | None = None, log: Callable[[str], None] | None = None) -> threading.Thread:
-        """:meth:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
-
-        ``log`` gets its lines, then one saying when the compiled UNet serves, or why it does not (jobs
-        then keep the eager one).
-        """
-        say = log or (lambda _line: None)
-
-        def compile_all() -> None:
-            started = time.monotonic()
-            try:
-                self.compile_unet(max_windows=max_windows, log=log)
-            except Exception as exc:  # noqa: BLE001 - the eager UNet keeps serving
-                say(f"lipsync: compiling the UNet failed, jobs keep the uncompiled one: {exc!r}")
-            else:
-                say(f"lipsync: compiled UNet serving on {', '.join(map(str, self.devices))} after "
-                    f"{time.monotonic() - started:.1f} s")
-
-        thread = threading.Thread(target=compile_all, name="compile-unet", daemon=True)
-        thread.start()
-        return thread
-
-    def _generate_dummy(
-        self,
-        replica: Replica,
-        mode: str,
-        max_windows: int | None,
-        log: Callable[[str], None] | None,
-        what: str = "warm-up",
-        counts: Sequence[int] | None = None,
-    ) -> None:
-        """Generate from zeros on ``replica`` at ``counts`` windows (default: 1, ``windows_per_call`` and
-        ``max_windows``), with guidance, with enough DDIM steps to reach every UNet pass of ``mode`` (fast:
-        one caching and one shallow step)."""
-        settings = SamplingSettings.from_config(self.config, mode, windows_per_call=self.windows_per_call)
-        counts = sorted(counts or {1, settings.windows_per_call, max_windows or settings.windows_per_call})
-        sample_rate, fps = self.audio.settings.sample_rate, self.audio.settings.video_fps
-        features = self.audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
-        random = torch.Generator().manual_seed(settings.seed)
-        noise = initial_noise(random, self.resolution // 8)
-        for windows in counts:
-            started = time.monotonic()
-            count = settings.num_frames * windows
-            short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
-            faces = torch.zeros(count, 3, self.resolution, self.resolution)
-            FaceGenerator([replica], short)(faces, self.audio.frame_windows(features, count), self.mask, noise, random)
-            if log is not None:
-                log(f"lipsync: {what} on {replica.device}, {mode}, {windows} window(s) per UNet call: "
-                    f"{time.monotonic() - started:.1f} s")
 
     def close(self) -> None:
         """Stop the shared batchers' workers and free the face detectors."""
@@ -392,6 +278,138 @@ class LipSyncPipeline:
             if isinstance(replica.denoiser, WindowBatcher):
                 replica.denoiser.close()
         self.detectors.close()
+
+    def check_options(
+        self,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        loop_mode: LoopMode | str = LoopMode.PINGPONG,
+        mode: str = "exact",
+        devices: int | None = None,
+    ) -> tuple[SamplingSettings, LoopMode]:
+        """A job's options checked against the job contract's ranges (``BadInput`` names the one out of
+        range), as the sampling settings of the UNet config, ``mode`` and the overrides given."""
+        if devices is not None and devices < 1:
+            raise BadInput(f"devices must be at least 1, got {devices}")
+        settings = SamplingSettings.from_config(
+            self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            windows_per_call=self.windows_per_call,
+        )
+        return settings, LoopMode.parse(loop_mode)
+
+    def plan(
+        self,
+        video: str | Path,
+        audio: str | Path,
+        settings: SamplingSettings,
+        loop_mode: LoopMode = LoopMode.PINGPONG,
+        devices: int | None = None,
+        progress: ProgressCallback | None = None,
+        on_plan: Callable[[JobSize], None] | None = None,
+    ) -> Job:
+        """Read the speech and the video's header and decide what the job makes: one output frame per
+        audio window (the video looped or cut to them), spread over how many devices, with which noise.
+
+        ``on_plan`` gets the job's size (what an ETA scales its learned rates by). Nothing is decoded
+        from the video yet: its frames are read as :meth:`prepare_batch` asks for them.
+        """
+        timer = StageTimer(self.devices[0])
+        report = _Progress(progress)
+        report("audio", 0.0)
+        with GPU_GUARD.shared(), timer.stage("audio"):
+            waveform = load_audio(audio, self.audio.settings.sample_rate)
+            # Per-frame windows are cut on the CPU: a few kilobytes per frame, and no GPU work outside the guard.
+            features = self.audio(waveform).cpu()
+        fps = self.audio.settings.video_fps
+        available = window_count(len(features), self.audio.settings.positions_per_frame)
+        audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
+        info = probe(Path(video))
+        frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
+        parts = self.placement.parts(frames / fps, devices)
+        if on_plan is not None:
+            on_plan(JobSize(frames, settings.steps))
+        track = FaceTrack(Path(video).name)
+        aligner = FaceAligner(self.resolution, self.face_settings.alignment)
+        random = torch.Generator().manual_seed(settings.seed)
+        return Job(
+            video=Path(video), settings=settings, waveform=waveform, features=features, info=info, frames=frames,
+            parts=parts, timer=timer, report=report, track=track, aligner=aligner,
+            paster=FacePaster(aligner.crop_size, self.face_settings.paste), random=random,
+            noise=initial_noise(random, self.resolution // 8),
+            source=_generation_frames(Path(video), frames, track, loop_mode, timer),
+        )
+
+    def analyse(self, job: Job, should_cancel: CancelCheck | None = None) -> None:
+        """Detect and align the face in every frame of the job's video, publishing the alignments to
+        ``job.track`` as they become final (:func:`lipsync.analysis.analyse`; returns when the video ends)."""
+        analysis.analyse(
+            job.video, job.frames, self._detect, job.aligner, job.track, job.timer,
+            threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
+            on_progress=lambda fraction: job.report("analyse", fraction), should_cancel=should_cancel,
+        )
+
+    def prepare_batch(self, job: Job) -> FrameBatch:
+        """The job's next ``job.batch_frames`` output frames (fewer at the end), in output order, once their
+        alignments are final, with their faces warped. Calls come one at a time, in order."""
+        sources, originals = zip(*islice(job.source, job.batch_frames))
+        job.track.wait_for(max(sources))
+        placements = [job.track.alignment(index) for index in sources]
+        with job.timer.stage("detect_align", sync=False):
+            faces = np.stack([job.aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+        batch = FrameBatch(job.prepared, sources, originals, placements, faces)
+        job.prepared += len(sources)
+        return batch
+
+    def generate(
+        self, job: Job, generator: FaceGenerator, batch: FrameBatch, should_cancel: CancelCheck | None = None
+    ) -> np.ndarray:
+        """The batch's faces lip-synced to their audio windows: ``(N, R, R, 3)`` floats in [-1, 1].
+
+        Progress is reported after every DDIM step; ``should_cancel`` is asked before each step and
+        after each group of windows.
+        """
+        done_before = batch.start // job.settings.num_frames
+
+        def on_window(_done: int, _total: int) -> None:
+            _check_cancel(should_cancel)
+
+        def on_step(done: float) -> None:
+            job.report("generate", (done_before + done) / job.windows)
+
+        generated = generator(
+            pixels_to_faces(batch.faces).permute(0, 3, 1, 2),
+            self.audio.frame_windows(job.features, len(batch.sources), first_frame=batch.start),
+            self.mask,
+            job.noise,
+            job.random,
+            on_window=on_window,
+            should_cancel=should_cancel,
+            on_step=on_step,
+        )
+        return generated.permute(0, 2, 3, 1).numpy()
+
+    def finish(
+        self, job: Job, batch: FrameBatch, faces: np.ndarray, writer: VideoWriter, finishers: Executor, device: torch.device
+    ) -> None:
+        """Paste the generated ``faces`` back into the batch's frames on the ``finishers``, convert them to
+        YUV 4:2:0 and encode them in order: on a GPU ``device`` the conversion runs there, ``colour_chunk``
+        frames at a time; on the CPU per frame through swscale (faster there than tensor arithmetic)."""
+        if device.type == "cuda":
+            pasted = finishers.map(partial(self._paste, job), batch.originals, batch.placements, faces)
+            pictures = yuv420p_pictures(writer, pasted, device, self.settings.colour_chunk, job.timer)
+        else:
+
+            def paste_and_convert(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
+                pasted = self._paste(job, frame, placement, face)
+                with job.timer.stage("encode", sync=False):
+                    return writer.picture(pasted)
+
+            pictures = finishers.map(paste_and_convert, batch.originals, batch.placements, faces)
+        for picture in pictures:
+            with job.timer.stage("encode", sync=False):
+                writer.write_picture(picture)
 
     def run(
         self,
@@ -421,166 +439,115 @@ class LipSyncPipeline:
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
         """
-        loop_mode = LoopMode.parse(loop_mode)
-        settings = SamplingSettings.from_config(
-            self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
-            windows_per_call=self.windows_per_call,
+        settings, loop_mode = self.check_options(
+            steps=steps, guidance_scale=guidance_scale, seed=seed, loop_mode=loop_mode, mode=mode, devices=devices
         )
-        timer = StageTimer(self.devices[0])
-        report = _Progress(progress)
-
-        report("audio", 0.0)
-        with GPU_GUARD.shared(), timer.stage("audio"):
-            waveform = load_audio(audio, self.audio.settings.sample_rate)
-            # Per-frame windows are cut on the CPU: a few kilobytes per frame, and no GPU work outside the guard.
-            features = self.audio(waveform).cpu()
-        fps = self.audio.settings.video_fps
-        available = window_count(len(features), self.audio.settings.positions_per_frame)
-        audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
-        info = probe(Path(video))
-        output_frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
-        parts = self._parts(output_frames / fps, devices)
-        if on_plan is not None:
-            on_plan(JobSize(output_frames, settings.steps))
-
-        track = FaceTrack(Path(video).name)
-        aligner = FaceAligner(self.resolution, self.face_settings.alignment)
-        random = torch.Generator().manual_seed(settings.seed)
-        noise = initial_noise(random, self.resolution // 8)
-        paster = FacePaster(aligner.crop_size, self.face_settings.paste)
-        batch = settings.num_frames * settings.windows_per_call * parts
-        total_windows = -(-output_frames // settings.num_frames)
-        frames = _generation_frames(Path(video), output_frames, track, loop_mode, timer)
+        job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan)
         faceless = 0
-
-        def prepare() -> _FrameBatch:
-            """The next batch's frames, in output order, with final alignments and warped faces."""
-            sources, originals = zip(*islice(frames, batch))
-            track.wait_for(max(sources))
-            placements = [track.alignment(index) for index in sources]
-            with timer.stage("detect_align", sync=False):
-                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
-            return _FrameBatch(sources, originals, placements, faces)
-
-        def paste(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> np.ndarray:
-            affine, has_face = placement
-            if not has_face:
-                return frame
-            with timer.stage("paste", sync=False):
-                return paster.paste(frame, face, affine)
-
-        def paste_and_convert(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
-            pasted = paste(frame, placement, face)
-            with timer.stage("encode", sync=False):
-                return writer.picture(pasted)
-
-        def finish(prepared: _FrameBatch, generated: np.ndarray) -> None:
-            """Paste on the finisher threads; YUV on the GPU in chunks, or per frame through swscale on the CPU."""
-            if replicas[0].device.type == "cuda":
-                pasted = finishers.map(paste, prepared.originals, prepared.placements, generated)
-                pictures = yuv420p_pictures(writer, pasted, replicas[0].device, self.settings.colour_chunk, timer)
-            else:
-                pictures = finishers.map(paste_and_convert, prepared.originals, prepared.placements, generated)
-            for picture in pictures:
-                with timer.stage("encode", sync=False):
-                    writer.write_picture(picture)
-
-        # Four threads beside this one: the analysis detects faces ahead of generation
-        # (lipsync.analysis); the prefetcher decodes and warps the next batch while this thread
-        # generates the current one; the previous batch is pasted back on the finisher threads,
-        # converted to YUV and encoded in order by the encoder thread. Waiting for the previous
-        # batch before queueing the next keeps the frame order and holds at most three batches of
-        # frames (next, current, previous), whatever the video's length.
+        # Four threads beside this one: the analysis detects faces ahead of generation; the prefetcher
+        # prepares the next batch while this thread generates the current one; the previous batch is
+        # pasted back on the finisher threads, converted to YUV and encoded in order by the encoder
+        # thread. Waiting for the previous batch before queueing the next keeps the frame order and
+        # holds at most three batches of frames (next, current, previous), whatever the video's length.
         with (
-            self._placed(parts) as replicas,
-            ThreadPoolExecutor(1, thread_name_prefix="analysis") as analysis,
-            VideoWriter(output, info.width, info.height, fps, audio=waveform, settings=self._media(crf)) as writer,
+            self.placement.placed(job.parts) as replicas,
+            ThreadPoolExecutor(1, thread_name_prefix="analysis") as analyser,
+            VideoWriter(
+                output, job.info.width, job.info.height, self.audio.settings.video_fps, audio=job.waveform,
+                settings=self._media(crf),
+            ) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
             ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
             ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
         ):
-            analysis.submit(
-                analyse, Path(video), output_frames, self._detect, aligner, track, timer,
-                threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
-                on_progress=lambda fraction: report("analyse", fraction), should_cancel=should_cancel,
-            )
-            generator = FaceGenerator(replicas, settings, timer)
+            analyser.submit(self.analyse, job, should_cancel)
+            generator = FaceGenerator(replicas, job.settings, job.timer)
             try:
                 finishing: Future | None = None
-                starts = range(0, output_frames, batch)
-                upcoming = prefetch.submit(prepare)
-                for start in starts:
-                    prepared = upcoming.result()
-                    if start + batch < output_frames:
-                        upcoming = prefetch.submit(prepare)
-                    faceless += sum(not has_face for _, has_face in prepared.placements)
-                    done_before = start // settings.num_frames
-
-                    def on_window(_done: int, _total: int) -> None:
-                        _check_cancel(should_cancel)
-
-                    def on_step(done: float) -> None:
-                        report("generate", (done_before + done) / total_windows)
-
-                    generated = generator(
-                        torch.from_numpy(prepared.faces).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                        self.audio.frame_windows(features, len(prepared.sources), first_frame=start),
-                        self.mask,
-                        noise,
-                        random,
-                        on_window=on_window,
-                        should_cancel=should_cancel,
-                        on_step=on_step,
-                    )
+                upcoming = prefetch.submit(self.prepare_batch, job)
+                for start in range(0, job.frames, job.batch_frames):
+                    batch = upcoming.result()
+                    if start + job.batch_frames < job.frames:
+                        upcoming = prefetch.submit(self.prepare_batch, job)
+                    faceless += batch.faceless
+                    faces = self.generate(job, generator, batch, should_cancel)
                     if finishing is not None:
                         finishing.result()
-                    finishing = encoder.submit(finish, prepared, generated.permute(0, 2, 3, 1).numpy())
-                report("encode", 0.0)
+                    finishing = encoder.submit(self.finish, job, batch, faces, writer, finishers, replicas[0].device)
+                job.report("encode", 0.0)
                 if finishing is not None:
                     finishing.result()
             finally:
-                track.stop()
-            with timer.stage("encode", sync=False):
+                job.track.stop()
+            with job.timer.stage("encode", sync=False):
                 writer.close()
-        report("encode", 1.0)
-        return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
+        job.report("encode", 1.0)
+        return LipSyncResult(Path(output), job.frames, faceless, job.parts, job.timer.as_dict())
 
     @staticmethod
     def _media(crf: int | None) -> MediaSettings | None:
         """The output's encoder settings: ``configs/media.yaml``'s, with the job's ``crf`` if it gave one."""
         return None if crf is None else replace(MediaSettings.load(), crf=crf)
 
-    def _parts(self, seconds: float, devices: int | None) -> int:
-        """How many devices a job of ``seconds`` spreads its windows over."""
-        if devices is None:
-            return len(self.replicas) if seconds >= self.settings.split_min_seconds else 1
-        if devices < 1:
-            raise BadInput(f"devices must be at least 1, got {devices}")
-        return min(devices, len(self.replicas))
-
-    @contextmanager
-    def _placed(self, count: int) -> Iterator[list[Replica]]:
-        """The ``count`` replicas running the fewest jobs (the first devices on a tie), held for one job."""
-        with self._placing:
-            chosen = sorted(range(len(self.replicas)), key=lambda index: (self._jobs_per_replica[index], index))[:count]
-            for index in chosen:
-                self._jobs_per_replica[index] += 1
-        try:
-            yield [self.replicas[index] for index in chosen]
-        finally:
-            with self._placing:
-                for index in chosen:
-                    self._jobs_per_replica[index] -= 1
+    def _paste(self, job: Job, frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> np.ndarray:
+        """``face`` pasted into ``frame``; a frame without a face of its own is passed through."""
+        affine, has_face = placement
+        if not has_face:
+            return frame
+        with job.timer.stage("paste", sync=False):
+            return job.paster.paste(frame, face, affine)
 
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
             return detector.detect(frame)
 
 
-@dataclass(frozen=True)
-class _FrameBatch:
-    """One batch of output frames ready for generation."""
+@dataclass(eq=False)
+class Job:
+    """One job's plan and what its stages share (made by :meth:`LipSyncPipeline.plan`)."""
 
+    video: Path
+    settings: SamplingSettings
+    waveform: np.ndarray
+    """The speech, mono float32 at the audio model's rate (muxed into the output)."""
+    features: torch.Tensor
+    """Whisper features of the whole speech, on the CPU."""
+    info: VideoInfo
+    frames: int
+    """Output frames: one per audio window."""
+    parts: int
+    """Devices the job's windows are spread over."""
+    timer: StageTimer
+    report: _Progress
+    track: FaceTrack
+    """The analysis' alignments, published as they become final."""
+    aligner: FaceAligner
+    paster: FacePaster
+    random: torch.Generator
+    """The job's CPU generator: the shared noise first, then the VAE's sampling noise, window by window."""
+    noise: torch.Tensor
+    """``(1, 4, 1, R/8, R/8)`` initial noise shared by every frame."""
+    source: Iterator[tuple[int, np.ndarray]]
+    """``(source frame index, frame)`` per output frame, decoded as :meth:`LipSyncPipeline.prepare_batch` asks."""
+    prepared: int = 0
+    """Output frames prepared so far."""
+
+    @property
+    def batch_frames(self) -> int:
+        """Frames per :class:`FaceGenerator` call: ``windows_per_call`` windows per device."""
+        return self.settings.num_frames * self.settings.windows_per_call * self.parts
+
+    @property
+    def windows(self) -> int:
+        return -(-self.frames // self.settings.num_frames)
+
+
+@dataclass(frozen=True)
+class FrameBatch:
+    """Consecutive output frames ready for generation."""
+
+    start: int
+    """Output index of the first frame."""
     sources: tuple[int, ...]
     """Source frame index of each output frame."""
     originals: tuple[np.ndarray, ...]
@@ -589,23 +556,10 @@ class _FrameBatch:
     faces: np.ndarray
     """``(N, R, R, 3)`` uint8 aligned faces."""
 
-
-def yuv420p_pictures(
-    writer: VideoWriter, frames: Iterator[np.ndarray], device: torch.device, chunk: int, timer: StageTimer | None = None
-) -> Iterator[VideoFrame]:
-    """RGB frames as encoder pictures, in order, converted to YUV 4:2:0 on ``device`` ``chunk`` frames at a time.
-
-    What the pipeline does on a GPU (:func:`~lipsync.media.colour.rgb_to_yuv420p`); on the CPU, swscale
-    (``VideoWriter.picture``) is faster than tensor arithmetic, so the pipeline uses that there.
-    """
-    timer = timer or StageTimer()
-    width, height = writer.output_size
-    while group := list(islice(frames, chunk)):
-        with GPU_GUARD.shared(), timer.stage("encode", sync=False):
-            rgb = torch.from_numpy(np.stack([frame[:height, :width] for frame in group])).to(device)
-            planes = rgb_to_yuv420p(rgb).cpu().numpy()
-        for picture_planes in planes:
-            yield writer.picture_from_yuv420p(picture_planes)
+    @property
+    def faceless(self) -> int:
+        """Frames passed through unpasted: no face of their own."""
+        return sum(not has_face for _, has_face in self.placements)
 
 
 def _generation_frames(

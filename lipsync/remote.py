@@ -7,7 +7,8 @@ is the job side's :class:`~lipsync.sampling.WindowGenerator`: it sends each grou
 (:func:`group_arrays`) through a ``Call`` (the server's own request path, e.g. a Triton BLS request to a
 decoupled model) and reads back one ``STEP`` response per DDIM step, then the faces. The generating
 side rebuilds the group with :func:`group_from_arrays`. Faces travel as the uint8 pixels they were made
-from, so both sides compute on the same floats and a split job's output equals an unsplit one's.
+from, so both sides compute on the same floats and a split job's output equals an unsplit one's (the
+generator makes the faces contiguous, whichever layout they come in: ``Replica``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ INPUTS = ("FACES", "AUDIO", "NOISE", "MASK", "MASKED_NOISE", "REFERENCE_NOISE", 
 
 
 def faces_to_pixels(faces: torch.Tensor) -> np.ndarray:
-    """``(N, 3, R, R)`` faces in [-1, 1] made as ``pixels / 127.5 - 1`` back to their uint8 pixels."""
-    return ((faces + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    """``(N, 3, R, R)`` faces in [-1, 1] made as ``pixels / 127.5 - 1`` back to their uint8 pixels, contiguous
+    whatever the faces' memory layout (as any transport sends them)."""
+    return np.ascontiguousarray(((faces + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
 def pixels_to_faces(pixels: np.ndarray) -> torch.Tensor:

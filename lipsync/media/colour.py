@@ -14,8 +14,17 @@ on sharp colour edges and agree elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.frame import VideoFrame
+
+from lipsync.gpu_guard import GPU_GUARD
+from lipsync.media.writer import VideoWriter
+from lipsync.timing import StageTimer
 
 _KR, _KB = 0.2126, 0.0722
 """BT.709 luma coefficients of red and blue (green is the rest)."""
@@ -44,3 +53,21 @@ def rgb_to_yuv420p(frames: torch.Tensor) -> torch.Tensor:
     v = 128 + _CHROMA_SPAN * (small[:, 0] - small_luma) / (2 * (1 - _KR))
     planes = torch.cat([y.flatten(1), u.flatten(1), v.flatten(1)], dim=1)
     return planes.round_().clamp_(0, 255).to(torch.uint8).view(count, height * 3 // 2, width)
+
+
+def yuv420p_pictures(
+    writer: VideoWriter, frames: Iterator[np.ndarray], device: torch.device, chunk: int, timer: StageTimer | None = None
+) -> Iterator[VideoFrame]:
+    """RGB frames as ``writer``'s pictures, in order, converted to YUV 4:2:0 on ``device`` ``chunk`` frames at a time.
+
+    What the pipeline does on a GPU; on the CPU, swscale (``VideoWriter.picture``) is faster than tensor
+    arithmetic, so the pipeline uses that there.
+    """
+    timer = timer or StageTimer()
+    width, height = writer.output_size
+    while group := list(islice(frames, chunk)):
+        with GPU_GUARD.shared(), timer.stage("encode", sync=False):
+            rgb = torch.from_numpy(np.stack([frame[:height, :width] for frame in group])).to(device)
+            planes = rgb_to_yuv420p(rgb).cpu().numpy()
+        for picture_planes in planes:
+            yield writer.picture_from_yuv420p(picture_planes)

@@ -35,7 +35,7 @@ COMPILE_MODE = "default"
 class CompiledUNet:
     """:class:`~lipsync.sampling.NoisePredictor` running ``unet``'s passes as compiled functions.
 
-    Each pass compiles on its first call (:meth:`LipSyncPipeline.compile_unet` makes those calls before the
+    Each pass compiles on its first call (:func:`lipsync.lifecycle.compile_unet` makes those calls before the
     compiled UNet serves).
     """
 

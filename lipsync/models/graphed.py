@@ -8,7 +8,7 @@ the wrapped model (well under a second for the eager UNet). The wrapped model ma
 :class:`~lipsync.models.compiled.CompiledUNet`: its fused kernels are then what the graphs replay.
 
 Each distinct input signature (method, shapes, dtypes) gets its own graph, captured on first use
-(``LipSyncPipeline.warm_up`` captures the common ones before a server reports ready) and replayed
+(``lipsync.lifecycle.warm_up`` captures the common ones before a server reports ready) and replayed
 afterwards; inputs are copied into the graph's static tensors and outputs copied out. All graphs
 draw from one memory pool, which is safe because replays never overlap (a lock serialises them) and
 every output is copied before the next replay.

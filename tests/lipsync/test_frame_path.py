@@ -1,7 +1,7 @@
 """The GPU frame path's maths equals the CPU path's, checked on the CPU.
 
 On a GPU the pipeline converts pasted frames to YUV 4:2:0 with tensor arithmetic
-(``lipsync.media.colour``, ``lipsync.pipeline.yuv420p_pictures``); on the CPU swscale does it
+(``lipsync.media.colour``: ``rgb_to_yuv420p``, ``yuv420p_pictures``); on the CPU swscale does it
 (``VideoWriter.picture``). The face warp cuts only the crop's footprint out of the frame before
 warping; it must equal warping the whole frame.
 """
@@ -17,8 +17,7 @@ import torch
 
 from lipsync.faces import FaceAligner
 from lipsync.media import VideoReader, VideoWriter
-from lipsync.media.colour import rgb_to_yuv420p
-from lipsync.pipeline import yuv420p_pictures
+from lipsync.media.colour import rgb_to_yuv420p, yuv420p_pictures
 
 
 def _smooth_frame(height: int, width: int, seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from lipsync.remote import (
     faces_to_pixels,
     group_arrays,
     group_from_arrays,
+    pixels_to_faces,
 )
 from lipsync.sampling import (
     DirectDenoiser,
@@ -45,9 +46,11 @@ def replica(tiny_weights: WeightPaths) -> Replica:
 
 
 def _inputs(frames: int, size: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Faces as the pipeline makes them from a warped batch: ``(N, R, R, 3)`` pixels seen as ``(N, 3, R, R)``
+    (channels-last in memory), which reach a remote generator contiguous."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (frames, 3, size, size), generator=generator, dtype=torch.uint8)
-    faces = pixels.float() / 127.5 - 1  # the pipeline's conversion of warped faces
+    pixels = torch.randint(0, 256, (frames, size, size, 3), generator=generator, dtype=torch.uint8)
+    faces = pixels_to_faces(pixels.numpy()).permute(0, 3, 1, 2)
     audio = torch.randn(frames, 50, load_config(TINY_UNET_CONFIG)["model"]["cross_attention_dim"], generator=generator)
     mask = torch.ones(size, size)
     mask[size // 2 :] = 0

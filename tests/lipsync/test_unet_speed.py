@@ -15,6 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lipsync.config import ConfigError, read_yaml
+from lipsync.lifecycle import compile_unet, is_compiled, start_compiling, warm_up
 from lipsync.models import build_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.resnet import FramePooledGroupNorm
@@ -138,9 +139,9 @@ def test_pipeline_holds_a_compiled_unet_when_the_settings_say_so_and_serves_the_
     pipeline = LipSyncPipeline.from_weights(tiny_weights, settings=PipelineSettings.load(compile_unet=True))
     replica = pipeline.replicas[0]
     assert isinstance(replica.compiled, CompiledUNet) and replica.compiled.unet is replica.denoiser.unet
-    assert not pipeline.compiled
+    assert not is_compiled(pipeline)
     plain = LipSyncPipeline.from_weights(tiny_weights)
-    assert plain.replicas[0].compiled is None and plain.compiled
+    assert plain.replicas[0].compiled is None and is_compiled(plain)
 
 
 class _CaptureFlag:
@@ -184,7 +185,7 @@ def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_o
     lines: list[str] = []
     graphs_before = counters["stats"]["unique_graphs"]
     try:
-        thread = pipeline.start_compiling(log=lines.append)
+        thread = start_compiling(pipeline, log=lines.append)
         while thread.is_alive() and not serving.seen:
             pipeline.run(video, audio, tmp_path / "during.mp4", steps=1)
         thread.join(timeout=600)
@@ -195,8 +196,8 @@ def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_o
         assert serving.capturing  # and may again once it is done
         calls = len(serving.seen)
         pipeline.run(video, audio, tmp_path / "after.mp4", steps=1)
-        assert len(serving.seen) == calls and pipeline.denoiser.unet is compiled and pipeline.compiled
-        pipeline.compile_unet()  # nothing left to compile
+        assert len(serving.seen) == calls and pipeline.denoiser.unet is compiled and is_compiled(pipeline)
+        compile_unet(pipeline)  # nothing left to compile
         assert counters["stats"]["unique_graphs"] - graphs_before == 2
     finally:
         pipeline.close()
@@ -212,7 +213,7 @@ def test_a_failed_compilation_is_logged_and_the_eager_unet_keeps_serving(tiny_we
     broken = CompiledUNet(serving.inner, frames=FRAMES, backend=failing_backend)
     pipeline.replicas[0] = replace(pipeline.replicas[0], compiled=broken)
     lines: list[str] = []
-    pipeline.start_compiling(log=lines.append).join(timeout=120)
+    start_compiling(pipeline, log=lines.append).join(timeout=120)
     assert "compiling the UNet failed" in lines[-1] and pipeline.denoiser.unet is serving and serving.capturing
 
 
@@ -250,7 +251,7 @@ def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights
     pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=2)
     recorder = pipeline.denoiser.unet = _CallRecorder(pipeline.denoiser.unet)
     lines: list[str] = []
-    pipeline.warm_up(max_windows=4, log=lines.append)
+    warm_up(pipeline, max_windows=4, log=lines.append)
     assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
     assert len(lines) == 3
 

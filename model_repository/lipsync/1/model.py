@@ -31,6 +31,7 @@ from lipsync.batching import BatchingSettings
 from lipsync.errors import BadInput, ErrorKind, LipSyncError
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler
 from lipsync.jobs import JobOptions, JobOutput, run_job
+from lipsync.lifecycle import compile_unet, is_compiled, start_compiling, warm_up
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
 from lipsync.remote import RemoteGenerator
@@ -295,14 +296,14 @@ class TritonPythonModel:
         log = pb_utils.Logger.log_info
         if on_gpu:  # capture CUDA graphs and pick cuDNN algorithms before reporting ready
             started = time.monotonic()
-            self.pipeline.warm_up(max_windows=batching.max_windows, log=log)
+            warm_up(self.pipeline, max_windows=batching.max_windows, log=log)
             log(f"lipsync: warmed up in {time.monotonic() - started:.1f} s")
-        if not self.pipeline.compiled:
+        if not is_compiled(self.pipeline):
             log(f"lipsync: compiling the UNet, kernel cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'of Inductor')}")
             if _flag(params["compile_before_ready"]):
-                self.pipeline.compile_unet(max_windows=batching.max_windows, log=log)
+                compile_unet(self.pipeline, max_windows=batching.max_windows, log=log)
             else:
-                self.pipeline.start_compiling(max_windows=batching.max_windows, log=log)
+                start_compiling(self.pipeline, max_windows=batching.max_windows, log=log)
 
     def execute(self, requests) -> None:
         for request in requests:
@@ -322,7 +323,7 @@ class TritonPythonModel:
     def _compiled(self) -> bool:
         """Whether jobs run on the compiled UNet: this instance's, or the generation model's."""
         if not self.generator:
-            return self.pipeline.compiled
+            return is_compiled(self.pipeline)
         for outputs in _bls_stream(self.generator, {}):
             return bool(json.loads(bytes(outputs["INFO"].reshape(-1)[0]))["compiled"])
         raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)

@@ -27,6 +27,13 @@ from lipsync import remote
 from lipsync.batching import BatchingSettings
 from lipsync.contract import failure_info
 from lipsync.gpu_stats import GPU_GAUGES, GpuSampler, limit_gpu_memory
+from lipsync.lifecycle import (
+    compile_unet,
+    is_compiled,
+    limit_graph_memory,
+    start_compiling,
+    warm_up,
+)
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.server_weights import weights_for
 from lipsync.timing import StageTimer
@@ -100,16 +107,16 @@ class TritonPythonModel:
         )
         self.replica = self.pipeline.local_replicas[0]
         if cap is not None:
-            self.pipeline.limit_graph_memory(cap)
+            limit_graph_memory(self.pipeline, cap)
         if on_gpu:
             started = time.monotonic()
-            self.pipeline.warm_up(max_windows=batching.max_windows, log=log)
+            warm_up(self.pipeline, max_windows=batching.max_windows, log=log)
             log(f"lipsync_generate: warmed up in {time.monotonic() - started:.1f} s")
-        if not self.pipeline.compiled:
+        if not is_compiled(self.pipeline):
             if _flag(params["compile_before_ready"]):
-                self.pipeline.compile_unet(max_windows=batching.max_windows, log=log)
+                compile_unet(self.pipeline, max_windows=batching.max_windows, log=log)
             else:
-                self.pipeline.start_compiling(max_windows=batching.max_windows, log=log)
+                start_compiling(self.pipeline, max_windows=batching.max_windows, log=log)
         self.gpu = GpuSampler([self.device], self._gauge, float(params["gpu_metrics_interval_s"])) if on_gpu else None
         self.stop_file = params["stop_file"]
         self.unloading = threading.Event()
@@ -135,7 +142,7 @@ class TritonPythonModel:
     def execute(self, requests) -> None:
         for request in requests:
             if pb_utils.get_input_tensor_by_name(request, "FACES") is None:
-                info = json.dumps({"compiled": self.pipeline.compiled, "dtype": str(self.replica.dtype).removeprefix("torch.")})
+                info = json.dumps({"compiled": is_compiled(self.pipeline), "dtype": str(self.replica.dtype).removeprefix("torch.")})
                 request.get_response_sender().send(
                     pb_utils.InferenceResponse([_text("INFO", info)]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
                 )
