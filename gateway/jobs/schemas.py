@@ -1,4 +1,6 @@
-"""Request bodies, validated strictly: a number must be sent as a JSON number of its type.
+"""The job API's bodies: requests, validated strictly, and the answers (what ``/openapi.json`` describes).
+
+Requests: a number must be sent as a JSON number of its type.
 
 Pydantic would by default turn ``"2"``, ``2.0`` or ``true`` into the integer 2; here an integer field
 takes only a JSON integer, a float field a JSON number (an integer is fine, a bool or a string is not),
@@ -12,6 +14,8 @@ choices come from there, so the API accepts exactly what the model does.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+
+from typing_extensions import NotRequired, TypedDict  # pydantic needs this TypedDict before Python 3.12
 
 from pydantic import (
     AnyHttpUrl,
@@ -72,16 +76,71 @@ class JobListQuery(BaseModel):
 _DESCRIBED = ("type", "enum", "minimum", "maximum")
 
 
-def option_rules() -> dict[str, dict[str, Any]]:
+class OptionRule(TypedDict):
+    """A job option's JSON type and allowed values: ``enum`` for choices, else ``minimum``/``maximum``."""
+
+    type: str
+    enum: NotRequired[list[str]]
+    minimum: NotRequired[int | float]
+    maximum: NotRequired[int | float]
+
+
+def option_rules() -> dict[str, OptionRule]:
     """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`JobOptions`.
 
     What the web page builds its form from, so the form offers exactly what a submit accepts. The
     webhook URL is left out: the page polls.
     """
-    rules = {}
+    rules: dict[str, OptionRule] = {}
     for name, schema in JobOptions.model_json_schema()["properties"].items():
         if name == "webhook_url":
             continue
         value = next(option for option in schema["anyOf"] if option["type"] != "null")
-        rules[name] = {key: value[key] for key in _DESCRIBED if key in value}
+        rules[name] = OptionRule(**{key: value[key] for key in _DESCRIBED if key in value})  # type: ignore[typeddict-item]
     return rules
+
+
+# Answers. Field order is the order of the JSON a client receives.
+
+JobState = Literal["InQueue", "InProgress", "Succeed", "Failed", "Cancelled"]
+
+
+class Submitted(BaseModel):
+    """The answer to a submit or upload: the job's id (for a replayed ``Idempotency-Key``, the first job's)."""
+
+    request_id: str
+
+
+class VideoUrl(BaseModel):
+    url: str = Field(description="the result's download URL, with its token; starts with the configured public URL")
+
+
+class Timings(BaseModel):
+    inference: float = Field(description="seconds the job ran on Triton")
+
+
+class JobResults(BaseModel):
+    video: list[VideoUrl]
+    timings: Timings
+
+
+class JobStatus(BaseModel):
+    """A job as ``/lipsync/status``, ``/lipsync/cancel``, ``/v1/jobs`` and its webhook show it."""
+
+    request_id: str
+    status: JobState
+    reason: str | None = Field(description="why the job failed or was re-queued")
+    queue_position: int = Field(description="1 = next to run; 0 once it runs")
+    progress: float = Field(ge=0, le=1, description="fraction done; 1.0 only together with Succeed")
+    stage: str | None = Field(description="audio, analyse, generate, encode, done, or waiting for Triton")
+    eta_s: float | None = Field(description="while InProgress: seconds left, as Triton estimates them")
+    weights: str | None = Field(description="the weight set that made the result, or that Triton serves")
+    created_at: float = Field(description="Unix seconds of the submit")
+    results: JobResults | None = Field(description="only for Succeed")
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobStatus]
+    next_cursor: str | None = Field(description="the cursor of the next page; null on the last")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx2
+from pydantic import BaseModel
 
 from gateway.core.settings import GatewaySettings
 from gateway.store import Delivery, Job, JobStore
@@ -72,10 +72,10 @@ class Webhooks:
         self.policy.destination(url)
         return url
 
-    def send(self, job: Job, payload: dict[str, Any]) -> None:
+    def send(self, job: Job, payload: BaseModel) -> None:
         """Queue ``job``'s webhook (committed before this returns) and let the delivery thread know."""
         if job.webhook_url:
-            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, json.dumps(payload))
+            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, payload.model_dump_json())
             self.wake()
 
     def wake(self) -> None:
