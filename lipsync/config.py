@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -140,3 +141,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
     config.setdefault("data", {})
     config.setdefault("run", {})
     return config
+
+
+RUN_OPTIONS = ("inference_steps", "guidance_scale", "seed")
+"""The job options whose only default is the served UNet config's ``run`` section."""
+
+
+def run_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``run`` section's :data:`RUN_OPTIONS` of a UNet config (:func:`load_config`): what a job sending none gets."""
+    run = config.get("run", {})
+    missing = [name for name in RUN_OPTIONS if name not in run]
+    if missing:
+        raise ConfigError(f"the UNet config's run section lacks {', '.join(missing)}")
+    return {name: run[name] for name in RUN_OPTIONS}

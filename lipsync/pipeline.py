@@ -387,7 +387,7 @@ class LipSyncPipeline:
         audio: str | Path,
         output: str | Path,
         *,
-        steps: int | None = None,
+        inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
@@ -411,7 +411,7 @@ class LipSyncPipeline:
         """
         loop_mode = LoopMode.parse(loop_mode)
         settings = SamplingSettings.from_config(
-            self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            self.config, mode, steps=inference_steps, guidance_scale=guidance_scale, seed=seed,
             windows_per_call=self.windows_per_call,
         )
         timer = StageTimer(self.devices[0])

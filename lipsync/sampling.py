@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 from pydantic import PositiveInt
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.config import CONFIG_DIR, SCHEMA, load_settings
+from lipsync.config import CONFIG_DIR, SCHEMA, load_settings, run_defaults
 from lipsync.contract import BY_NAME as OPTIONS_BY_NAME
 from lipsync.errors import BadInput, JobCancelled
 from lipsync.gpu_guard import GPU_GUARD
@@ -28,13 +28,14 @@ SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
 
 @pydantic_dataclass(frozen=True, config=SCHEMA)
 class SamplingSettings:
-    """Sampling knobs; defaults come from a LatentSync config's ``data`` and ``run`` sections."""
+    """Sampling knobs: a LatentSync config's ``data`` and ``run`` sections (the job options' only defaults),
+    a sampling mode and a job's options (:meth:`from_config`)."""
 
+    steps: int
+    """DDIM steps: the ``inference_steps`` job option; its range is the job contract's (checked by :meth:`from_config`)."""
+    guidance_scale: float
+    seed: int
     num_frames: PositiveInt = 16
-    steps: int = 20
-    """DDIM steps; its range is the job contract's (checked by :meth:`from_config`)."""
-    guidance_scale: float = 1.5
-    seed: int = 1247
     windows_per_call: PositiveInt = 4
     """How many windows share one UNet call (×2 batch rows with guidance): a memory/speed knob."""
     cache_interval: PositiveInt = 1
@@ -42,18 +43,17 @@ class SamplingSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> "SamplingSettings":
-        """Defaults from ``config``, then the named mode (``configs/sampling_modes.yaml``), then ``overrides``."""
-        data, run = config.get("data", {}), config.get("run", {})
+        """Defaults from ``config`` (:func:`run_defaults`), then the named mode (``configs/sampling_modes.yaml``),
+        then ``overrides``."""
+        run = run_defaults(config)
         values = {
-            "num_frames": data.get("num_frames", cls.num_frames),
-            "steps": run.get("inference_steps", cls.steps),
-            "guidance_scale": run.get("guidance_scale", cls.guidance_scale),
-            "seed": run.get("seed", cls.seed),
+            "num_frames": config.get("data", {}).get("num_frames", cls.num_frames), "steps": run["inference_steps"],
+            "guidance_scale": run["guidance_scale"], "seed": run["seed"],
         }
         values.update(sampling_mode(mode))
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for name in ("steps", "guidance_scale", "seed"):  # the job contract's ranges: a bad value is the job's fault
-            OPTIONS_BY_NAME[name].check(values[name])
+        for name, field in (("inference_steps", "steps"), ("guidance_scale", "guidance_scale"), ("seed", "seed")):
+            OPTIONS_BY_NAME[name].check(values[field])  # the job contract's ranges: a bad value is the job's fault
         return cls(**values)
 
 

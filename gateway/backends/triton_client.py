@@ -64,14 +64,14 @@ class JobResult:
     """Frames, face-less frames, seconds per stage, version (the model's INFO output)."""
 
 
-ProgressCallback = Callable[[float, str, float | None], None]
+ProgressListener = Callable[[float, str, float | None], None]
 """Called with (fraction done, stage, estimated seconds left or ``None``) for every progress response."""
 
 
-def run_job(
+def stream_job(
     url: str,
     job: JobRequest,
-    on_progress: ProgressCallback | None = None,
+    on_progress: ProgressListener | None = None,
     should_cancel: Callable[[], bool] | None = None,
     poll_s: float = 0.5,
     timeout_s: float = 3600.0,

@@ -36,21 +36,21 @@ def _annotation(option: Option) -> Any:
     return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
 
 
-JobOptions = create_model(
-    "JobOptions",
+SubmitOptions = create_model(
+    "SubmitOptions",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="Options shared by the JSON and the multipart submit; ``None`` = the configured default.",
-    **{option.rest_name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
+    __doc__="Options shared by the JSON and the multipart submit; ``None``: the served configuration decides.",
+    **{option.name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
     webhook_url=(AnyHttpUrl | None, None),
 )
 
 
-class SubmitRequest(JobOptions):  # type: ignore[misc,valid-type]
+class SubmitRequest(SubmitOptions):  # type: ignore[misc,valid-type]
     video_source: StrictStr = Field(min_length=1)
     audio_source: StrictStr = Field(min_length=1)
 
-    def options(self) -> JobOptions:
-        return JobOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
+    def options(self) -> SubmitOptions:
+        return SubmitOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
 
 
 class JobRef(BaseModel):
@@ -86,13 +86,13 @@ class OptionRule(TypedDict):
 
 
 def option_rules() -> dict[str, OptionRule]:
-    """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`JobOptions`.
+    """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`SubmitOptions`.
 
     What the web page builds its form from, so the form offers exactly what a submit accepts. The
     webhook URL is left out: the page polls.
     """
     rules: dict[str, OptionRule] = {}
-    for name, schema in JobOptions.model_json_schema()["properties"].items():
+    for name, schema in SubmitOptions.model_json_schema()["properties"].items():
         if name == "webhook_url":
             continue
         value = next(option for option in schema["anyOf"] if option["type"] != "null")

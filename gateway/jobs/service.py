@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
 from gateway.jobs.idempotency import fingerprint
 from gateway.jobs.quotas import Quotas
-from gateway.jobs.schemas import JobList, JobOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
+from gateway.jobs.schemas import JobList, SubmitOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
 from gateway.jobs.storage import DataDir, DataDirFull, is_job_id, is_out_of_space
 from gateway.jobs.validation import InvalidInput, check_audio, check_video
 from gateway.store import (
@@ -135,7 +134,7 @@ class JobService:
         return path
 
     def submit(
-        self, owner: str, options: JobOptions, stage_inputs: StageInputs, idempotency_key: str | None,
+        self, owner: str, options: SubmitOptions, stage_inputs: StageInputs, idempotency_key: str | None,
     ) -> Submitted:
         """Stage the inputs, check them by content and queue the job.
 
@@ -197,11 +196,10 @@ class JobService:
             )
         return existing
 
-    def _params(self, options: JobOptions) -> dict[str, Any]:
-        """The job options (:data:`lipsync.contract.OPTIONS`) by REST name: the request's, else the configured defaults."""
-        defaults = asdict(self.settings.defaults)
-        given = options.model_dump(exclude={"webhook_url"})
-        return {name: defaults.get(name) if value is None else value for name, value in given.items()}
+    @staticmethod
+    def _params(options: SubmitOptions) -> dict[str, Any]:
+        """The job options (:data:`lipsync.contract.OPTIONS`) by name; ``None``: the served configuration decides."""
+        return options.model_dump(exclude={"webhook_url"})
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):

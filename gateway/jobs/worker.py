@@ -122,7 +122,7 @@ class Worker:
             return
         request = JobRequest(
             video=video, audio=audio, job_id=job.id,
-            **{option.name: job.params.get(option.rest_name) for option in OPTIONS if option.rest},
+            **{option.name: job.params.get(option.name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
         try:

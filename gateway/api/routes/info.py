@@ -6,9 +6,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from gateway.api.deps import RuntimeDep, SettingsDep
-from gateway.backends.served import demo_weights
+from gateway.backends.served import demo_weights, served_defaults
 from gateway.core.auth import LOCAL_KEY_FILE
-from gateway.core.settings import JobDefaults
 from gateway.jobs.schemas import OptionRule, option_rules
 
 router = APIRouter()
@@ -29,7 +28,9 @@ class Info(BaseModel):
     demo_weights: str
     api_keys: KeyPlaces
     options: dict[str, OptionRule]
-    defaults: JobDefaults
+    defaults: dict[str, int | float | str] = Field(
+        description="what a job that leaves an option out gets from the served configuration; "
+        "those that depend on the weights only once Triton has said which it serves")
 
 
 @router.get("/v1/info")
@@ -40,5 +41,5 @@ def info(settings: SettingsDep, runtime: RuntimeDep) -> Info:
         weights=runtime.weights.value, demo_weights=demo_weights(),
         api_keys=KeyPlaces(env=settings.api_keys_env, local_key_file=LOCAL_KEY_FILE if local else None,
                            keys_file=bool(settings.api_keys_file)),
-        options=option_rules(), defaults=settings.defaults,
+        options=option_rules(), defaults=served_defaults(runtime.weights.value, runtime.jobs.media),
     )
