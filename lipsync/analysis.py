@@ -138,7 +138,7 @@ def analyse(
                 on_progress(min(1.0, analysed / expected))
     except AnalysisStopped:
         track.finish()
-    except BaseException as error:  # handed to the generation thread, which raises it
+    except BaseException as error:  # noqa: BLE001 - handed to the generation thread, which raises it
         track.finish(error)
     else:
         track.finish()

@@ -188,13 +188,13 @@ class WindowBatcher:
                     cache_interval=batches[0].cache_interval,
                     on_step=on_step,
                 )
-        except Exception as exc:  # the jobs get the error; the worker stays up for the next call
+        except Exception as exc:  # noqa: BLE001 - the jobs get the error; the worker stays up for the next call
             for waiting in live:
                 waiting.future.set_exception(exc)
             return
         if self.on_batch is not None:
             self.on_batch(len(owners), len(live))
-        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]])):
+        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]]), strict=True):
             if waiting.cancelled():
                 waiting.future.set_exception(JobCancelled("the job was cancelled"))
             else:

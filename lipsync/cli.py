@@ -122,7 +122,7 @@ def _native_noise_filtered() -> Iterator[None]:
     terminal = os.dup(2)
     read, write = os.pipe()
     python_stderr = sys.stderr
-    sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")
+    sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")  # noqa: SIM115 - closed when the block ends
 
     def forward() -> None:
         with open(read, "rb") as lines:

@@ -127,8 +127,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise BadInput(f"unknown option(s): {', '.join(unknown)}")
     checked = defaults()
-    for name, value in values.items():
-        value = value.value if isinstance(value, LoopMode) else value
+    for name, given in values.items():
+        value = given.value if isinstance(given, LoopMode) else given
         checked[name] = BY_NAME[name].default if value is None else BY_NAME[name].check(value)
     return checked
 
@@ -140,10 +140,10 @@ def datatype(tensor: str) -> str:
 
 def encode(values: Mapping[str, Any], video: bytes | None = None, audio: bytes | None = None) -> dict[str, np.ndarray]:
     """Triton input name → ``[1]`` array for every given option and file; ``None`` leaves an input out."""
-    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio)) if data is not None}
-    for name, value in values.items():
+    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio), strict=True) if data is not None}
+    for name, given in values.items():
         option = BY_NAME[name]
-        value = option.check(value.value if isinstance(value, LoopMode) else value)
+        value = option.check(given.value if isinstance(given, LoopMode) else given)
         if value is not None:
             encoded = value.encode() if isinstance(value, str) else value
             arrays[option.tensor] = np.array([encoded], dtype=DATATYPES[option.datatype][1])

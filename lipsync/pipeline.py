@@ -443,11 +443,11 @@ class LipSyncPipeline:
 
         def prepare() -> _FrameBatch:
             """The next batch's frames, in output order, with final alignments and warped faces."""
-            sources, originals = zip(*islice(frames, batch))
+            sources, originals = zip(*islice(frames, batch), strict=True)
             track.wait_for(max(sources))
             placements = [track.alignment(index) for index in sources]
             with timer.stage("detect_align", sync=False):
-                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+                faces = np.stack([aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements, strict=True)])
             return _FrameBatch(sources, originals, placements, faces)
 
         def paste(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> np.ndarray:
@@ -507,7 +507,7 @@ class LipSyncPipeline:
                     def on_window(_done: int, _total: int) -> None:
                         _check_cancel(should_cancel)
 
-                    def on_step(done: float) -> None:
+                    def on_step(done: float, done_before: int = done_before) -> None:
                         report("generate", (done_before + done) / total_windows)
 
                     generated = generator(
@@ -608,7 +608,7 @@ def _generation_frames(
         yield from enumerate(timed(islice(iter(reader), output_frames), timer, "decode"))
     video_frames = track.wait_until_done()
     rest = source_frames(output_frames, video_frames, loop_mode)[video_frames:]
-    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"))
+    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"), strict=False)
 
 
 def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:

@@ -7,9 +7,10 @@ per-window statistics and the result equals window-by-window denoising.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler
@@ -42,7 +43,7 @@ class SamplingSettings:
     """1 = exact. ``n > 1``: fast mode's feature caching, a full UNet pass every ``n``-th step (see :func:`denoise`)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> "SamplingSettings":
+    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> SamplingSettings:
         """Defaults from ``config`` (:func:`run_defaults`), then the named mode (``configs/sampling_modes.yaml``),
         then ``overrides``."""
         run = run_defaults(config)

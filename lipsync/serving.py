@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import (
@@ -20,7 +20,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -157,7 +156,7 @@ class InstanceMetrics:
     """An instance's families on Triton's ``/metrics``, next to its own ``nv_inference_*``: the shared DDIM
     loop's batch sizes and the GPU gauges; safe to update from any thread."""
 
-    FAMILIES: list[tuple[str, str, str]] = [
+    FAMILIES: ClassVar[list[tuple[str, str, str]]] = [
         ("lipsync_unet_batch_windows", "16-frame windows per shared DDIM loop (all jobs)", "HISTOGRAM"),
         ("lipsync_unet_batch_jobs", "Jobs whose windows shared one DDIM loop", "HISTOGRAM"),
         *((name, description, "GAUGE") for name, (description, _) in GPU_GAUGES.items()),
@@ -201,7 +200,7 @@ class JobFrames(Protocol):
 class JobMetrics(InstanceMetrics):
     """The ``lipsync`` model's metrics: those of :class:`InstanceMetrics` and its jobs' outcomes, frames and stage times."""
 
-    FAMILIES = [
+    FAMILIES: ClassVar[list[tuple[str, str, str]]] = [
         ("lipsync_jobs_total", "Finished jobs by outcome", "COUNTER"),
         ("lipsync_frames_generated_total", "Video frames written by finished jobs", "COUNTER"),
         ("lipsync_active_jobs", "Jobs running now", "GAUGE"),

@@ -18,8 +18,8 @@ from gateway.backends.triton_client import (
     JobRequest,
     JobResult,
     ProgressListener,
-    stream_job,
     served_weights,
+    stream_job,
 )
 
 

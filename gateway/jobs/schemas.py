@@ -13,9 +13,7 @@ choices come from there, so the API accepts exactly what the model does.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
-from typing_extensions import NotRequired, TypedDict  # pydantic needs this TypedDict before Python 3.12
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AnyHttpUrl,
@@ -26,6 +24,7 @@ from pydantic import (
     StrictStr,
     create_model,
 )
+from typing_extensions import TypedDict  # pydantic needs this TypedDict before Python 3.12
 
 from lipsync.contract import OPTIONS, Option
 

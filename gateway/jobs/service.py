@@ -21,7 +21,7 @@ from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
 from gateway.jobs.idempotency import fingerprint
 from gateway.jobs.quotas import Quotas
-from gateway.jobs.schemas import JobList, SubmitOptions, JobResults, JobStatus, Submitted, Timings, VideoUrl
+from gateway.jobs.schemas import JobList, JobResults, JobStatus, SubmitOptions, Submitted, Timings, VideoUrl
 from gateway.jobs.storage import DataDir, DataDirFull, is_job_id, is_out_of_space
 from gateway.jobs.validation import InvalidInput, check_audio, check_video
 from gateway.store import (

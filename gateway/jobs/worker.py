@@ -93,7 +93,7 @@ class Worker:
             started = time.monotonic()
             try:
                 self._run(job)
-            except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
+            except Exception:
                 log.exception("job %s failed in the gateway", job.id)
                 self._finish(job, self.store.fail(job.id, "internal error in the gateway"))
             self._say_ended(job.id, time.monotonic() - started)
@@ -196,7 +196,7 @@ class Worker:
             try:
                 self.store.renew_leases()
                 self._recover()
-            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+            except Exception:
                 log.exception("renewing job leases failed")
             if self._stop.wait(self.settings.lease_s / 3):
                 return

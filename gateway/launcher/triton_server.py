@@ -335,7 +335,7 @@ class TritonServer:
             self.log_path.write_bytes(b"")
             self.process = subprocess.Popen(
                 command, env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_server_preexec(),
+                start_new_session=True, preexec_fn=_server_preexec(),  # noqa: PLW1509 - signal settings only, before exec
             )
             noise = self.settings.cpu_log_noise if self.settings.resolved_device() == "cpu" else ()
             self._log_pump = LogPump(self.process.stdout, self.log_path, noise)

@@ -111,7 +111,7 @@ class Webhooks:
             while True:
                 try:
                     await self._step(client, running, owners)
-                except Exception:  # noqa: BLE001 - e.g. the table busy: keep delivering after a pause
+                except Exception:
                     log.exception("webhook delivery loop")
                     await asyncio.sleep(self.settings.webhook_backoff_s)
         except asyncio.CancelledError:
@@ -180,7 +180,7 @@ class Webhooks:
             error = f"refused: {exc}"
         except (httpx2.HTTPError, OSError) as exc:
             error = type(exc).__name__
-        except Exception as exc:  # noqa: BLE001 - a fault here must back off like any failed attempt, not spin
+        except Exception as exc:
             log.exception("webhook for job %s: unexpected error", delivery.job_id)
             error = f"internal error: {type(exc).__name__}"
         attempts = delivery.attempts + 1

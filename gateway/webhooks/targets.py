@@ -202,8 +202,8 @@ class AddressPolicy:
     def __init__(self, allow: Iterable[str] = (), resolver: Resolver = system_resolver) -> None:
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.hosts: set[str] = set()
-        for entry in allow:
-            entry = entry.strip().lower().rstrip(".")
+        for given in allow:
+            entry = given.strip().lower().rstrip(".")
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:

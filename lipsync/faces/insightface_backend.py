@@ -77,7 +77,7 @@ class InsightFaceDetector:
 def select_face(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSettings) -> int | None:
     """Index of the face official keeps among detector ``boxes`` (N, 4) and ``scores`` (N,), or ``None``."""
     best, best_area = None, 0
-    for index, (box, score) in enumerate(zip(boxes, scores)):
+    for index, (box, score) in enumerate(zip(boxes, scores, strict=True)):
         x1, y1, x2, y2 = np.asarray(box).astype(np.int_).tolist()
         width, height = x2 - x1, y2 - y1
         if width < settings.min_width or height < settings.min_height:

@@ -24,6 +24,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import weakref
@@ -189,10 +190,8 @@ class VideoWriter:
     def _discard(self) -> None:
         container = getattr(self, "_container", None)
         if container is not None:
-            try:
+            with contextlib.suppress(av.FFmpegError):  # the file is being thrown away; a failed trailer write does not matter
                 container.close()
-            except av.FFmpegError:
-                pass  # the file is being thrown away; a failed trailer write does not matter
         self._unfinished()
 
 

@@ -55,7 +55,7 @@ class _CapturedCall:
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         with GPU_GUARD.shared():
-            for static, tensor in zip(self.inputs, inputs):
+            for static, tensor in zip(self.inputs, inputs, strict=True):
                 static.copy_(tensor)
             self.graph.replay()
             outputs = tuple(output.clone() for output in self.outputs)

@@ -61,7 +61,7 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         """``sequences``: ``(B·H·W, F, C)``; LayerNorms and the feed-forward act per token."""
-        for attention, norm in zip(self.attention_blocks, self.norms):
+        for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
             sequences = attention(norm(sequences)) + sequences
         return self.ff(self.ff_norm(sequences)) + sequences
 

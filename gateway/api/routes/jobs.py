@@ -18,7 +18,7 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.core.errors import ApiError
 from gateway.jobs.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.jobs.idempotency import copy_file, write_bytes
-from gateway.jobs.schemas import JobList, JobListQuery, SubmitOptions, JobRef, JobStatus, Submitted, SubmitRequest
+from gateway.jobs.schemas import JobList, JobListQuery, JobRef, JobStatus, SubmitOptions, SubmitRequest, Submitted
 from gateway.jobs.validation import InvalidInput, decode_base64
 
 router = APIRouter()

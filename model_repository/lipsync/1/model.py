@@ -34,9 +34,10 @@ from lipsync.jobs import JobOptions, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
 from lipsync.remote import RemoteGenerator
-from lipsync.serving import OUTCOMES, InstanceStopping, JobMetrics, LipSyncParameters, RequestCancelCheck, text_tensor
 from lipsync.server_weights import weights_for
+from lipsync.serving import OUTCOMES, InstanceStopping, JobMetrics, LipSyncParameters, RequestCancelCheck, text_tensor
 from lipsync.weights import load_weights_config
+
 
 def _progress_sender(sender):
     """A :class:`ProgressReporter` sink: one progress response per report; ETA -1 = not known yet."""

@@ -20,7 +20,7 @@ class TritonPythonModel:
     def _forward(self, request) -> pb_utils.InferenceResponse:
         inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         job = pb_utils.InferenceRequest(
-            model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"],
+            model_name="lipsync", inputs=inputs, requested_output_names=[*_OUTPUTS, "STAGE"],
             request_id=request.request_id(), parameters={contract.NO_ERROR_RESPONSE: True},
         )
         final = failure = None
