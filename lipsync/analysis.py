@@ -105,7 +105,9 @@ class FaceTrack:
                 return affine, True
             after = bisect.bisect_right(self._found, frame)
             candidates = [self._found[index] for index in (after, after - 1) if 0 <= index < len(self._found)]
-            return self._affines[min(candidates, key=lambda candidate: abs(candidate - frame))], False
+            nearest = self._affines[min(candidates, key=lambda candidate: abs(candidate - frame))]
+            assert nearest is not None  # _found lists frames that have their own face
+            return nearest, False
 
 
 def analyse(

@@ -134,7 +134,8 @@ class WindowBatcher:
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            key, group, total = self._waiting[0].batch.shape_key, [], 0
+            key, total = self._waiting[0].batch.shape_key, 0
+            group: list[_Waiting] = []
             for waiting in self._waiting:
                 fits = not group or total + waiting.batch.windows <= self.settings.max_windows
                 if waiting.batch.shape_key == key and fits:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lipsync.contract import OPTIONS
 from lipsync.errors import LipSyncError, WeightsError
-from lipsync.weights import auxiliary_paths, missing, weight_paths
+from lipsync.weights import WeightPaths, auxiliary_paths, missing, weight_paths
 
 try:
     import torch
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _weights(args: argparse.Namespace):
+def _weights(args: argparse.Namespace) -> WeightPaths:
     if args.tiny:
         paths = weight_paths("tiny", args.checkpoints)
         if missing(paths):

@@ -66,7 +66,7 @@ class Option:
         """``value`` if it is of this option's type and within its range or choices, else :class:`BadInput`."""
         if value is None:
             return None
-        kind = self.type
+        kind: type[Any] = self.type
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -128,9 +128,14 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
         raise BadInput(f"unknown option(s): {', '.join(unknown)}")
     checked = defaults()
     for name, given in values.items():
-        value = given.value if isinstance(given, LoopMode) else given
+        value = _plain(given)
         checked[name] = BY_NAME[name].default if value is None else BY_NAME[name].check(value)
     return checked
+
+
+def _plain(value: Any) -> Any:
+    """A :class:`LoopMode` as its text; any other value as it is."""
+    return value.value if isinstance(value, LoopMode) else value
 
 
 def datatype(tensor: str) -> str:
@@ -140,10 +145,11 @@ def datatype(tensor: str) -> str:
 
 def encode(values: Mapping[str, Any], video: bytes | None = None, audio: bytes | None = None) -> dict[str, np.ndarray]:
     """Triton input name → ``[1]`` array for every given option and file; ``None`` leaves an input out."""
-    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio), strict=True) if data is not None}
+    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio), strict=True)
+              if data is not None}
     for name, given in values.items():
         option = BY_NAME[name]
-        value = option.check(given.value if isinstance(given, LoopMode) else given)
+        value = option.check(_plain(given))
         if value is not None:
             encoded = value.encode() if isinstance(value, str) else value
             arrays[option.tensor] = np.array([encoded], dtype=DATATYPES[option.datatype][1])

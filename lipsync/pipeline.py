@@ -121,7 +121,7 @@ class PipelineSettings:
     @classmethod
     def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | str | None) -> PipelineSettings:
         """The settings at ``path`` (read once) with ``overrides`` (``None``: keep the file's); bad values raise :class:`ConfigError`."""
-        return load_settings(cls, path, "pipeline config", **overrides)
+        return load_settings(cls, path, "pipeline config", None, **overrides)
 
 
 class LipSyncPipeline:
@@ -302,6 +302,7 @@ class LipSyncPipeline:
             unet.capturing = False
         try:
             for replica in pending:
+                assert replica.compiled is not None  # pending holds replicas that compile
                 if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
                     replica.compiled.capturing = False
                 staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
@@ -309,6 +310,7 @@ class LipSyncPipeline:
                     self._generate_dummy(staging, mode, None, log, what="compiling the UNet", counts=(1,))
             replaced = []
             for replica in pending:
+                assert replica.compiled is not None
                 replaced.append(replica.denoiser.unet)
                 replica.denoiser.unet = replica.compiled
         finally:
@@ -547,7 +549,7 @@ class LipSyncPipeline:
         return min(devices, len(self.replicas))
 
     @contextmanager
-    def _placed(self, count: int) -> Iterator[list[Replica]]:
+    def _placed(self, count: int) -> Iterator[list[WindowGenerator]]:
         """The ``count`` replicas running the fewest jobs (the first devices on a tie), held for one job."""
         with self._placing:
             chosen = sorted(range(len(self.replicas)), key=lambda index: (self._jobs_per_replica[index], index))[:count]

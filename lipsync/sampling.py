@@ -91,8 +91,11 @@ def initial_noise(generator: torch.Generator, latent_size: int) -> torch.Tensor:
 class NoisePredictor(Protocol):
     """What :func:`denoise` calls: :class:`UNet3DConditionModel` or a wrapper that runs it faster."""
 
-    dtype: torch.dtype
-    device: torch.device
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
 
@@ -178,6 +181,7 @@ def denoise(
         elif step % cache_interval == 0:
             noise, deep_features = unet.forward_caching(sample, timestep, window_audio)
         else:
+            assert deep_features is not None  # step 0 is a full step, which caches them
             noise = unet.forward_shallow(sample, timestep, window_audio, deep_features)
         noise = noise.float()
         if use_guidance:
@@ -223,6 +227,9 @@ class WindowBatch:
 
 class Denoiser(Protocol):
     """Runs the DDIM loop for a job's windows; raises ``JobCancelled`` once ``should_cancel`` says so."""
+
+    unet: NoisePredictor
+    """The UNet its loops call (switched to the compiled one once it is ready)."""
 
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor: ...
 

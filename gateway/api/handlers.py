@@ -16,11 +16,13 @@ from gateway.core.errors import ApiError, error_response
 log = logging.getLogger(__name__)
 
 
-async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)  # registered for ApiError only
     return error_response(exc.status_code, exc.reason, exc.headers)
 
 
-async def invalid_request(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, (RequestValidationError, ValidationError))  # registered for these only
     problems = []
     for error in exc.errors():  # field and message only: never echo the (possibly huge) input
         where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "header"))
@@ -28,7 +30,8 @@ async def invalid_request(_: Request, exc: RequestValidationError | ValidationEr
     return error_response(422, "; ".join(problems) or "invalid request")
 
 
-async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for it only
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 

@@ -13,7 +13,7 @@ choices come from there, so the API accepts exactly what the model does.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NotRequired
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AnyHttpUrl,
@@ -35,16 +35,24 @@ def _annotation(option: Option) -> Any:
     return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
 
 
-SubmitOptions = create_model(
-    "SubmitOptions",
-    __config__=ConfigDict(extra="forbid"),
-    __doc__="Options shared by the JSON and the multipart submit; ``None``: the served configuration decides.",
-    **{option.name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
-    webhook_url=(AnyHttpUrl | None, None),
-)
+if TYPE_CHECKING:
+    class SubmitOptions(BaseModel):
+        """:data:`SubmitOptions` as type checkers see it: the contract's REST options and ``webhook_url``."""
+
+        webhook_url: AnyHttpUrl | None = None
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    SubmitOptions = create_model(
+        "SubmitOptions",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Options shared by the JSON and the multipart submit; ``None``: the served configuration decides.",
+        **{option.name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
+        webhook_url=(AnyHttpUrl | None, None),
+    )
 
 
-class SubmitRequest(SubmitOptions):  # type: ignore[misc,valid-type]
+class SubmitRequest(SubmitOptions):
     video_source: StrictStr = Field(min_length=1)
     audio_source: StrictStr = Field(min_length=1)
 

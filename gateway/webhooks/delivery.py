@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -158,9 +159,11 @@ class Webhooks:
             owners[delivery.owner] += 1
             task = asyncio.create_task(self._deliver(client, delivery))
             running[delivery.id] = task
-            task.add_done_callback(lambda _, d=delivery: self._finished(d, running, owners))
+            task.add_done_callback(functools.partial(self._finished, delivery, running, owners))
 
-    def _finished(self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str]) -> None:
+    def _finished(
+        self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str], _: asyncio.Task,
+    ) -> None:
         running.pop(delivery.id, None)
         owners[delivery.owner] -= 1
         if owners[delivery.owner] <= 0:

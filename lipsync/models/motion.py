@@ -26,6 +26,7 @@ class SinusoidalPositions(nn.Module):
         table = torch.zeros(1, max_len, dim)
         table[0, :, 0::2] = torch.sin(position * frequencies)
         table[0, :, 1::2] = torch.cos(position * frequencies)
+        self.pe: torch.Tensor
         self.register_buffer("pe", table)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

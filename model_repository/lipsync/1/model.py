@@ -21,6 +21,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,13 +35,13 @@ from lipsync.gpu_stats import GpuSampler
 from lipsync.jobs import JobOptions, run_job
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
-from lipsync.remote import RemoteGenerator
+from lipsync.remote import Arrays, RemoteGenerator
 from lipsync.server_weights import weights_for
 from lipsync.serving import OUTCOMES, InstanceStopping, JobMetrics, LipSyncParameters, RequestCancelCheck, text_tensor
-from lipsync.weights import load_weights_config
+from lipsync.weights import WeightPaths, load_weights_config
 
 
-def _progress_sender(sender):
+def _progress_sender(sender: Any) -> Callable[[ProgressReport], None]:
     """A :class:`ProgressReporter` sink: one progress response per report; ETA -1 = not known yet."""
 
     def send(report: ProgressReport) -> None:
@@ -59,29 +61,29 @@ def _text(name: str, value: str | bytes) -> pb_utils.Tensor:
     return text_tensor(pb_utils, name, value)
 
 
-def _array(request, name: str):
+def _array(request: Any, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
 
 
-def _parameters(request) -> dict:
+def _parameters(request: Any) -> dict[str, Any]:
     """The request's parameters (Triton passes them as a JSON object)."""
     return json.loads(request.parameters() or "{}")
 
 
-def _is_describe(request) -> bool:
+def _is_describe(request: Any) -> bool:
     """A request with neither VIDEO nor AUDIO: it asks which weights are served."""
     return all(_array(request, name) is None for name in contract.MEDIA)
 
 
-def _bytes(request, name: str) -> bytes:
+def _bytes(request: Any, name: str) -> bytes:
     value = _array(request, name)
     if value is None:
         raise BadInput(f"input {name} is missing")
     return bytes(value.reshape(-1)[0])
 
 
-def _options(request, served_version: str) -> JobOptions:
+def _options(request: Any, served_version: str) -> JobOptions:
     options = JobOptions(**contract.decode(lambda name: _array(request, name)))
     if options.version not in (None, served_version):
         raise BadInput(f"this server runs LatentSync {served_version}, not {options.version!r}")
@@ -100,7 +102,7 @@ def _devices(value: str, own: torch.device) -> list[torch.device]:
 _GENERATOR_OUTPUTS = ["STEP", "FACES_OUT", "SECONDS", "ERROR", "INFO"]
 
 
-def _bls_stream(model: str, arrays: dict[str, np.ndarray]):
+def _bls_stream(model: str, arrays: Arrays) -> Iterator[dict[str, np.ndarray]]:
     """The responses of a decoupled model to one BLS request, as ``{output name: array}``."""
     request = pb_utils.InferenceRequest(
         model_name=model,
@@ -154,7 +156,10 @@ class TritonPythonModel:
         places = ", ".join(str(one) for one in devices) + (f" (windows on {self.generator})" if self.generator else "")
         self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.replicas[0].dtype}")
 
-    def _load_pipeline(self, paths, devices, params: LipSyncParameters, settings, batching) -> LipSyncPipeline:
+    def _load_pipeline(
+        self, paths: WeightPaths, devices: list[torch.device], params: LipSyncParameters, settings: PipelineSettings,
+        batching: BatchingSettings,
+    ) -> LipSyncPipeline:
         return LipSyncPipeline.from_weights(
             paths,
             devices,
@@ -179,7 +184,7 @@ class TritonPythonModel:
             else:
                 self.pipeline.start_compiling(max_windows=batching.max_windows, log=log)
 
-    def execute(self, requests) -> None:
+    def execute(self, requests: list[Any]) -> None:
         for request in requests:
             if _is_describe(request):
                 self._describe(request)
@@ -189,7 +194,7 @@ class TritonPythonModel:
             self.jobs.add(job)
             job.start()
 
-    def _describe(self, request) -> None:
+    def _describe(self, request: Any) -> None:
         info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self._compiled()})
         final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -202,7 +207,7 @@ class TritonPythonModel:
             return bool(json.loads(bytes(outputs["INFO"].reshape(-1)[0]))["compiled"])
         raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)
 
-    def _serve(self, request) -> None:
+    def _serve(self, request: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
@@ -236,7 +241,7 @@ class TritonPythonModel:
             self.slots.release()
             self.jobs.discard(threading.current_thread())
 
-    def _fail(self, sender, job: str, error: Exception, error_response: bool) -> None:
+    def _fail(self, sender: Any, job: str, error: Exception, error_response: bool) -> None:
         """End the stream with STAGE "failed" and INFO {"error", "code"} (:func:`lipsync.contract.failure_info`),
         then, if ``error_response``, the Triton error itself.
 

@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class TritonPythonModel:
         self.groups: set[threading.Thread] = set()
         log(f"lipsync_generate: on {self.device}, {self.replica.dtype}")
 
-    def execute(self, requests) -> None:
+    def execute(self, requests: list[Any]) -> None:
         for request in requests:
             if pb_utils.get_input_tensor_by_name(request, "FACES") is None:
                 info = json.dumps({"compiled": self.pipeline.compiled, "dtype": str(self.replica.dtype).removeprefix("torch.")})
@@ -88,7 +89,7 @@ class TritonPythonModel:
             self.groups.add(thread)
             thread.start()
 
-    def _serve(self, request) -> None:
+    def _serve(self, request: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         sender = request.get_response_sender()
