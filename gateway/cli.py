@@ -244,7 +244,7 @@ def _serve_triton(args: argparse.Namespace) -> int:
         print(f"starting Triton ({settings.resolved_device()}); log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
         print(f"ready: HTTP {settings.http_url}  gRPC {settings.grpc_url}  metrics {settings.metrics_url}", file=sys.stderr)
-        server.process.wait()
+        server.wait()
         print(f"error: {server.exit_reason()}", file=sys.stderr)
         return 1
     except TritonError as exc:

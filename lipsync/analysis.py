@@ -105,7 +105,9 @@ class FaceTrack:
                 return affine, True
             after = bisect.bisect_right(self._found, frame)
             candidates = [self._found[index] for index in (after, after - 1) if 0 <= index < len(self._found)]
-            return self._affines[min(candidates, key=lambda candidate: abs(candidate - frame))], False
+            nearest = self._affines[min(candidates, key=lambda candidate: abs(candidate - frame))]
+            assert nearest is not None  # _found lists frames that have their own face
+            return nearest, False
 
 
 def analyse(
@@ -138,7 +140,7 @@ def analyse(
                 on_progress(min(1.0, analysed / expected))
     except AnalysisStopped:
         track.finish()
-    except BaseException as error:  # handed to the generation thread, which raises it
+    except BaseException as error:  # noqa: BLE001 - handed to the generation thread, which raises it
         track.finish(error)
     else:
         track.finish()

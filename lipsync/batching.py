@@ -140,7 +140,8 @@ class WindowBatcher:
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            key, group, total = self._waiting[0].batch.shape_key, [], 0
+            key, total = self._waiting[0].batch.shape_key, 0
+            group: list[_Waiting] = []
             for waiting in self._waiting:
                 fits = not group or total + waiting.batch.windows <= self._max_windows
                 if waiting.batch.shape_key == key and fits:
@@ -205,13 +206,13 @@ class WindowBatcher:
             self._run(live[:half])
             self._run(live[half:])
             return
-        except Exception as exc:  # the jobs get the error; the worker stays up for the next call
+        except Exception as exc:  # noqa: BLE001 - the jobs get the error; the worker stays up for the next call
             for waiting in live:
                 waiting.future.set_exception(exc)
             return
         if self.on_batch is not None:
             self.on_batch(len(owners), len(live))
-        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]])):
+        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]]), strict=True):
             if waiting.cancelled():
                 waiting.future.set_exception(JobCancelled("the job was cancelled"))
             else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lipsync.contract import OPTIONS
 from lipsync.errors import LipSyncError, WeightsError
-from lipsync.weights import auxiliary_paths, missing, weight_paths
+from lipsync.weights import WeightPaths, auxiliary_paths, missing, weight_paths
 
 try:
     import torch
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _weights(args: argparse.Namespace):
+def _weights(args: argparse.Namespace) -> WeightPaths:
     if args.tiny:
         paths = weight_paths("tiny", args.checkpoints)
         if missing(paths):
@@ -123,7 +123,7 @@ def _native_noise_filtered() -> Iterator[None]:
     terminal = os.dup(2)
     read, write = os.pipe()
     python_stderr = sys.stderr
-    sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")
+    sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")  # noqa: SIM115 - closed when the block ends
 
     def forward() -> None:
         with open(read, "rb") as lines:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Hashable, Mapping
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -90,12 +91,13 @@ def load_settings(schema: type[T], path: str | Path, what: str, section: str | N
         key: value.absolute() if isinstance(value, Path) else value for key, value in overrides.items() if value is not None
     }
     if not given:
-        return _validated(schema, *_version(path, what), what, section)
+        return cast(T, _validated(cast(Hashable, schema), *_version(path, what), what, section))  # classes hash
     return _validate(schema, _section(read_yaml(path, what), path, what, section) | given, path, what)
 
 
 @lru_cache(maxsize=64)
-def _validated(schema: type[T], path: Path, modified: int, what: str, section: str | None) -> T:
+def _validated(schema: Any, path: Path, modified: int, what: str, section: str | None) -> Any:
+    """:func:`_validate` of the file's ``modified`` version, cached (``schema`` is a class or a type form)."""
     return _validate(schema, _section(_parse(path, modified, what), path, what, section), path, what)
 
 
@@ -140,3 +142,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
     config.setdefault("data", {})
     config.setdefault("run", {})
     return config
+
+
+RUN_OPTIONS = ("inference_steps", "guidance_scale", "seed")
+"""The job options whose only default is the served UNet config's ``run`` section."""
+
+
+def run_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``run`` section's :data:`RUN_OPTIONS` of a UNet config (:func:`load_config`): what a job sending none gets."""
+    run = config.get("run", {})
+    missing = [name for name in RUN_OPTIONS if name not in run]
+    if missing:
+        raise ConfigError(f"the UNet config's run section lacks {', '.join(missing)}")
+    return {name: run[name] for name in RUN_OPTIONS}

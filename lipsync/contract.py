@@ -1,7 +1,9 @@
 """The job contract: what a lip-sync job takes, how it travels through Triton, and how it fails.
 
 One table, :data:`OPTIONS`, names every job option with its type, range or choices, default, its
-Triton input tensor, its REST field and its command-line flag. The gateway's request model, the
+Triton input tensor and its command-line flag. An option has one name from the REST field to
+``LipSyncPipeline.run``'s argument; only the Triton tensor (``STEPS``) and the flag (``--steps``) are
+spelled their own way. The gateway's request model, the
 Triton model's input parsing, :class:`lipsync.jobs.JobOptions` and ``lipsync run``'s flags are built
 from it, and a test checks both ``config.pbtxt`` input lists against it. Choices that are data come
 from ``configs/`` (sampling modes, weight versions). :func:`encode` turns options into the named
@@ -39,10 +41,11 @@ DATATYPES: dict[str, tuple[type, Any, str]] = {
 
 @dataclass(frozen=True)
 class Option:
-    """One job option. ``default`` ``None``: left to the served weights' UNet config (its ``run`` section)."""
+    """One job option. ``default`` ``None``: left to the served configuration (the served weights' UNet
+    config's ``run`` section, ``configs/media.yaml``), which alone decides when a job sends none."""
 
     name: str
-    """The Python name: :class:`lipsync.jobs.JobOptions` field and ``LipSyncPipeline.run`` argument."""
+    """The REST field, :class:`lipsync.jobs.JobOptions` field and ``LipSyncPipeline.run`` argument."""
     tensor: str
     datatype: str
     help: str
@@ -50,8 +53,6 @@ class Option:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     default: Any = None
-    field: str = ""
-    """The REST field (``""``: the name)."""
     rest: bool = True
     """Offered by the gateway's REST API."""
     flag: str | None = None
@@ -61,26 +62,22 @@ class Option:
     def type(self) -> type:
         return DATATYPES[self.datatype][0]
 
-    @property
-    def rest_name(self) -> str:
-        return self.field or self.name
-
     def check(self, value: Any) -> Any:
         """``value`` if it is of this option's type and within its range or choices, else :class:`BadInput`."""
         if value is None:
             return None
-        kind = self.type
+        kind: type[Any] = self.type
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise BadInput(f"{self.rest_name} must be {kind.__name__}, got {value!r}")
+            raise BadInput(f"{self.name} must be {kind.__name__}, got {value!r}")
         if kind is float and not math.isfinite(value):
             # NaN compares false with both bounds, so the range check below would pass it.
-            raise BadInput(f"{self.rest_name} must be a finite number, got {value!r}")
+            raise BadInput(f"{self.name} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
-            raise BadInput(f"{self.rest_name} must be one of {list(self.choices)}, got {value!r}")
+            raise BadInput(f"{self.name} must be one of {list(self.choices)}, got {value!r}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
-            raise BadInput(f"{self.rest_name} must be in {self.minimum:g}..{self.maximum:g}, got {value!r}")
+            raise BadInput(f"{self.name} must be in {self.minimum:g}..{self.maximum:g}, got {value!r}")
         return value
 
 
@@ -95,11 +92,11 @@ def _weight_versions() -> tuple[str, ...]:
 OPTIONS: tuple[Option, ...] = (
     # At most 999: the scheduler offsets its timesteps by one (steps_offset), so 1000 steps over 1000
     # training timesteps would ask for timestep 1000, one past the last.
-    Option("steps", "STEPS", "INT32", "DDIM steps (default: the UNet config's, 20)", 1, 999,
-           field="inference_steps", flag="--steps"),
+    Option("inference_steps", "STEPS", "INT32", "DDIM steps (default: the served UNet config's)", 1, 999,
+           flag="--steps"),
     Option("guidance_scale", "GUIDANCE", "FP32", "classifier-free guidance scale; 1 or less skips guidance "
-           "(default: the UNet config's, 1.5)", 0, 20, flag="--guidance"),
-    Option("seed", "SEED", "INT64", "seed of the starting noise (default: the UNet config's, 1247)",
+           "(default: the served UNet config's)", 0, 20, flag="--guidance"),
+    Option("seed", "SEED", "INT64", "seed of the starting noise (default: the served UNet config's)",
            -_INT64, _INT64 - 1, flag="--seed"),
     Option("loop_mode", "LOOP_MODE", "BYTES", "when the audio is longer than the video: pingpong (official) "
            "plays it forward and backward, loop restarts it, cut ends the output with the video and cuts the audio",
@@ -112,7 +109,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("devices", "DEVICES", "INT32", "devices of a multi-GPU instance the job's windows are spread over, "
            "at most all (0 or absent: by the clip's length, split_min_seconds)", 0, 1024, rest=False),
     Option("crf", "CRF", "INT32", "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger "
-           "(default: configs/media.yaml's crf, 18)", 0, 51, flag="--crf"),
+           "(default: configs/media.yaml's crf)", 0, 51, flag="--crf"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -130,10 +127,15 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise BadInput(f"unknown option(s): {', '.join(unknown)}")
     checked = defaults()
-    for name, value in values.items():
-        value = value.value if isinstance(value, LoopMode) else value
+    for name, given in values.items():
+        value = _plain(given)
         checked[name] = BY_NAME[name].default if value is None else BY_NAME[name].check(value)
     return checked
+
+
+def _plain(value: Any) -> Any:
+    """A :class:`LoopMode` as its text; any other value as it is."""
+    return value.value if isinstance(value, LoopMode) else value
 
 
 def datatype(tensor: str) -> str:
@@ -143,10 +145,11 @@ def datatype(tensor: str) -> str:
 
 def encode(values: Mapping[str, Any], video: bytes | None = None, audio: bytes | None = None) -> dict[str, np.ndarray]:
     """Triton input name → ``[1]`` array for every given option and file; ``None`` leaves an input out."""
-    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio)) if data is not None}
-    for name, value in values.items():
+    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio), strict=True)
+              if data is not None}
+    for name, given in values.items():
         option = BY_NAME[name]
-        value = option.check(value.value if isinstance(value, LoopMode) else value)
+        value = option.check(_plain(given))
         if value is not None:
             encoded = value.encode() if isinstance(value, str) else value
             arrays[option.tensor] = np.array([encoded], dtype=DATATYPES[option.datatype][1])

@@ -204,8 +204,11 @@ class FaceGenerator:
         frames = self.settings.num_frames
         windows = [slice(start, min(start + frames, count)) for start in range(0, count, frames)]
         dtype = self.replicas[0].dtype
-        sampling = {
-            window.start: tuple(sampling_noise(dtype, window.stop - window.start, size // 8, generator) for _ in ("masked", "reference"))
+        sampling = {  # masked, then reference: the official order of draws
+            window.start: (
+                sampling_noise(dtype, window.stop - window.start, size // 8, generator),
+                sampling_noise(dtype, window.stop - window.start, size // 8, generator),
+            )
             for window in windows
         }
         progress = None if on_step is None else _StepProgress(on_step, self.settings.steps)

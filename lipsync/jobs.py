@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lipsync import contract
 from lipsync.errors import BadInput, LipSyncError
@@ -26,14 +26,22 @@ def _check(self: Any) -> None:
     contract.check(asdict(self))
 
 
-JobOptions = make_dataclass(
-    "JobOptions",
-    [(option.name, option.type | None, field(default=option.default)) for option in contract.OPTIONS],
-    namespace={"__post_init__": _check, "__doc__": "A job's options, one field per :data:`lipsync.contract.OPTIONS` "
-               "entry (checked against it); ``None`` takes the default of the served weights' UNet config."},
-    frozen=True,
-)
-JobOptions.__module__ = __name__
+if TYPE_CHECKING:
+    class JobOptions:
+        """:data:`JobOptions` as type checkers see it: its fields are the contract's options."""
+
+        def __init__(self, **options: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    JobOptions = make_dataclass(
+        "JobOptions",
+        [(option.name, option.type | None, field(default=option.default)) for option in contract.OPTIONS],
+        namespace={"__post_init__": _check, "__doc__": "A job's options, one field per :data:`lipsync.contract.OPTIONS` "
+                   "entry (checked against it); ``None``: the served configuration decides."},
+        frozen=True,
+    )
+    JobOptions.__module__ = __name__
 
 
 def pipeline_arguments(options: Any) -> dict[str, Any]:

@@ -122,6 +122,7 @@ def compile_unet(
         unet.capturing = False
     try:
         for replica in pending:
+            assert replica.compiled is not None  # pending holds replicas that compile
             if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
                 replica.compiled.capturing = False
             staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
@@ -129,6 +130,7 @@ def compile_unet(
                 _generate_dummy(pipeline, staging, mode, None, log, what="compiling the UNet", counts=(1,))
         replaced = []
         for replica in pending:
+            assert replica.compiled is not None
             replaced.append(replica.denoiser.unet)
             replica.denoiser.unet = replica.compiled
     finally:

@@ -139,7 +139,7 @@ class PipelineSettings:
     @classmethod
     def load(cls, path: str | Path = PIPELINE_CONFIG, **overrides: int | bool | str | None) -> PipelineSettings:
         """The settings at ``path`` (read once) with ``overrides`` (``None``: keep the file's); bad values raise :class:`ConfigError`."""
-        return load_settings(cls, path, "pipeline config", **overrides)
+        return load_settings(cls, path, "pipeline config", None, **overrides)
 
 
 class LipSyncPipeline:
@@ -282,7 +282,7 @@ class LipSyncPipeline:
     def check_options(
         self,
         *,
-        steps: int | None = None,
+        inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
@@ -294,7 +294,7 @@ class LipSyncPipeline:
         if devices is not None and devices < 1:
             raise BadInput(f"devices must be at least 1, got {devices}")
         settings = SamplingSettings.from_config(
-            self.config, mode, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            self.config, mode, steps=inference_steps, guidance_scale=guidance_scale, seed=seed,
             windows_per_call=self.windows_per_call,
         )
         return settings, LoopMode.parse(loop_mode)
@@ -353,11 +353,11 @@ class LipSyncPipeline:
     def prepare_batch(self, job: Job) -> FrameBatch:
         """The job's next ``job.batch_frames`` output frames (fewer at the end), in output order, once their
         alignments are final, with their faces warped. Calls come one at a time, in order."""
-        sources, originals = zip(*islice(job.source, job.batch_frames))
+        sources, originals = zip(*islice(job.source, job.batch_frames), strict=True)
         job.track.wait_for(max(sources))
         placements = [job.track.alignment(index) for index in sources]
         with job.timer.stage("detect_align", sync=False):
-            faces = np.stack([job.aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements)])
+            faces = np.stack([job.aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements, strict=True)])
         batch = FrameBatch(job.prepared, sources, originals, placements, faces)
         job.prepared += len(sources)
         return batch
@@ -417,7 +417,7 @@ class LipSyncPipeline:
         audio: str | Path,
         output: str | Path,
         *,
-        steps: int | None = None,
+        inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
         loop_mode: LoopMode | str = LoopMode.PINGPONG,
@@ -440,7 +440,8 @@ class LipSyncPipeline:
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
         """
         settings, loop_mode = self.check_options(
-            steps=steps, guidance_scale=guidance_scale, seed=seed, loop_mode=loop_mode, mode=mode, devices=devices
+            inference_steps=inference_steps, guidance_scale=guidance_scale, seed=seed, loop_mode=loop_mode, mode=mode,
+            devices=devices,
         )
         job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan)
         faceless = 0
@@ -574,7 +575,7 @@ def _generation_frames(
         yield from enumerate(timed(islice(iter(reader), output_frames), timer, "decode"))
     video_frames = track.wait_until_done()
     rest = source_frames(output_frames, video_frames, loop_mode)[video_frames:]
-    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"))
+    yield from zip(rest, timed(frames_in_order(video, rest), timer, "decode"), strict=False)
 
 
 def check_inputs(video: str | Path, audio: str | Path, sample_rate: int) -> None:

@@ -175,7 +175,7 @@ class EtaEstimate:
             return
         stages = sorted(self.entered, key=lambda stage: self.entered[stage][0])
         times = [self.entered[stage][0] for stage in stages] + [self.clock()]
-        self.rates.learn({stage: end - start for stage, start, end in zip(stages, times, times[1:])}, self.size)
+        self.rates.learn({stage: end - start for stage, start, end in zip(stages, times, times[1:], strict=False)}, self.size)
 
 
 class ProgressReporter:

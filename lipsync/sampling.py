@@ -7,16 +7,17 @@ per-window statistics and the result equals window-by-window denoising.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler
 from pydantic import PositiveInt
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.config import CONFIG_DIR, SCHEMA, load_settings
+from lipsync.config import CONFIG_DIR, SCHEMA, load_settings, run_defaults
 from lipsync.contract import BY_NAME as OPTIONS_BY_NAME
 from lipsync.errors import BadInput, JobCancelled
 from lipsync.gpu_guard import GPU_GUARD
@@ -28,32 +29,32 @@ SAMPLING_MODES = CONFIG_DIR / "sampling_modes.yaml"
 
 @pydantic_dataclass(frozen=True, config=SCHEMA)
 class SamplingSettings:
-    """Sampling knobs; defaults come from a LatentSync config's ``data`` and ``run`` sections."""
+    """Sampling knobs: a LatentSync config's ``data`` and ``run`` sections (the job options' only defaults),
+    a sampling mode and a job's options (:meth:`from_config`)."""
 
+    steps: int
+    """DDIM steps: the ``inference_steps`` job option; its range is the job contract's (checked by :meth:`from_config`)."""
+    guidance_scale: float
+    seed: int
     num_frames: PositiveInt = 16
-    steps: int = 20
-    """DDIM steps; its range is the job contract's (checked by :meth:`from_config`)."""
-    guidance_scale: float = 1.5
-    seed: int = 1247
     windows_per_call: PositiveInt = 4
     """How many windows share one UNet call (×2 batch rows with guidance): a memory/speed knob."""
     cache_interval: PositiveInt = 1
     """1 = exact. ``n > 1``: fast mode's feature caching, a full UNet pass every ``n``-th step (see :func:`denoise`)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> "SamplingSettings":
-        """Defaults from ``config``, then the named mode (``configs/sampling_modes.yaml``), then ``overrides``."""
-        data, run = config.get("data", {}), config.get("run", {})
+    def from_config(cls, config: Mapping[str, Any], mode: str = "exact", **overrides: Any) -> SamplingSettings:
+        """Defaults from ``config`` (:func:`run_defaults`), then the named mode (``configs/sampling_modes.yaml``),
+        then ``overrides``."""
+        run = run_defaults(config)
         values = {
-            "num_frames": data.get("num_frames", cls.num_frames),
-            "steps": run.get("inference_steps", cls.steps),
-            "guidance_scale": run.get("guidance_scale", cls.guidance_scale),
-            "seed": run.get("seed", cls.seed),
+            "num_frames": config.get("data", {}).get("num_frames", cls.num_frames), "steps": run["inference_steps"],
+            "guidance_scale": run["guidance_scale"], "seed": run["seed"],
         }
         values.update(sampling_mode(mode))
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for name in ("steps", "guidance_scale", "seed"):  # the job contract's ranges: a bad value is the job's fault
-            OPTIONS_BY_NAME[name].check(values[name])
+        for name, field in (("inference_steps", "steps"), ("guidance_scale", "guidance_scale"), ("seed", "seed")):
+            OPTIONS_BY_NAME[name].check(values[field])  # the job contract's ranges: a bad value is the job's fault
         return cls(**values)
 
 
@@ -90,8 +91,11 @@ def initial_noise(generator: torch.Generator, latent_size: int) -> torch.Tensor:
 class NoisePredictor(Protocol):
     """What :func:`denoise` calls: :class:`UNet3DConditionModel` or a wrapper that runs it faster."""
 
-    dtype: torch.dtype
-    device: torch.device
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
 
@@ -177,6 +181,7 @@ def denoise(
         elif step % cache_interval == 0:
             noise, deep_features = unet.forward_caching(sample, timestep, window_audio)
         else:
+            assert deep_features is not None  # step 0 is a full step, which caches them
             noise = unet.forward_shallow(sample, timestep, window_audio, deep_features)
         noise = noise.float()
         if use_guidance:
@@ -222,6 +227,9 @@ class WindowBatch:
 
 class Denoiser(Protocol):
     """Runs the DDIM loop for a job's windows; raises ``JobCancelled`` once ``should_cancel`` says so."""
+
+    unet: NoisePredictor
+    """The UNet its loops call (switched to the compiled one once it is ready)."""
 
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor: ...
 

@@ -31,15 +31,15 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str, sync: bool = True) -> Iterator[None]:
-        sync = sync and self._cuda is not None
-        if sync:
-            _synchronize(self._cuda)
+        cuda = self._cuda if sync else None
+        if cuda is not None:
+            _synchronize(cuda)
         start = time.perf_counter()
         try:
             yield
         finally:
-            if sync:
-                _synchronize(self._cuda)
+            if cuda is not None:
+                _synchronize(cuda)
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 

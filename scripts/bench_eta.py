@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from bench_triton import SAMPLE_RATE, wav_bytes
 
-from gateway.backends.triton_client import JobRequest, run_job
+from gateway.backends.triton_client import JobRequest, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -44,7 +44,7 @@ def run_one(url: str, video: bytes, speech: np.ndarray, steps: int) -> dict:
     def seen(fraction: float, stage: str, eta: float | None) -> None:
         reports.append([round(time.monotonic() - started, 2), round(fraction, 4), stage, None if eta is None else round(eta, 2)])
 
-    result = run_job(url, JobRequest(video, wav_bytes(speech), steps=steps), on_progress=seen)
+    result = stream_job(url, JobRequest(video, wav_bytes(speech), inference_steps=steps), on_progress=seen)
     actual = time.monotonic() - started
     return summarise(reports, actual) | {"frames": result.info["frames"], "steps": steps, "reports": reports}
 

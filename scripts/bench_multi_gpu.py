@@ -37,7 +37,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 import numpy as np
 from bench_triton import SAMPLE_RATE, wait_until_compiled, wav_bytes
 
-from gateway.backends.triton_client import JobRequest, run_job
+from gateway.backends.triton_client import JobRequest, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -74,7 +74,7 @@ def timed_jobs(settings: TritonSettings, jobs: list[JobRequest]) -> tuple[float,
     """Run ``jobs`` at once; wall seconds and their results."""
     started = time.perf_counter()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: run_job(settings.grpc_url, job), jobs))
+        results = list(pool.map(lambda job: stream_job(settings.grpc_url, job), jobs))
     return time.perf_counter() - started, results
 
 
@@ -148,7 +148,7 @@ def main() -> None:
         print(json.dumps({key: report[key] for key in ("jobs_per_hour", "split_job_wall_s")}), file=sys.stderr)
 
     video = args.video.read_bytes()
-    job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
+    job = JobRequest(video, args.audio.read_bytes(), inference_steps=args.steps)
     if args.phase in ("throughput", "all"):
         for count in counts:
             result = throughput(args, count, job)
@@ -156,7 +156,7 @@ def main() -> None:
             report["details"][f"throughput_{count}"] = result
             save()
     if args.phase in ("split", "all"):
-        long_job = JobRequest(video, looped_speech(args.audio, args.long_seconds), steps=args.steps)
+        long_job = JobRequest(video, looped_speech(args.audio, args.long_seconds), inference_steps=args.steps)
         for count, result in split_walls(args, counts, job, long_job):
             report["split_job_wall_s"][str(count)] = result["wall_s"]
             report["details"][f"split_{count}"] = result | {"long_seconds": args.long_seconds}

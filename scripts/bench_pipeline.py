@@ -294,7 +294,7 @@ def bench_version(
             torch.cuda.reset_peak_memory_stats()
         with GpuBusySampler() as busy:
             begin = time.perf_counter()
-            result = pipeline.run(args.video, args.audio, output, mode=variant.mode, steps=variant.steps)
+            result = pipeline.run(args.video, args.audio, output, mode=variant.mode, inference_steps=variant.steps)
             wall = time.perf_counter() - begin
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         generated[variant.name] = generate(pipeline, check_faces, check_audio, variant)

@@ -73,7 +73,7 @@ def run_pass(video: Path, audio: Path, checkpoints: Path, steps: int, version: s
     loaded_peak, loaded_now = peak_mib(), current_mib()
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
-        result = pipeline.run(video, audio, Path(out_dir) / "out.mp4", steps=steps)
+        result = pipeline.run(video, audio, Path(out_dir) / "out.mp4", inference_steps=steps)
         wall = time.perf_counter() - start
     return {
         "frames": result.frames,

@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx2
 import numpy as np
 
-from gateway.backends.triton_client import JobRequest, run_job, served_info
+from gateway.backends.triton_client import JobRequest, stream_job, served_info
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -108,7 +108,7 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int, rates
     before = scrape(settings.metrics_url, *BATCH_SAMPLES)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency + 1) as pool:
-        jobs = [pool.submit(run_job, settings.grpc_url, job) for _ in range(concurrency)]
+        jobs = [pool.submit(stream_job, settings.grpc_url, job) for _ in range(concurrency)]
         utilization = pool.submit(sample_gpu, jobs)
         results = [future.result() for future in jobs]
     wall = time.perf_counter() - started
@@ -167,7 +167,7 @@ def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, round
         batch = [next(mixes) for _ in range(jobs)]
         with ThreadPoolExecutor(jobs) as pool:
             futures = [
-                pool.submit(run_job, settings.grpc_url, JobRequest(video, cuts[cut], steps=steps, mode=mode))
+                pool.submit(stream_job, settings.grpc_url, JobRequest(video, cuts[cut], inference_steps=steps, mode=mode))
                 for cut, (steps, mode) in batch
             ]
             for (cut, (steps, mode)), future in zip(batch, futures):
@@ -246,7 +246,7 @@ def main() -> None:
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
     video = args.video.read_bytes()
-    job = JobRequest(video, args.audio.read_bytes(), steps=args.steps)
+    job = JobRequest(video, args.audio.read_bytes(), inference_steps=args.steps)
     report: dict = {
         "version": args.version, "dtype": args.dtype, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv), "job_processes": settings.resolved_job_processes(),

@@ -38,7 +38,8 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
 
     # No redirect to the slash-less path: Starlette builds its Location from the Host header, and every
     # URL the gateway gives out comes from ``public_url``; such a path is a 404 like any unknown one.
-    app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="lipsync-serve gateway", summary="Lip-sync jobs over REST (docs/gateway-api.md)",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
                   redirect_slashes=False)
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -18,11 +18,13 @@ from gateway.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 
-async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)  # registered for ApiError only
     return error_response(exc.status_code, exc.reason, exc.headers)
 
 
-async def invalid_request(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, (RequestValidationError, ValidationError))  # registered for these only
     problems = []
     for error in exc.errors():  # field and message only: never echo the (possibly huge) input
         where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "header"))
@@ -30,11 +32,13 @@ async def invalid_request(_: Request, exc: RequestValidationError | ValidationEr
     return error_response(422, "; ".join(problems) or "invalid request")
 
 
-async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for it only
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StoreUnavailable)  # registered for it only
     log.warning("%s %s: the job database is unavailable: %s", request.method, request.url.path, exc)
     error = database_unavailable(request.app.state.runtime.settings.store_retry_s)
     return error_response(error.status_code, error.reason, error.headers)

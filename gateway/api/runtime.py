@@ -42,7 +42,7 @@ class Runtime:
         )
         self.jobs = JobService(
             settings, keys, MediaSettings.load(), self.data, self.store, self.quotas, self.metrics, self.webhooks,
-            self.weights, on_queued=lambda: self.worker.wake(),  # the worker is made next: it calls back into jobs
+            self.weights, on_queued=lambda: self.worker.wake(),  # noqa: PLW0108 - the worker is made next: it calls back into jobs
         )
         self.worker = Worker(settings, self.store, self.data, self.metrics, backend, self.jobs.notify)
 

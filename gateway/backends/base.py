@@ -17,14 +17,14 @@ from gateway.backends.triton_client import (
     MODEL,
     JobRequest,
     JobResult,
-    ProgressCallback,
-    run_job,
+    ProgressListener,
     served_weights,
+    stream_job,
 )
 
 
 class JobBackend(Protocol):
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobResult:
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Callable[[], bool]) -> JobResult:
         """Run ``job`` to its video, reporting progress; stop (``kind == "cancelled"``) once ``should_cancel()``."""
         ...
 
@@ -47,8 +47,8 @@ class TritonBackend:
         self.probe_timeout_s = probe_timeout_s
         """Deadline of a readiness check (an endpoint that does not answer in time is not ready)."""
 
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobResult:
-        return run_job(self.url, job, on_progress, should_cancel, poll_s=self.poll_s, timeout_s=self.timeout_s)
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Callable[[], bool]) -> JobResult:
+        return stream_job(self.url, job, on_progress, should_cancel, poll_s=self.poll_s, timeout_s=self.timeout_s)
 
     def ready(self) -> bool:
         """Triton answers on gRPC and the ``lipsync`` model is loaded."""

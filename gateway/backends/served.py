@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from gateway.backends.base import JobBackend
+from lipsync.config import load_config, run_defaults
+from lipsync.contract import OPTIONS
+from lipsync.media import MediaSettings
 from lipsync.weights import load_weights_config
 
 log = logging.getLogger(__name__)
@@ -19,6 +23,18 @@ log = logging.getLogger(__name__)
 def demo_weights() -> str:
     """The label of the random demo weights (``configs/weights.yaml``, version ``tiny``)."""
     return load_weights_config().version("tiny").label
+
+
+def served_defaults(weights: str | None, media: MediaSettings) -> dict[str, Any]:
+    """What a job that leaves options out gets from a server serving ``weights`` (a label; ``None``: not known):
+    the contract's own defaults, ``media``'s crf and the served UNet config's ``run`` section, the one place
+    each is decided (the gateway only shows them)."""
+    defaults = {option.name: option.default for option in OPTIONS if option.rest and option.default is not None}
+    defaults["crf"] = media.crf
+    versions = [spec for spec in load_weights_config().versions.values() if spec.label == weights]
+    if versions:
+        defaults |= run_defaults(load_config(versions[0].unet_config))
+    return defaults
 
 
 class ServedWeights:

@@ -14,7 +14,7 @@ import queue
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, make_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -45,16 +45,30 @@ def _inputs(self: Any) -> list[grpcclient.InferInput]:
     return inputs
 
 
-JobRequest = make_dataclass(
-    "JobRequest",
-    [("video", bytes), ("audio", bytes), ("job_id", str, field(default=""))]
-    + [(option.name, option.type | None, field(default=None)) for option in contract.OPTIONS],
-    namespace={"inputs": _inputs, "__doc__": "The ``lipsync`` model's inputs: the files, ``job_id`` (sent as the "
-               "Triton request id; empty: a fresh one) and one field per :data:`lipsync.contract.OPTIONS` entry; "
-               "``None`` leaves an option out (the model's default)."},
-    frozen=True,
-)
-JobRequest.__module__ = __name__
+if TYPE_CHECKING:
+    class JobRequest:
+        """:data:`JobRequest` as type checkers see it: the files, ``job_id`` and the contract's options."""
+
+        video: bytes
+        audio: bytes
+        job_id: str
+
+        def __init__(self, video: bytes, audio: bytes, job_id: str = "", **options: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def inputs(self) -> list[grpcclient.InferInput]: ...
+else:
+    JobRequest = make_dataclass(
+        "JobRequest",
+        [("video", bytes), ("audio", bytes), ("job_id", str, field(default=""))]
+        + [(option.name, option.type | None, field(default=None)) for option in contract.OPTIONS],
+        namespace={"inputs": _inputs, "__doc__": "The ``lipsync`` model's inputs: the files, ``job_id`` (sent as "
+                   "the Triton request id; empty: a fresh one) and one field per :data:`lipsync.contract.OPTIONS` "
+                   "entry; ``None`` leaves an option out (the served configuration decides)."},
+        frozen=True,
+    )
+    JobRequest.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -64,14 +78,14 @@ class JobResult:
     """Frames, face-less frames, seconds per stage, version (the model's INFO output)."""
 
 
-ProgressCallback = Callable[[float, str, float | None], None]
+ProgressListener = Callable[[float, str, float | None], None]
 """Called with (fraction done, stage, estimated seconds left or ``None``) for every progress response."""
 
 
-def run_job(
+def stream_job(
     url: str,
     job: JobRequest,
-    on_progress: ProgressCallback | None = None,
+    on_progress: ProgressListener | None = None,
     should_cancel: Callable[[], bool] | None = None,
     poll_s: float = 0.5,
     timeout_s: float = 3600.0,

@@ -17,7 +17,7 @@ from gateway.backends.base import TritonBackend
 from gateway.backends.triton_client import (
     JobRequest,
     JobResult,
-    ProgressCallback,
+    ProgressListener,
     TritonJobError,
 )
 from lipsync.errors import ErrorKind
@@ -72,7 +72,7 @@ class TritonPool:
     def ready_urls(self) -> list[str]:
         return [url for url in self.urls if self.health.ready(url)]
 
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobResult:
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Callable[[], bool]) -> JobResult:
         url = self._acquire()
         try:
             return self.backends[url].run(job, on_progress, should_cancel)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Literal
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.types import Send
 
 from lipsync.contract import FAILURES
@@ -38,10 +40,15 @@ def database_unavailable(retry_s: int) -> ApiError:
         503, f"the job database is unavailable for now; nothing was changed, retry in {retry_s} s",
         {"Retry-After": str(retry_s)},
     )
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 5xx), as ``/openapi.json`` describes it."""
+
+    status: Literal["Failed"]
+    reason: str
 
 
 def error_body(reason: str) -> dict[str, str]:
-    return {"status": "Failed", "reason": reason}
+    return ErrorBody(status="Failed", reason=reason).model_dump()
 
 
 def error_response(status_code: int, reason: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,15 +27,6 @@ SERVING_CONFIG = CONFIG_DIR / "serving.yaml"
 def _entries(value: Any) -> Any:
     """A flag gives ``"a,b"``, YAML a list."""
     return [entry.strip() for entry in value.split(",") if entry.strip()] if isinstance(value, str) else value
-
-
-@dataclass(frozen=True, config=SCHEMA)
-class JobDefaults:
-    """What a submit that leaves these fields out gets."""
-
-    inference_steps: PositiveInt = 20
-    guidance_scale: NonNegativeFloat = 1.5
-    seed: int = 1247
 
 
 @dataclass(frozen=True, config=SCHEMA)
@@ -88,7 +79,6 @@ class GatewaySettings:
     webhook_allow: Annotated[tuple[str, ...], BeforeValidator(_entries)] = ()
     webhook_secret_env: str = "LIPSYNC_WEBHOOK_SECRET"
     webhook_secret_file: str = ""
-    defaults: JobDefaults = field(default_factory=JobDefaults)
 
     @classmethod
     def load(cls, path: Path = SERVING_CONFIG, **overrides: Any) -> GatewaySettings:

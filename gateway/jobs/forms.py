@@ -6,7 +6,7 @@ optional minus, no leading zero) but not ``"2.0"``, ``"+2"``, ``" 2"``, ``"2_0"`
 float field takes ``"1.5"``, ``"2"`` or ``"1e-1"`` but not ``".5"``, ``"5."``, ``"01"``, ``"nan"``, ``"inf"``,
 ``"1e999"`` or ``"true"``. An empty field counts as
 not given (browsers send empty inputs). The parts are exactly the ``video`` and ``audio`` files and
-the option fields of :class:`gateway.jobs.schemas.JobOptions`, each at most once; anything else is refused.
+the option fields of :class:`gateway.jobs.schemas.SubmitOptions`, each at most once; anything else is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.datastructures import FormData, UploadFile
 
-from gateway.jobs.schemas import JobOptions
+from gateway.jobs.schemas import SubmitOptions
 from gateway.jobs.validation import InvalidInput
 from lipsync.contract import OPTIONS
 
@@ -48,16 +48,16 @@ def _text(_: str, text: str) -> str:
 _PARSERS: dict[type, Callable[[str, str], Any]] = {int: _integer, float: _number, str: _text}
 
 OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
-    **{option.rest_name: _PARSERS[option.type] for option in OPTIONS if option.rest},
+    **{option.name: _PARSERS[option.type] for option in OPTIONS if option.rest},
     "webhook_url": _text,
 }
-"""How each option field's text becomes the value :class:`JobOptions` validates (one entry per option)."""
+"""How each option field's text becomes the value :class:`SubmitOptions` validates (one entry per option)."""
 
 MAX_FIELDS = len(OPTION_PARSERS)
 MAX_FILES = len(FILE_PARTS)
 
 
-def upload_parts(form: FormData) -> tuple[JobOptions, dict[str, UploadFile]]:
+def upload_parts(form: FormData) -> tuple[SubmitOptions, dict[str, UploadFile]]:
     """The options and the ``video``/``audio`` files of an upload; :class:`InvalidInput` (or pydantic's
     ``ValidationError`` for values out of range) when the form is not exactly that."""
     unknown = sorted(set(form.keys()) - set(OPTION_PARSERS) - set(FILE_PARTS))
@@ -79,4 +79,4 @@ def upload_parts(form: FormData) -> tuple[JobOptions, dict[str, UploadFile]]:
         if not isinstance(given[0], str):
             raise InvalidInput(f"{name}: must be a form field, not a file")
         values[name] = parse(name, given[0])
-    return JobOptions.model_validate(values), files
+    return SubmitOptions.model_validate(values), files

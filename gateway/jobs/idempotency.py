@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.jobs.schemas import JobOptions
+from gateway.jobs.schemas import SubmitOptions
 
 _CHUNK = 1 << 20
 
 
-def fingerprint(options: JobOptions, video_sha256: str, audio_sha256: str) -> str:
+def fingerprint(options: SubmitOptions, video_sha256: str, audio_sha256: str) -> str:
     canonical = json.dumps(
         {"options": options.model_dump(mode="json"), "video": video_sha256, "audio": audio_sha256},
         sort_keys=True, separators=(",", ":"),

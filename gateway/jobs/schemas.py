@@ -1,4 +1,6 @@
-"""Request bodies, validated strictly: a number must be sent as a JSON number of its type.
+"""The job API's bodies: requests, validated strictly, and the answers (what ``/openapi.json`` describes).
+
+Requests: a number must be sent as a JSON number of its type.
 
 Pydantic would by default turn ``"2"``, ``2.0`` or ``true`` into the integer 2; here an integer field
 takes only a JSON integer, a float field a JSON number (an integer is fine, a bool or a string is not),
@@ -11,7 +13,7 @@ choices come from there, so the API accepts exactly what the model does.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AnyHttpUrl,
@@ -22,6 +24,7 @@ from pydantic import (
     StrictStr,
     create_model,
 )
+from typing_extensions import TypedDict  # pydantic needs this TypedDict before Python 3.12
 
 from lipsync.contract import OPTIONS, Option
 
@@ -32,21 +35,29 @@ def _annotation(option: Option) -> Any:
     return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
 
 
-JobOptions = create_model(
-    "JobOptions",
-    __config__=ConfigDict(extra="forbid"),
-    __doc__="Options shared by the JSON and the multipart submit; ``None`` = the configured default.",
-    **{option.rest_name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
-    webhook_url=(AnyHttpUrl | None, None),
-)
+if TYPE_CHECKING:
+    class SubmitOptions(BaseModel):
+        """:data:`SubmitOptions` as type checkers see it: the contract's REST options and ``webhook_url``."""
+
+        webhook_url: AnyHttpUrl | None = None
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    SubmitOptions = create_model(
+        "SubmitOptions",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Options shared by the JSON and the multipart submit; ``None``: the served configuration decides.",
+        **{option.name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
+        webhook_url=(AnyHttpUrl | None, None),
+    )
 
 
-class SubmitRequest(JobOptions):  # type: ignore[misc,valid-type]
+class SubmitRequest(SubmitOptions):
     video_source: StrictStr = Field(min_length=1)
     audio_source: StrictStr = Field(min_length=1)
 
-    def options(self) -> JobOptions:
-        return JobOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
+    def options(self) -> SubmitOptions:
+        return SubmitOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
 
 
 class JobRef(BaseModel):
@@ -72,16 +83,71 @@ class JobListQuery(BaseModel):
 _DESCRIBED = ("type", "enum", "minimum", "maximum")
 
 
-def option_rules() -> dict[str, dict[str, Any]]:
-    """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`JobOptions`.
+class OptionRule(TypedDict):
+    """A job option's JSON type and allowed values: ``enum`` for choices, else ``minimum``/``maximum``."""
+
+    type: str
+    enum: NotRequired[list[str]]
+    minimum: NotRequired[int | float]
+    maximum: NotRequired[int | float]
+
+
+def option_rules() -> dict[str, OptionRule]:
+    """Each job option's JSON type and allowed values (``enum`` or ``minimum``/``maximum``), from :class:`SubmitOptions`.
 
     What the web page builds its form from, so the form offers exactly what a submit accepts. The
     webhook URL is left out: the page polls.
     """
-    rules = {}
-    for name, schema in JobOptions.model_json_schema()["properties"].items():
+    rules: dict[str, OptionRule] = {}
+    for name, schema in SubmitOptions.model_json_schema()["properties"].items():
         if name == "webhook_url":
             continue
         value = next(option for option in schema["anyOf"] if option["type"] != "null")
-        rules[name] = {key: value[key] for key in _DESCRIBED if key in value}
+        rules[name] = OptionRule(**{key: value[key] for key in _DESCRIBED if key in value})  # type: ignore[typeddict-item]
     return rules
+
+
+# Answers. Field order is the order of the JSON a client receives.
+
+JobState = Literal["InQueue", "InProgress", "Succeed", "Failed", "Cancelled"]
+
+
+class Submitted(BaseModel):
+    """The answer to a submit or upload: the job's id (for a replayed ``Idempotency-Key``, the first job's)."""
+
+    request_id: str
+
+
+class VideoUrl(BaseModel):
+    url: str = Field(description="the result's download URL, with its token; starts with the configured public URL")
+
+
+class Timings(BaseModel):
+    inference: float = Field(description="seconds the job ran on Triton")
+
+
+class JobResults(BaseModel):
+    video: list[VideoUrl]
+    timings: Timings
+
+
+class JobStatus(BaseModel):
+    """A job as ``/lipsync/status``, ``/lipsync/cancel``, ``/v1/jobs`` and its webhook show it."""
+
+    request_id: str
+    status: JobState
+    reason: str | None = Field(description="why the job failed or was re-queued")
+    queue_position: int = Field(description="1 = next to run; 0 once it runs")
+    progress: float = Field(ge=0, le=1, description="fraction done; 1.0 only together with Succeed")
+    stage: str | None = Field(description="audio, analyse, generate, encode, done, or waiting for Triton")
+    eta_s: float | None = Field(description="while InProgress: seconds left, as Triton estimates them")
+    weights: str | None = Field(description="the weight set that made the result, or that Triton serves")
+    created_at: float = Field(description="Unix seconds of the submit")
+    results: JobResults | None = Field(description="only for Succeed")
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobStatus]
+    next_cursor: str | None = Field(description="the cursor of the next page; null on the last")

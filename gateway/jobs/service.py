@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
 from gateway.jobs.idempotency import fingerprint
 from gateway.jobs.quotas import Quotas
-from gateway.jobs.schemas import JobOptions
+from gateway.jobs.schemas import JobList, JobResults, JobStatus, SubmitOptions, Submitted, Timings, VideoUrl
 from gateway.jobs.storage import DataDir, DataDirFull, is_job_id, is_out_of_space
 from gateway.jobs.validation import InvalidInput, check_audio, check_video
 from gateway.store import (
@@ -71,7 +70,7 @@ class JobService:
         self.weights = weights
         self.on_queued = on_queued
 
-    def view(self, job: Job, queue_position: int | None = None) -> dict[str, Any]:
+    def view(self, job: Job, queue_position: int | None = None) -> JobStatus:
         """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base.
 
         ``weights``: what made the result for a finished job, what Triton serves for the others.
@@ -80,17 +79,17 @@ class JobService:
         results = None
         if job.status == SUCCEED:
             url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
-            results = {"video": [{"url": url}], "timings": {"inference": round(job.inference_s or 0.0, 3)}}
+            results = JobResults(video=[VideoUrl(url=url)], timings=Timings(inference=round(job.inference_s or 0.0, 3)))
         eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
-        return {
-            "request_id": job.id, "status": job.status, "reason": job.reason or None,
-            "queue_position": self.store.queue_position(job) if queue_position is None else queue_position,
-            "progress": round(job.progress, 4),
-            "stage": job.stage or None, "eta_s": eta, "weights": (job.info or {}).get("weights", self.weights.value),
-            "created_at": round(job.created_at, 3), "results": results,
-        }
+        return JobStatus(
+            request_id=job.id, status=job.status, reason=job.reason or None,  # type: ignore[arg-type]
+            queue_position=self.store.queue_position(job) if queue_position is None else queue_position,
+            progress=round(job.progress, 4),
+            stage=job.stage or None, eta_s=eta, weights=(job.info or {}).get("weights", self.weights.value),
+            created_at=round(job.created_at, 3), results=results,
+        )
 
-    def recent(self, owner: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+    def recent(self, owner: str, limit: int, cursor: str | None = None) -> JobList:
         """A page of the owner's jobs, newest first, each as its status shows it, and the cursor of the next
         page (None on the last); counted against the key's rate.
 
@@ -102,7 +101,7 @@ class JobService:
         shown = found[:limit]
         next_cursor = _cursor(shown[-1]) if len(found) > limit else None
         listed = zip(shown, self.store.queue_positions(shown), strict=True)
-        return {"jobs": [self.view(job, position) for job, position in listed], "next_cursor": next_cursor}
+        return JobList(jobs=[self.view(job, position) for job, position in listed], next_cursor=next_cursor)
 
     def notify(self, job_id: str) -> None:
         """A job finished (committed): call its webhook, if it has one."""
@@ -114,7 +113,7 @@ class JobService:
         """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
         return _owned(self.store.get(_checked_id(request_id)), owner)
 
-    def status(self, request_id: str, owner: str) -> dict[str, Any]:
+    def status(self, request_id: str, owner: str) -> JobStatus:
         """:meth:`view` of the :meth:`owned` job, the job and its queue position read in one transaction."""
         job, position = self.store.get_with_position(_checked_id(request_id))
         return self.view(_owned(job, owner), position)
@@ -137,8 +136,8 @@ class JobService:
         return path
 
     def submit(
-        self, owner: str, options: JobOptions, stage_inputs: StageInputs, idempotency_key: str | None,
-    ) -> dict[str, str]:
+        self, owner: str, options: SubmitOptions, stage_inputs: StageInputs, idempotency_key: str | None,
+    ) -> Submitted:
         """Stage the inputs, check them by content and queue the job.
 
         With an ``idempotency_key`` this owner used before: the same request gets the first job's id, a
@@ -157,7 +156,7 @@ class JobService:
             request_hash = fingerprint(options, *stage_inputs(staged))
             replayed = self._replay(owner, idempotency_key, request_hash)
             if replayed is not None:
-                return {"request_id": replayed.id}
+                return Submitted(request_id=replayed.id)
             webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
             check_video(staged / "video", "video_source", self.media)
             check_audio(staged / "audio", "audio_source", self.media)
@@ -188,7 +187,7 @@ class JobService:
             self.data.drop_inputs(job_id)
             self._replay(owner, idempotency_key, request_hash)
         self.on_queued()
-        return {"request_id": job.id}
+        return Submitted(request_id=job.id)
 
     def _replay(self, owner: str, idempotency_key: str | None, request_hash: str) -> Job | None:
         """The job this owner's ``idempotency_key`` already names, if the request is the same; 409 if not."""
@@ -202,11 +201,10 @@ class JobService:
             )
         return existing
 
-    def _params(self, options: JobOptions) -> dict[str, Any]:
-        """The job options (:data:`lipsync.contract.OPTIONS`) by REST name: the request's, else the configured defaults."""
-        defaults = asdict(self.settings.defaults)
-        given = options.model_dump(exclude={"webhook_url"})
-        return {name: defaults.get(name) if value is None else value for name, value in given.items()}
+    @staticmethod
+    def _params(options: SubmitOptions) -> dict[str, Any]:
+        """The job options (:data:`lipsync.contract.OPTIONS`) by name; ``None``: the served configuration decides."""
+        return options.model_dump(exclude={"webhook_url"})
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):

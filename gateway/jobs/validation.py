@@ -55,7 +55,7 @@ def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -
         check_file(path, "audio", MediaError)
         with open_media(path, limits) as container:
             stream = container.streams.best("audio")
-            if stream is None:
+            if not isinstance(stream, av.AudioStream):  # None: there is none
                 raise InvalidInput(f"{field} has no audio stream")
             check_audio_limits(container, stream, limits)
             for _ in container.decode(stream):

@@ -17,6 +17,7 @@ during the outage leaves its jobs ``InProgress``; their lease runs out and they 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -107,7 +108,7 @@ class Worker:
                     self._run(job)
                 except StoreUnavailable:
                     raise
-                except Exception:  # noqa: BLE001 - one job's fault must not kill the worker thread
+                except Exception:
                     log.exception("job %s failed in the gateway", job.id)
                     self._finish(job, self._committed(self.store.fail, job.id, "internal error in the gateway"))
             except StoreUnavailable as exc:  # stopping (_committed), or after the ending was committed
@@ -128,10 +129,8 @@ class Worker:
 
     def _progress(self, job_id: str, fraction: float, stage: str, eta_s: float | None = None) -> None:
         """Record a running job's progress, if the database answers (the next report does otherwise)."""
-        try:
+        with contextlib.suppress(StoreUnavailable):
             self.store.set_progress(job_id, fraction, stage, eta_s)
-        except StoreUnavailable:
-            pass
 
     def _cancelled(self, job_id: str) -> bool:
         """Whether the job left ``InProgress`` under this store (cancelled, taken over); a database out of reach
@@ -168,7 +167,7 @@ class Worker:
             return
         request = JobRequest(
             video=video, audio=audio, job_id=job.id,
-            **{option.name: job.params.get(option.rest_name) for option in OPTIONS if option.rest},
+            **{option.name: job.params.get(option.name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
         try:
@@ -246,7 +245,7 @@ class Worker:
                 self._recover()
             except StoreUnavailable as exc:
                 log.warning("job leases not renewed: the job database is unavailable (%s)", exc)
-            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+            except Exception:
                 log.exception("renewing job leases failed")
             if self._stop.wait(self.settings.lease_s / 3):
                 return

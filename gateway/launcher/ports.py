@@ -37,7 +37,7 @@ def taken(listeners: Iterable[Listener]) -> list[str]:
 def holder(port: int) -> str:
     """``pid N: command line`` of the process listening on TCP ``port``, as far as this user may see."""
     for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid is not None:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port and connection.pid is not None:
             try:
                 return f"pid {connection.pid}: {' '.join(psutil.Process(connection.pid).cmdline())}"
             except psutil.Error:

@@ -7,6 +7,7 @@ one. :class:`ProcessRecord` keeps the start time and command line beside it, and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -76,10 +77,8 @@ def kill_and_wait(processes: Iterable[psutil.Process], timeout_s: float = 10) ->
     """SIGKILL ``processes`` and wait until they are gone; those still there after ``timeout_s``."""
     processes = list(processes)
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     deadline = time.monotonic() + timeout_s
     alive = processes
     while alive and time.monotonic() < deadline:

@@ -25,7 +25,7 @@ def _is_region(name: str) -> bool:
 
 def stub_regions(stubs: Iterable[psutil.Process]) -> set[str]:
     """The region names on the command lines of ``stubs`` (backend stub processes)."""
-    names = set()
+    names: set[str] = set()
     for stub in stubs:
         try:
             names.update(arg for arg in stub.cmdline() if _is_region(arg))

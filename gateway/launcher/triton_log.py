@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 
 class LogPump:
     """A thread writing ``source`` (the server's stdout and stderr) to ``path``, without lines containing ``drop``."""
 
-    def __init__(self, source: BinaryIO, path: Path, drop: Sequence[str] = ()) -> None:
+    def __init__(self, source: IO[bytes], path: Path, drop: Sequence[str] = ()) -> None:
         self.source = source
         self.path = path
         self.drop = [text.encode() for text in drop]

@@ -262,7 +262,7 @@ class TritonServer:
 
     def __init__(self, settings: TritonSettings) -> None:
         self.settings = settings
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.log_path = settings.workdir / "triton.log"
         self.pid_file: PidFile | None = None
         self._stopping = False
@@ -335,9 +335,10 @@ class TritonServer:
             self.log_path.write_bytes(b"")
             self.process = subprocess.Popen(
                 command, env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_server_preexec(),
+                start_new_session=True, preexec_fn=_server_preexec(),  # noqa: PLW1509 - signal settings only, before exec
             )
             noise = self.settings.cpu_log_noise if self.settings.resolved_device() == "cpu" else ()
+            assert self.process.stdout is not None  # stdout=PIPE
             self._log_pump = LogPump(self.process.stdout, self.log_path, noise)
             self.pid_file.record(launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(self.process.pid))
         except BaseException:
@@ -352,7 +353,7 @@ class TritonServer:
         server = triton.process() if triton is not None else None
         stubs = self._stubs()
         regions = recorded_regions(self.settings.workdir / REGIONS_FILE) | stub_regions(stubs)
-        if server is not None:
+        if triton is not None and server is not None:
             log.warning("stopping the Triton left behind in %s by an earlier run (%s)", self.settings.workdir, triton.describe())
             if os.getpgid(server.pid) == server.pid:  # its own session: the group is its stubs and their workers
                 os.killpg(server.pid, signal.SIGKILL)
@@ -390,7 +391,7 @@ class TritonServer:
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Call ``on_exit`` with :meth:`exit_reason`, from a thread, if the server exits without :meth:`stop`
         or :meth:`kill` asking it to."""
-        process = self.process
+        process = self._started()
 
         def wait() -> None:
             process.wait()
@@ -401,9 +402,20 @@ class TritonServer:
 
     def exit_reason(self) -> str:
         """How the server ended (status or signal) and the end of its log."""
-        code = self.process.returncode
+        process = self._started()
+        code = process.returncode
         how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
-        return f"tritonserver (pid {self.process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail(15)}"
+        return f"tritonserver (pid {process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail(15)}"
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        return self._started().wait()
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        """The server process; only after :meth:`start`."""
+        if self.process is None:
+            raise TritonError("the server has not been started")
+        return self.process
 
     def stop(self) -> int | None:
         """Cancel running jobs (the stop file), SIGTERM (Triton unloads the models within ``exit_timeout_s``),
@@ -428,8 +440,9 @@ class TritonServer:
         """SIGKILL the server and its backend stubs (a crash, or a server that will not stop); releases the work folder."""
         self._stopping = True
         self._regions |= stub_regions(self._stubs())
-        os.killpg(self.process.pid, signal.SIGKILL)
-        code = self.process.wait()
+        process = self._started()
+        os.killpg(process.pid, signal.SIGKILL)
+        code = process.wait()
         self._reap_stubs()
         self._release()
         return code

@@ -56,9 +56,9 @@ from gateway.store.records import (
 from gateway.store.store import JobStore
 
 __all__ = [
-    "CANCELLED", "FAILED", "QUEUE_POLICIES", "QueuePolicy", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "STATES", "SUCCEED",
-    "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore", "QuotaExceeded",
-    "StoreUnavailable", "new_claimant", "new_job_id", "open_store", "sqlite_url",
+    "CANCELLED", "FAILED", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "QUEUE_POLICIES", "STATES",
+    "SUCCEED", "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore",
+    "QueuePolicy", "QuotaExceeded", "StoreUnavailable", "new_claimant", "new_job_id", "open_store", "sqlite_url",
 ]
 
 

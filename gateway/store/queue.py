@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
+from sqlalchemy import BindParameter, ColumnElement, Connection, Select, bindparam, func, select
 
 from gateway.core.settings import QueuePolicy
 from gateway.store.records import IN_PROGRESS, IN_QUEUE, Job
@@ -66,7 +66,8 @@ def _next_job(policy: QueuePolicy) -> Select:
 NEXT_JOB = {policy: _next_job(policy) for policy in QUEUE_POLICIES}
 """The ``seq`` of the job to claim next, its row locked (rows other gateways hold skipped) on PostgreSQL."""
 _OWNERS = _owners()
-_SEQ, _OWNER = bindparam("seq"), bindparam("owner")
+_SEQ: BindParameter[int] = bindparam("seq")
+_OWNER: BindParameter[str] = bindparam("owner")
 _AHEAD = select(func.count()).where(jobs.c.status == IN_QUEUE, jobs.c.seq <= _SEQ)
 _AHEAD_OF_OWNER = _AHEAD.where(jobs.c.owner == _OWNER)
 

@@ -52,7 +52,7 @@ class Job:
     lease_until: float | None = None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
+    def from_row(cls, row: Mapping[Any, Any]) -> Job:
         values = {field.name: row[field.name] for field in fields(cls)}
         values["params"] = json.loads(values["params"])
         values["info"] = json.loads(values["info"]) if values["info"] else None
@@ -81,7 +81,7 @@ class Delivery:
     finished_at: float | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Delivery:
+    def from_row(cls, row: Mapping[Any, Any]) -> Delivery:
         return cls(**{field.name: row[field.name] for field in fields(cls)})
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     Select,
@@ -54,7 +55,10 @@ outbox = webhook_outbox
 
 # What a status poll or a running job asks, built once: building a statement costs several times what
 # running it on SQLite does.
-_ID, _OWNER, _KEY, _CLAIMANT = bindparam("job_id"), bindparam("owner"), bindparam("key"), bindparam("claimant")
+_ID: BindParameter[str] = bindparam("job_id")
+_OWNER: BindParameter[str] = bindparam("owner")
+_KEY: BindParameter[str] = bindparam("key")
+_CLAIMANT: BindParameter[str] = bindparam("claimant")
 _GET = select(jobs).where(jobs.c.id == _ID)
 _BY_KEY = select(jobs).where(jobs.c.owner == _OWNER, jobs.c.idempotency_key == _KEY)
 _ACTIVE = select(func.count()).where(jobs.c.owner == _OWNER, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))

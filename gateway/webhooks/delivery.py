@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import threading
 import time
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx2
+from pydantic import BaseModel
 
 from gateway.core.settings import GatewaySettings
 from gateway.store import Delivery, Job, JobStore, StoreUnavailable
@@ -72,10 +73,10 @@ class Webhooks:
         self.policy.destination(url)
         return url
 
-    def send(self, job: Job, payload: dict[str, Any]) -> None:
+    def send(self, job: Job, payload: BaseModel) -> None:
         """Queue ``job``'s webhook (committed before this returns) and let the delivery thread know."""
         if job.webhook_url:
-            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, json.dumps(payload))
+            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, payload.model_dump_json())
             self.wake()
 
     def wake(self) -> None:
@@ -115,7 +116,7 @@ class Webhooks:
                 except StoreUnavailable as exc:
                     log.warning("webhook delivery paused: the job database is unavailable (%s)", exc)
                     await asyncio.sleep(self.settings.store_retry_s)
-                except Exception:  # noqa: BLE001 - e.g. the table busy: keep delivering after a pause
+                except Exception:
                     log.exception("webhook delivery loop")
                     await asyncio.sleep(self.settings.webhook_backoff_s)
         except asyncio.CancelledError:
@@ -162,9 +163,11 @@ class Webhooks:
             owners[delivery.owner] += 1
             task = asyncio.create_task(self._deliver(client, delivery))
             running[delivery.id] = task
-            task.add_done_callback(lambda _, d=delivery: self._finished(d, running, owners))
+            task.add_done_callback(functools.partial(self._finished, delivery, running, owners))
 
-    def _finished(self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str]) -> None:
+    def _finished(
+        self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str], _: asyncio.Task,
+    ) -> None:
         running.pop(delivery.id, None)
         owners[delivery.owner] -= 1
         if owners[delivery.owner] <= 0:
@@ -184,7 +187,7 @@ class Webhooks:
             error = f"refused: {exc}"
         except (httpx2.HTTPError, OSError) as exc:
             error = type(exc).__name__
-        except Exception as exc:  # noqa: BLE001 - a fault here must back off like any failed attempt, not spin
+        except Exception as exc:
             log.exception("webhook for job %s: unexpected error", delivery.job_id)
             error = f"internal error: {type(exc).__name__}"
         attempts = delivery.attempts + 1

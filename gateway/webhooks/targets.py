@@ -129,8 +129,8 @@ def numeric_host(host: str) -> IPAddress | None:
     labels = host.split(".")
     if not (labels[-1].isdigit() or _ipv4_number(labels[-1]) is not None):
         return None
-    numbers = [_ipv4_number(label) for label in labels]
-    if len(numbers) > 4 or any(n is None for n in numbers) or any(n > 255 for n in numbers[:-1]):
+    numbers = [number for number in map(_ipv4_number, labels) if number is not None]
+    if len(labels) > 4 or len(numbers) < len(labels) or any(n > 255 for n in numbers[:-1]):
         raise WebhookRefused("webhook_url host is not a valid IPv4 address")
     *head, last = numbers
     if last >= 256 ** (5 - len(numbers)):
@@ -202,8 +202,8 @@ class AddressPolicy:
     def __init__(self, allow: Iterable[str] = (), resolver: Resolver = system_resolver) -> None:
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.hosts: set[str] = set()
-        for entry in allow:
-            entry = entry.strip().lower().rstrip(".")
+        for given in allow:
+            entry = given.strip().lower().rstrip(".")
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:

@@ -48,7 +48,7 @@ def load_audio(path: str | Path, sample_rate: int = AUDIO_SAMPLE_RATE, limits: M
     try:
         with open_media(path, limits) as container:
             stream = container.streams.best("audio")
-            if stream is None:
+            if not isinstance(stream, av.AudioStream):  # None: there is none
                 kinds = ", ".join(s.type for s in container.streams) or "no streams"
                 raise AudioError(f"{path} has no audio stream ({kinds})")
             check_audio_limits(container, stream, limits)
@@ -60,7 +60,7 @@ def load_audio(path: str | Path, sample_rate: int = AUDIO_SAMPLE_RATE, limits: M
                 check_audio_length(samples / sample_rate, limits)
     except av.FFmpegError as exc:
         raise AudioError(f"cannot decode audio from {path}: {exc}") from exc
-    samples = np.concatenate(chunks) if chunks else np.empty(0, np.int16)
-    if samples.size == 0:
+    pcm = np.concatenate(chunks) if chunks else np.empty(0, np.int16)
+    if pcm.size == 0:
         raise AudioError(f"{path} contains no audio samples")
-    return samples.astype(np.float32) / _FULL_SCALE
+    return pcm.astype(np.float32) / _FULL_SCALE

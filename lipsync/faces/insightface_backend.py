@@ -71,13 +71,14 @@ class InsightFaceDetector:
         box, score = boxes[best, :4], float(boxes[best, 4])
         face = self._face_type(bbox=box, kps=None if keypoints is None else keypoints[best], det_score=score)
         landmarks = self._landmarker.get(frame, face)
-        return FaceLandmarks(points_from_106(landmarks, self.settings), tuple(float(v) for v in box), score)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return FaceLandmarks(points_from_106(landmarks, self.settings), (x1, y1, x2, y2), score)
 
 
 def select_face(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSettings) -> int | None:
     """Index of the face official keeps among detector ``boxes`` (N, 4) and ``scores`` (N,), or ``None``."""
     best, best_area = None, 0
-    for index, (box, score) in enumerate(zip(boxes, scores)):
+    for index, (box, score) in enumerate(zip(boxes, scores, strict=True)):
         x1, y1, x2, y2 = np.asarray(box).astype(np.int_).tolist()
         width, height = x2 - x1, y2 - y1
         if width < settings.min_width or height < settings.min_height:

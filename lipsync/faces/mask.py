@@ -23,7 +23,7 @@ def render_mask_image(settings: MaskSettings) -> np.ndarray:
     size = settings.render_size
     vertices = (np.asarray(settings.polygon, dtype=np.float64) * size - 0.5) * (1 << _SUBPIXEL_BITS)
     image = np.full((size, size), 255, np.uint8)
-    cv2.fillPoly(image, [np.round(vertices).astype(np.int32)], 0, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    cv2.fillPoly(image, [np.round(vertices).astype(np.int32)], (0,), lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
     return image
 
 

@@ -73,7 +73,7 @@ class FacePaster:
         warped = np.clip(warped / 2 + 0.5, 0, 1) * 255
 
         ones = np.ones(self.crop_size[::-1], np.float32)
-        mask = cv2.warpAffine(ones, to_crop, size, flags=inverse, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mask = cv2.warpAffine(ones, to_crop, size, flags=inverse, borderMode=cv2.BORDER_CONSTANT, borderValue=(0,))
         kernel = self.settings.erode_kernel
         mask = cv2.erode(mask, np.ones((kernel, kernel), np.uint8))
         w_edge = int(mask.sum(dtype=np.float64) ** 0.5) // self.settings.edge_divisor

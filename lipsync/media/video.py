@@ -100,6 +100,7 @@ class VideoReader:
             yield from self._pull()
         self._graph.vpush(None)
         yield from self._pull()
+        assert first.time_base is not None  # a decoded frame carries its stream's
         self._check_length(float((end - start) * first.time_base))
 
     def close(self) -> None:

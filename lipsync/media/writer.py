@@ -24,6 +24,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import weakref
@@ -159,6 +160,7 @@ class VideoWriter:
         stream = self._container.add_stream(
             settings.video_codec, rate=self.fps, options={"crf": str(settings.crf), "preset": settings.preset}
         )
+        assert isinstance(stream, av.VideoStream)  # a video codec makes a video stream
         stream.width, stream.height = self.output_size
         stream.pix_fmt = settings.pix_fmt
         context = stream.codec_context
@@ -171,11 +173,12 @@ class VideoWriter:
 
     def _add_audio_stream(self, settings: MediaSettings) -> av.AudioStream:
         stream = self._container.add_stream(settings.audio_codec, rate=self._sample_rate, layout="mono")
+        assert isinstance(stream, av.AudioStream)  # an audio codec makes an audio stream
         stream.bit_rate = settings.audio_bitrate
         return stream
 
     def _write_audio_until(self, frames: int) -> None:
-        if self._audio_stream is None:
+        if self._audio_stream is None or self._audio is None:
             return
         end = min(frames * self._sample_rate // self.fps, self._audio.size)
         if end <= self._audio_written:
@@ -189,10 +192,8 @@ class VideoWriter:
     def _discard(self) -> None:
         container = getattr(self, "_container", None)
         if container is not None:
-            try:
+            with contextlib.suppress(av.FFmpegError):  # the file is thrown away: a failed trailer does not matter
                 container.close()
-            except av.FFmpegError:
-                pass  # the file is being thrown away; a failed trailer write does not matter
         self._unfinished()
 
 

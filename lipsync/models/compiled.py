@@ -44,11 +44,9 @@ class CompiledUNet:
         ``torch.compile``'s; tests use ``"aot_eager"`` (the same graph capture, no code generation)."""
         self.unet = unet
         self.frames = frames
-        options = {"backend": backend, "fullgraph": True, "dynamic": False}
-        if backend == "inductor":
-            options["mode"] = COMPILE_MODE
-        self._forward_caching = torch.compile(unet.forward_caching, **options)
-        self._forward_shallow = torch.compile(unet.forward_shallow, **options)
+        mode = COMPILE_MODE if backend == "inductor" else None
+        self._forward_caching = torch.compile(unet.forward_caching, backend=backend, fullgraph=True, dynamic=False, mode=mode)
+        self._forward_shallow = torch.compile(unet.forward_shallow, backend=backend, fullgraph=True, dynamic=False, mode=mode)
 
     @property
     def dtype(self) -> torch.dtype:

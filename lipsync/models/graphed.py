@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lipsync.gpu_guard import GPU_GUARD
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.unet import UNet3DConditionModel
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 _WARMUP_CALLS = 2
 """Eager calls before capture: cuDNN/cuBLAS pick their algorithms and allocate workspaces outside the graph."""
@@ -38,7 +42,7 @@ TensorFunction = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 class _CapturedCall:
     """One captured graph: its static inputs and outputs."""
 
-    def __init__(self, function: TensorFunction, inputs: tuple[torch.Tensor, ...], pool: tuple[int, int]) -> None:
+    def __init__(self, function: TensorFunction, inputs: tuple[torch.Tensor, ...], pool: _POOL_HANDLE) -> None:
         with GPU_GUARD.shared():
             self.inputs = tuple(tensor.clone() for tensor in inputs)
             side = torch.cuda.Stream()
@@ -55,7 +59,7 @@ class _CapturedCall:
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         with GPU_GUARD.shared():
-            for static, tensor in zip(self.inputs, inputs):
+            for static, tensor in zip(self.inputs, inputs, strict=True):
                 static.copy_(tensor)
             self.graph.replay()
             outputs = tuple(output.clone() for output in self.outputs)
@@ -149,7 +153,7 @@ class GraphedUNet:
         return torch.as_tensor(timestep, device=self.device).reshape(1)
 
     @torch.no_grad()
-    def _run(self, name: str, function: TensorFunction, *inputs: torch.Tensor):
+    def _run(self, name: str, function: TensorFunction, *inputs: torch.Tensor) -> Any:  # what ``function`` returns
         key = (name, *((tuple(tensor.shape), tensor.dtype) for tensor in inputs))
         # The calling thread's current device may be another GPU (each thread starts on device 0):
         # streams, the capture and the replay must all be on the UNet's device.

@@ -26,6 +26,7 @@ class SinusoidalPositions(nn.Module):
         table = torch.zeros(1, max_len, dim)
         table[0, :, 0::2] = torch.sin(position * frequencies)
         table[0, :, 1::2] = torch.cos(position * frequencies)
+        self.pe: torch.Tensor
         self.register_buffer("pe", table)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         """``sequences``: ``(B·H·W, F, C)``; LayerNorms and the feed-forward act per token."""
-        for attention, norm in zip(self.attention_blocks, self.norms):
+        for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
             sequences = attention(norm(sequences)) + sequences
         return self.ff(self.ff_norm(sequences)) + sequences
 

@@ -22,7 +22,9 @@ class FramePooledGroupNorm(nn.GroupNorm):
     With ``fuse_silu`` the activation that always follows is applied before the copy back.
     """
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int, fuse_silu: bool = False) -> torch.Tensor:
+    def forward(  # type: ignore[override]  # it needs the window length, which a plain GroupNorm does not
+        self, hidden_states: torch.Tensor, num_frames: int, fuse_silu: bool = False,
+    ) -> torch.Tensor:
         frames_in_batch, channels, height, width = hidden_states.shape
         windows = hidden_states.reshape(frames_in_batch // num_frames, num_frames, channels, height * width).transpose(1, 2)
         normalised = F.group_norm(windows, self.num_groups, self.weight, self.bias, self.eps)

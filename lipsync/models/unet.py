@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, cast
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -130,8 +131,9 @@ class UNet3DConditionModel(nn.Module):
             skips.extend(block_skips)
         hidden_states = self.mid_block(hidden_states, call.temb, call.audio, call.frames)
         for block in self.up_blocks[:-1]:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
+            resnets = cast(nn.ModuleList, block.resnets)
+            block_skips = skips[-len(resnets):]
+            del skips[-len(resnets):]
             hidden_states = block(hidden_states, block_skips, call.temb, call.audio, call.frames, tuple(skips[-1].shape[-2:]))
         return self._shallow_up(call, hidden_states, skips), hidden_states
 

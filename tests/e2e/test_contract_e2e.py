@@ -16,7 +16,7 @@ import pytest
 from support.clips import FPS, demo_frames, speech, write_video, write_wav
 from support.gateway_process import KEYS
 
-from gateway.backends.triton_client import JobRequest, run_job
+from gateway.backends.triton_client import JobRequest, stream_job
 from lipsync.weights import WeightPaths, weight_paths
 
 pytestmark = [
@@ -63,9 +63,9 @@ def test_cli_loop_mode_cut(short_clip: tuple[Path, Path], tiny_weights: WeightPa
 
 def test_triton_loop_mode_cut_logs_the_request_id(triton, short_clip: tuple[Path, Path], tmp_path: Path) -> None:
     video, audio = short_clip
-    job = JobRequest(video.read_bytes(), audio.read_bytes(), job_id="contract-cut-triton", steps=1, loop_mode="cut",
+    job = JobRequest(video.read_bytes(), audio.read_bytes(), job_id="contract-cut-triton", inference_steps=1, loop_mode="cut",
                      crf=40)
-    result = run_job(triton.settings.grpc_url, job)
+    result = stream_job(triton.settings.grpc_url, job)
     assert result.info["frames"] == VIDEO_FRAMES
     (tmp_path / "out.mp4").write_bytes(result.video)
     _check_cut(tmp_path / "out.mp4")

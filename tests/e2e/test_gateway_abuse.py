@@ -24,7 +24,7 @@ from support.clips import demo_frames, speech, write_video, write_wav
 from support.gateway_process import KEYS, memory_mb, reset_peak_memory
 from support.local_gateway import LocalGateway, StandInBackend
 
-from gateway.backends.triton_client import JobRequest, TritonJobError, run_job
+from gateway.backends.triton_client import JobRequest, TritonJobError, stream_job
 from gateway.store import new_job_id
 from lipsync.testing import sample_sum
 
@@ -202,7 +202,7 @@ def test_the_model_refuses_a_decode_bomb_sent_straight_to_triton(triton, media) 
     for pid in stubs:
         reset_peak_memory(pid)
     with pytest.raises(TritonJobError) as raised:
-        run_job(triton.settings.grpc_url, JobRequest(video=media["bomb"], audio=media["audio"], steps=1))
+        stream_job(triton.settings.grpc_url, JobRequest(video=media["bomb"], audio=media["audio"], inference_steps=1))
     assert raised.value.kind == "bad_input" and "(max_side)" in str(raised.value)
     assert max(memory_mb(pid, "VmHWM") - resident[pid] for pid in stubs) < 128  # it cost Triton 2 GB
 

@@ -16,7 +16,7 @@ from gateway.core.settings import GatewaySettings
 from gateway.jobs.forms import OPTION_PARSERS, upload_parts
 from gateway.jobs.idempotency import fingerprint
 from gateway.jobs.quotas import Quotas
-from gateway.jobs.schemas import JobOptions, JobRef, SubmitRequest
+from gateway.jobs.schemas import SubmitOptions, JobRef, SubmitRequest
 from gateway.jobs.validation import InvalidInput
 from gateway.store import JobStore, new_job_id, sqlite_url
 
@@ -50,7 +50,7 @@ def test_any_bearer_value_is_a_key_or_none_never_an_error() -> None:
 ])
 def test_json_integers_must_be_json_integers(field, value) -> None:
     with pytest.raises(ValidationError):
-        JobOptions.model_validate({field: value})
+        SubmitOptions.model_validate({field: value})
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -63,7 +63,7 @@ def test_json_fields_take_only_their_own_type(field, value) -> None:
 
 
 def test_numbers_of_the_right_type_pass_and_a_float_field_takes_an_integer() -> None:
-    options = JobOptions.model_validate({"inference_steps": 2, "guidance_scale": 2, "seed": -(2**63)})
+    options = SubmitOptions.model_validate({"inference_steps": 2, "guidance_scale": 2, "seed": -(2**63)})
     assert (options.inference_steps, options.guidance_scale, options.seed) == (2, 2.0, -(2**63))
     with pytest.raises(ValidationError):
         JobRef.model_validate({"request_id": "0" * 32, "extra": 1})
@@ -79,7 +79,7 @@ def form(**fields: str | list[str]) -> FormData:
 
 
 def test_form_fields_cover_every_option() -> None:
-    assert set(OPTION_PARSERS) == set(JobOptions.model_fields)
+    assert set(OPTION_PARSERS) == set(SubmitOptions.model_fields)
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
@@ -127,12 +127,12 @@ def test_a_missing_file_part_is_refused() -> None:
 
 
 def test_the_fingerprint_covers_inputs_and_options() -> None:
-    base = fingerprint(JobOptions(inference_steps=2), "a" * 64, "b" * 64)
-    assert base == fingerprint(JobOptions.model_validate({"inference_steps": 2}), "a" * 64, "b" * 64)
-    assert base != fingerprint(JobOptions(inference_steps=3), "a" * 64, "b" * 64)
-    assert base != fingerprint(JobOptions(inference_steps=2), "c" * 64, "b" * 64)
-    assert base != fingerprint(JobOptions(inference_steps=2), "a" * 64, "c" * 64)
-    assert base != fingerprint(JobOptions(inference_steps=2, seed=1247), "a" * 64, "b" * 64)
+    base = fingerprint(SubmitOptions(inference_steps=2), "a" * 64, "b" * 64)
+    assert base == fingerprint(SubmitOptions.model_validate({"inference_steps": 2}), "a" * 64, "b" * 64)
+    assert base != fingerprint(SubmitOptions(inference_steps=3), "a" * 64, "b" * 64)
+    assert base != fingerprint(SubmitOptions(inference_steps=2), "c" * 64, "b" * 64)
+    assert base != fingerprint(SubmitOptions(inference_steps=2), "a" * 64, "c" * 64)
+    assert base != fingerprint(SubmitOptions(inference_steps=2, seed=1247), "a" * 64, "b" * 64)
 
 
 def test_rates_answer_429_with_retry_after_per_key(store, tmp_path) -> None:

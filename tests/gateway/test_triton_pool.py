@@ -155,6 +155,6 @@ def test_jobs_succeed_on_the_live_endpoint_and_the_dead_one_is_skipped(triton, t
     assert pool.ready() and pool.ready_urls() == [triton.settings.grpc_url]
     assert pool.weights() == "tiny-demo"
     for _ in range(2):
-        result = pool.run(JobRequest(video=video, audio=audio, steps=1), lambda *_: None, lambda: False)
+        result = pool.run(JobRequest(video=video, audio=audio, inference_steps=1), lambda *_: None, lambda: False)
         assert result.video and result.info["frames"] == 25
     assert pool.running == {dead: 0, triton.settings.grpc_url: 0}

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from gateway.backends.triton_client import JobRequest, TritonJobError
 from gateway.core.errors import ApiError
 from gateway.jobs.forms import OPTION_PARSERS
-from gateway.jobs.schemas import JobOptions as RequestOptions
+from gateway.jobs.schemas import SubmitOptions
 from gateway.jobs.schemas import option_rules
 from gateway.launcher.triton_server import MODEL_REPOSITORY
 from lipsync import contract
@@ -43,10 +43,10 @@ def test_config_pbtxt_inputs_are_the_contracts(model: str) -> None:
 
 def test_every_surface_offers_exactly_the_contracts_options() -> None:
     names = [option.name for option in contract.OPTIONS]
-    rest = [option.rest_name for option in contract.OPTIONS if option.rest]
+    rest = [option.name for option in contract.OPTIONS if option.rest]
     assert [item.name for item in dataclasses.fields(JobOptions)] == names
     assert [item.name for item in dataclasses.fields(JobRequest)] == ["video", "audio", "job_id", *names]
-    assert list(RequestOptions.model_fields) == [*rest, "webhook_url"]
+    assert list(SubmitOptions.model_fields) == [*rest, "webhook_url"]
     assert list(OPTION_PARSERS) == [*rest, "webhook_url"]
     assert list(option_rules()) == rest
 
@@ -59,7 +59,7 @@ def test_choices_are_the_configs_data() -> None:
 
 
 def test_encode_then_decode_gives_the_options_back() -> None:
-    values = {"steps": 7, "guidance_scale": 2.5, "seed": -(2**63), "loop_mode": "cut", "mode": "fast", "version": "1.6",
+    values = {"inference_steps": 7, "guidance_scale": 2.5, "seed": -(2**63), "loop_mode": "cut", "mode": "fast", "version": "1.6",
               "devices": 2, "crf": 51}
     arrays = contract.encode(values, b"video", b"audio")
     assert {name: array.dtype for name, array in arrays.items()} == {
@@ -96,7 +96,7 @@ def test_job_options_and_requests_are_checked_against_the_contract() -> None:
     with pytest.raises(BadInput, match="mode must be one of"):
         JobOptions(mode="turbo")
     with pytest.raises(BadInput, match="inference_steps"):
-        JobRequest(b"v", b"a", steps=1001).inputs()
+        JobRequest(b"v", b"a", inference_steps=1001).inputs()
     for value in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(BadInput, match="finite"):
             JobOptions(guidance_scale=value)
@@ -104,7 +104,7 @@ def test_job_options_and_requests_are_checked_against_the_contract() -> None:
             contract.check({"guidance_scale": value})
         with pytest.raises(BadInput, match="finite"):
             contract.encode({"guidance_scale": value})
-    assert [tensor.name() for tensor in JobRequest(b"v", b"a", steps=3, job_id="j").inputs()] == ["VIDEO", "AUDIO", "STEPS"]
+    assert [tensor.name() for tensor in JobRequest(b"v", b"a", inference_steps=3, job_id="j").inputs()] == ["VIDEO", "AUDIO", "STEPS"]
 
 
 def test_each_error_kind_maps_once() -> None:
@@ -134,3 +134,18 @@ def test_a_misconfiguration_is_not_the_callers_fault() -> None:
 def test_importing_the_contract_does_not_import_torch() -> None:
     code = "import sys, lipsync.contract; print(sorted({'torch', 'av', 'diffusers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_the_served_configuration_alone_decides_the_defaults() -> None:
+    """A submit's missing options stay unset up to the model; what it then gets (and ``/v1/info`` shows) is
+    the served UNet config's ``run`` section, configs/media.yaml's crf and the contract's own defaults."""
+    from gateway.backends.served import served_defaults
+    from lipsync.config import load_config, run_defaults
+    from lipsync.media import MediaSettings
+    from lipsync.weights import load_weights_config
+
+    tiny, media = load_weights_config().version("tiny"), MediaSettings.load()
+    run = run_defaults(load_config(tiny.unet_config))
+    assert served_defaults(tiny.label, media) == run | {"loop_mode": "pingpong", "mode": "exact", "crf": media.crf}
+    assert served_defaults(None, media) == {"loop_mode": "pingpong", "mode": "exact", "crf": media.crf}
+    assert SubmitOptions().model_dump(exclude={"webhook_url"}) == dict.fromkeys(option_rules())

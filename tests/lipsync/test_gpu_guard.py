@@ -171,7 +171,7 @@ def _concurrent_jobs(tiny_weights: WeightPaths, clips, tmp_path: Path, guarded: 
     try:
         with ThreadPoolExecutor(len(clips)) as pool:
             results = list(pool.map(
-                lambda job: pipeline.run(*clips[job], tmp_path / f"out{job}.mp4", steps=2), range(len(clips))
+                lambda job: pipeline.run(*clips[job], tmp_path / f"out{job}.mp4", inference_steps=2), range(len(clips))
             ))
     finally:
         work.remove()

@@ -76,7 +76,7 @@ class Job:
 
 def run_job(pipeline: LipSyncPipeline, video: Path, audio: Path, output: Path, **options) -> Job:
     progress: list[tuple[float, str]] = []
-    result = pipeline.run(video, audio, output, steps=STEPS, progress=lambda f, s: progress.append((f, s)), **options)
+    result = pipeline.run(video, audio, output, inference_steps=STEPS, progress=lambda f, s: progress.append((f, s)), **options)
     return Job(video, audio, output, result, progress)
 
 
@@ -231,7 +231,7 @@ def test_audio_longer_than_video_loops_it(
 ) -> None:
     video, audio = short_clip
     assert [read_stamp(frame) for frame in decode(video)] == list(range(6))
-    result = pipeline.run(video, audio, tmp_path / "out.mp4", steps=STEPS, loop_mode=loop_mode)
+    result = pipeline.run(video, audio, tmp_path / "out.mp4", inference_steps=STEPS, loop_mode=loop_mode)
     assert result.frames == 16 and result.faceless_frames == 0
     shown = [read_stamp(frame) for frame in decode(tmp_path / "out.mp4")]
     expected = {
@@ -245,7 +245,7 @@ def test_unknown_loop_mode_is_a_clear_value_error(
     pipeline: LipSyncPipeline, short_clip: tuple[Path, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(ValueError, match=r"loop_mode must be one of \['pingpong', 'loop', 'cut'\], got 'bounce'"):
-        pipeline.run(*short_clip, tmp_path / "out.mp4", steps=STEPS, loop_mode="bounce")
+        pipeline.run(*short_clip, tmp_path / "out.mp4", inference_steps=STEPS, loop_mode="bounce")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -274,7 +274,7 @@ def test_faceless_frames_are_counted_in_output_order(
     frames[2] = flat(128)
     video = write_video(media / "six-faceless.mp4", frames)
     audio = write_wav(media / "six-faceless.wav", speech(0.64))
-    result = pipeline.run(video, audio, tmp_path / "out.mp4", steps=1)
+    result = pipeline.run(video, audio, tmp_path / "out.mp4", inference_steps=1)
     assert result.frames == 16
     assert result.faceless_frames == source_frames(16, 6).count(2) == 3
 
@@ -285,7 +285,7 @@ def test_clip_without_any_face_is_a_clear_error(pipeline: LipSyncPipeline, media
     video = write_video(media / "no-face.mp4", pictures)
     audio = write_wav(media / "no-face.wav", speech(0.24))
     with pytest.raises(NoFaceError, match=r"no face was found in any of the 6 frames of no-face\.mp4"):
-        pipeline.run(video, audio, tmp_path / "out.mp4", steps=STEPS)
+        pipeline.run(video, audio, tmp_path / "out.mp4", inference_steps=STEPS)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -306,7 +306,7 @@ def test_cancelling_after_the_first_window_leaves_no_output(
     try:
         with pytest.raises(JobCancelled, match="cancelled"):
             pipeline.run(
-                *faceless_clip, tmp_path / "out.mp4", steps=STEPS,
+                *faceless_clip, tmp_path / "out.mp4", inference_steps=STEPS,
                 progress=lambda f, s: progress.append((f, s)), should_cancel=lambda: len(unet_calls) >= STEPS,
             )
     finally:
@@ -322,7 +322,7 @@ def test_cancelling_during_analysis_stops_before_generating(
     progress: list[tuple[float, str]] = []
     with pytest.raises(JobCancelled):
         pipeline.run(
-            *faceless_clip, tmp_path / "out.mp4", steps=STEPS,
+            *faceless_clip, tmp_path / "out.mp4", inference_steps=STEPS,
             progress=lambda f, s: progress.append((f, s)), should_cancel=lambda: True,
         )
     assert {stage for _, stage in progress} <= {"audio", "analyse"}

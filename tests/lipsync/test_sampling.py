@@ -203,9 +203,9 @@ def test_the_contracts_most_steps_stay_within_the_schedulers_timesteps() -> None
     """The largest step count the contract allows denoises; one more is refused before it reaches the scheduler."""
     from lipsync.contract import BY_NAME
 
-    most = BY_NAME["steps"].maximum
+    most = BY_NAME["inference_steps"].maximum
     scheduler = load_scheduler()
     scheduler.set_timesteps(most)
     assert int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps
     with pytest.raises(ValueError):
-        BY_NAME["steps"].check(most + 1)
+        BY_NAME["inference_steps"].check(most + 1)

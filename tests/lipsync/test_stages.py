@@ -46,7 +46,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _job(pipeline: LipSyncPipeline, clip: tuple[Path, Path], progress: list | None = None, **options) -> Job:
-    settings, loop_mode = pipeline.check_options(steps=STEPS, **options)
+    settings, loop_mode = pipeline.check_options(inference_steps=STEPS, **options)
     return pipeline.plan(*clip, settings, loop_mode, progress=None if progress is None else lambda f, s: progress.append((f, s)))
 
 
@@ -61,9 +61,9 @@ def _batches(pipeline: LipSyncPipeline, job: Job) -> list[FrameBatch]:
 def test_check_options_takes_the_configs_defaults_and_refuses_what_is_out_of_range(pipeline: LipSyncPipeline) -> None:
     settings, loop_mode = pipeline.check_options()
     assert (settings.steps, settings.windows_per_call, loop_mode) == (20, 1, LoopMode.PINGPONG)
-    settings, loop_mode = pipeline.check_options(steps=3, mode="fast", loop_mode="loop")
+    settings, loop_mode = pipeline.check_options(inference_steps=3, mode="fast", loop_mode="loop")
     assert (settings.steps, settings.cache_interval > 1, loop_mode) == (3, True, LoopMode.LOOP)
-    refused = {"steps": 0, "devices": 0, "mode": "turbo", "loop_mode": "sideways"}
+    refused = {"inference_steps": 0, "devices": 0, "mode": "turbo", "loop_mode": "sideways"}
     for name, value in refused.items():
         with pytest.raises(BadInput, match=name):
             pipeline.check_options(**{name: value})
@@ -74,7 +74,7 @@ def test_plan_reads_the_audio_and_decides_the_output_without_decoding_the_video(
 ) -> None:
     progress: list[tuple[float, str]] = []
     sizes: list[JobSize] = []
-    settings, loop_mode = pipeline.check_options(steps=STEPS)
+    settings, loop_mode = pipeline.check_options(inference_steps=STEPS)
     job = pipeline.plan(*clip, settings, loop_mode, progress=lambda f, s: progress.append((f, s)), on_plan=sizes.append)
     assert (job.frames, job.parts, job.windows, job.batch_frames) == (FRAMES, 1, 2, 16)
     assert sizes == [JobSize(FRAMES, STEPS)] and progress[0] == (0.0, "audio")
@@ -137,7 +137,7 @@ def test_finish_pastes_and_encodes_in_order_and_passes_faceless_frames_through(
 def test_the_stages_one_after_another_make_what_run_makes(
     pipeline: LipSyncPipeline, clip: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    result = pipeline.run(*clip, tmp_path / "run.mp4", steps=STEPS)
+    result = pipeline.run(*clip, tmp_path / "run.mp4", inference_steps=STEPS)
     job = _job(pipeline, clip)
     generator = FaceGenerator(pipeline.replicas, job.settings, job.timer)
     with (

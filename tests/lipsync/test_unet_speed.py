@@ -187,7 +187,7 @@ def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_o
     try:
         thread = start_compiling(pipeline, log=lines.append)
         while thread.is_alive() and not serving.seen:
-            pipeline.run(video, audio, tmp_path / "during.mp4", steps=1)
+            pipeline.run(video, audio, tmp_path / "during.mp4", inference_steps=1)
         thread.join(timeout=600)
         assert not thread.is_alive() and "compiled UNet serving on cpu" in lines[-1]
         assert [line.split(", ")[1] for line in lines[:-1]] == ["exact", "fast"]
@@ -195,7 +195,7 @@ def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_o
         assert False in serving.seen  # calls beside the compilation were told not to capture
         assert serving.capturing  # and may again once it is done
         calls = len(serving.seen)
-        pipeline.run(video, audio, tmp_path / "after.mp4", steps=1)
+        pipeline.run(video, audio, tmp_path / "after.mp4", inference_steps=1)
         assert len(serving.seen) == calls and pipeline.denoiser.unet is compiled and is_compiled(pipeline)
         compile_unet(pipeline)  # nothing left to compile
         assert counters["stats"]["unique_graphs"] - graphs_before == 2

@@ -20,7 +20,7 @@ from gateway.api.app import create_app
 from gateway.backends.triton_client import (
     JobRequest,
     JobResult,
-    ProgressCallback,
+    ProgressListener,
     TritonJobError,
 )
 from gateway.core.auth import ApiKeys
@@ -41,7 +41,7 @@ class StandInBackend:
         if not hold:
             self.release.set()
 
-    def run(self, job: JobRequest, on_progress: ProgressCallback, should_cancel: Any) -> JobResult:
+    def run(self, job: JobRequest, on_progress: ProgressListener, should_cancel: Any) -> JobResult:
         for step in (1, 2, 3):
             on_progress(step / 4, "generate", 0.1)
         while not self.release.wait(0.05):

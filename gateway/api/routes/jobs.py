@@ -18,7 +18,7 @@ from gateway.api.deps import ApiKeyOwner, IdempotencyKey, JobServiceDep
 from gateway.core.errors import ApiError
 from gateway.jobs.forms import MAX_FIELDS, MAX_FILES, upload_parts
 from gateway.jobs.idempotency import copy_file, write_bytes
-from gateway.jobs.schemas import JobListQuery, JobRef, SubmitRequest
+from gateway.jobs.schemas import JobList, JobListQuery, JobRef, JobStatus, SubmitOptions, SubmitRequest, Submitted
 from gateway.jobs.validation import InvalidInput, decode_base64
 
 router = APIRouter()
@@ -27,9 +27,22 @@ DOWNLOAD_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "priva
 """A result is served as the mp4 it is (a browser must not sniff another type into it) and is not kept
 by shared caches or the browser: its URL carries the token that grants it."""
 
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["video", "audio"],
+        "properties": {
+            "video": {"type": "string", "format": "binary"}, "audio": {"type": "string", "format": "binary"},
+            **{name: {"type": "string", "description": "as the submit's field of this name"}
+               for name in SubmitOptions.model_fields},
+        },
+    }}},
+}
+"""The multipart body the upload route parses itself (:mod:`gateway.jobs.forms`), described for OpenAPI."""
+
 
 @router.post("/lipsync/submit")
-def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> Submitted:
     def stage(folder: Path) -> tuple[str, str]:
         return (write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
                 write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"))
@@ -37,8 +50,8 @@ def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: Idem
     return jobs.submit(who, body.options(), stage, key)
 
 
-@router.post("/lipsync/upload")
-async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> dict[str, str]:
+@router.post("/lipsync/upload", openapi_extra={"requestBody": UPLOAD_BODY})
+async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> Submitted:
     """Multipart variant of submit: the files as parts (no base64), options as form fields."""
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
@@ -61,23 +74,24 @@ async def upload(request: Request, jobs: JobServiceDep, who: ApiKeyOwner, key: I
 
 
 @router.post("/lipsync/status")
-def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+def status(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> JobStatus:
     return jobs.status(body.request_id, who)
 
 
 @router.post("/lipsync/cancel")
-def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> dict[str, Any]:
+def cancel(body: JobRef, jobs: JobServiceDep, who: ApiKeyOwner) -> JobStatus:
     return jobs.view(jobs.cancel(jobs.owned(body.request_id, who)))
 
 
 @router.get("/v1/jobs")
-def recent_jobs(jobs: JobServiceDep, who: ApiKeyOwner, query: Annotated[JobListQuery, Query()]) -> dict[str, Any]:
+def recent_jobs(jobs: JobServiceDep, who: ApiKeyOwner, query: Annotated[JobListQuery, Query()]) -> JobList:
     """The caller's jobs, newest first, each as its status shows it, a page at a time: ``next_cursor``
     (null on the last page) asks for the next one."""
     return jobs.recent(who, query.limit, query.cursor)
 
 
-@router.get("/lipsync/result/{request_id}")
+@router.get("/lipsync/result/{request_id}", response_class=FileResponse,
+            responses={200: {"content": {"video/mp4": {}}, "description": "the result video"}})
 def result(
     request_id: str, jobs: JobServiceDep, token: str | None = None,
     authorization: Annotated[str | None, Header()] = None,

@@ -12,6 +12,6 @@ STATIC = Path(__file__).resolve().parents[2] / "static"
 router = APIRouter()
 
 
-@router.get("/")
+@router.get("/", response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")

@@ -4,6 +4,7 @@ and answers with its final response only, for clients that call plain ``infer``.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -17,10 +18,10 @@ class TritonPythonModel:
     def execute(self, requests):
         return [self._forward(request) for request in requests]
 
-    def _forward(self, request) -> pb_utils.InferenceResponse:
+    def _forward(self, request: Any) -> pb_utils.InferenceResponse:
         inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         job = pb_utils.InferenceRequest(
-            model_name="lipsync", inputs=inputs, requested_output_names=_OUTPUTS + ["STAGE"],
+            model_name="lipsync", inputs=inputs, requested_output_names=[*_OUTPUTS, "STAGE"],
             request_id=request.request_id(), parameters={contract.NO_ERROR_RESPONSE: True},
         )
         final = failure = None

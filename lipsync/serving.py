@@ -1,0 +1,272 @@
+"""The parts of the Triton models (``lipsync``, ``lipsync_generate``) that need no Triton: their ``config.pbtxt``
+parameters, their metrics and their cancel checks (each ``model_repository/*/1/model.py`` wires them to
+``pb_utils``).
+
+They are here, importable, so unit tests exercise them with stand-ins for the Python backend's objects;
+the two rules they enforce (one lock around every metric update, a cancel check closed before a job's
+last response) each fixed a crash of the server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from lipsync.config import ConfigError
+from lipsync.errors import ErrorKind
+from lipsync.gpu_stats import GPU_GAUGES
+
+
+def _flag(value: Any) -> Any:
+    """A boolean parameter: ``"true"``/``"false"``, or ``""`` for the pipeline config's default (``None``)."""
+    if value not in ("true", "false", ""):
+        raise ValueError(f"expected true, false or empty, got {value!r}")
+    return None if value == "" else value == "true"
+
+
+Flag = Annotated[bool | None, BeforeValidator(_flag)]
+
+P = TypeVar("P", bound="ModelParameters")
+
+
+class ModelParameters(BaseModel):
+    """The ``config.pbtxt`` parameters both models have (their meaning is commented there), typed.
+
+    Triton hands every parameter over as a string; numbers are parsed from it, flags by :func:`_flag`,
+    and a missing, unknown or malformed parameter fails the model's load naming it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: str
+    checkpoints: str
+    dtype: Literal["auto", "fp16", "bf16", "fp32"]
+    compile_unet: Flag
+    compile_before_ready: Flag
+    kernel_cache_dir: str
+    stop_file: str
+    windows_per_call: PositiveInt
+    max_batch_windows: PositiveInt
+    max_batch_delay_ms: NonNegativeFloat
+    gpu_metrics_interval_s: PositiveFloat
+
+    @classmethod
+    def from_model_config(cls: type[P], config: Mapping[str, Any]) -> P:
+        """From the model configuration Triton passes to ``initialize`` (``args["model_config"]``, parsed)."""
+        values = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(f"{config.get('name', 'model')} parameters (config.pbtxt): {exc}") from None
+
+
+class LipSyncParameters(ModelParameters):
+    """The ``lipsync`` model's parameters."""
+
+    max_concurrent_jobs: PositiveInt
+    detect_threads: PositiveInt
+    finish_threads: PositiveInt
+    devices: str
+    generator: str
+    generator_lanes: PositiveInt
+    progress_heartbeat_s: PositiveFloat
+
+
+class GenerateParameters(ModelParameters):
+    """The ``lipsync_generate`` model's parameters."""
+
+    vae_slots: PositiveInt
+    max_inflight_groups: PositiveInt
+    gpu_memory_gib: NonNegativeFloat
+
+
+class TensorApi(Protocol):
+    """What :func:`text_tensor` uses of ``pb_utils``: ``Tensor(name, array)``."""
+
+    Tensor: Any
+
+
+def text_tensor(api: TensorApi, name: str, value: str | bytes) -> Any:
+    """A one-element ``TYPE_STRING`` output ``name`` holding ``value`` (text is sent UTF-8)."""
+    return api.Tensor(name, np.array([value if isinstance(value, bytes) else value.encode()], dtype=np.object_))
+
+
+OUTCOMES = {ErrorKind.BAD_INPUT: "rejected", ErrorKind.CANCELLED: "cancelled"}
+"""``lipsync_jobs_total``'s outcome label of a failed job by error kind; any other kind is "failed"."""
+STAGE_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+
+
+class Metric(Protocol):
+    """One labelled metric of the Python backend (``pb_utils.Metric``)."""
+
+    def increment(self, value: float) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def observe(self, value: float) -> None: ...
+
+
+class MetricApi(Protocol):
+    """What :class:`InstanceMetrics` uses of ``pb_utils``: ``MetricFamily(name, description, kind)`` with its
+    kinds ``COUNTER``, ``GAUGE``, ``HISTOGRAM``, and a family's ``Metric(labels=…, buckets=…)``."""
+
+    MetricFamily: Any
+
+
+class SerializedMetric:
+    """A metric whose updates take one lock shared by all of the instance's metrics.
+
+    The Python backend's stub rewrites a metric's shared-memory message on every update, without the
+    GIL: two threads updating one metric at once free the message the server is still reading, and
+    the server dies (SIGSEGV in ``Metric::LoadFromSharedMemory``). Jobs start and end on their own
+    threads, the batcher and the GPU sampler on theirs, so every update goes through here.
+    """
+
+    def __init__(self, metric: Metric, lock: threading.RLock) -> None:
+        self._metric, self._lock = metric, lock
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._metric.observe(value)
+
+
+class InstanceMetrics:
+    """An instance's families on Triton's ``/metrics``, next to its own ``nv_inference_*``: the shared DDIM
+    loop's batch sizes and the GPU gauges; safe to update from any thread."""
+
+    FAMILIES: ClassVar[list[tuple[str, str, str]]] = [
+        ("lipsync_unet_batch_windows", "16-frame windows per shared DDIM loop (all jobs)", "HISTOGRAM"),
+        ("lipsync_unet_batch_jobs", "Jobs whose windows shared one DDIM loop", "HISTOGRAM"),
+        *((name, description, "GAUGE") for name, (description, _) in GPU_GAUGES.items()),
+    ]
+    """Name, description and ``pb_utils.MetricFamily`` kind of each family."""
+
+    def __init__(self, api: MetricApi, labels: dict[str, str]) -> None:
+        # Families must outlive their metrics, so both are kept.
+        self.labels = labels
+        self._lock = threading.RLock()
+        family = api.MetricFamily
+        self.families = {
+            name: family(name, description, getattr(family, kind)) for name, description, kind in self.FAMILIES
+        }
+        self.batch_windows = self._metric("lipsync_unet_batch_windows", buckets=BATCH_BUCKETS)
+        self.batch_jobs = self._metric("lipsync_unet_batch_jobs", buckets=BATCH_BUCKETS)
+
+    def _metric(self, family: str, extra_labels: dict[str, str] | None = None, **options: Any) -> SerializedMetric:
+        with self._lock:
+            metric = self.families[family].Metric(labels=self.labels | (extra_labels or {}), **options)
+        return SerializedMetric(metric, self._lock)
+
+    def gpu_gauge(self, name: str, gpu: str) -> SerializedMetric:
+        return self._metric(name, {"gpu": gpu})
+
+    def observe_batch(self, windows: int, jobs: int) -> None:
+        self.batch_windows.observe(windows)
+        self.batch_jobs.observe(jobs)
+
+
+class JobFrames(Protocol):
+    """What :meth:`JobMetrics.finished` reads of a finished job (:class:`lipsync.jobs.JobOutput`'s result)."""
+
+    @property
+    def frames(self) -> int: ...
+
+    @property
+    def seconds(self) -> Mapping[str, float]: ...
+
+
+class JobMetrics(InstanceMetrics):
+    """The ``lipsync`` model's metrics: those of :class:`InstanceMetrics` and its jobs' outcomes, frames and stage times."""
+
+    FAMILIES: ClassVar[list[tuple[str, str, str]]] = [
+        ("lipsync_jobs_total", "Finished jobs by outcome", "COUNTER"),
+        ("lipsync_frames_generated_total", "Video frames written by finished jobs", "COUNTER"),
+        ("lipsync_active_jobs", "Jobs running now", "GAUGE"),
+        ("lipsync_stage_seconds", "Wall time per pipeline stage per job", "HISTOGRAM"),
+        *InstanceMetrics.FAMILIES,
+    ]
+
+    def __init__(self, api: MetricApi, labels: dict[str, str]) -> None:
+        super().__init__(api, labels)
+        self.frames = self._metric("lipsync_frames_generated_total")
+        self.active = self._metric("lipsync_active_jobs")
+        self._outcomes: dict[str, SerializedMetric] = {}
+        self._stages: dict[str, SerializedMetric] = {}
+
+    def finished(self, outcome: str, result: JobFrames | None = None) -> None:
+        """One job ended with ``outcome``; a succeeded one adds its frames and stage times."""
+        with self._lock:  # one metric per label set, even when two jobs end at once
+            if outcome not in self._outcomes:
+                self._outcomes[outcome] = self._metric("lipsync_jobs_total", {"outcome": outcome})
+            self._outcomes[outcome].increment(1)
+            if result is None:
+                return
+            self.frames.increment(result.frames)
+            for stage, seconds in result.seconds.items():
+                if stage not in self._stages:
+                    self._stages[stage] = self._metric("lipsync_stage_seconds", {"stage": stage}, buckets=STAGE_BUCKETS)
+                self._stages[stage].observe(seconds)
+
+
+class InstanceStopping:
+    """True once the instance unloads (:meth:`set`) or ``stop_file`` exists; checked with each job's own cancel."""
+
+    def __init__(self, stop_file: str) -> None:
+        self.file = Path(stop_file) if stop_file else None
+        self.unloading = threading.Event()
+
+    def set(self) -> None:
+        self.unloading.set()
+
+    def __call__(self) -> bool:
+        return self.unloading.is_set() or (self.file is not None and self.file.exists())
+
+
+class CancellableRequest(Protocol):
+    """A Python-backend request, as far as a cancel check asks it."""
+
+    def is_cancelled(self) -> bool: ...
+
+
+class RequestCancelCheck:
+    """A job's cancel check: its request was cancelled (client gone, gRPC cancel) or the instance stops.
+
+    :meth:`close` it before the job's last response. The Python backend frees a decoupled request's
+    response factory when the final flag is sent, and ``is_cancelled()`` after that makes the server
+    read freed memory; the lock also lets a check already under way end first.
+    """
+
+    def __init__(self, request: CancellableRequest, stopping: Callable[[], bool]) -> None:
+        self._request, self._stopping = request, stopping
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __call__(self) -> bool:
+        with self._lock:
+            return self._open and (self._request.is_cancelled() or self._stopping())
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
