@@ -55,6 +55,7 @@ class JobOutput:
             "faceless_frames": self.result.faceless_frames,
             "devices": self.result.devices,
             "seconds": self.result.seconds,
+            "face": self.result.face,
         }
 
 

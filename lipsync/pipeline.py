@@ -29,10 +29,11 @@ from diffusers import AutoencoderKL
 from pydantic import NonNegativeFloat, PositiveInt, StrictBool
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from lipsync.analysis import FaceTrack, NoFaceError, analyse, probe, timed
+from lipsync.analysis import Choosing, FaceTrack, NoFaceError, analyse, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
+from lipsync.contract import FaceChoice, check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import (
     DetectorPool,
@@ -91,6 +92,8 @@ class LipSyncResult:
     """Devices the job's windows were spread over."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: audio, decode, detect_align, vae_encode, denoise, vae_decode, paste, encode."""
+    face: dict[str, Any] | None = None
+    """Which face was synced: ``{"choice", "box", "confidence"}`` (:class:`lipsync.faces.selection.FaceUsed`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"output": str(self.output)}
@@ -394,6 +397,8 @@ class LipSyncPipeline:
         mode: str = "exact",
         devices: int | None = None,
         crf: int | None = None,
+        face: str = "largest",
+        face_box: str | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         on_plan: Callable[[JobSize], None] | None = None,
@@ -404,6 +409,7 @@ class LipSyncPipeline:
         ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
         them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
         ``crf``: the H.264 quality of the output; ``None``: ``configs/media.yaml``'s.
+        ``face``/``face_box``: which face to sync when several show (:mod:`lipsync.faces.selection`).
         ``on_plan`` gets the job's size once the audio is read (what an ETA scales its learned rates by).
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
@@ -426,6 +432,10 @@ class LipSyncPipeline:
         available = window_count(len(features), self.audio.settings.positions_per_frame)
         audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
         info = probe(Path(video))
+        check_against_video(face, face_box, info.width, info.height, info.has_audio)
+        choosing = None if face == FaceChoice.LARGEST.value else Choosing(
+            face, face_box, self._detect_all, self.face_settings.selection, self.audio.settings.sample_rate, fps,
+        )
         output_frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self._parts(output_frames / fps, devices)
         if on_plan is not None:
@@ -491,6 +501,7 @@ class LipSyncPipeline:
                 analyse, Path(video), output_frames, self._detect, aligner, track, timer,
                 threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
                 on_progress=lambda fraction: report("analyse", fraction), should_cancel=should_cancel,
+                choosing=choosing,
             )
             generator = FaceGenerator(replicas, settings, timer)
             try:
@@ -531,7 +542,8 @@ class LipSyncPipeline:
             with timer.stage("encode", sync=False):
                 writer.close()
         report("encode", 1.0)
-        return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict())
+        used = None if track.used is None else track.used.as_dict()
+        return LipSyncResult(Path(output), output_frames, faceless, parts, timer.as_dict(), used)
 
     @staticmethod
     def _media(crf: int | None) -> MediaSettings | None:
@@ -563,6 +575,10 @@ class LipSyncPipeline:
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
             return detector.detect(frame)
+
+    def _detect_all(self, frame: np.ndarray) -> list[FaceLandmarks]:
+        with self.detectors.borrow() as detector:
+            return detector.detect_all(frame)
 
 
 @dataclass(frozen=True)
