@@ -21,9 +21,11 @@ from pydantic import (
     Strict,
     StrictStr,
     create_model,
+    model_validator,
 )
 
-from lipsync.contract import OPTIONS, Option
+from lipsync.contract import OPTIONS, Option, check_face_options
+from lipsync.errors import BadInput
 
 
 def _annotation(option: Option) -> Any:
@@ -32,9 +34,23 @@ def _annotation(option: Option) -> Any:
     return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
 
 
+class _OptionRules(BaseModel):
+    """The rules between options that no single field states (:func:`lipsync.contract.check_face_options`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _face_rules(self) -> _OptionRules:
+        try:
+            check_face_options(getattr(self, "face", None), getattr(self, "face_box", None))
+        except BadInput as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 JobOptions = create_model(
     "JobOptions",
-    __config__=ConfigDict(extra="forbid"),
+    __base__=_OptionRules,
     __doc__="Options shared by the JSON and the multipart submit; ``None`` = the configured default.",
     **{option.rest_name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
     webhook_url=(AnyHttpUrl | None, None),
