@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from lipsync.audio import load_audio
+from lipsync.contract import FaceChoice
 from lipsync.errors import BadInput
 from lipsync.faces import FaceAligner, FaceLandmarks
-from lipsync.contract import FaceChoice
 from lipsync.faces.selection import FaceUsed, select_faces, speech_envelope, thumbnail
 from lipsync.faces.settings import SelectionSettings
 from lipsync.media import VideoInfo, VideoReader

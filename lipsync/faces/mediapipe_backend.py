@@ -14,6 +14,7 @@ pipeline aligns looped videos once). The aligner's EMA is the only temporal smoo
 from __future__ import annotations
 
 import numpy as np
+from mediapipe.framework.formats.detection_pb2 import Detection
 from mediapipe.python.solutions.face_detection import FaceDetection
 from mediapipe.python.solutions.face_mesh import FaceMesh
 
@@ -51,7 +52,7 @@ class MediaPipeFaceDetector:
         detections = self._detector.process(frame).detections or []
         return [face for face in (self._landmarks(frame, d) for d in detections) if face is not None]
 
-    def _landmarks(self, frame: np.ndarray, detection) -> FaceLandmarks | None:  # noqa: ANN001 - a MediaPipe proto
+    def _landmarks(self, frame: np.ndarray, detection: Detection) -> FaceLandmarks | None:
         """FaceMesh on a square crop around one stage-1 ``detection``."""
         height, width = frame.shape[:2]
         rel, score = detection.location_data.relative_bounding_box, float(detection.score[0])

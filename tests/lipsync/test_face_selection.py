@@ -10,14 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.clips import COMPOSITE_HALF, FPS, SAMPLE_RATE, two_person_composite
 
 from lipsync.audio import load_audio
 from lipsync.contract import check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import FaceLandmarks, FaceSettings, MediaPipeFaceDetector
-from lipsync.faces.selection import link_tracks, select_faces, speech_envelope, thumbnail
+from lipsync.faces.selection import (
+    link_tracks,
+    select_faces,
+    speech_envelope,
+    thumbnail,
+)
 from lipsync.media import VideoReader
-from support.clips import COMPOSITE_HALF, FPS, SAMPLE_RATE, two_person_composite
 
 SETTINGS = FaceSettings.load().selection
 HALF_WIDTH, HEIGHT = COMPOSITE_HALF

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import subprocess
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 
