@@ -1,7 +1,8 @@
 """The gateway's web page in headless Chromium (Selenium): the demo-weights banner, where the key is,
 the job options, uploading a clip and audio, watching the progress, a playable result with its download
 link in view, the key's recent jobs following the running ones, failures and durations as sentences, the key
-remembered for the tab. One screenshot per job state (queued, running, done, failed) goes to docs/screenshots/."""
+remembered for the tab, the face picked with a click on the first frame. One screenshot per job state (queued,
+running, done, failed) and of the picked face goes to docs/screenshots/."""
 
 from __future__ import annotations
 
@@ -212,7 +213,11 @@ def test_a_click_on_the_first_frame_picks_the_face_to_sync(gateway, browser, tmp
     canvas = browser.find_element(By.ID, "first-frame")
     WebDriverWait(browser, 60).until(lambda d: canvas.is_displayed())
     assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("540", "480")
-    shown = browser.execute_script("const box = arguments[0].getBoundingClientRect(); return [box.width, box.height];", canvas)
+    # Wholly in view: W3C actions take offsets from the centre of the element's visible part.
+    shown = browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'});"
+        "const box = arguments[0].getBoundingClientRect(); return [box.width, box.height];", canvas,
+    )
     scale = shown[0] / 540
     ActionChains(browser).move_to_element_with_offset(
         canvas, round(point[0] * scale - shown[0] / 2), round(point[1] * scale - shown[1] / 2)
