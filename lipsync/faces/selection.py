@@ -93,9 +93,9 @@ def link_tracks(frames: Sequence[Sequence[FaceLandmarks]], settings: SelectionSe
 
 
 def thumbnail(frame: np.ndarray, settings: SelectionSettings) -> np.ndarray:
-    """A small grey picture of ``frame`` (RGB) for finding cuts."""
+    """A small grey uint8 picture of ``frame`` (RGB) for finding cuts."""
     grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    return cv2.resize(grey, (settings.thumbnail_size,) * 2, interpolation=cv2.INTER_AREA).astype(np.float32)
+    return cv2.resize(grey, (settings.thumbnail_size,) * 2, interpolation=cv2.INTER_AREA)
 
 
 def shot_starts(thumbnails: Sequence[np.ndarray], settings: SelectionSettings) -> list[int]:
@@ -103,7 +103,7 @@ def shot_starts(thumbnails: Sequence[np.ndarray], settings: SelectionSettings) -
     ``cut_threshold`` (mean absolute difference of the thumbnails)."""
     return [0] + [
         index for index in range(1, len(thumbnails))
-        if float(np.abs(thumbnails[index] - thumbnails[index - 1]).mean()) > settings.cut_threshold
+        if float(cv2.absdiff(thumbnails[index], thumbnails[index - 1]).mean()) > settings.cut_threshold
     ]
 
 

@@ -16,12 +16,7 @@ from lipsync.audio import load_audio
 from lipsync.contract import check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import FaceLandmarks, FaceSettings, MediaPipeFaceDetector
-from lipsync.faces.selection import (
-    link_tracks,
-    select_faces,
-    speech_envelope,
-    thumbnail,
-)
+from lipsync.faces.selection import link_tracks, select_faces, shot_starts, speech_envelope, thumbnail
 from lipsync.media import VideoReader
 
 SETTINGS = FaceSettings.load().selection
@@ -99,7 +94,7 @@ def test_the_tracked_person_stays_chosen_while_the_other_is_larger_or_hidden() -
     frames += [[_face(small), _face(huge)] for _ in range(3)]  # the other person leans in
     frames += [[_face(large)] for _ in range(2)]  # the chosen one is hidden
     frames += [[_face(small), _face(large)] for _ in range(5)]
-    thumbnails = [np.zeros((4, 4), np.float32)] * len(frames)
+    thumbnails = [np.zeros((4, 4), np.uint8)] * len(frames)
     selection = select_faces("box", "30,30", frames, thumbnails, None, SETTINGS)
     assert [None if face is None else face.box for face in selection.faces] == (
         [small] * 13 + [None] * 2 + [small] * 5
@@ -130,3 +125,24 @@ def test_composites_are_what_they_claim(tmp_path: Path) -> None:
     left_motion = np.abs(np.diff(np.stack([f[:, :HALF_WIDTH] for f in frames]).astype(np.int16), axis=0)).mean()
     right_motion = np.abs(np.diff(np.stack([f[:, HALF_WIDTH:] for f in frames]).astype(np.int16), axis=0)).mean()
     assert left_motion < 1 < right_motion
+
+
+def test_shots_start_at_cuts_and_the_speaker_is_chosen_per_shot() -> None:
+    dark, light = np.zeros((32, 32), np.uint8), np.full((32, 32), 200, np.uint8)
+    assert shot_starts([dark] * 5 + [light] * 5 + [dark] * 3, SETTINGS) == [0, 5, 10]
+    left, right = (10.0, 10.0, 50.0, 60.0), (100.0, 10.0, 150.0, 70.0)
+    envelope = np.tile([0.0, 0.0, 0.5, 0.5], 10)  # speech on and off every other frame pair
+    moving = [0.0, 0.1, 0.1, 0.0]  # a mouth opening while the speech is on (its motion follows the envelope)
+
+    def mouth(frame: int, speaking: bool) -> float:
+        return moving[frame % 4] if speaking else 0.05
+
+    frames = [
+        [FaceLandmarks(np.zeros((3, 2)), left, 1.0, mouth(index, index < 20)),
+         FaceLandmarks(np.zeros((3, 2)), right, 1.0, mouth(index, index >= 20))]
+        for index in range(40)
+    ]
+    thumbnails = [dark] * 20 + [light] * 20
+    selection = select_faces("active_speaker", None, frames, thumbnails, envelope, SETTINGS)
+    assert [face.box for face in selection.faces] == [left] * 20 + [right] * 20
+    assert selection.used.box == left
