@@ -16,7 +16,13 @@ from lipsync.audio import load_audio
 from lipsync.contract import check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import FaceLandmarks, FaceSettings, MediaPipeFaceDetector
-from lipsync.faces.selection import link_tracks, select_faces, shot_starts, speech_envelope, thumbnail
+from lipsync.faces.selection import (
+    link_tracks,
+    select_faces,
+    shot_starts,
+    speech_envelope,
+    thumbnail,
+)
 from lipsync.media import VideoReader
 
 SETTINGS = FaceSettings.load().selection
