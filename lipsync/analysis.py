@@ -8,6 +8,10 @@ frames are still being detected: the GPU no longer idles through the whole analy
 Frames without a face borrow the alignment of the nearest frame with one (the later one on a tie).
 The answer for frame ``i`` is final as soon as a face has been found at or after ``i`` or the
 analysis has ended, so a streamed job pastes exactly what a job analysed up front would.
+
+A job that chooses its face by a box or by who speaks (:mod:`lipsync.faces.selection`) needs every
+face of every frame before it can choose, so its alignments are published only once all frames are
+analysed; the default (the largest face per frame) streams.
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ import bisect
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
+from lipsync.audio import load_audio
+from lipsync.contract import FaceChoice
 from lipsync.errors import BadInput
 from lipsync.faces import FaceAligner, FaceLandmarks
+from lipsync.faces.selection import FaceUsed, select_faces, speech_envelope, thumbnail
+from lipsync.faces.settings import SelectionSettings
 from lipsync.media import VideoInfo, VideoReader
 from lipsync.sampling import CancelCheck, JobCancelled
 from lipsync.timing import StageTimer
@@ -51,6 +60,8 @@ class FaceTrack:
         self._stopped = False
         self._error: BaseException | None = None
         self._changed = threading.Condition()
+        self.used: FaceUsed | None = None
+        """Which face was synced and how sure the choice is; set before the analysis ends."""
 
     @property
     def frames(self) -> int | None:
@@ -110,6 +121,19 @@ class FaceTrack:
             return nearest, False
 
 
+@dataclass(frozen=True)
+class Choosing:
+    """How a job that does not take the largest face chooses one (:mod:`lipsync.faces.selection`)."""
+
+    choice: str
+    face_box: str | None
+    detect_all: Callable[[np.ndarray], list[FaceLandmarks]]
+    settings: SelectionSettings
+    sample_rate: int
+    """Of the video's audio envelope (``active_speaker``)."""
+    fps: int
+
+
 def analyse(
     video: Path,
     max_frames: int,
@@ -122,22 +146,44 @@ def analyse(
     chunk: int,
     on_progress: Callable[[float], None],
     should_cancel: CancelCheck | None,
+    choosing: Choosing | None = None,
 ) -> None:
     """Decode up to ``max_frames`` frames, detect a face in each (on ``threads`` threads, ``chunk``
-    frames at a time) and publish their alignments to ``track``. Never raises: errors go to ``track``."""
+    frames at a time) and publish their alignments to ``track``; with ``choosing``, detect every face
+    and publish the chosen one's once all frames are seen. Never raises: errors go to ``track``."""
     try:
         with VideoReader(video) as reader, ThreadPoolExecutor(threads) as pool:
             expected = max(1, min(max_frames, reader.info.frames_at(reader.fps)))
             frames = timed(islice(iter(reader), max_frames), timer, "decode")
             analysed = 0
+            everyone: list[list[FaceLandmarks]] = []
+            thumbnails: list[np.ndarray] = []
             while batch := list(islice(frames, chunk)):
-                with timer.stage("detect_align", sync=False):
-                    faces = list(pool.map(detect, batch))
-                track.extend([None if face is None else aligner.transform(face.points) for face in faces])
+                if choosing is None:
+                    with timer.stage("detect_align", sync=False):
+                        faces = list(pool.map(detect, batch))
+                    if track.used is None:
+                        first = next((face for face in faces if face is not None), None)
+                        track.used = None if first is None else FaceUsed(FaceChoice.LARGEST.value, first.box, 1.0)
+                    track.extend([None if face is None else aligner.transform(face.points) for face in faces])
+                else:
+                    with timer.stage("detect_align", sync=False):
+                        everyone.extend(pool.map(choosing.detect_all, batch))
+                        thumbnails.extend(thumbnail(frame, choosing.settings) for frame in batch)
                 analysed += len(batch)
                 if should_cancel is not None and should_cancel():
                     raise JobCancelled("the job was cancelled")
                 on_progress(min(1.0, analysed / expected))
+            if choosing is not None:
+                envelope = None
+                if choosing.choice == FaceChoice.ACTIVE_SPEAKER.value:
+                    waveform = load_audio(video, choosing.sample_rate)
+                    envelope = speech_envelope(waveform, choosing.sample_rate, choosing.fps, len(everyone))
+                selection = select_faces(
+                    choosing.choice, choosing.face_box, everyone, thumbnails, envelope, choosing.settings
+                )
+                track.used = selection.used
+                track.extend([None if face is None else aligner.transform(face.points) for face in selection.faces])
     except AnalysisStopped:
         track.finish()
     except BaseException as error:  # noqa: BLE001 - handed to the generation thread, which raises it

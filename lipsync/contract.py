@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,53 @@ class Option:
         return value
 
 
+class FaceChoice(str, Enum):
+    """How a job picks the face it syncs in a clip with several people (:mod:`lipsync.faces.selection`)."""
+
+    LARGEST = "largest"
+    BOX = "box"
+    ACTIVE_SPEAKER = "active_speaker"
+
+
+FACE_BOX_RULE = "face_box is 'x,y' (a point) or 'x0,y0,x1,y1' (a box with x0 < x1, y0 < y1) in source pixels"
+
+
+def parse_face_box(text: str) -> tuple[float, ...]:
+    """The numbers of a ``face_box`` text; :class:`BadInput` naming the rule when it is not one."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInput(f"{FACE_BOX_RULE}, got {text[:60]!r}") from None
+    if len(values) not in (2, 4) or not all(math.isfinite(value) for value in values):
+        raise BadInput(f"{FACE_BOX_RULE}, got {text[:60]!r}")
+    if len(values) == 4 and not (values[0] < values[2] and values[1] < values[3]):
+        raise BadInput(f"{FACE_BOX_RULE}, got {text[:60]!r}")
+    return values
+
+
+def check_face_options(face: str | None, face_box: str | None) -> None:
+    """The rules between the two options: ``face_box`` exactly when ``face`` is ``box``."""
+    if face_box is not None and face != FaceChoice.BOX.value:
+        raise BadInput("face_box is only taken with face=box")
+    if face == FaceChoice.BOX.value and face_box is None:
+        raise BadInput("face=box needs face_box (a point 'x,y' or a box 'x0,y0,x1,y1' on the first frame with a face)")
+    if face_box is not None:
+        parse_face_box(face_box)
+
+
+def check_against_video(face: str | None, face_box: str | None, width: int, height: int, has_audio: bool) -> None:
+    """What the video must offer the choice: ``face_box`` inside the frame, an audio track for ``active_speaker``."""
+    if face == FaceChoice.ACTIVE_SPEAKER.value and not has_audio:
+        raise BadInput("face=active_speaker needs the video's own audio track, and this video has none")
+    if face_box is None:
+        return
+    values = parse_face_box(face_box)
+    xs, ys = values[0::2], values[1::2]
+    if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
+        raise BadInput(f"face_box {face_box[:60]} lies outside the {width}×{height} frame")
+
+
+
 def _sampling_modes() -> tuple[str, ...]:
     return tuple(read_yaml(CONFIG_DIR / "sampling_modes.yaml", "sampling modes"))
 
@@ -110,6 +158,12 @@ OPTIONS: tuple[Option, ...] = (
            "at most all (0 or absent: by the clip's length, split_min_seconds)", 0, 1024, rest=False),
     Option("crf", "CRF", "INT32", "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger "
            "(default: configs/media.yaml's crf)", 0, 51, flag="--crf"),
+    Option("face", "FACE", "BYTES", "which face to sync when several show: largest (official) per frame; box, the "
+           "face under face_box on the first frame with a face, followed through the clip; active_speaker, per shot "
+           "the face whose mouth moves with the video's own audio track",
+           choices=tuple(choice.value for choice in FaceChoice), default=FaceChoice.LARGEST.value, flag="--face"),
+    Option("face_box", "FACE_BOX", "BYTES", "with face=box: 'x,y' (a point) or 'x0,y0,x1,y1' (a box) in source "
+           "pixels on the first frame where a face appears", flag="--face-box"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -130,12 +184,13 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     for name, given in values.items():
         value = _plain(given)
         checked[name] = BY_NAME[name].default if value is None else BY_NAME[name].check(value)
+    check_face_options(checked["face"], checked["face_box"])
     return checked
 
 
 def _plain(value: Any) -> Any:
-    """A :class:`LoopMode` as its text; any other value as it is."""
-    return value.value if isinstance(value, LoopMode) else value
+    """An enum member (:class:`LoopMode`, :class:`FaceChoice`) as its value; any other value as it is."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def datatype(tensor: str) -> str:

@@ -63,6 +63,7 @@ class JobOutput:
             "faceless_frames": self.result.faceless_frames,
             "devices": self.result.devices,
             "seconds": self.result.seconds,
+            "face": self.result.face,
         }
 
 

@@ -41,10 +41,11 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, StrictBool
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync import analysis
-from lipsync.analysis import FaceTrack, NoFaceError, probe, timed
+from lipsync.analysis import Choosing, FaceTrack, NoFaceError, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
 from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
+from lipsync.contract import FaceChoice, check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import (
     DetectorPool,
@@ -106,6 +107,8 @@ class LipSyncResult:
     """Devices the job's windows were spread over."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: audio, decode, detect_align, vae_encode, denoise, vae_decode, paste, encode."""
+    face: dict[str, Any] | None = None
+    """Which face was synced: ``{"choice", "box", "confidence"}`` (:class:`lipsync.faces.selection.FaceUsed`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"output": str(self.output)}
@@ -308,9 +311,13 @@ class LipSyncPipeline:
         devices: int | None = None,
         progress: ProgressCallback | None = None,
         on_plan: Callable[[JobSize], None] | None = None,
+        *,
+        face: str = FaceChoice.LARGEST.value,
+        face_box: str | None = None,
     ) -> Job:
         """Read the speech and the video's header and decide what the job makes: one output frame per
-        audio window (the video looped or cut to them), spread over how many devices, with which noise.
+        audio window (the video looped or cut to them), spread over how many devices, with which noise,
+        and how its face is chosen (``face``/``face_box``, checked against the video's frame and tracks).
 
         ``on_plan`` gets the job's size (what an ETA scales its learned rates by). Nothing is decoded
         from the video yet: its frames are read as :meth:`prepare_batch` asks for them.
@@ -326,6 +333,10 @@ class LipSyncPipeline:
         available = window_count(len(features), self.audio.settings.positions_per_frame)
         audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
         info = probe(Path(video))
+        check_against_video(face, face_box, info.width, info.height, info.has_audio)
+        choosing = None if face == FaceChoice.LARGEST.value else Choosing(
+            face, face_box, self._detect_all, self.face_settings.selection, self.audio.settings.sample_rate, fps,
+        )
         frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self.placement.parts(frames / fps, devices)
         if on_plan is not None:
@@ -338,7 +349,7 @@ class LipSyncPipeline:
             parts=parts, timer=timer, report=report, track=track, aligner=aligner,
             paster=FacePaster(aligner.crop_size, self.face_settings.paste), random=random,
             noise=initial_noise(random, self.resolution // 8),
-            source=_generation_frames(Path(video), frames, track, loop_mode, timer),
+            source=_generation_frames(Path(video), frames, track, loop_mode, timer), choosing=choosing,
         )
 
     def analyse(self, job: Job, should_cancel: CancelCheck | None = None) -> None:
@@ -348,6 +359,7 @@ class LipSyncPipeline:
             job.video, job.frames, self._detect, job.aligner, job.track, job.timer,
             threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
             on_progress=lambda fraction: job.report("analyse", fraction), should_cancel=should_cancel,
+            choosing=job.choosing,
         )
 
     def prepare_batch(self, job: Job) -> FrameBatch:
@@ -424,6 +436,8 @@ class LipSyncPipeline:
         mode: str = "exact",
         devices: int | None = None,
         crf: int | None = None,
+        face: str = FaceChoice.LARGEST.value,
+        face_box: str | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         on_plan: Callable[[JobSize], None] | None = None,
@@ -434,6 +448,7 @@ class LipSyncPipeline:
         ``devices``: how many of the pipeline's devices the job's windows are spread over (at most all of
         them); ``None``: all for a job of at least ``split_min_seconds``, else one. The output is the same.
         ``crf``: the H.264 quality of the output; ``None``: ``configs/media.yaml``'s.
+        ``face``/``face_box``: which face to sync when several show (:mod:`lipsync.faces.selection`).
         ``on_plan`` gets the job's size once the audio is read (what an ETA scales its learned rates by).
 
         Raises ``MediaError``/``AudioError`` for unreadable inputs, ``NoFaceError`` when no frame
@@ -443,7 +458,7 @@ class LipSyncPipeline:
             inference_steps=inference_steps, guidance_scale=guidance_scale, seed=seed, loop_mode=loop_mode, mode=mode,
             devices=devices,
         )
-        job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan)
+        job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan, face=face, face_box=face_box)
         faceless = 0
         # Four threads beside this one: the analysis detects faces ahead of generation; the prefetcher
         # prepares the next batch while this thread generates the current one; the previous batch is
@@ -483,7 +498,8 @@ class LipSyncPipeline:
             with job.timer.stage("encode", sync=False):
                 writer.close()
         job.report("encode", 1.0)
-        return LipSyncResult(Path(output), job.frames, faceless, job.parts, job.timer.as_dict())
+        used = None if job.track.used is None else job.track.used.as_dict()
+        return LipSyncResult(Path(output), job.frames, faceless, job.parts, job.timer.as_dict(), used)
 
     @staticmethod
     def _media(crf: int | None) -> MediaSettings | None:
@@ -501,6 +517,10 @@ class LipSyncPipeline:
     def _detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         with self.detectors.borrow() as detector:
             return detector.detect(frame)
+
+    def _detect_all(self, frame: np.ndarray) -> list[FaceLandmarks]:
+        with self.detectors.borrow() as detector:
+            return detector.detect_all(frame)
 
 
 @dataclass(eq=False)
@@ -530,6 +550,8 @@ class Job:
     """``(1, 4, 1, R/8, R/8)`` initial noise shared by every frame."""
     source: Iterator[tuple[int, np.ndarray]]
     """``(source frame index, frame)`` per output frame, decoded as :meth:`LipSyncPipeline.prepare_batch` asks."""
+    choosing: Choosing | None = None
+    """How the analysis picks the face among several (``None``: the largest in each frame)."""
     prepared: int = 0
     """Output frames prepared so far."""
 

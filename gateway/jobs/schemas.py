@@ -23,10 +23,12 @@ from pydantic import (
     Strict,
     StrictStr,
     create_model,
+    model_validator,
 )
 from typing_extensions import TypedDict  # pydantic needs this TypedDict before Python 3.12
 
-from lipsync.contract import OPTIONS, Option
+from lipsync.contract import OPTIONS, Option, check_face_options
+from lipsync.errors import BadInput
 
 
 def _annotation(option: Option) -> Any:
@@ -35,8 +37,22 @@ def _annotation(option: Option) -> Any:
     return Annotated[option.type, Strict(), Field(ge=option.minimum, le=option.maximum, description=option.help)]
 
 
+class _OptionRules(BaseModel):
+    """The rules between options that no single field states (:func:`lipsync.contract.check_face_options`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _face_rules(self) -> _OptionRules:
+        try:
+            check_face_options(getattr(self, "face", None), getattr(self, "face_box", None))
+        except BadInput as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 if TYPE_CHECKING:
-    class SubmitOptions(BaseModel):
+    class SubmitOptions(_OptionRules):
         """:data:`SubmitOptions` as type checkers see it: the contract's REST options and ``webhook_url``."""
 
         webhook_url: AnyHttpUrl | None = None
@@ -45,7 +61,7 @@ if TYPE_CHECKING:
 else:
     SubmitOptions = create_model(
         "SubmitOptions",
-        __config__=ConfigDict(extra="forbid"),
+        __base__=_OptionRules,
         __doc__="Options shared by the JSON and the multipart submit; ``None``: the served configuration decides.",
         **{option.name: (_annotation(option) | None, None) for option in OPTIONS if option.rest},
         webhook_url=(AnyHttpUrl | None, None),
@@ -126,9 +142,18 @@ class Timings(BaseModel):
     inference: float = Field(description="seconds the job ran on Triton")
 
 
+class FaceUsed(BaseModel):
+    """Which face a job synced (``lipsync.faces.selection.FaceUsed``)."""
+
+    choice: str = Field(description="the face option the job ran with")
+    box: list[float] = Field(description="the chosen face's box [x0, y0, x1, y1] on its first frame, source pixels")
+    confidence: float = Field(description="how sure the choice is, 0 to 1")
+
+
 class JobResults(BaseModel):
     video: list[VideoUrl]
     timings: Timings
+    face: FaceUsed | None = None
 
 
 class JobStatus(BaseModel):

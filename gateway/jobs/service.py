@@ -37,7 +37,9 @@ from gateway.store import (
 )
 from gateway.webhooks.delivery import Webhooks
 from gateway.webhooks.targets import WebhookRefused
-from lipsync.media import MediaSettings
+from lipsync.contract import check_against_video
+from lipsync.errors import BadInput
+from lipsync.media import MediaSettings, VideoInfo
 
 NOT_FOUND = "no such request_id for this API key"
 NO_RESULT = "no result for this request_id"
@@ -79,7 +81,10 @@ class JobService:
         results = None
         if job.status == SUCCEED:
             url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
-            results = JobResults(video=[VideoUrl(url=url)], timings=Timings(inference=round(job.inference_s or 0.0, 3)))
+            results = JobResults(
+                video=[VideoUrl(url=url)], timings=Timings(inference=round(job.inference_s or 0.0, 3)),
+                face=(job.info or {}).get("face"),
+            )
         eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
         return JobStatus(
             request_id=job.id, status=job.status, reason=job.reason or None,  # type: ignore[arg-type]
@@ -158,7 +163,8 @@ class JobService:
             if replayed is not None:
                 return Submitted(request_id=replayed.id)
             webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
-            check_video(staged / "video", "video_source", self.media)
+            video = check_video(staged / "video", "video_source", self.media)
+            check_face_choice(options, video)
             check_audio(staged / "audio", "audio_source", self.media)
             job_id = new_job_id()
             self.data.adopt(staged, job_id)
@@ -230,6 +236,14 @@ def _owned(job: Job | None, owner: str) -> Job:
     if job is None or not secure_equal(job.owner, owner):
         raise ApiError(404, NOT_FOUND)
     return job
+
+
+def check_face_choice(options: SubmitOptions, video: VideoInfo) -> None:
+    """The face option against the video (``face_box`` in the frame, an audio track for ``active_speaker``)."""
+    try:
+        check_against_video(options.face, options.face_box, video.width, video.height, video.has_audio)
+    except BadInput as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def _cursor(job: Job) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 
 from lipsync.errors import BadInput
-from lipsync.media import MediaError, MediaSettings, VideoReader
+from lipsync.media import MediaError, MediaSettings, VideoInfo, VideoReader
 from lipsync.media.probe import check_audio_limits, check_file, open_media
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
@@ -41,10 +41,11 @@ def decode_base64(value: str, field: str) -> bytes:
     return data
 
 
-def check_video(path: Path, field: str, settings: MediaSettings | None = None) -> None:
+def check_video(path: Path, field: str, settings: MediaSettings | None = None) -> VideoInfo:
+    """The video's facts, if it is one the model can read."""
     try:
-        with VideoReader(path, settings=settings):
-            pass
+        with VideoReader(path, settings=settings) as reader:
+            return reader.info
     except MediaError as exc:
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
 

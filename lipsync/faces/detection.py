@@ -28,13 +28,24 @@ class FaceLandmarks:
     """Detector box (x1, y1, x2, y2)."""
     score: float
     """Detector confidence in [0, 1]."""
+    mouth: float | None = None
+    """Mouth opening (inner-lip gap over the face height); ``None`` where the backend gives none."""
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
 class FaceDetector(Protocol):
-    """Finds the largest face in an RGB frame; ``None`` when no face passes the backend's checks."""
+    """Finds faces in an RGB frame (``frame``: (H, W, 3) uint8 RGB)."""
 
     def detect(self, frame: np.ndarray) -> FaceLandmarks | None:
-        """``frame``: (H, W, 3) uint8 RGB."""
+        """The largest face; ``None`` when no face passes the backend's checks."""
+        ...
+
+    def detect_all(self, frame: np.ndarray) -> list[FaceLandmarks]:
+        """Every face that passes the backend's checks, with landmarks."""
         ...
 
 

@@ -66,18 +66,26 @@ class InsightFaceDetector:
         check_frame(frame)
         boxes, keypoints = self._detector.detect(frame, max_num=0, metric="default")
         best = select_face(boxes[:, :4], boxes[:, 4], self.settings)
-        if best is None:
-            return None
-        box, score = boxes[best, :4], float(boxes[best, 4])
-        face = self._face_type(bbox=box, kps=None if keypoints is None else keypoints[best], det_score=score)
+        return None if best is None else self._landmarks(frame, boxes, keypoints, best)
+
+    def detect_all(self, frame: np.ndarray) -> list[FaceLandmarks]:
+        """Every face passing official's filters. 106-point landmarks give no mouth opening here, so
+        ``active_speaker`` needs the MediaPipe backend."""
+        check_frame(frame)
+        boxes, keypoints = self._detector.detect(frame, max_num=0, metric="default")
+        return [self._landmarks(frame, boxes, keypoints, index) for index in passing_faces(boxes[:, :4], boxes[:, 4], self.settings)]
+
+    def _landmarks(self, frame: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray | None, index: int) -> FaceLandmarks:
+        box, score = boxes[index, :4], float(boxes[index, 4])
+        face = self._face_type(bbox=box, kps=None if keypoints is None else keypoints[index], det_score=score)
         landmarks = self._landmarker.get(frame, face)
         x1, y1, x2, y2 = (float(v) for v in box)
         return FaceLandmarks(points_from_106(landmarks, self.settings), (x1, y1, x2, y2), score)
 
 
-def select_face(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSettings) -> int | None:
-    """Index of the face official keeps among detector ``boxes`` (N, 4) and ``scores`` (N,), or ``None``."""
-    best, best_area = None, 0
+def passing_faces(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSettings) -> list[int]:
+    """Indices of the detector ``boxes`` (N, 4) and ``scores`` (N,) that pass official's filters."""
+    kept = []
     for index, (box, score) in enumerate(zip(boxes, scores, strict=True)):
         x1, y1, x2, y2 = np.asarray(box).astype(np.int_).tolist()
         width, height = x2 - x1, y2 - y1
@@ -87,8 +95,18 @@ def select_face(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSett
             continue
         if score < settings.min_score:
             continue
-        if width * height > best_area:
-            best, best_area = index, width * height
+        kept.append(index)
+    return kept
+
+
+def select_face(boxes: np.ndarray, scores: np.ndarray, settings: InsightFaceSettings) -> int | None:
+    """Index of the face official keeps among detector ``boxes`` (N, 4) and ``scores`` (N,), or ``None``:
+    the largest passing box (by truncated integer size), the first one among equal sizes."""
+    best, best_area = None, 0
+    for index in passing_faces(boxes, scores, settings):
+        x1, y1, x2, y2 = np.asarray(boxes[index]).astype(np.int_).tolist()
+        if (x2 - x1) * (y2 - y1) > best_area:
+            best, best_area = index, (x2 - x1) * (y2 - y1)
     return best
 
 

@@ -14,6 +14,7 @@ pipeline aligns looped videos once). The aligner's EMA is the only temporal smoo
 from __future__ import annotations
 
 import numpy as np
+from mediapipe.framework.formats.detection_pb2 import Detection
 from mediapipe.python.solutions.face_detection import FaceDetection
 from mediapipe.python.solutions.face_mesh import FaceMesh
 
@@ -39,13 +40,22 @@ class MediaPipeFaceDetector:
 
     def detect(self, frame: np.ndarray) -> FaceLandmarks | None:
         check_frame(frame)
-        height, width = frame.shape[:2]
         detections = self._detector.process(frame).detections
         if not detections:
             return None
         boxes = [d.location_data.relative_bounding_box for d in detections]
         best = max(range(len(boxes)), key=lambda i: boxes[i].width * boxes[i].height)
-        rel, score = boxes[best], float(detections[best].score[0])
+        return self._landmarks(frame, detections[best])
+
+    def detect_all(self, frame: np.ndarray) -> list[FaceLandmarks]:
+        check_frame(frame)
+        detections = self._detector.process(frame).detections or []
+        return [face for face in (self._landmarks(frame, d) for d in detections) if face is not None]
+
+    def _landmarks(self, frame: np.ndarray, detection: Detection) -> FaceLandmarks | None:
+        """FaceMesh on a square crop around one stage-1 ``detection``."""
+        height, width = frame.shape[:2]
+        rel, score = detection.location_data.relative_bounding_box, float(detection.score[0])
         x1, y1 = rel.xmin * width, rel.ymin * height
         x2, y2 = x1 + rel.width * width, y1 + rel.height * height
 
@@ -62,7 +72,10 @@ class MediaPipeFaceDetector:
             return None
         landmarks = np.array([(p.x, p.y) for p in meshes[0].landmark], dtype=np.float64)
         landmarks = landmarks * (right - left, bottom - top) + (left, top)
-        return FaceLandmarks(alignment_points(landmarks, self.settings.points), (x1, y1, x2, y2), score)
+        upper, lower = landmarks[list(self.settings.mouth_points)]
+        top_point, chin = landmarks[list(self.settings.face_height_points)]
+        mouth = float(np.linalg.norm(upper - lower)) / max(float(np.linalg.norm(top_point - chin)), 1e-6)
+        return FaceLandmarks(alignment_points(landmarks, self.settings.points), (x1, y1, x2, y2), score, mouth)
 
     def close(self) -> None:
         self._detector.close()

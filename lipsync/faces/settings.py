@@ -37,6 +37,10 @@ class MediaPipeSettings:
     crop_scale: float
     min_mesh_confidence: float
     points: PointSets
+    mouth_points: tuple[NonNegativeInt, NonNegativeInt]
+    """Inner upper and lower lip: their distance is the mouth opening."""
+    face_height_points: tuple[NonNegativeInt, NonNegativeInt]
+    """Forehead top and chin: the mouth opening is divided by their distance."""
 
 
 @dataclass(frozen=True, config=SCHEMA)
@@ -75,6 +79,20 @@ class PasteSettings:
 
 
 @dataclass(frozen=True, config=SCHEMA)
+class SelectionSettings:
+    """How ``box`` and ``active_speaker`` link faces into tracks and pick one (:mod:`lipsync.faces.selection`)."""
+
+    min_iou: Annotated[float, Field(gt=0, le=1)]
+    max_gap: NonNegativeInt
+    thumbnail_size: PositiveInt
+    cut_threshold: float
+    smooth_frames: PositiveInt
+    max_lag_frames: NonNegativeInt
+    min_mouth_motion: float
+    min_track_frames: PositiveInt
+
+
+@dataclass(frozen=True, config=SCHEMA)
 class FaceSettings:
     """Every field of ``configs/faces.yaml``; the file's comments say why each value was chosen."""
 
@@ -85,6 +103,7 @@ class FaceSettings:
     mask_image_path: Annotated[Path, AfterValidator(home_path)] | None
     """Relative paths are taken from :data:`lipsync.config.HOME`."""
     paste: PasteSettings
+    selection: SelectionSettings
 
     @classmethod
     def load(cls, path: str | Path = FACES_CONFIG) -> FaceSettings:

@@ -1,7 +1,8 @@
 """The gateway's web page in headless Chromium (Selenium): the demo-weights banner, where the key is,
 the job options, uploading a clip and audio, watching the progress, a playable result with its download
 link in view, the key's recent jobs following the running ones, failures and durations as sentences, the key
-remembered for the tab. One screenshot per job state (queued, running, done, failed) goes to docs/screenshots/."""
+remembered for the tab, the face picked with a click on the first frame. One screenshot per job state (queued,
+running, done, failed) and of the picked face goes to docs/screenshots/."""
 
 from __future__ import annotations
 
@@ -14,15 +15,24 @@ from pathlib import Path
 import httpx2
 import pytest
 from PIL import Image
-from support.clips import demo_frames, flat, speech, write_video, write_wav
+from support.clips import (
+    COMPOSITE_HALF,
+    demo_frames,
+    flat,
+    speech,
+    two_person_composite,
+    write_video,
+    write_wav,
+)
 from support.gateway_process import KEYS
 
 from gateway.core.auth import LOCAL_KEY_FILE
 from lipsync.media import VideoReader
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -73,8 +83,11 @@ def test_idle_page_shows_the_demo_banner_the_key_file_and_the_options(gateway, b
     assert "tiny-demo" in browser.find_element(By.ID, "served").text
     assert f"{LOCAL_KEY_FILE} in the gateway's data folder" in hint and "LIPSYNC_API_KEYS" in hint
     assert str(gateway.data_dir) not in browser.page_source and "a-local-key" not in browser.page_source
-    for name in ("inference_steps", "guidance_scale", "seed", "loop_mode", "mode", "version"):
+    for name in ("inference_steps", "guidance_scale", "seed", "loop_mode", "mode", "version", "face", "face_box"):
         assert browser.find_element(By.ID, name).is_displayed(), name
+    faces = [option.get_attribute("value") for option in browser.find_elements(By.CSS_SELECTOR, "#face option")]
+    assert faces == ["", "largest", "box", "active_speaker"]
+    assert not browser.find_element(By.ID, "picker").is_displayed()  # until a video is chosen
     loop_modes = [option.get_attribute("value") for option in browser.find_elements(By.CSS_SELECTOR, "#loop_mode option")]
     assert loop_modes == ["", "pingpong", "loop", "cut"]
     assert browser.find_element(By.ID, "inference_steps").get_attribute("max") == "999"
@@ -187,3 +200,36 @@ def test_a_wrong_key_shows_the_error(gateway, browser, tmp_path: Path) -> None:
     message = state_when(browser, lambda text: "API key" in text, timeout_s=30)
     assert message == "The API key was not accepted: check it against the hint below the key field."
     assert browser.find_element(By.ID, "state").get_attribute("class") == "error"
+
+
+def test_a_click_on_the_first_frame_picks_the_face_to_sync(gateway, browser, tmp_path: Path) -> None:
+    """Two people, the right one speaking: a click on the left (still) face asks for that one."""
+    clip = two_person_composite(tmp_path / "two.mp4", "right")
+    point = (151, 183)  # the centre of the left face on the first frame (540×480)
+    browser.get(gateway.url + "/")
+    browser.find_element(By.ID, "key").send_keys(KEYS[0])
+    browser.find_element(By.ID, "video").send_keys(str(clip))
+    browser.find_element(By.ID, "audio").send_keys(str(clip))
+    canvas = browser.find_element(By.ID, "first-frame")
+    WebDriverWait(browser, 60).until(lambda d: canvas.is_displayed())
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("540", "480")
+    # Wholly in view: W3C actions take offsets from the centre of the element's visible part.
+    shown = browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'});"
+        "const box = arguments[0].getBoundingClientRect(); return [box.width, box.height];", canvas,
+    )
+    scale = shown[0] / 540
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, round(point[0] * scale - shown[0] / 2), round(point[1] * scale - shown[1] / 2)
+    ).click().perform()
+    assert Select(browser.find_element(By.ID, "face")).first_selected_option.get_attribute("value") == "box"
+    x, y = (int(value) for value in browser.find_element(By.ID, "face_box").get_attribute("value").split(","))
+    assert abs(x - point[0]) <= 2 / scale + 1 and abs(y - point[1]) <= 2 / scale + 1
+    screenshot(browser, "pick-face")
+    browser.find_element(By.ID, "inference_steps").send_keys("1")
+    browser.find_element(By.ID, "submit").click()
+    final = state_when(browser, lambda text: text.startswith(("Done", "Failed")))
+    match = re.search(r"Face: box at (\d+),(\d+),(\d+),(\d+) \(confidence (\d\.\d\d)\)\.", final)
+    assert match, final
+    x0, y0, x1, y1 = (int(value) for value in match.groups()[:4])
+    assert x0 <= point[0] <= x1 and y0 <= point[1] <= y1 and x1 < COMPOSITE_HALF[0]

@@ -60,11 +60,12 @@ def test_choices_are_the_configs_data() -> None:
 
 def test_encode_then_decode_gives_the_options_back() -> None:
     values = {"inference_steps": 7, "guidance_scale": 2.5, "seed": -(2**63), "loop_mode": "cut", "mode": "fast", "version": "1.6",
-              "devices": 2, "crf": 51}
+              "devices": 2, "crf": 51, "face": "box", "face_box": "10.5,20,30,40"}
     arrays = contract.encode(values, b"video", b"audio")
     assert {name: array.dtype for name, array in arrays.items()} == {
         "VIDEO": np.object_, "AUDIO": np.object_, "STEPS": np.int32, "GUIDANCE": np.float32, "SEED": np.int64,
         "LOOP_MODE": np.object_, "MODE": np.object_, "VERSION": np.object_, "DEVICES": np.int32, "CRF": np.int32,
+        "FACE": np.object_, "FACE_BOX": np.object_,
     }
     assert contract.decode(arrays.get) == values
     assert contract.decode({}.get) == contract.defaults()
@@ -84,6 +85,14 @@ def test_encode_then_decode_gives_the_options_back() -> None:
         ({"CRF": np.array([52], np.int32)}, "crf must be in 0..51"),
         ({"STEPS": np.array([1, 2], np.int32)}, "one value"),
         ({"MODE": np.array([b"\xff"], np.object_)}, "UTF-8"),
+        ({"FACE": np.array([b"loudest"], np.object_)}, "face must be one of"),
+        ({"FACE_BOX": np.array([b"10,20"], np.object_)}, "face_box is only taken with face=box"),
+        ({"FACE": np.array([b"active_speaker"], np.object_), "FACE_BOX": np.array([b"10,20"], np.object_)},
+         "face_box is only taken with face=box"),
+        ({"FACE": np.array([b"box"], np.object_)}, "face=box needs face_box"),
+        ({"FACE": np.array([b"box"], np.object_), "FACE_BOX": np.array([b"10,20,30"], np.object_)}, "'x,y' .* or 'x0,y0,x1,y1'"),
+        ({"FACE": np.array([b"box"], np.object_), "FACE_BOX": np.array([b"30,20,10,40"], np.object_)}, "x0 < x1"),
+        ({"FACE": np.array([b"box"], np.object_), "FACE_BOX": np.array([b"nan,2"], np.object_)}, "'x,y'"),
     ],
 )
 def test_decode_refuses_what_the_contract_does_not_allow(tensors: dict, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
@@ -73,3 +74,45 @@ def flat(level: int, size: tuple[int, int] = SIZE) -> np.ndarray:
 
 CLIP_SECONDS = 2.0
 """Length of the end-to-end tests' shared clip (the ``clip`` fixture)."""
+
+
+COMPOSITE_SECONDS = 2.0
+"""Length of the two-person composites (:func:`two_person_composite`)."""
+COMPOSITE_HALF = (270, 480)
+"""(width, height) of each half of a composite: the demo clip at a quarter of its size."""
+
+
+def two_person_composite(path: Path, speaking: str, seconds: float = COMPOSITE_SECONDS) -> Path:
+    """A side-by-side clip (ffmpeg ``hstack``) of two parts of the demo clip, one of them mirrored.
+
+    The ``speaking`` half (``"left"`` or ``"right"``) plays its part with its own sound as the
+    composite's audio; the other half is the still first frame of its part. The left part starts at
+    0 s, the right (mirrored) one at 5 s.
+    """
+    if speaking not in ("left", "right"):
+        raise ValueError(f"speaking must be left or right, got {speaking!r}")
+    width, height = COMPOSITE_HALF
+    starts = {"left": 0.0, "right": 5.0}
+    scale = f"scale={width}:{height}:flags=area,setsar=1,fps={FPS}"
+    halves = {
+        "left": f"[0:v]{scale}",
+        "right": f"[1:v]{scale},hflip",
+    }
+    still = "left" if speaking == "right" else "right"
+    halves[still] += ",trim=end_frame=1,tpad=stop_mode=clone:stop=-1"
+    graph = (
+        f"{halves['left']},trim=duration={seconds},setpts=PTS-STARTPTS[l];"
+        f"{halves['right']},trim=duration={seconds},setpts=PTS-STARTPTS[r];"
+        "[l][r]hstack=inputs=2[v]"
+    )
+    audio_input = "0" if speaking == "left" else "1"
+    command = [
+        "ffmpeg", "-v", "error", "-y",
+        "-ss", str(starts["left"]), "-t", str(seconds + 1), "-i", str(DEMO_VIDEO),
+        "-ss", str(starts["right"]), "-t", str(seconds + 1), "-i", str(DEMO_VIDEO),
+        "-filter_complex", graph, "-map", "[v]", "-map", f"{audio_input}:a",
+        "-t", str(seconds), "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-ar", str(SAMPLE_RATE), "-ac", "1", str(path),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    return path
