@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from gateway.api.body_limit import BodyLimit
-from gateway.api.guard import RequestGuard
+from gateway.api.guard import BATCH_PATHS, RequestGuard
 from gateway.api.handlers import add_error_handlers
 from gateway.api.main import api_router
 from gateway.api.runtime import Runtime
@@ -39,7 +39,9 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
     app = FastAPI(title="lipsync-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   redirect_slashes=False)
     app.state.runtime = runtime
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    batch_cap = (settings.max_batch_body_bytes, "max_batch_body_mb")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="max_body_mb",
+                       paths=dict.fromkeys(BATCH_PATHS, batch_cap))
     app.add_middleware(RequestGuard, keys=keys, quotas=runtime.quotas)  # outside the body cap: it reads no body
     add_error_handlers(app)
 

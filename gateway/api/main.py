@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.api.routes import health, info, jobs, metrics, page
+from gateway.api.routes import batches, health, info, jobs, metrics, page
 
 api_router = APIRouter()
-for routes in (jobs, info, health, metrics, page):
+for routes in (jobs, batches, info, health, metrics, page):
     api_router.include_router(routes.router)

@@ -18,7 +18,7 @@ import av
 
 from lipsync.errors import BadInput
 from lipsync.media import MediaError, MediaSettings, VideoReader
-from lipsync.media.probe import check_audio_limits, check_file, open_media
+from lipsync.media.probe import VideoInfo, check_audio_limits, check_file, open_media
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
 _WHITESPACE = re.compile(r"\s+")
@@ -41,15 +41,17 @@ def decode_base64(value: str, field: str) -> bytes:
     return data
 
 
-def check_video(path: Path, field: str, settings: MediaSettings | None = None) -> None:
+def check_video(path: Path, field: str, settings: MediaSettings | None = None) -> VideoInfo:
+    """What the video's headers declare, once it opened as a video within the limits."""
     try:
-        with VideoReader(path, settings=settings):
-            pass
+        with VideoReader(path, settings=settings) as reader:
+            return reader.info
     except MediaError as exc:
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
 
 
-def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> None:
+def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> float:
+    """The seconds of audio the headers declare (0 when they do not), once a first audio frame decoded."""
     limits = (settings or MediaSettings.load()).limits
     try:
         check_file(path, "audio", MediaError)
@@ -57,9 +59,9 @@ def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -
             stream = container.streams.best("audio")
             if stream is None:
                 raise InvalidInput(f"{field} has no audio stream")
-            check_audio_limits(container, stream, limits)
+            seconds = check_audio_limits(container, stream, limits)
             for _ in container.decode(stream):
-                return
+                return seconds
     except MediaError as exc:
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
     except av.FFmpegError:
