@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.errors import ApiError, send_error
 
-
 Cap = tuple[int, str]
 """Bytes, and the name of the setting they come from."""
 

@@ -26,7 +26,13 @@ from typing import Any
 from gateway.core.auth import secure_equal
 from gateway.core.errors import ApiError
 from gateway.jobs.idempotency import fingerprint
-from gateway.jobs.schemas import BatchAccepted, BatchItemAccepted, BatchItemStatus, BatchStatus, JobOptions
+from gateway.jobs.schemas import (
+    BatchAccepted,
+    BatchItemAccepted,
+    BatchItemStatus,
+    BatchStatus,
+    JobOptions,
+)
 from gateway.jobs.service import CANCELLED_BY_CLIENT, JobService, StageInputs
 from gateway.jobs.storage import is_job_id
 from gateway.store import STATES, Batch, BatchItem, QuotaExceeded, new_job_id

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.api.deps import ApiKeyOwner, IdempotencyKey, RuntimeDep
 from gateway.api.runtime import Runtime
 from gateway.core.errors import ApiError
-from gateway.jobs.batches import BatchService, ItemRequest, too_many_items
+from gateway.jobs.batches import BatchService, ItemRequest
 from gateway.jobs.estimates import Estimator, output_frames
 from gateway.jobs.forms import MAX_FIELDS, MAX_FILES, batch_items, upload_parts
 from gateway.jobs.idempotency import copy_file, write_bytes
@@ -31,10 +31,19 @@ from gateway.jobs.schemas import (
     JobOptions,
     SubmitRequest,
 )
-from gateway.jobs.validation import InvalidInput, check_audio, check_video, decode_base64
+from gateway.jobs.validation import (
+    InvalidInput,
+    check_audio,
+    check_video,
+    decode_base64,
+)
 from lipsync.contract import BY_NAME
 from lipsync.errors import BadInput
-from lipsync.media.probe import check_audio_length, check_picture_size, check_video_length
+from lipsync.media.probe import (
+    check_audio_length,
+    check_picture_size,
+    check_video_length,
+)
 from lipsync.timeline import output_length
 
 router = APIRouter()
@@ -92,9 +101,6 @@ def _form_item(form: FormData) -> ItemRequest:
 def submit_batch(body: BatchRequest, batches: BatchServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> BatchAccepted:
     """Up to ``max_batch_items`` job requests in one call: per item its ``request_id``, or its ``error``
     (nothing created for it) while the others run. Idempotent as a whole with ``Idempotency-Key``."""
-    limit = batches.settings.max_batch_items
-    if len(body.items) > limit:
-        raise too_many_items(len(body.items), limit)
     webhook = str(body.webhook_url) if body.webhook_url else None
     return batches.submit(who, [_json_item(item) for item in body.items], webhook, key)
 
@@ -118,8 +124,6 @@ async def upload_batch(request: Request, batches: BatchServiceDep, who: ApiKeyOw
             items, webhook = batch_items(form)
         except InvalidInput as exc:
             raise ApiError(422, str(exc)) from None
-        if len(items) > limit:
-            raise too_many_items(len(items), limit)
         if not items:
             raise ApiError(422, "the batch has no items (parts items.0.video, items.0.audio …)")
         return await run_in_threadpool(batches.submit, who, [_form_item(item) for item in items], webhook, key)
