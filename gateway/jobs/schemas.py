@@ -90,8 +90,8 @@ def option_rules() -> dict[str, dict[str, Any]]:
 class BatchRequest(BaseModel):
     """``POST /v1/batches``: up to ``max_batch_items`` job requests, each a :class:`SubmitRequest`.
 
-    Items are checked one by one (:meth:`item`), so that an invalid item is refused alone while the
-    others are queued.
+    Items are validated one by one (as :class:`SubmitRequest`, by the route), so that an invalid item is
+    refused alone while the others are queued.
     """
 
     model_config = ConfigDict(extra="forbid")
