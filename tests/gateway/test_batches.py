@@ -99,7 +99,13 @@ def test_a_batch_is_idempotent_as_a_whole(held, item) -> None:
     assert first.status_code == replay.status_code == 202 and first.json() == replay.json()
     other = held.client.post("/v1/batches", headers=headers, json={"items": [item]})
     assert other.status_code == 409 and "Idempotency-Key" in other.json()["reason"]
-    held.client.post(f"/v1/batches/{first.json()['batch_id']}/cancel", headers=auth())
+    filler = held.client.post("/v1/batches", headers=auth(), json={"items": [item] * MAX_ITEMS})
+    assert filler.status_code == 202  # the key is now at max_active_jobs (6) ...
+    assert held.client.post("/v1/batches", headers=auth(), json={"items": [item]}).status_code == 429
+    at_quota = held.client.post("/v1/batches", headers=headers, json={"items": [item, item]})
+    assert at_quota.status_code == 202 and at_quota.json() == first.json()  # ... a replay creates nothing: let through
+    for batch in (first, filler):
+        held.client.post(f"/v1/batches/{batch.json()['batch_id']}/cancel", headers=auth())
 
 
 def test_a_batch_is_its_owners_only(held, item) -> None:
