@@ -42,6 +42,7 @@ ItemRequest = tuple[JobOptions, StageInputs] | ApiError
 
 REFUSED = "Refused"
 """The ``counts`` key of items refused at submit (no job)."""
+GONE = "the job ended more than retention_h ago and was deleted"
 NO_BATCH = "no such batch_id for this API key"
 BAD_BATCH_ID = "batch_id is not a valid batch id"
 
@@ -166,10 +167,10 @@ class BatchService:
         items = []
         for index in range(batch.size):
             job = jobs.get(index)
-            if job is None:
-                counts[REFUSED] += 1
+            if job is None:  # refused, or its row already deleted after the retention time
+                counts[REFUSED] += index in batch.errors
                 items.append(BatchItemStatus(
-                    index=index, request_id=None, error=batch.errors.get(index, "deleted after the retention time"),
+                    index=index, request_id=None, error=batch.errors.get(index, GONE),
                     status=None, reason=None, progress=None, result_url=None,
                 ))
                 continue
