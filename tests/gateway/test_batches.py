@@ -9,6 +9,7 @@ import base64
 import time
 
 import pytest
+from support.bombs import sparse_video
 from support.clips import demo_frames, speech, write_video, write_wav
 from support.gateway_process import KEYS
 from support.local_gateway import LocalGateway, StandInBackend
@@ -174,6 +175,13 @@ def test_hostile_estimates_get_a_4xx_naming_the_limit(held) -> None:
                 {"duration_s": 1.0, "width": 1, "height": 1, "inference_steps": 0}, {"width": 1, "height": 1}):
         assert held.client.post("/v1/estimate", headers=auth(), json=bad).status_code == 422, bad
     assert held.client.post("/v1/estimate", json={"duration_s": 1.0, "width": 1, "height": 1}).status_code == 401
+
+
+def test_an_estimate_for_an_uploaded_ten_hour_clip_names_the_duration_limit(held, tmp_path) -> None:
+    ten_hours = sparse_video(tmp_path / "ten-hours.mp4", 36000.0).read_bytes()
+    response = held.client.post("/v1/estimate/upload", headers=auth(), files={"video": ("v", ten_hours)})
+    assert response.status_code == 422 and "max_video_s" in response.json()["reason"]
+    assert list((held.data_dir / "incoming").iterdir()) == []  # the upload was deleted
 
 
 def test_an_estimate_from_an_uploaded_clip_counts_the_audio_frames(held, files) -> None:
