@@ -124,6 +124,8 @@ class EtaEstimate:
         """``(time, stage fraction)`` of each stage's first report, in the order of the stages."""
         self.moved: tuple[float, float] | None = None
         """``(time, stage fraction)`` of the paced stage's last report that moved it."""
+        self.durations: dict[str, float] = {}
+        """Seconds each stage took, once :meth:`finish` ran (what the job taught the rates)."""
 
     def plan(self, size: JobSize) -> None:
         """The job's size, once known (after its audio is read)."""
@@ -175,7 +177,8 @@ class EtaEstimate:
             return
         stages = sorted(self.entered, key=lambda stage: self.entered[stage][0])
         times = [self.entered[stage][0] for stage in stages] + [self.clock()]
-        self.rates.learn({stage: end - start for stage, start, end in zip(stages, times, times[1:], strict=False)}, self.size)
+        self.durations = {stage: end - start for stage, start, end in zip(stages, times, times[1:], strict=False)}
+        self.rates.learn(self.durations, self.size)
 
 
 class ProgressReporter:

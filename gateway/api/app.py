@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.body_limit import BodyLimit
-from gateway.api.guard import RequestGuard
+from gateway.api.guard import BATCH_PATHS, RequestGuard
 from gateway.api.handlers import add_error_handlers
 from gateway.api.main import api_router
 from gateway.api.runtime import Runtime
@@ -42,7 +42,9 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
                   lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
                   redirect_slashes=False)
     app.state.runtime = runtime
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    batch_cap = (settings.max_batch_body_bytes, "max_batch_body_mb")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="max_body_mb",
+                       paths=dict.fromkeys(BATCH_PATHS, batch_cap))
     app.add_middleware(  # outside the body cap: it reads no body
         RequestGuard, keys=keys, quotas=runtime.quotas, store_retry_s=settings.store_retry_s,
     )

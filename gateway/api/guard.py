@@ -29,6 +29,9 @@ from gateway.store import StoreUnavailable
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SUBMIT_PATHS = frozenset({"/lipsync/submit", "/lipsync/upload"})
 """Routes that queue a job: they count against ``submit_rate_limit`` and ``max_active_jobs`` too."""
+BATCH_PATHS = frozenset({"/v1/batches", "/v1/batches/upload"})
+"""Routes that queue several jobs: checked here like a submit (submits in flight, ``max_active_jobs``);
+once the body is read, each item counts as one submit against the rate (:meth:`Quotas.count_submits`)."""
 OWNER = "owner"
 """Key in ``scope["state"]`` (``request.state.owner``) of the authenticated owner id."""
 
@@ -53,12 +56,13 @@ class RequestGuard:
         try:
             if owner is None:
                 raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-            submit = scope["path"] in SUBMIT_PATHS
+            single = scope["path"] in SUBMIT_PATHS
+            submit = single or scope["path"] in BATCH_PATHS
             if submit and self._in_flight[owner] >= self.quotas.max_concurrent_submits:
                 raise self.quotas.too_many_in_flight()
-            self.quotas.count_request(owner, submit)
+            self.quotas.count_request(owner, single)
             if submit:
-                await run_in_threadpool(self.quotas.check_active_jobs, owner, headers.get("idempotency-key"))
+                await run_in_threadpool(self.quotas.check_active_jobs, owner, headers.get("idempotency-key"), not single)
         except ApiError as refused:
             await send_error(send, refused)
             return

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from gateway.api.routes import health, info, jobs, metrics, page
+from gateway.api.routes import batches, health, info, jobs, metrics, page
 from gateway.core.errors import ErrorBody
 
 
@@ -23,10 +23,12 @@ JOB_ERRORS = _errors(
     e413="the body is over the cap",
     e422="invalid fields, types or query parameters, inputs that are not media or are over a media limit",
     e429="over a rate limit or the job quota; Retry-After says when to retry",
+    e503="the job database is unavailable for now; Retry-After says when to retry",
     e507="a submit while the data folder is short of space",
 ) | INTERNAL
 
 api_router = APIRouter()
-api_router.include_router(jobs.router, responses=JOB_ERRORS)
+for routes in (jobs, batches):
+    api_router.include_router(routes.router, responses=JOB_ERRORS)
 for routes in (info, health, metrics, page):
     api_router.include_router(routes.router, responses=INTERNAL)

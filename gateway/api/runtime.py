@@ -12,6 +12,8 @@ from gateway.backends.served import ServedWeights
 from gateway.core.auth import ApiKeys
 from gateway.core.metrics import Metrics
 from gateway.core.settings import GatewaySettings
+from gateway.jobs.batches import BatchService
+from gateway.jobs.estimates import Estimator
 from gateway.jobs.quotas import Quotas
 from gateway.jobs.service import JobService
 from gateway.jobs.storage import DataDir
@@ -43,12 +45,16 @@ class Runtime:
         self.jobs = JobService(
             settings, keys, MediaSettings.load(), self.data, self.store, self.quotas, self.metrics, self.webhooks,
             self.weights, on_queued=lambda: self.worker.wake(),  # noqa: PLW0108 - the worker is made next: it calls back into jobs
+            on_batch_job_ended=lambda batch_id: self.batches.job_ended(batch_id),  # noqa: PLW0108 - made next, too
         )
+        self.batches = BatchService(self.jobs)
+        self.estimator = Estimator(settings, self.store, self.weights, self.jobs.media)
         self.worker = Worker(settings, self.store, self.data, self.metrics, backend, self.jobs.notify)
 
     def start(self) -> None:
         for job_id in self.store.unnotified():  # ended just before the last stop, webhook not yet queued
             self.jobs.notify(job_id)
+        self.batches.settle()
         self.webhooks.start()
         self.worker.start()
         self.weights.start()

@@ -55,6 +55,10 @@ class GatewaySettings:
     api_keys_env: str = "LIPSYNC_API_KEYS"
     api_keys_file: str = ""
     max_body_mb: PositiveFloat = 200
+    max_batch_items: PositiveInt = 10
+    max_batch_body_mb: PositiveFloat = 500
+    estimate_history_jobs: PositiveInt = 50
+    """Succeeded jobs (newest first) an estimate learns this deployment's stage rates from."""
     rate_limit: str = "600/minute"
     submit_rate_limit: str = "30/minute"
     max_active_jobs: PositiveInt = 16
@@ -119,3 +123,7 @@ class GatewaySettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_batch_body_bytes(self) -> int:
+        return int(self.max_batch_body_mb * 1024 * 1024)

@@ -57,15 +57,18 @@ MAX_FIELDS = len(OPTION_PARSERS)
 MAX_FILES = len(FILE_PARTS)
 
 
-def upload_parts(form: FormData) -> tuple[SubmitOptions, dict[str, UploadFile]]:
+def upload_parts(form: FormData, optional: tuple[str, ...] = ()) -> tuple[SubmitOptions, dict[str, UploadFile]]:
     """The options and the ``video``/``audio`` files of an upload; :class:`InvalidInput` (or pydantic's
-    ``ValidationError`` for values out of range) when the form is not exactly that."""
+    ``ValidationError`` for values out of range) when the form is not exactly that. The files named in
+    ``optional`` may be left out (then they are not in the answer)."""
     unknown = sorted(set(form.keys()) - set(OPTION_PARSERS) - set(FILE_PARTS))
     if unknown:
         raise InvalidInput(f"unknown form field(s): {', '.join(name[:40] for name in unknown[:5])}")
     files: dict[str, UploadFile] = {}
     for name in FILE_PARTS:
         parts = form.getlist(name)
+        if not parts and name in optional:
+            continue
         if len(parts) != 1 or not isinstance(parts[0], UploadFile):
             raise InvalidInput(f"{name}: exactly one file part named {name!r} is needed")
         files[name] = parts[0]
@@ -80,3 +83,29 @@ def upload_parts(form: FormData) -> tuple[SubmitOptions, dict[str, UploadFile]]:
             raise InvalidInput(f"{name}: must be a form field, not a file")
         values[name] = parse(name, given[0])
     return SubmitOptions.model_validate(values), files
+
+
+ITEM_PREFIX = re.compile(r"items\.(0|[1-9][0-9]{0,3})\.(.+)", re.ASCII | re.DOTALL)
+"""A batch upload's item part: ``items.<index>.<name>``, ``<name>`` a part of the single upload."""
+
+
+def batch_items(form: FormData) -> tuple[list[FormData], str | None]:
+    """A batch upload's items (each as the single upload's form) and its ``webhook_url`` field.
+
+    Items are numbered from 0 without gaps; :class:`InvalidInput` for any other part or numbering."""
+    grouped: dict[int, list[tuple[str, str | UploadFile]]] = {}
+    webhook: list[str | UploadFile] = []
+    for name, value in form.multi_items():
+        if name == "webhook_url":
+            webhook.append(value)
+            continue
+        match = ITEM_PREFIX.fullmatch(name)
+        if match is None:
+            raise InvalidInput(f"unknown form field {name[:40]!r}: item parts are named items.<index>.<part>")
+        grouped.setdefault(int(match[1]), []).append((match[2], value))
+    if len(webhook) > 1 or (webhook and not isinstance(webhook[0], str)):
+        raise InvalidInput("webhook_url: at most one form field (not a file)")
+    if sorted(grouped) != list(range(len(grouped))):
+        raise InvalidInput("items must be numbered 0, 1, 2 … without gaps (items.<index>.<part>)")
+    items = [FormData(grouped[index]) for index in range(len(grouped))]
+    return items, (webhook[0] if webhook and webhook[0] else None)  # type: ignore[return-value]

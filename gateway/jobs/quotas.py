@@ -40,9 +40,15 @@ class Quotas:
         if submit:
             self._hit(self._submits, owner, "submit_rate_limit", "submits")
 
-    def check_active_jobs(self, owner: str, idempotency_key: str | None) -> None:
-        """Raise a 429 :class:`ApiError` when ``owner`` may queue no more jobs now (reads the job table)."""
-        if idempotency_key is not None and self._store.find_idempotent(owner, idempotency_key) is not None:
+    def count_submits(self, owner: str, submits: int) -> None:
+        """Count a batch's items as ``submits`` submits of ``owner`` at once (429 when the rate has not that many left)."""
+        self._hit(self._submits, owner, "submit_rate_limit", "submits", submits)
+
+    def check_active_jobs(self, owner: str, idempotency_key: str | None, batch: bool = False) -> None:
+        """Raise a 429 :class:`ApiError` when ``owner`` may queue no more jobs now (reads the job table).
+        ``batch``: the request is a batch, whose ``idempotency_key`` names a batch."""
+        find = self._store.find_idempotent_batch if batch else self._store.find_idempotent
+        if idempotency_key is not None and find(owner, idempotency_key) is not None:
             return
         if self._store.active_jobs(owner) >= self.max_active_jobs:
             raise self.too_many_jobs()
@@ -61,8 +67,8 @@ class Quotas:
             {"Retry-After": str(self._quota_retry_after_s)},
         )
 
-    def _hit(self, item: RateLimitItem, owner: str, setting: str, what: str) -> None:
-        if self._limiter.hit(item, setting, owner):
+    def _hit(self, item: RateLimitItem, owner: str, setting: str, what: str, cost: int = 1) -> None:
+        if self._limiter.hit(item, setting, owner, cost=cost):
             return
         reset_at, _ = self._limiter.get_window_stats(item, setting, owner)
         retry_after = max(1, math.ceil(reset_at - time.time()))

@@ -176,3 +176,87 @@ class JobList(BaseModel):
 
     jobs: list[JobStatus]
     next_cursor: str | None = Field(description="the cursor of the next page; null on the last")
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/batches``: up to ``max_batch_items`` job requests, each a :class:`SubmitRequest`.
+
+    Items are validated one by one (as :class:`SubmitRequest`, by the route), so that an invalid item is
+    refused alone while the others are queued.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[dict[str, Any]] = Field(
+        min_length=1, description="each item a /lipsync/submit body (video_source, audio_source, options)",
+        json_schema_extra={"items": {"$ref": "#/components/schemas/SubmitRequest"}},
+    )
+    webhook_url: AnyHttpUrl | None = None
+    """Called once, with the batch as ``GET /v1/batches/{id}`` shows it, when its last item ended."""
+
+
+class BatchRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_id: StrictStr
+
+
+class BatchItemAccepted(BaseModel):
+    index: int
+    request_id: str | None = Field(description="the item's job (status, cancel, result as any job); null if refused")
+    error: str | None = Field(description="why the item was refused (nothing was created for it); null if queued")
+
+
+class BatchAccepted(BaseModel):
+    """The answer to a batch (202): its id and, per item in the order sent, its job or why it was refused."""
+
+    batch_id: str
+    items: list[BatchItemAccepted]
+
+
+class BatchItemStatus(BatchItemAccepted):
+    status: str | None = Field(description="the job's status (InQueue, InProgress, Succeed, Failed, Cancelled)")
+    reason: str | None
+    progress: float | None
+    result_url: str | None = Field(description="the result video of a succeeded item (carries its download token)")
+
+
+class BatchStatus(BaseModel):
+    """A batch as ``GET /v1/batches/{id}``, its cancel and its webhook show it."""
+
+    batch_id: str
+    finished: bool = Field(description="true once no item is queued or running")
+    counts: dict[str, int] = Field(description="items per job status, and refused items under \"Refused\"")
+    created_at: float
+    finished_at: float | None
+    items: list[BatchItemStatus]
+
+
+class EstimateRequest(SubmitOptions):
+    """``POST /v1/estimate`` without the clip: its length and picture size, and the job options."""
+
+    duration_s: float = Field(gt=0, strict=True, description="seconds of the output (the audio's length)")
+    width: int = Field(ge=1, strict=True)
+    height: int = Field(ge=1, strict=True)
+
+    def options(self) -> SubmitOptions:
+        return SubmitOptions.model_validate(self.model_dump(exclude={"duration_s", "width", "height"}, exclude_unset=True))
+
+
+class Estimate(BaseModel):
+    """What a job would cost on this deployment, from the stage rates of its recent succeeded jobs."""
+
+    frames: int = Field(description="output frames (25 per second of audio)")
+    inference_steps: int | None = Field(description="the job's steps: the request's, else the served default; null before the served weights are known")
+    mode: str
+    weights: str | None = Field(description="the weight set the estimate is for (the one served, or the version asked)")
+    run_s: float | None = Field(description="expected seconds from the job's start to its result; null when basis is none")
+    gpu_s: float | None = Field(description="GPU-seconds the run holds (0 on a CPU deployment); null when basis is none")
+    start_in_s: float | None = Field(description="expected wait before it starts, from the queue now; null when not known")
+    queued_jobs: int
+    running_jobs: int
+    basis: Literal["same_options", "other_steps", "none"] = Field(
+        description="same_options: recent jobs with these weights, mode and steps; other_steps: same weights and "
+        "mode, other steps (generation scaled by steps); none: no such job ran yet, nothing to go by",
+    )
+    basis_jobs: int = Field(description="how many recent jobs the rates come from")

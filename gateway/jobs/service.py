@@ -10,7 +10,8 @@ import base64
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ NOT_FOUND = "no such request_id for this API key"
 NO_RESULT = "no result for this request_id"
 BAD_ID = "request_id is not a valid request id"
 
+CANCELLED_BY_CLIENT = "cancelled by the client"
+
 BAD_CURSOR = "cursor: not a next_cursor this API gave out"
 
 StageInputs = Callable[[Path], tuple[str, str]]
@@ -60,6 +63,7 @@ class JobService:
     def __init__(
         self, settings: GatewaySettings, keys: ApiKeys, media: MediaSettings, data: DataDir, store: JobStore,
         quotas: Quotas, metrics: Metrics, webhooks: Webhooks, weights: ServedWeights, on_queued: Callable[[], None],
+        on_batch_job_ended: Callable[[str], None] = lambda batch_id: None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -71,6 +75,8 @@ class JobService:
         self.webhooks = webhooks
         self.weights = weights
         self.on_queued = on_queued
+        self.on_batch_job_ended = on_batch_job_ended
+        """Called with the batch id after a job of a batch ended and its own webhook was queued."""
 
     def view(self, job: Job, queue_position: int | None = None) -> JobStatus:
         """A job as the status endpoint (and the webhook) shows it; URLs start with the configured base.
@@ -109,10 +115,14 @@ class JobService:
         return JobList(jobs=[self.view(job, position) for job, position in listed], next_cursor=next_cursor)
 
     def notify(self, job_id: str) -> None:
-        """A job finished (committed): call its webhook, if it has one."""
+        """A job finished (committed): call its webhook, if it has one; tell its batch, if it is in one."""
         job = self.store.get(job_id)
-        if job is not None and job.webhook_url:
+        if job is None:
+            return
+        if job.webhook_url:
             self.webhooks.send(job, self.view(job))
+        if job.batch_id is not None:
+            self.on_batch_job_ended(job.batch_id)
 
     def owned(self, request_id: str, owner: str) -> Job:
         """The job ``request_id`` if ``owner`` submitted it; another key's job is as unknown as a missing one."""
@@ -148,39 +158,15 @@ class JobService:
         With an ``idempotency_key`` this owner used before: the same request gets the first job's id, a
         different one 409. The staging folder never outlives the call.
         """
-        try:
-            self.data.check_space()
-            staged = self.data.staging()
-        except DataDirFull as exc:
-            raise _no_space(str(exc)) from None
-        except OSError as exc:
-            if is_out_of_space(exc):
-                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
-            raise
-        try:
+        with self.staging() as staged, self.refusals():
             request_hash = fingerprint(options, *stage_inputs(staged))
             replayed = self._replay(owner, idempotency_key, request_hash)
             if replayed is not None:
                 return Submitted(request_id=replayed.id)
-            webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
-            video = check_video(staged / "video", "video_source", self.media)
-            check_face_choice(options, video)
-            check_audio(staged / "audio", "audio_source", self.media)
-            job_id = new_job_id()
-            self.data.adopt(staged, job_id)
-        except InvalidInput as exc:
-            raise ApiError.of(exc) from None
-        except WebhookRefused as exc:
-            raise ApiError(400, str(exc)) from None
-        except OSError as exc:
-            if is_out_of_space(exc):
-                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
-            raise
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            job_id, webhook = self.admit(staged, options)
         try:
             job, created = self.store.create(
-                job_id, owner, self._params(options), webhook, idempotency_key, request_hash,
+                job_id, owner, self.params(options), webhook, idempotency_key, request_hash,
                 max_active=self.settings.max_active_jobs,
             )
         except QuotaExceeded:
@@ -195,6 +181,49 @@ class JobService:
         self.on_queued()
         return Submitted(request_id=job.id)
 
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh staging folder in the data folder (507 when it has no room), removed when the block ends."""
+        try:
+            self.data.check_space()
+            staged = self.data.staging()
+        except DataDirFull as exc:
+            raise _no_space(str(exc)) from None
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
+        try:
+            yield staged
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    @contextmanager
+    def refusals(self) -> Iterator[None]:
+        """Inside the block, inputs the client must fix become its 4xx :class:`ApiError`, a full disk 507."""
+        try:
+            yield
+        except InvalidInput as exc:
+            raise ApiError.of(exc) from None
+        except WebhookRefused as exc:
+            raise ApiError(400, str(exc)) from None
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise _no_space(f"the data folder ran out of space ({exc.strerror})") from None
+            raise
+
+    def admit(self, staged: Path, options: SubmitOptions) -> tuple[str, str | None]:
+        """Check staged inputs by content and move them to a new job's folder: ``(job id, webhook URL)``.
+
+        Raises :class:`InvalidInput` or :class:`WebhookRefused` (:meth:`refusals` turns them into 4xx)."""
+        webhook = self.webhooks.admit(str(options.webhook_url) if options.webhook_url else None)
+        video = check_video(staged / "video", "video_source", self.media)
+        check_face_choice(options, video)
+        check_audio(staged / "audio", "audio_source", self.media)
+        job_id = new_job_id()
+        self.data.adopt(staged, job_id)
+        return job_id, webhook
+
     def _replay(self, owner: str, idempotency_key: str | None, request_hash: str) -> Job | None:
         """The job this owner's ``idempotency_key`` already names, if the request is the same; 409 if not."""
         existing = self.store.find_idempotent(owner, idempotency_key)
@@ -208,21 +237,25 @@ class JobService:
         return existing
 
     @staticmethod
-    def _params(options: SubmitOptions) -> dict[str, Any]:
+    def params(options: SubmitOptions) -> dict[str, Any]:
         """The job options (:data:`lipsync.contract.OPTIONS`) by name; ``None``: the served configuration decides."""
         return options.model_dump(exclude={"webhook_url"})
 
     def cancel(self, job: Job) -> Job:
         if job.status not in (IN_QUEUE, IN_PROGRESS):
             raise ApiError(409, f"the job has already finished ({job.status})")
-        if not self.store.cancel(job.id, "cancelled by the client"):  # it ended meanwhile
+        if not self.store.cancel(job.id, CANCELLED_BY_CLIENT):  # it ended meanwhile
             raise ApiError(409, "the job has already finished")
-        cancelled = self.store.get(job.id)
+        return self.cancelled(job.id)
+
+    def cancelled(self, job_id: str) -> Job:
+        """After a client's cancel was committed: drop the inputs no worker will, count it, call back."""
+        cancelled = self.store.get(job_id)
         assert cancelled is not None
         if cancelled.started_at is None:  # never claimed; a claimed job's worker drops the inputs when it stops
-            self.data.drop_inputs(job.id)
+            self.data.drop_inputs(job_id)
         self.metrics.finished.labels(CANCELLED).inc()
-        self.notify(job.id)
+        self.notify(job_id)
         return cancelled
 
 

@@ -50,7 +50,8 @@ def check_video(path: Path, field: str, settings: MediaSettings | None = None) -
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
 
 
-def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> None:
+def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -> float:
+    """The seconds of audio the headers declare (0 when they do not), once a first audio frame decoded."""
     limits = (settings or MediaSettings.load()).limits
     try:
         check_file(path, "audio", MediaError)
@@ -58,9 +59,9 @@ def check_audio(path: Path, field: str, settings: MediaSettings | None = None) -
             stream = container.streams.best("audio")
             if not isinstance(stream, av.AudioStream):  # None: there is none
                 raise InvalidInput(f"{field} has no audio stream")
-            check_audio_limits(container, stream, limits)
+            seconds = check_audio_limits(container, stream, limits)
             for _ in container.decode(stream):
-                return
+                return seconds
     except MediaError as exc:
         raise InvalidInput(f"{field}: {_without_path(str(exc), path)}") from None
     except av.FFmpegError:

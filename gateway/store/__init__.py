@@ -23,6 +23,9 @@ jobs whose lease ran out (their gateway died). A worker's own updates of a runni
 ending) are guarded by its claimant id too, so a gateway that lost its lease cannot end a job another
 gateway has taken over.
 
+``batches`` holds jobs submitted in one call: each job row names its batch and its place in it; the
+batch row keeps the refused items' reasons and is marked ended by the last of its jobs to end.
+
 Beside the jobs, ``webhook_outbox`` holds each finished job's webhook until it is delivered or given up
 (``pending`` → ``delivered`` | ``failed``), with its attempt count and next attempt time; a delivery being
 sent is leased to its gateway the same way.
@@ -46,6 +49,8 @@ from gateway.store.records import (
     WEBHOOK_DELIVERED,
     WEBHOOK_FAILED,
     WEBHOOK_PENDING,
+    Batch,
+    BatchItem,
     Delivery,
     Job,
     QuotaExceeded,
@@ -57,8 +62,9 @@ from gateway.store.store import JobStore
 
 __all__ = [
     "CANCELLED", "FAILED", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "QUEUE_POLICIES", "STATES",
-    "SUCCEED", "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Delivery", "Job", "JobStore",
-    "QueuePolicy", "QuotaExceeded", "StoreUnavailable", "new_claimant", "new_job_id", "open_store", "sqlite_url",
+    "SUCCEED", "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Batch", "BatchItem", "Delivery", "Job",
+    "JobStore", "QueuePolicy", "QuotaExceeded", "StoreUnavailable", "new_claimant", "new_job_id", "open_store",
+    "sqlite_url",
 ]
 
 

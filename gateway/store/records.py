@@ -1,4 +1,4 @@
-"""What the job table holds, as the store hands it out: states, :class:`Job`, :class:`Delivery`, ids."""
+"""What the job table holds, as the store hands it out: states, :class:`Job`, :class:`Batch`, :class:`Delivery`, ids."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ class Job:
     eta_s: float | None = None
     claimed_by: str | None = None
     lease_until: float | None = None
+    batch_id: str | None = None
+    batch_index: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Job:
@@ -61,6 +63,41 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Jobs submitted in one call. Its items are numbered from 0; a refused item has no job, its reason
+    is in ``errors``."""
+
+    seq: int
+    id: str
+    owner: str
+    idempotency_key: str | None
+    request_hash: str
+    size: int
+    errors: dict[int, str]
+    webhook_url: str | None
+    webhook_state: str | None
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> Batch:
+        values = {field.name: row[field.name] for field in fields(cls)}
+        values["errors"] = {int(index): reason for index, reason in json.loads(values["errors"]).items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One accepted item of a batch, as :meth:`JobStore.create_batch` queues it."""
+
+    index: int
+    job_id: str
+    params: dict[str, Any]
+    webhook_url: str | None
+    request_hash: str
 
 
 @dataclass(frozen=True)

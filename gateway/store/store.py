@@ -44,12 +44,14 @@ from gateway.store.records import (
     WEBHOOK_DELIVERED,
     WEBHOOK_FAILED,
     WEBHOOK_PENDING,
+    Batch,
+    BatchItem,
     Delivery,
     Job,
     QuotaExceeded,
     new_claimant,
 )
-from gateway.store.schema import jobs, webhook_outbox
+from gateway.store.schema import batches, jobs, webhook_outbox
 
 outbox = webhook_outbox
 
@@ -68,6 +70,13 @@ _NEWEST_FIRST = (jobs.c.created_at.desc(), jobs.c.id.desc())
 _RECENT = select(jobs).where(jobs.c.owner == _OWNER).order_by(*_NEWEST_FIRST).limit(bindparam("limit"))
 _RECENT_BEFORE = _RECENT.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(bindparam("created_at"), _ID))
 _COUNTS = select(jobs.c.status, func.count().label("n")).group_by(jobs.c.status)
+_BATCH: BindParameter[str] = bindparam("batch_id")
+_GET_BATCH = select(batches).where(batches.c.id == _BATCH)
+_BATCH_BY_KEY = select(batches).where(batches.c.owner == _OWNER, batches.c.idempotency_key == _KEY)
+_BATCH_JOBS = select(jobs).where(jobs.c.batch_id == _BATCH).order_by(jobs.c.batch_index)
+_ACTIVE_IN_BATCH = select(jobs.c.id).where(jobs.c.batch_id == batches.c.id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
+_SUCCEEDED = select(jobs).where(jobs.c.status == SUCCEED).order_by(jobs.c.seq.desc()).limit(bindparam("limit"))
+_RUNNING_ETAS = select(jobs.c.eta_s).where(jobs.c.status == IN_PROGRESS)
 
 
 def greatest(value: Any, other: Any) -> ColumnElement:
@@ -167,6 +176,89 @@ class JobStore:
                 raise
             return existing, False
         return Job.from_row(row), True
+
+    def create_batch(
+        self, batch_id: str, owner: str, items: Sequence[BatchItem], size: int, errors: dict[int, str],
+        webhook_url: str | None = None, idempotency_key: str | None = None, request_hash: str = "",
+        max_active: int | None = None,
+    ) -> tuple[Batch, bool]:
+        """Queue a batch's accepted ``items`` (one transaction: all of them or none); ``errors`` are the
+        refused items' reasons by index. With an ``idempotency_key`` this owner used for a batch before,
+        return that batch instead: ``(batch, created)``.
+
+        With ``max_active``, raises :class:`QuotaExceeded` when the owner's queued and running jobs plus
+        these items would be more than that (every item counts, as a submit of its own would).
+        """
+        now = time.time()
+        try:
+            with self._transaction() as db:
+                self._db.lock_owner(db, owner)
+                active = db.execute(_ACTIVE, {"owner": owner}).scalar_one()
+                if max_active is not None and active + len(items) > max_active:
+                    raise QuotaExceeded(owner)
+                row = db.execute(
+                    batches.insert().values(
+                        id=batch_id, owner=owner, idempotency_key=idempotency_key, request_hash=request_hash,
+                        size=size, errors=json.dumps({str(index): reason for index, reason in errors.items()}),
+                        webhook_url=webhook_url, created_at=now,
+                    ).returning(*batches.c)
+                ).mappings().one()
+                if items:
+                    db.execute(jobs.insert(), [
+                        {"id": item.job_id, "owner": owner, "status": IN_QUEUE, "params": json.dumps(item.params),
+                         "webhook_url": item.webhook_url, "created_at": now, "request_hash": item.request_hash,
+                         "batch_id": batch_id, "batch_index": item.index}
+                        for item in items
+                    ])
+        except IntegrityError:
+            existing = self.find_idempotent_batch(owner, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return Batch.from_row(row), True
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        rows = self._rows(_GET_BATCH, batch_id=batch_id)
+        return Batch.from_row(rows[0]) if rows else None
+
+    def find_idempotent_batch(self, owner: str, idempotency_key: str | None) -> Batch | None:
+        if idempotency_key is None:
+            return None
+        rows = self._rows(_BATCH_BY_KEY, owner=owner, key=idempotency_key)
+        return Batch.from_row(rows[0]) if rows else None
+
+    def batch_jobs(self, batch_id: str) -> list[Job]:
+        """The jobs of a batch, in the order of its items."""
+        return [Job.from_row(row) for row in self._rows(_BATCH_JOBS, batch_id=batch_id)]
+
+    def cancel_batch(self, batch_id: str, reason: str) -> list[str]:
+        """Every queued or running job of the batch → ``Cancelled``; returns the ids of those cancelled."""
+        with self._transaction() as db:
+            return list(db.execute(
+                update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
+                .values(status=CANCELLED, reason=reason, finished_at=time.time(), lease_until=None)
+                .returning(jobs.c.id)
+            ).scalars())
+
+    def end_batch(self, batch_id: str) -> bool:
+        """Mark the batch ended if none of its jobs is queued or running any more; True for the one call that
+        did (each job's ending calls it after committing, so the last one's call does)."""
+        return self._write(
+            update(batches).where(batches.c.id == batch_id, batches.c.finished_at.is_(None),
+                                  ~_ACTIVE_IN_BATCH.exists()).values(finished_at=time.time())
+        ) == 1
+
+    def open_batches(self) -> list[str]:
+        """Batches not marked ended: :meth:`end_batch` tells which of them ended meanwhile (restart)."""
+        return [row["id"] for row in self._rows(select(batches.c.id).where(batches.c.finished_at.is_(None)))]
+
+    def recent_succeeded(self, limit: int) -> list[Job]:
+        """The ``limit`` jobs that succeeded last (by submission), newest first: what estimates learn from."""
+        return [Job.from_row(row) for row in self._rows(_SUCCEEDED, limit=limit)]
+
+    def running_etas(self) -> list[float | None]:
+        """The seconds left of each running job, as its server last estimated them (None: not known yet)."""
+        return [row["eta_s"] for row in self._rows(_RUNNING_ETAS)]
 
     def active_jobs(self, owner: str) -> int:
         """The owner's queued and running jobs."""
@@ -317,16 +409,20 @@ class JobStore:
         return {state: 0 for state in STATES} | {row["status"]: row["n"] for row in rows}
 
     def delete_finished(self, before: float) -> list[str]:
-        """Delete the rows (and deliveries) of jobs finished before ``before``; returns their ids. Two stores
-        never both delete the same job."""
+        """Delete the rows (and deliveries) of jobs and batches finished before ``before``; returns the jobs'
+        ids. Two stores never both delete the same job."""
         doomed = (
             select(jobs.c.id).where(jobs.c.status.in_(FINISHED), jobs.c.finished_at < before)
             .with_for_update(skip_locked=True)
         )
+        ended = (
+            select(batches.c.id).where(batches.c.finished_at < before).with_for_update(skip_locked=True)
+        )
         with self._transaction() as db:
             ids = list(db.execute(delete(jobs).where(jobs.c.id.in_(doomed)).returning(jobs.c.id)).scalars())
-            if ids:
-                db.execute(delete(outbox).where(outbox.c.job_id.in_(ids)))
+            gone = list(db.execute(delete(batches).where(batches.c.id.in_(ended)).returning(batches.c.id)).scalars())
+            if ids or gone:
+                db.execute(delete(outbox).where(outbox.c.job_id.in_(ids + gone)))
         return ids
 
     def all_ids(self) -> set[str]:
@@ -336,7 +432,8 @@ class JobStore:
     # so deliveries survive restarts and their back-off is kept in the table.
 
     def enqueue_webhook(self, job_id: str, owner: str, url: str, body: str) -> Delivery:
-        """Queue the job's webhook, due now; a job already queued keeps its delivery (one per job)."""
+        """Queue the webhook of a job (or a batch: ``job_id`` is its id), due now; one already queued keeps
+        its delivery (one per job)."""
         now = time.time()
         with self._transaction() as db:
             db.execute(
@@ -345,9 +442,11 @@ class JobStore:
                     state=WEBHOOK_PENDING, next_attempt_at=now, created_at=now,
                 ).on_conflict_do_nothing(index_elements=["job_id"])
             )
-            db.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.webhook_state.is_(None)).values(webhook_state=WEBHOOK_PENDING)
-            )
+            for table in (jobs, batches):
+                db.execute(
+                    update(table).where(table.c.id == job_id, table.c.webhook_state.is_(None))
+                    .values(webhook_state=WEBHOOK_PENDING)
+                )
             row = db.execute(select(outbox).where(outbox.c.job_id == job_id)).mappings().one()
         return Delivery.from_row(row)
 
@@ -418,10 +517,9 @@ class JobStore:
                     finished_at=None if state == WEBHOOK_PENDING else time.time(), claimed_by=None, lease_until=None,
                 )
             )
-            db.execute(
-                update(jobs).where(jobs.c.id == select(outbox.c.job_id).where(outbox.c.id == delivery_id).scalar_subquery())
-                .values(webhook_state=job_state)
-            )
+            subject = select(outbox.c.job_id).where(outbox.c.id == delivery_id).scalar_subquery()
+            for table in (jobs, batches):
+                db.execute(update(table).where(table.c.id == subject).values(webhook_state=job_state))
 
     def delivery(self, job_id: str) -> Delivery | None:
         """The webhook delivery of a job, if it has one."""

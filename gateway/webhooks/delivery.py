@@ -76,8 +76,12 @@ class Webhooks:
     def send(self, job: Job, payload: BaseModel) -> None:
         """Queue ``job``'s webhook (committed before this returns) and let the delivery thread know."""
         if job.webhook_url:
-            self.store.enqueue_webhook(job.id, job.owner, job.webhook_url, payload.model_dump_json())
-            self.wake()
+            self.send_to(job.id, job.owner, job.webhook_url, payload)
+
+    def send_to(self, subject_id: str, owner: str, url: str, payload: BaseModel) -> None:
+        """Queue the one webhook of a job or batch ``subject_id`` and let the delivery thread know."""
+        self.store.enqueue_webhook(subject_id, owner, url, payload.model_dump_json())
+        self.wake()
 
     def wake(self) -> None:
         if self._loop is not None and self._wake is not None:

@@ -94,7 +94,16 @@ def check_video_limits(container: InputContainer, stream: VideoStream, limits: M
     Picture size, duration and frame count as the container and stream headers declare them; nothing
     is decoded. What a header does not say is counted while decoding instead (:class:`VideoReader`).
     """
-    width, height = stream.width, stream.height
+    check_picture_size(stream.width, stream.height, limits)
+    duration = declared_duration(stream)
+    if duration is None and container.duration:
+        duration = container.duration / av.time_base
+    check_video_length(duration or 0.0, limits)
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    check_frame_count(stream.frames or round((duration or 0.0) * fps), limits)
+
+
+def check_picture_size(width: int, height: int, limits: MediaLimits) -> None:
     if max(width, height) > limits.max_side:
         raise MediaLimitError(
             f"the video is {width}×{height} pixels; a side may have at most {limits.max_side} (max_side)"
@@ -104,12 +113,6 @@ def check_video_limits(container: InputContainer, stream: VideoStream, limits: M
             f"the video is {width}×{height} = {width * height:,} pixels a frame; the limit is "
             f"{limits.max_pixels:,} (max_pixels)"
         )
-    duration = declared_duration(stream)
-    if duration is None and container.duration:
-        duration = container.duration / av.time_base
-    check_video_length(duration or 0.0, limits)
-    fps = float(stream.average_rate or stream.guessed_rate or 0)
-    check_frame_count(stream.frames or round((duration or 0.0) * fps), limits)
 
 
 def check_video_length(seconds: float, limits: MediaLimits) -> None:
@@ -124,13 +127,15 @@ def check_frame_count(frames: int, limits: MediaLimits) -> None:
         raise MediaLimitError(f"the video has {frames:,} frames; the limit is {limits.max_frames:,} (max_frames)")
 
 
-def check_audio_limits(container: InputContainer, stream: AudioStream, limits: MediaLimits) -> None:
-    """Raise :class:`MediaLimitError` if the headers say the audio lasts longer than ``limits`` allow."""
+def check_audio_limits(container: InputContainer, stream: AudioStream, limits: MediaLimits) -> float:
+    """Raise :class:`MediaLimitError` if the headers say the audio lasts longer than ``limits`` allow; else
+    the seconds they say (0 when they do not)."""
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * stream.time_base)
     else:
         seconds = container.duration / av.time_base if container.duration else 0.0
     check_audio_length(seconds, limits)
+    return seconds
 
 
 def check_audio_length(seconds: float, limits: MediaLimits) -> None:

@@ -18,7 +18,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
 from gateway.jobs.storage import DataDir
-from gateway.store import JobStore, QuotaExceeded, new_job_id, sqlite_url
+from gateway.store import BatchItem, JobStore, QuotaExceeded, new_job_id, sqlite_url
 from gateway.store.schema import metadata
 
 PARAMS = {"inference_steps": 1, "guidance_scale": 1.5, "seed": 1, "loop_mode": None, "version": None}
@@ -445,3 +445,73 @@ def test_reused_owner_figures_follow_the_stores_own_changes_at_once_and_others_a
     assert positions(first, busy[1:]) == [1, 2]  # the figures read before it are still reused
     first.position_ttl_s = 0
     assert positions(first, busy[1:]) == [2, 3]
+
+
+def batch_items(count: int, start: int = 0) -> list[BatchItem]:
+    return [BatchItem(start + index, new_job_id(), PARAMS, None, f"hash-{index}") for index in range(count)]
+
+
+def test_a_batch_queues_all_its_items_or_none_within_the_quota(store) -> None:
+    queue(store, "a")
+    with pytest.raises(QuotaExceeded):
+        store.create_batch(new_job_id(), "a", batch_items(3), 3, {}, max_active=3)
+    assert store.active_jobs("a") == 1 and store.open_batches() == []  # nothing of the refused batch
+    batch, created = store.create_batch(new_job_id(), "a", batch_items(2, start=1), 3, {0: "bad video"}, max_active=3)
+    assert created and batch.errors == {0: "bad video"} and batch.size == 3
+    assert [(job.batch_index, job.status) for job in store.batch_jobs(batch.id)] == [(1, "InQueue"), (2, "InQueue")]
+
+
+def test_a_batch_key_names_one_batch_per_owner(store) -> None:
+    first, created = store.create_batch(new_job_id(), "a", batch_items(1), 1, {}, idempotency_key="k", request_hash="h")
+    again, created_again = store.create_batch(new_job_id(), "a", batch_items(1), 1, {}, idempotency_key="k")
+    assert created and not created_again and again.id == first.id and len(store.batch_jobs(first.id)) == 1
+    other, created_other = store.create_batch(new_job_id(), "b", batch_items(1), 1, {}, idempotency_key="k")
+    assert created_other and other.id != first.id
+
+
+def test_only_the_last_ending_of_a_batch_ends_it_even_when_gateways_end_jobs_at_once(stores) -> None:
+    first, second = stores
+    batch, _ = first.create_batch(new_job_id(), "a", batch_items(6), 6, {})
+    jobs = [job.id for job in first.batch_jobs(batch.id)]
+    assert not first.end_batch(batch.id)
+
+    def end(args: tuple[JobStore, str]) -> bool:
+        store, job_id = args
+        store.cancel(job_id, "done")
+        return store.end_batch(batch.id)
+
+    with ThreadPoolExecutor(6) as pool:
+        ended = list(pool.map(end, [(first if index % 2 else second, job_id) for index, job_id in enumerate(jobs)]))
+    assert ended.count(True) == 1 and first.get_batch(batch.id).finished_at is not None
+    assert first.open_batches() == [] and not second.end_batch(batch.id)
+
+
+def test_cancelling_a_batch_leaves_its_ended_jobs_alone(store) -> None:
+    batch, _ = store.create_batch(new_job_id(), "a", batch_items(3), 3, {})
+    running = store.claim_next()
+    assert running is not None and running.batch_id == batch.id
+    store.succeed(running.id, 1.0, {"frames": 1})
+    cancelled = store.cancel_batch(batch.id, "by the client")
+    assert sorted(cancelled) == sorted(job.id for job in store.batch_jobs(batch.id) if job.id != running.id)
+    assert store.get(running.id).status == "Succeed" and store.cancel_batch(batch.id, "again") == []
+
+
+def test_retention_deletes_ended_batches_with_their_webhook(store) -> None:
+    batch, _ = store.create_batch(new_job_id(), "a", batch_items(1), 1, {}, webhook_url="http://hook.example/")
+    store.cancel_batch(batch.id, "gone")
+    assert store.end_batch(batch.id)
+    store.enqueue_webhook(batch.id, "a", "http://hook.example/", "{}")
+    assert store.get_batch(batch.id).webhook_state == "pending"
+    store.delete_finished(time.time() + 1)
+    assert store.get_batch(batch.id) is None and store.delivery(batch.id) is None
+
+
+def test_estimates_read_recent_successes_and_running_etas(store) -> None:
+    done = queue(store)
+    queue(store)
+    store.claim_next()
+    store.succeed(done, 2.0, {"frames": 5, "stages": {"generate": 1.0}, "steps": 1})
+    running = store.claim_next()
+    store.set_progress(running.id, 0.5, "generate", 3.0)
+    assert [job.id for job in store.recent_succeeded(10)] == [done]
+    assert store.running_etas() == [3.0]

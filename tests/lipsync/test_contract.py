@@ -155,6 +155,7 @@ def test_the_served_configuration_alone_decides_the_defaults() -> None:
 
     tiny, media = load_weights_config().version("tiny"), MediaSettings.load()
     run = run_defaults(load_config(tiny.unet_config))
-    assert served_defaults(tiny.label, media) == run | {"loop_mode": "pingpong", "mode": "exact", "crf": media.crf}
-    assert served_defaults(None, media) == {"loop_mode": "pingpong", "mode": "exact", "crf": media.crf}
+    contract = {"loop_mode": "pingpong", "mode": "exact", "face": "largest", "crf": media.crf}
+    assert served_defaults(tiny.label, media) == run | contract
+    assert served_defaults(None, media) == contract
     assert SubmitOptions().model_dump(exclude={"webhook_url"}) == dict.fromkeys(option_rules())

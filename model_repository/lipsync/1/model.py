@@ -230,7 +230,10 @@ class TritonPythonModel:
         else:
             cancelled.close()
             self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
-            info = json.dumps(output.info() | {"version": self.version, "weights": self.weights})
+            info = json.dumps(output.info() | {
+                "version": self.version, "weights": self.weights, "device": self.device.type,
+                "stages": eta.durations, "steps": eta.size.steps if eta.size else None,
+            })
             final = pb_utils.InferenceResponse([
                 _text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _float("ETA", 0.0),
                 _text("INFO", info),
