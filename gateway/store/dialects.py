@@ -9,7 +9,9 @@ is PostgreSQL's way to hand a row to one gateway only, and SQLAlchemy leaves it 
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,9 +156,23 @@ def _first_line(error: OperationalError | InterfaceError) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+_WAL_SWITCH_S = 10.0
+"""How long a new connection keeps trying to put the database in WAL mode while another one holds it."""
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver's own BEGINs off: _sqlite_begin says which
-    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    # Two gateways opening one new database at once: SQLite answers "locked" to one of them at once (no busy
+    # wait, to avoid a lock-upgrade deadlock) while the other switches the file to WAL or migrates it.
+    deadline = time.monotonic() + _WAL_SWITCH_S
+    while True:
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     dbapi_connection.execute("PRAGMA synchronous=FULL")
 
 
