@@ -43,32 +43,53 @@ def _parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="run the REST gateway against a running Triton")
     _gateway_arguments(gateway)
     gateway.add_argument("--triton-grpc", help="host:port of Triton's gRPC (default: configs/serving.yaml)")
-    gateway.add_argument("--triton-urls", help="several Triton gRPC endpoints, comma-separated host:port (jobs spread by load)")
+    gateway.add_argument(
+        "--triton-urls", help="several Triton gRPC endpoints, comma-separated host:port (jobs spread by load)"
+    )
     up = commands.add_parser(
         "up", help="start Triton and the gateway (CPU and tiny weights unless a GPU / real weights are here)"
     )
     _triton_arguments(up)
     _gateway_arguments(up)
     for command in (triton, gateway, up):
-        command.add_argument("--config", type=Path, default=SERVING_CONFIG, help="serving config (default configs/serving.yaml)")
+        command.add_argument(
+            "--config", type=Path, default=SERVING_CONFIG, help="serving config (default configs/serving.yaml)"
+        )
     return parser
 
 
 def _triton_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the lipsync model runs and what it loads; defaults in configs/serving.yaml."""
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where the lipsync model runs")
-    parser.add_argument("--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)")
-    parser.add_argument("--split-jobs", action=argparse.BooleanOptionalAction,
-                        help="one instance over all the GPUs, spreading long jobs over them (default: one instance per GPU)")
-    parser.add_argument("--job-processes", type=lambda text: text if text == "auto" else int(text),
-                        help="CPU processes for the jobs' frame work, windows generated on each GPU by lipsync_generate; "
-                             "0 = one process per GPU does everything (default auto: 4 on GPU, 0 on CPU)")
-    parser.add_argument("--gpu-memory-gib", type=float, help="cap on each GPU's generation process in GiB (0 = none; default 20)")
-    parser.add_argument("--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)")
+    parser.add_argument(
+        "--gpus", type=lambda text: tuple(int(i) for i in text.split(",")), help="GPU ids, e.g. 0,1 (default: all)"
+    )
+    parser.add_argument(
+        "--split-jobs",
+        action=argparse.BooleanOptionalAction,
+        help="one instance over all the GPUs, spreading long jobs over them (default: one instance per GPU)",
+    )
+    parser.add_argument(
+        "--job-processes",
+        type=lambda text: text if text == "auto" else int(text),
+        help="CPU processes for the jobs' frame work, windows generated on each GPU by lipsync_generate; "
+        "0 = one process per GPU does everything (default auto: 4 on GPU, 0 on CPU)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, help="cap on each GPU's generation process in GiB (0 = none; default 20)"
+    )
+    parser.add_argument(
+        "--weights", choices=["auto", "1.5", "1.6", "tiny"], help="weight set (auto: 1.5 if present, else tiny)"
+    )
     parser.add_argument("--checkpoints", help="weights root")
-    parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--compile-before-ready", action=argparse.BooleanOptionalAction,
-                        help="compile the UNet before the server reports ready (default: serve at once, switch when compiled)")
+    parser.add_argument(
+        "--dtype", choices=["auto", "fp16", "bf16", "fp32"], help="model precision (auto: fp16 on GPU, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--compile-before-ready",
+        action=argparse.BooleanOptionalAction,
+        help="compile the UNet before the server reports ready (default: serve at once, switch when compiled)",
+    )
     parser.add_argument("--http-port", type=int, help="Triton's HTTP port")
     parser.add_argument("--grpc-port", type=int, help="Triton's gRPC port")
     parser.add_argument("--metrics-port", type=int, help="Triton's metrics port")
@@ -77,10 +98,21 @@ def _triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _triton_settings(args: argparse.Namespace) -> TritonSettings:
     return TritonSettings.load(
-        args.config, device=args.device, gpus=args.gpus, split_jobs=args.split_jobs,
-        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, weights=args.weights, checkpoints=args.checkpoints, dtype=args.dtype,
-        compile_before_ready=args.compile_before_ready, address=getattr(args, "address", None), http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, workdir=args.workdir,
+        args.config,
+        device=args.device,
+        gpus=args.gpus,
+        split_jobs=args.split_jobs,
+        job_processes=args.job_processes,
+        gpu_memory_gib=args.gpu_memory_gib,
+        weights=args.weights,
+        checkpoints=args.checkpoints,
+        dtype=args.dtype,
+        compile_before_ready=args.compile_before_ready,
+        address=getattr(args, "address", None),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        workdir=args.workdir,
     )
 
 
@@ -92,16 +124,28 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, help="jobs streamed to Triton at once")
     parser.add_argument("--max-body-mb", type=float, help="request body cap")
     parser.add_argument("--public-url", help="base of result URLs sent in webhooks (default http://host:port)")
-    parser.add_argument("--webhook-allow", help="internal webhook receivers to allow: comma-separated IPs, CIDRs, host names")
+    parser.add_argument(
+        "--webhook-allow", help="internal webhook receivers to allow: comma-separated IPs, CIDRs, host names"
+    )
     parser.add_argument("--webhook-timeout-s", type=float, help="deadline of one whole webhook delivery attempt")
 
 
 def _gateway_settings(args: argparse.Namespace, triton_grpc: str | None) -> GatewaySettings:
     return GatewaySettings.load(
-        args.config, address=args.gateway_address, port=args.port, data_dir=args.data_dir, api_keys_file=args.api_keys_file,
-        concurrency=args.concurrency, max_body_mb=args.max_body_mb, triton_grpc=triton_grpc, public_url=args.public_url,
-        triton_urls=getattr(args, "triton_urls", ()),  # `up` (no such flag): its own Triton only, whatever the environment says
-        webhook_allow=args.webhook_allow, webhook_timeout_s=args.webhook_timeout_s,
+        args.config,
+        address=args.gateway_address,
+        port=args.port,
+        data_dir=args.data_dir,
+        api_keys_file=args.api_keys_file,
+        concurrency=args.concurrency,
+        max_body_mb=args.max_body_mb,
+        triton_grpc=triton_grpc,
+        public_url=args.public_url,
+        triton_urls=getattr(
+            args, "triton_urls", ()
+        ),  # `up` (no such flag): its own Triton only, whatever the environment says
+        webhook_allow=args.webhook_allow,
+        webhook_timeout_s=args.webhook_timeout_s,
     )
 
 
@@ -110,11 +154,16 @@ def _keys(settings: GatewaySettings, local: bool) -> tuple[ApiKeys, str]:
     Also where the keys are, for the ready line."""
     keys = ApiKeys.load(settings.api_keys_env, settings.api_keys_file)
     if len(keys) or not local:
-        return keys, " and ".join([f"${settings.api_keys_env}"] + ([settings.api_keys_file] if settings.api_keys_file else []))
+        return keys, " and ".join(
+            [f"${settings.api_keys_env}"] + ([settings.api_keys_file] if settings.api_keys_file else [])
+        )
     key_file = settings.data_dir / LOCAL_KEY_FILE
     key = local_key(key_file)
-    print(f"no API key configured (${settings.api_keys_env} or api_keys_file): using the local key in {key_file}:\n"
-          f"    {key}", file=sys.stderr)
+    print(
+        f"no API key configured (${settings.api_keys_env} or api_keys_file): using the local key in {key_file}:\n"
+        f"    {key}",
+        file=sys.stderr,
+    )
     return ApiKeys.load(settings.api_keys_env, None, extra=[key]), str(key_file)
 
 
@@ -125,8 +174,10 @@ def _weights_line(settings: TritonSettings) -> str:
     version = chosen_version(settings.weights, root)
     if version == "tiny":
         real_root = Path(root) if root else load_weights_config().version("1.5").root
-        return (f"weights: tiny demo weights (random weights: the mouth will be noise; put real LatentSync "
-                f"checkpoints in {real_root}/ with scripts/download_weights.py, see README)")
+        return (
+            f"weights: tiny demo weights (random weights: the mouth will be noise; put real LatentSync "
+            f"checkpoints in {real_root}/ with scripts/download_weights.py, see README)"
+        )
     return f"weights: LatentSync {version} from {present_weights(version, root).unet.parent}"
 
 
@@ -160,8 +211,11 @@ def _run_gateway(settings: GatewaySettings, keys: ApiKeys, key_source: str, trit
         create_app,  # FastAPI and the media checks load only for the commands that serve
     )
 
-    print(f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {', '.join(settings.triton_endpoints)}, "
-          f"data {settings.data_dir})", file=sys.stderr)
+    print(
+        f"gateway: http://{settings.address}:{settings.port}/ (Triton gRPC {', '.join(settings.triton_endpoints)}, "
+        f"data {settings.data_dir})",
+        file=sys.stderr,
+    )
     ready = f"ready at http://{settings.address}:{settings.port} (API key in {key_source})"
     config = uvicorn.Config(create_app(settings, keys), host=settings.address, port=settings.port, access_log=False)
     server = _Server(config, on_ready=lambda: print(ready, file=sys.stderr, flush=True))
@@ -243,7 +297,10 @@ def _serve_triton(args: argparse.Namespace) -> int:
         print(weights, file=sys.stderr)
         print(f"starting Triton ({settings.resolved_device()}); log: {server.log_path}", file=sys.stderr)
         server.wait_ready()
-        print(f"ready: HTTP {settings.http_url}  gRPC {settings.grpc_url}  metrics {settings.metrics_url}", file=sys.stderr)
+        print(
+            f"ready: HTTP {settings.http_url}  gRPC {settings.grpc_url}  metrics {settings.metrics_url}",
+            file=sys.stderr,
+        )
         server.wait()
         print(f"error: {server.exit_reason()}", file=sys.stderr)
         return 1

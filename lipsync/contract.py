@@ -128,7 +128,6 @@ def check_against_video(face: str | None, face_box: str | None, width: int, heig
         raise BadInput(f"face_box {face_box[:60]} lies outside the {width}×{height} frame")
 
 
-
 def _sampling_modes() -> tuple[str, ...]:
     return tuple(read_yaml(CONFIG_DIR / "sampling_modes.yaml", "sampling modes"))
 
@@ -140,30 +139,92 @@ def _weight_versions() -> tuple[str, ...]:
 OPTIONS: tuple[Option, ...] = (
     # At most 999: the scheduler offsets its timesteps by one (steps_offset), so 1000 steps over 1000
     # training timesteps would ask for timestep 1000, one past the last.
-    Option("inference_steps", "STEPS", "INT32", "DDIM steps (default: the served UNet config's)", 1, 999,
-           flag="--steps"),
-    Option("guidance_scale", "GUIDANCE", "FP32", "classifier-free guidance scale; 1 or less skips guidance "
-           "(default: the served UNet config's)", 0, 20, flag="--guidance"),
-    Option("seed", "SEED", "INT64", "seed of the starting noise (default: the served UNet config's)",
-           -_INT64, _INT64 - 1, flag="--seed"),
-    Option("loop_mode", "LOOP_MODE", "BYTES", "when the audio is longer than the video: pingpong (official) "
-           "plays it forward and backward, loop restarts it, cut ends the output with the video and cuts the audio",
-           choices=tuple(mode.value for mode in LoopMode), default=LoopMode.PINGPONG.value, flag="--loop-mode"),
-    Option("mode", "MODE", "BYTES", "sampling mode of configs/sampling_modes.yaml: exact (official) runs the whole "
-           "UNet every step; fast caches features, faster and slightly different (docs/benchmarks.md)",
-           choices=_sampling_modes(), default="exact", flag="--mode"),
-    Option("version", "VERSION", "BYTES", "the LatentSync version the job expects the server to serve "
-           "(refused when it serves another)", choices=_weight_versions()),
-    Option("devices", "DEVICES", "INT32", "devices of a multi-GPU instance the job's windows are spread over, "
-           "at most all (0 or absent: by the clip's length, split_min_seconds)", 0, 1024, rest=False),
-    Option("crf", "CRF", "INT32", "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger "
-           "(default: configs/media.yaml's crf)", 0, 51, flag="--crf"),
-    Option("face", "FACE", "BYTES", "which face to sync when several show: largest (official) per frame; box, the "
-           "face under face_box on the first frame with a face, followed through the clip; active_speaker, per shot "
-           "the face whose mouth moves with the video's own audio track",
-           choices=tuple(choice.value for choice in FaceChoice), default=FaceChoice.LARGEST.value, flag="--face"),
-    Option("face_box", "FACE_BOX", "BYTES", "with face=box: 'x,y' (a point) or 'x0,y0,x1,y1' (a box) in source "
-           "pixels on the first frame where a face appears", flag="--face-box"),
+    Option(
+        "inference_steps", "STEPS", "INT32", "DDIM steps (default: the served UNet config's)", 1, 999, flag="--steps"
+    ),
+    Option(
+        "guidance_scale",
+        "GUIDANCE",
+        "FP32",
+        "classifier-free guidance scale; 1 or less skips guidance (default: the served UNet config's)",
+        0,
+        20,
+        flag="--guidance",
+    ),
+    Option(
+        "seed",
+        "SEED",
+        "INT64",
+        "seed of the starting noise (default: the served UNet config's)",
+        -_INT64,
+        _INT64 - 1,
+        flag="--seed",
+    ),
+    Option(
+        "loop_mode",
+        "LOOP_MODE",
+        "BYTES",
+        "when the audio is longer than the video: pingpong (official) "
+        "plays it forward and backward, loop restarts it, cut ends the output with the video and cuts the audio",
+        choices=tuple(mode.value for mode in LoopMode),
+        default=LoopMode.PINGPONG.value,
+        flag="--loop-mode",
+    ),
+    Option(
+        "mode",
+        "MODE",
+        "BYTES",
+        "sampling mode of configs/sampling_modes.yaml: exact (official) runs the whole "
+        "UNet every step; fast caches features, faster and slightly different (docs/benchmarks.md)",
+        choices=_sampling_modes(),
+        default="exact",
+        flag="--mode",
+    ),
+    Option(
+        "version",
+        "VERSION",
+        "BYTES",
+        "the LatentSync version the job expects the server to serve (refused when it serves another)",
+        choices=_weight_versions(),
+    ),
+    Option(
+        "devices",
+        "DEVICES",
+        "INT32",
+        "devices of a multi-GPU instance the job's windows are spread over, "
+        "at most all (0 or absent: by the clip's length, split_min_seconds)",
+        0,
+        1024,
+        rest=False,
+    ),
+    Option(
+        "crf",
+        "CRF",
+        "INT32",
+        "H.264 quality of the result, 0 (lossless) to 51 (worst); lower is larger (default: configs/media.yaml's crf)",
+        0,
+        51,
+        flag="--crf",
+    ),
+    Option(
+        "face",
+        "FACE",
+        "BYTES",
+        "which face to sync when several show: largest (official) per frame; box, the "
+        "face under face_box on the first frame with a face, followed through the clip; active_speaker, per shot "
+        "the face whose mouth moves with the video's own audio track",
+        choices=tuple(choice.value for choice in FaceChoice),
+        default=FaceChoice.LARGEST.value,
+        flag="--face",
+    ),
+    Option(
+        "face_box",
+        "FACE_BOX",
+        "BYTES",
+        "with face=box: 'x,y' (a point) or 'x0,y0,x1,y1' (a box) in source "
+        "pixels on the first frame where a face appears",
+        flag="--face-box",
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -200,8 +261,11 @@ def datatype(tensor: str) -> str:
 
 def encode(values: Mapping[str, Any], video: bytes | None = None, audio: bytes | None = None) -> dict[str, np.ndarray]:
     """Triton input name → ``[1]`` array for every given option and file; ``None`` leaves an input out."""
-    arrays = {name: np.array([data], dtype=np.object_) for name, data in zip(MEDIA, (video, audio), strict=True)
-              if data is not None}
+    arrays = {
+        name: np.array([data], dtype=np.object_)
+        for name, data in zip(MEDIA, (video, audio), strict=True)
+        if data is not None
+    }
     for name, given in values.items():
         option = BY_NAME[name]
         value = option.check(_plain(given))

@@ -110,7 +110,9 @@ class Replica:
         # without it a split job's faces would differ from an unsplit job's in the last bits.
         vae, mask, faces = self.vae, group.mask.to(group.faces.dtype), group.faces.contiguous()
         latent_size = mask.shape[-1] // 8
-        latent_mask = torch.nn.functional.interpolate(mask[None, None], size=(latent_size, latent_size), mode="nearest")[0]
+        latent_mask = torch.nn.functional.interpolate(
+            mask[None, None], size=(latent_size, latent_size), mode="nearest"
+        )[0]
         windows, length = group.windows, group.window_frames
         with self._vae_slot(), GPU_GUARD.shared(), timer.stage("vae_encode"):
             encoded = [
@@ -159,7 +161,9 @@ class FaceGenerator:
     generates it nor on how windows are grouped.
     """
 
-    def __init__(self, replicas: Sequence[WindowGenerator], settings: SamplingSettings, timer: StageTimer | None = None) -> None:
+    def __init__(
+        self, replicas: Sequence[WindowGenerator], settings: SamplingSettings, timer: StageTimer | None = None
+    ) -> None:
         if not replicas:
             raise ValueError("a FaceGenerator needs at least one replica")
         self.replicas, self.settings = list(replicas), settings
@@ -242,9 +246,7 @@ class FaceGenerator:
             output[_span(group)] = self._generate(replicas[lane], group, inputs)
 
         with ExitStack() as lanes:
-            threads = [
-                lanes.enter_context(ThreadPoolExecutor(1, f"replica-{lane}")) for lane in range(len(replicas))
-            ]
+            threads = [lanes.enter_context(ThreadPoolExecutor(1, f"replica-{lane}")) for lane in range(len(replicas))]
             futures = {
                 threads[index % len(threads)].submit(generate, index % len(threads), group): len(group)
                 for index, group in enumerate(groups)

@@ -64,7 +64,9 @@ class GpuSampler:
         read: Callable[[torch.device], GpuReading] = read_gpu,
     ) -> None:
         self.devices, self.interval_s, self.read = list(devices), interval_s, read
-        self.gauges = {(name, device.index): gauge(name, str(device.index)) for name in GPU_GAUGES for device in self.devices}
+        self.gauges = {
+            (name, device.index): gauge(name, str(device.index)) for name in GPU_GAUGES for device in self.devices
+        }
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
         self.thread.start()
@@ -94,6 +96,8 @@ def limit_gpu_memory(device: torch.device, budget_gib: float, context_gib: float
     total = torch.cuda.get_device_properties(device).total_memory
     cap = int((budget_gib - context_gib) * GIB)
     if cap <= 0:
-        raise ValueError(f"a GPU memory budget of {budget_gib} GiB leaves nothing beside the CUDA context ({context_gib} GiB)")
+        raise ValueError(
+            f"a GPU memory budget of {budget_gib} GiB leaves nothing beside the CUDA context ({context_gib} GiB)"
+        )
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     return min(cap, total)

@@ -27,6 +27,7 @@ def _check(self: Any) -> None:
 
 
 if TYPE_CHECKING:
+
     class JobOptions:
         """:data:`JobOptions` as type checkers see it: its fields are the contract's options."""
 
@@ -37,8 +38,11 @@ else:
     JobOptions = make_dataclass(
         "JobOptions",
         [(option.name, option.type | None, field(default=option.default)) for option in contract.OPTIONS],
-        namespace={"__post_init__": _check, "__doc__": "A job's options, one field per :data:`lipsync.contract.OPTIONS` "
-                   "entry (checked against it); ``None``: the served configuration decides."},
+        namespace={
+            "__post_init__": _check,
+            "__doc__": "A job's options, one field per :data:`lipsync.contract.OPTIONS` "
+            "entry (checked against it); ``None``: the served configuration decides.",
+        },
         frozen=True,
     )
     JobOptions.__module__ = __name__
@@ -88,8 +92,13 @@ def run_job(
         audio_path.write_bytes(audio)
         try:
             result = pipeline.run(
-                video_path, audio_path, output, **pipeline_arguments(options), progress=progress,
-                should_cancel=should_cancel, on_plan=on_plan,
+                video_path,
+                audio_path,
+                output,
+                **pipeline_arguments(options),
+                progress=progress,
+                should_cancel=should_cancel,
+                on_plan=on_plan,
             )
         except LipSyncError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")

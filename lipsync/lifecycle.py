@@ -79,10 +79,14 @@ def limit_graph_memory(pipeline: LipSyncPipeline, cap_bytes: int) -> None:
 
 def is_compiled(pipeline: LipSyncPipeline) -> bool:
     """Whether every replica that compiles runs its jobs on the compiled UNet."""
-    return all(replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in pipeline.local_replicas)
+    return all(
+        replica.compiled is None or replica.denoiser.unet is replica.compiled for replica in pipeline.local_replicas
+    )
 
 
-def warm_up(pipeline: LipSyncPipeline, mode: str = "exact", max_windows: int | None = None, log: Log | None = None) -> None:
+def warm_up(
+    pipeline: LipSyncPipeline, mode: str = "exact", max_windows: int | None = None, log: Log | None = None
+) -> None:
     """Generate from dummy inputs at the UNet call shapes a job of ``mode`` reaches most, with guidance.
 
     That is 1 window, ``windows_per_call`` windows (one job) and ``max_windows`` windows (the
@@ -98,7 +102,10 @@ def warm_up(pipeline: LipSyncPipeline, mode: str = "exact", max_windows: int | N
 
 
 def compile_unet(
-    pipeline: LipSyncPipeline, modes: Sequence[str] | None = None, max_windows: int | None = None, log: Log | None = None
+    pipeline: LipSyncPipeline,
+    modes: Sequence[str] | None = None,
+    max_windows: int | None = None,
+    log: Log | None = None,
 ) -> None:
     """Compile each replica's UNet (``Replica.compiled``) for every UNet pass of ``modes`` (default: all
     sampling modes), switch the denoisers to it, then capture it at :func:`warm_up`'s shapes.
@@ -114,7 +121,11 @@ def compile_unet(
     and only then are the compiled UNet's graphs captured.
     """
     replicas = pipeline.local_replicas
-    pending = [replica for replica in replicas if replica.compiled is not None and replica.denoiser.unet is not replica.compiled]
+    pending = [
+        replica
+        for replica in replicas
+        if replica.compiled is not None and replica.denoiser.unet is not replica.compiled
+    ]
     if not pending:
         return
     serving = [replica.denoiser.unet for replica in replicas if hasattr(replica.denoiser.unet, "capturing")]
@@ -125,7 +136,9 @@ def compile_unet(
             assert replica.compiled is not None  # pending holds replicas that compile
             if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
                 replica.compiled.capturing = False
-            staging = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
+            staging = Replica(
+                replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
+            )
             for mode in modes or sampling_modes():
                 _generate_dummy(pipeline, staging, mode, None, log, what="compiling the UNet", counts=(1,))
         replaced = []
@@ -142,12 +155,16 @@ def compile_unet(
     for replica in pending:
         if isinstance(replica.compiled, GraphedUNet):
             replica.compiled.capturing = True
-            capturing = Replica(replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots)
+            capturing = Replica(
+                replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
+            )
             for mode in modes or sampling_modes():
                 _generate_dummy(pipeline, capturing, mode, max_windows, log, what="capturing the compiled UNet")
 
 
-def start_compiling(pipeline: LipSyncPipeline, max_windows: int | None = None, log: Log | None = None) -> threading.Thread:
+def start_compiling(
+    pipeline: LipSyncPipeline, max_windows: int | None = None, log: Log | None = None
+) -> threading.Thread:
     """:func:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
 
     ``log`` gets its lines, then one saying when the compiled UNet serves, or why it does not (jobs
@@ -162,8 +179,10 @@ def start_compiling(pipeline: LipSyncPipeline, max_windows: int | None = None, l
         except Exception as exc:  # noqa: BLE001 - the eager UNet keeps serving
             say(f"lipsync: compiling the UNet failed, jobs keep the uncompiled one: {exc!r}")
         else:
-            say(f"lipsync: compiled UNet serving on {', '.join(map(str, pipeline.devices))} after "
-                f"{time.monotonic() - started:.1f} s")
+            say(
+                f"lipsync: compiled UNet serving on {', '.join(map(str, pipeline.devices))} after "
+                f"{time.monotonic() - started:.1f} s"
+            )
 
     thread = threading.Thread(target=compile_all, name="compile-unet", daemon=True)
     thread.start()
@@ -196,5 +215,7 @@ def _generate_dummy(
         faces = torch.zeros(count, 3, pipeline.resolution, pipeline.resolution)
         FaceGenerator([replica], short)(faces, audio.frame_windows(features, count), pipeline.mask, noise, random)
         if log is not None:
-            log(f"lipsync: {what} on {replica.device}, {mode}, {windows} window(s) per UNet call: "
-                f"{time.monotonic() - started:.1f} s")
+            log(
+                f"lipsync: {what} on {replica.device}, {mode}, {windows} window(s) per UNet call: "
+                f"{time.monotonic() - started:.1f} s"
+            )

@@ -83,7 +83,14 @@ from lipsync.vae import load_vae
 from lipsync.weights import WeightPaths
 
 __all__ = [
-    "DTYPES", "FrameBatch", "Job", "JobCancelled", "LipSyncPipeline", "LipSyncResult", "NoFaceError", "check_inputs",
+    "DTYPES",
+    "FrameBatch",
+    "Job",
+    "JobCancelled",
+    "LipSyncPipeline",
+    "LipSyncResult",
+    "NoFaceError",
+    "check_inputs",
 ]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -231,7 +238,9 @@ class LipSyncPipeline:
         config = load_config(paths.unet_config)
 
         # With a batcher, UNet calls come in its batch sizes (×2 rows with guidance): only those are captured.
-        rows = None if batching is None else frozenset(copies * size for size in batching.batch_sizes for copies in (1, 2))
+        rows = (
+            None if batching is None else frozenset(copies * size for size in batching.batch_sizes for copies in (1, 2))
+        )
 
         def replica(device: torch.device) -> Replica:
             unet = load_unet(paths.unet_config, paths.unet, device, dtype)
@@ -242,7 +251,8 @@ class LipSyncPipeline:
                 compiled = CompiledUNet(unet, frames=config["data"]["num_frames"])
                 compiled = GraphedUNet(compiled, batch_rows=rows) if graphed else compiled
             denoiser: Denoiser = (
-                DirectDenoiser(eager, load_scheduler()) if batching is None
+                DirectDenoiser(eager, load_scheduler())
+                if batching is None
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)
             )
             slots = None if vae_slots is None else threading.BoundedSemaphore(vae_slots)
@@ -250,8 +260,12 @@ class LipSyncPipeline:
 
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
-            [replica(device) for device in devices], audio, detectors or DetectorPool(MediaPipeFaceDetector),
-            config, windows_per_call, settings=settings,
+            [replica(device) for device in devices],
+            audio,
+            detectors or DetectorPool(MediaPipeFaceDetector),
+            config,
+            windows_per_call,
+            settings=settings,
         )
 
     @classmethod
@@ -270,10 +284,13 @@ class LipSyncPipeline:
         config = load_config(paths.unet_config)
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, torch.device("cpu"))
         return cls(
-            generators, audio, detectors or DetectorPool(MediaPipeFaceDetector), config, windows_per_call,
+            generators,
+            audio,
+            detectors or DetectorPool(MediaPipeFaceDetector),
+            config,
+            windows_per_call,
             settings=settings,
         )
-
 
     def close(self) -> None:
         """Stop the shared batchers' workers and free the face detectors."""
@@ -297,7 +314,11 @@ class LipSyncPipeline:
         if devices is not None and devices < 1:
             raise BadInput(f"devices must be at least 1, got {devices}")
         settings = SamplingSettings.from_config(
-            self.config, mode, steps=inference_steps, guidance_scale=guidance_scale, seed=seed,
+            self.config,
+            mode,
+            steps=inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
             windows_per_call=self.windows_per_call,
         )
         return settings, LoopMode.parse(loop_mode)
@@ -334,8 +355,17 @@ class LipSyncPipeline:
         audio_frames = min(available, max(1, round(len(waveform) / self.audio.settings.sample_rate * fps)))
         info = probe(Path(video))
         check_against_video(face, face_box, info.width, info.height, info.has_audio)
-        choosing = None if face == FaceChoice.LARGEST.value else Choosing(
-            face, face_box, self._detect_all, self.face_settings.selection, self.audio.settings.sample_rate, fps,
+        choosing = (
+            None
+            if face == FaceChoice.LARGEST.value
+            else Choosing(
+                face,
+                face_box,
+                self._detect_all,
+                self.face_settings.selection,
+                self.audio.settings.sample_rate,
+                fps,
+            )
         )
         frames = output_length(audio_frames, max(1, info.frames_at(fps)), loop_mode)
         parts = self.placement.parts(frames / fps, devices)
@@ -345,20 +375,38 @@ class LipSyncPipeline:
         aligner = FaceAligner(self.resolution, self.face_settings.alignment)
         random = torch.Generator().manual_seed(settings.seed)
         return Job(
-            video=Path(video), settings=settings, waveform=waveform, features=features, info=info, frames=frames,
-            parts=parts, timer=timer, report=report, track=track, aligner=aligner,
-            paster=FacePaster(aligner.crop_size, self.face_settings.paste), random=random,
+            video=Path(video),
+            settings=settings,
+            waveform=waveform,
+            features=features,
+            info=info,
+            frames=frames,
+            parts=parts,
+            timer=timer,
+            report=report,
+            track=track,
+            aligner=aligner,
+            paster=FacePaster(aligner.crop_size, self.face_settings.paste),
+            random=random,
             noise=initial_noise(random, self.resolution // 8),
-            source=_generation_frames(Path(video), frames, track, loop_mode, timer), choosing=choosing,
+            source=_generation_frames(Path(video), frames, track, loop_mode, timer),
+            choosing=choosing,
         )
 
     def analyse(self, job: Job, should_cancel: CancelCheck | None = None) -> None:
         """Detect and align the face in every frame of the job's video, publishing the alignments to
         ``job.track`` as they become final (:func:`lipsync.analysis.analyse`; returns when the video ends)."""
         analysis.analyse(
-            job.video, job.frames, self._detect, job.aligner, job.track, job.timer,
-            threads=self.settings.detect_threads, chunk=self.settings.analysis_chunk,
-            on_progress=lambda fraction: job.report("analyse", fraction), should_cancel=should_cancel,
+            job.video,
+            job.frames,
+            self._detect,
+            job.aligner,
+            job.track,
+            job.timer,
+            threads=self.settings.detect_threads,
+            chunk=self.settings.analysis_chunk,
+            on_progress=lambda fraction: job.report("analyse", fraction),
+            should_cancel=should_cancel,
             choosing=job.choosing,
         )
 
@@ -369,7 +417,9 @@ class LipSyncPipeline:
         job.track.wait_for(max(sources))
         placements = [job.track.alignment(index) for index in sources]
         with job.timer.stage("detect_align", sync=False):
-            faces = np.stack([job.aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements, strict=True)])
+            faces = np.stack(
+                [job.aligner.warp(frame, affine) for frame, (affine, _) in zip(originals, placements, strict=True)]
+            )
         batch = FrameBatch(job.prepared, sources, originals, placements, faces)
         job.prepared += len(sources)
         return batch
@@ -403,7 +453,13 @@ class LipSyncPipeline:
         return generated.permute(0, 2, 3, 1).numpy()
 
     def finish(
-        self, job: Job, batch: FrameBatch, faces: np.ndarray, writer: VideoWriter, finishers: Executor, device: torch.device
+        self,
+        job: Job,
+        batch: FrameBatch,
+        faces: np.ndarray,
+        writer: VideoWriter,
+        finishers: Executor,
+        device: torch.device,
     ) -> None:
         """Paste the generated ``faces`` back into the batch's frames on the ``finishers``, convert them to
         YUV 4:2:0 and encode them in order: on a GPU ``device`` the conversion runs there, ``colour_chunk``
@@ -413,7 +469,9 @@ class LipSyncPipeline:
             pictures = yuv420p_pictures(writer, pasted, device, self.settings.colour_chunk, job.timer)
         else:
 
-            def paste_and_convert(frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray) -> VideoFrame:
+            def paste_and_convert(
+                frame: np.ndarray, placement: tuple[np.ndarray, bool], face: np.ndarray
+            ) -> VideoFrame:
                 pasted = self._paste(job, frame, placement, face)
                 with job.timer.stage("encode", sync=False):
                     return writer.picture(pasted)
@@ -455,7 +513,11 @@ class LipSyncPipeline:
         has a face, ``JobCancelled`` when ``should_cancel`` says so; ``output`` is then not written.
         """
         settings, loop_mode = self.check_options(
-            inference_steps=inference_steps, guidance_scale=guidance_scale, seed=seed, loop_mode=loop_mode, mode=mode,
+            inference_steps=inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            loop_mode=loop_mode,
+            mode=mode,
             devices=devices,
         )
         job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan, face=face, face_box=face_box)
@@ -469,7 +531,11 @@ class LipSyncPipeline:
             self.placement.placed(job.parts) as replicas,
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analyser,
             VideoWriter(
-                output, job.info.width, job.info.height, self.audio.settings.video_fps, audio=job.waveform,
+                output,
+                job.info.width,
+                job.info.height,
+                self.audio.settings.video_fps,
+                audio=job.waveform,
                 settings=self._media(crf),
             ) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,

@@ -24,7 +24,10 @@ import numpy as np
 LAST_BEFORE_DONE = 0.99
 """The highest fraction streamed before the result."""
 STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "audio": (0.0, 0.05), "analyse": (0.05, 0.2), "generate": (0.2, 0.95), "encode": (0.95, 1.0),
+    "audio": (0.0, 0.05),
+    "analyse": (0.05, 0.2),
+    "generate": (0.2, 0.95),
+    "encode": (0.95, 1.0),
 }
 """Each stage's share of the [0, 1] progress scale, in the order a job runs them. ``generate`` moves after
 every DDIM step; ``encode`` is the last batch's paste-back and encoding, after the last window is generated."""
@@ -152,7 +155,7 @@ class EtaEstimate:
                 left = own if left is None else trust * own + (1 - trust) * left
         if left is None:
             left = self._from_overall_pace(stage, 1 - done, now, fraction)
-        for later in STAGES[STAGES.index(stage) + 1:]:
+        for later in STAGES[STAGES.index(stage) + 1 :]:
             seconds = self._learned(later)
             if seconds is None:
                 seconds = self._from_overall_pace(later, 1.0, now, fraction)

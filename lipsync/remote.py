@@ -30,7 +30,18 @@ Call = Callable[[Arrays], Iterable[Arrays]]
 """Sends a group's arrays; yields the responses: ``{"STEP"}`` after each DDIM step, then ``{"FACES_OUT", "SECONDS"}``
 (or ``{"ERROR"}``, a failed job's INFO)."""
 
-INPUTS = ("FACES", "AUDIO", "NOISE", "MASK", "MASKED_NOISE", "REFERENCE_NOISE", "WINDOW_FRAMES", "STEPS", "GUIDANCE", "CACHE_INTERVAL")
+INPUTS = (
+    "FACES",
+    "AUDIO",
+    "NOISE",
+    "MASK",
+    "MASKED_NOISE",
+    "REFERENCE_NOISE",
+    "WINDOW_FRAMES",
+    "STEPS",
+    "GUIDANCE",
+    "CACHE_INTERVAL",
+)
 """The generation model's inputs, in its ``config.pbtxt`` order."""
 
 
@@ -62,7 +73,10 @@ def group_arrays(group: WindowGroup) -> dict[str, np.ndarray]:
 
 
 def group_from_arrays(
-    arrays: Arrays, dtype: torch.dtype, on_step: Callable[[int], None] | None = None, should_cancel: CancelCheck | None = None
+    arrays: Arrays,
+    dtype: torch.dtype,
+    on_step: Callable[[int], None] | None = None,
+    should_cancel: CancelCheck | None = None,
 ) -> WindowGroup:
     """The group :func:`group_arrays` sent; sampling noise in the generating VAE's ``dtype``."""
 

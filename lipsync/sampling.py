@@ -48,8 +48,10 @@ class SamplingSettings:
         then ``overrides``."""
         run = run_defaults(config)
         values = {
-            "num_frames": config.get("data", {}).get("num_frames", cls.num_frames), "steps": run["inference_steps"],
-            "guidance_scale": run["guidance_scale"], "seed": run["seed"],
+            "num_frames": config.get("data", {}).get("num_frames", cls.num_frames),
+            "steps": run["inference_steps"],
+            "guidance_scale": run["guidance_scale"],
+            "seed": run["seed"],
         }
         values.update(sampling_mode(mode))
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -244,8 +246,17 @@ class DirectDenoiser:
         active = None if should_cancel is None else (lambda: [not should_cancel()] * batch.windows)
         with GPU_GUARD.shared():
             latents = denoise(
-                self.unet, self.scheduler, batch.latents, batch.mask, batch.masked_latents, batch.reference_latents,
-                batch.audio, batch.steps, batch.guidance_scale, active=active, cache_interval=batch.cache_interval,
+                self.unet,
+                self.scheduler,
+                batch.latents,
+                batch.mask,
+                batch.masked_latents,
+                batch.reference_latents,
+                batch.audio,
+                batch.steps,
+                batch.guidance_scale,
+                active=active,
+                cache_interval=batch.cache_interval,
                 on_step=batch.on_step,
             )
         if should_cancel is not None and should_cancel():

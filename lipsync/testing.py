@@ -29,7 +29,9 @@ def write_random_weights(version: str, root: str | Path) -> WeightPaths:
     torch.save({"state_dict": build_unet(paths.unet_config).state_dict(), "global_step": 0}, paths.unet)
     dims = json.loads(FULL_WHISPER_DIMS.read_text(encoding="utf-8"))
     torch.save({"dims": dims, "model_state_dict": Whisper(ModelDimensions(**dims)).state_dict()}, paths.whisper)
-    AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).save_pretrained(paths.vae_dir)
+    AutoencoderKL.from_config(json.loads(FULL_VAE_ARCHITECTURE.read_text(encoding="utf-8"))).save_pretrained(
+        paths.vae_dir
+    )
     return paths
 
 

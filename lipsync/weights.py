@@ -120,7 +120,9 @@ class WeightsConfig:
                 "shift_factor": vae.get("shift_factor"),
             },
             "versions": {
-                str(name): {key: value for key, value in _mapping(versions, name).items() if key not in ("repo", "revision")}
+                str(name): {
+                    key: value for key, value in _mapping(versions, name).items() if key not in ("repo", "revision")
+                }
                 | {"name": str(name)}
                 | {part: {**_origin(versions[name]), **_mapping(versions[name], part)} for part in ("unet", "whisper")}
                 for name in versions

@@ -38,15 +38,25 @@ def create_app(settings: GatewaySettings, keys: ApiKeys, backend: JobBackend | N
 
     # No redirect to the slash-less path: Starlette builds its Location from the Host header, and every
     # URL the gateway gives out comes from ``public_url``; such a path is a 404 like any unknown one.
-    app = FastAPI(title="lipsync-serve gateway", summary="Lip-sync jobs over REST (docs/gateway-api.md)",
-                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
-                  redirect_slashes=False)
+    app = FastAPI(
+        title="lipsync-serve gateway",
+        summary="Lip-sync jobs over REST (docs/gateway-api.md)",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        redirect_slashes=False,
+    )
     app.state.runtime = runtime
     batch_cap = (settings.max_batch_body_bytes, "max_batch_body_mb")
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="max_body_mb",
-                       paths=dict.fromkeys(BATCH_PATHS, batch_cap))
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, setting="max_body_mb", paths=dict.fromkeys(BATCH_PATHS, batch_cap)
+    )
     app.add_middleware(  # outside the body cap: it reads no body
-        RequestGuard, keys=keys, quotas=runtime.quotas, store_retry_s=settings.store_retry_s,
+        RequestGuard,
+        keys=keys,
+        quotas=runtime.quotas,
+        store_retry_s=settings.store_retry_s,
     )
     add_error_handlers(app)
 
@@ -87,5 +97,9 @@ def triton_backend(settings: GatewaySettings) -> JobBackend:
     endpoints = settings.triton_endpoints
     if len(endpoints) == 1:
         return TritonBackend(endpoints[0], poll_s=settings.cancel_poll_s, timeout_s=settings.job_timeout_s)
-    return TritonPool(endpoints, poll_s=settings.cancel_poll_s, timeout_s=settings.job_timeout_s,
-                      health_ttl_s=settings.triton_health_ttl_s)
+    return TritonPool(
+        endpoints,
+        poll_s=settings.cancel_poll_s,
+        timeout_s=settings.job_timeout_s,
+        health_ttl_s=settings.triton_health_ttl_s,
+    )

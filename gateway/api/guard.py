@@ -62,7 +62,9 @@ class RequestGuard:
                 raise self.quotas.too_many_in_flight()
             self.quotas.count_request(owner, single)
             if submit:
-                await run_in_threadpool(self.quotas.check_active_jobs, owner, headers.get("idempotency-key"), not single)
+                await run_in_threadpool(
+                    self.quotas.check_active_jobs, owner, headers.get("idempotency-key"), not single
+                )
         except ApiError as refused:
             await send_error(send, refused)
             return

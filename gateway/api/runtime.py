@@ -32,19 +32,33 @@ class Runtime:
         self.backend = backend
         self.data = DataDir(settings.data_dir, settings.min_free_mb)
         self.store = open_store(
-            settings.database, self.data.database, settings.lease_s, settings.queue_policy, settings.position_ttl_s,
+            settings.database,
+            self.data.database,
+            settings.lease_s,
+            settings.queue_policy,
+            settings.position_ttl_s,
             settings.database_pool_size,
         )
         self.quotas = Quotas(settings, self.store)
         self.metrics = Metrics(self.store)
         self.weights = ServedWeights(backend)
         self.webhooks = Webhooks(
-            self.store, settings, Signer(load_secret(settings.webhook_secret_env, settings.webhook_secret_path)),
+            self.store,
+            settings,
+            Signer(load_secret(settings.webhook_secret_env, settings.webhook_secret_path)),
             AddressPolicy(settings.webhook_allow),
         )
         self.jobs = JobService(
-            settings, keys, MediaSettings.load(), self.data, self.store, self.quotas, self.metrics, self.webhooks,
-            self.weights, on_queued=lambda: self.worker.wake(),  # noqa: PLW0108 - the worker is made next: it calls back into jobs
+            settings,
+            keys,
+            MediaSettings.load(),
+            self.data,
+            self.store,
+            self.quotas,
+            self.metrics,
+            self.webhooks,
+            self.weights,
+            on_queued=lambda: self.worker.wake(),  # noqa: PLW0108 - the worker is made next: it calls back into jobs
             on_batch_job_ended=lambda batch_id: self.batches.job_ended(batch_id),  # noqa: PLW0108 - made next, too
         )
         self.batches = BatchService(self.jobs)

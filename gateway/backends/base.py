@@ -56,7 +56,9 @@ class TritonBackend:
             client = grpcclient.InferenceServerClient(self.url)
             try:
                 timeout = self.probe_timeout_s
-                return client.is_server_ready(client_timeout=timeout) and client.is_model_ready(MODEL, client_timeout=timeout)
+                return client.is_server_ready(client_timeout=timeout) and client.is_model_ready(
+                    MODEL, client_timeout=timeout
+                )
             finally:
                 client.close()
         except Exception:  # noqa: BLE001 - any failure to ask means "not ready"

@@ -46,6 +46,7 @@ def _inputs(self: Any) -> list[grpcclient.InferInput]:
 
 
 if TYPE_CHECKING:
+
     class JobRequest:
         """:data:`JobRequest` as type checkers see it: the files, ``job_id`` and the contract's options."""
 
@@ -63,9 +64,12 @@ else:
         "JobRequest",
         [("video", bytes), ("audio", bytes), ("job_id", str, field(default=""))]
         + [(option.name, option.type | None, field(default=None)) for option in contract.OPTIONS],
-        namespace={"inputs": _inputs, "__doc__": "The ``lipsync`` model's inputs: the files, ``job_id`` (sent as "
-                   "the Triton request id; empty: a fresh one) and one field per :data:`lipsync.contract.OPTIONS` "
-                   "entry; ``None`` leaves an option out (the served configuration decides)."},
+        namespace={
+            "inputs": _inputs,
+            "__doc__": "The ``lipsync`` model's inputs: the files, ``job_id`` (sent as "
+            "the Triton request id; empty: a fresh one) and one field per :data:`lipsync.contract.OPTIONS` "
+            "entry; ``None`` leaves an option out (the served configuration decides).",
+        },
         frozen=True,
     )
     JobRequest.__module__ = __name__

@@ -59,7 +59,9 @@ class HealthCache:
 class TritonPool:
     """Triton's ``lipsync`` model at several gRPC endpoints (``host:port``), jobs spread by load."""
 
-    def __init__(self, urls: Sequence[str], poll_s: float = 0.5, timeout_s: float = 3600.0, health_ttl_s: float = 2.0) -> None:
+    def __init__(
+        self, urls: Sequence[str], poll_s: float = 0.5, timeout_s: float = 3600.0, health_ttl_s: float = 2.0
+    ) -> None:
         if not urls:
             raise ValueError("a Triton pool needs at least one endpoint")
         self.urls = tuple(dict.fromkeys(urls))

@@ -55,7 +55,7 @@ def _parse(entry: str) -> bytes:
     entry = entry.strip()
     if entry.startswith(_PREFIX):
         try:
-            value = bytes.fromhex(entry[len(_PREFIX):])
+            value = bytes.fromhex(entry[len(_PREFIX) :])
         except ValueError:
             raise KeyConfigError("a sha256: key entry must be 64 hex digits") from None
         if len(value) != 32:

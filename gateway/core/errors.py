@@ -37,9 +37,12 @@ class ApiError(Exception):
 def database_unavailable(retry_s: int) -> ApiError:
     """503 for a request that needs the job database while it is out of reach; nothing was changed."""
     return ApiError(
-        503, f"the job database is unavailable for now; nothing was changed, retry in {retry_s} s",
+        503,
+        f"the job database is unavailable for now; nothing was changed, retry in {retry_s} s",
         {"Retry-After": str(retry_s)},
     )
+
+
 class ErrorBody(BaseModel):
     """Every error answer (4xx and 5xx), as ``/openapi.json`` describes it."""
 

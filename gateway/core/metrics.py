@@ -38,19 +38,28 @@ class Metrics:
             "lipsync_gateway_jobs_finished", "Jobs finished by this process", ["status"], registry=self.registry
         )
         self.queue_wait = Histogram(
-            "lipsync_gateway_queue_wait_seconds", "Submission to start of the last attempt", buckets=_SECONDS,
+            "lipsync_gateway_queue_wait_seconds",
+            "Submission to start of the last attempt",
+            buckets=_SECONDS,
             registry=self.registry,
         )
         self.latency = Histogram(
-            "lipsync_gateway_job_seconds", "Submission to finish, per finished job", ["status"], buckets=_SECONDS,
+            "lipsync_gateway_job_seconds",
+            "Submission to finish, per finished job",
+            ["status"],
+            buckets=_SECONDS,
             registry=self.registry,
         )
         self.inference = Histogram(
-            "lipsync_gateway_inference_seconds", "Time on Triton of successful jobs", buckets=_SECONDS,
+            "lipsync_gateway_inference_seconds",
+            "Time on Triton of successful jobs",
+            buckets=_SECONDS,
             registry=self.registry,
         )
         self.requests = Counter(
-            "lipsync_gateway_http_responses", "HTTP responses by route and status code", ["route", "code"],
+            "lipsync_gateway_http_responses",
+            "HTTP responses by route and status code",
+            ["route", "code"],
             registry=self.registry,
         )
 

@@ -57,7 +57,11 @@ class BatchService:
         self.settings = jobs.settings
 
     def submit(
-        self, owner: str, items: Sequence[ItemRequest], webhook_url: str | None, idempotency_key: str | None,
+        self,
+        owner: str,
+        items: Sequence[ItemRequest],
+        webhook_url: str | None,
+        idempotency_key: str | None,
     ) -> BatchAccepted:
         """Stage and check every item, then queue the valid ones as one batch (one transaction)."""
         if len(items) > self.settings.max_batch_items:
@@ -92,13 +96,21 @@ class BatchService:
         batch_id = new_job_id()
         try:
             batch, created = self.store.create_batch(
-                batch_id, owner, accepted, len(items), errors, webhook, idempotency_key, request_hash,
+                batch_id,
+                owner,
+                accepted,
+                len(items),
+                errors,
+                webhook,
+                idempotency_key,
+                request_hash,
                 max_active=self.settings.max_active_jobs,
             )
         except QuotaExceeded:
             self._drop(accepted)
             raise ApiError(
-                429, f"the batch's {len(accepted)} jobs would take this API key over {self.settings.max_active_jobs} "
+                429,
+                f"the batch's {len(accepted)} jobs would take this API key over {self.settings.max_active_jobs} "
                 "queued or running jobs (max_active_jobs); wait for some to end, cancel some or send fewer items",
                 {"Retry-After": str(self.settings.quota_retry_after_s)},
             ) from None
@@ -137,7 +149,8 @@ class BatchService:
             return None
         if not secure_equal(existing.request_hash, request_hash):
             raise ApiError(
-                409, "this Idempotency-Key was already used with a different batch (items, inputs or options); "
+                409,
+                "this Idempotency-Key was already used with a different batch (items, inputs or options); "
                 "send the same batch again, or use a new key for a new batch",
             )
         return existing
@@ -145,10 +158,13 @@ class BatchService:
     def accepted(self, batch: Batch) -> BatchAccepted:
         """The submit's answer: per item its job id or its reason."""
         jobs = {job.batch_index: job.id for job in self.store.batch_jobs(batch.id)}
-        return BatchAccepted(batch_id=batch.id, items=[
-            BatchItemAccepted(index=index, request_id=jobs.get(index), error=batch.errors.get(index))
-            for index in range(batch.size)
-        ])
+        return BatchAccepted(
+            batch_id=batch.id,
+            items=[
+                BatchItemAccepted(index=index, request_id=jobs.get(index), error=batch.errors.get(index))
+                for index in range(batch.size)
+            ],
+        )
 
     def owned(self, batch_id: str, owner: str) -> Batch:
         """The batch if ``owner`` submitted it; another key's batch is as unknown as a missing one (404)."""
@@ -168,21 +184,38 @@ class BatchService:
             job = jobs.get(index)
             if job is None:  # refused, or its row already deleted after the retention time
                 counts[REFUSED] += index in batch.errors
-                items.append(BatchItemStatus(
-                    index=index, request_id=None, error=batch.errors.get(index, GONE),
-                    status=None, reason=None, progress=None, result_url=None,
-                ))
+                items.append(
+                    BatchItemStatus(
+                        index=index,
+                        request_id=None,
+                        error=batch.errors.get(index, GONE),
+                        status=None,
+                        reason=None,
+                        progress=None,
+                        result_url=None,
+                    )
+                )
                 continue
             counts[job.status] += 1
             shown = self.jobs.view(job)
-            items.append(BatchItemStatus(
-                index=index, request_id=job.id, error=None, status=job.status, reason=shown.reason,
-                progress=shown.progress, result_url=shown.results.video[0].url if shown.results else None,
-            ))
+            items.append(
+                BatchItemStatus(
+                    index=index,
+                    request_id=job.id,
+                    error=None,
+                    status=job.status,
+                    reason=shown.reason,
+                    progress=shown.progress,
+                    result_url=shown.results.video[0].url if shown.results else None,
+                )
+            )
         return BatchStatus(
-            batch_id=batch.id, finished=not any(job.status in ("InQueue", "InProgress") for job in jobs.values()),
-            counts=counts, created_at=round(batch.created_at, 3),
-            finished_at=None if batch.finished_at is None else round(batch.finished_at, 3), items=items,
+            batch_id=batch.id,
+            finished=not any(job.status in ("InQueue", "InProgress") for job in jobs.values()),
+            counts=counts,
+            created_at=round(batch.created_at, 3),
+            finished_at=None if batch.finished_at is None else round(batch.finished_at, 3),
+            items=items,
         )
 
     def cancel(self, batch: Batch) -> BatchStatus:
@@ -209,7 +242,10 @@ class BatchService:
 
 
 def _batch_fingerprint(
-    size: int, staged: dict[int, tuple[SubmitOptions, Path, str]], errors: dict[int, str], webhook_url: str | None,
+    size: int,
+    staged: dict[int, tuple[SubmitOptions, Path, str]],
+    errors: dict[int, str],
+    webhook_url: str | None,
 ) -> str:
     items = [staged[index][2] if index in staged else f"refused: {errors[index]}" for index in range(size)]
     canonical = json.dumps({"items": items, "webhook_url": webhook_url}, separators=(",", ":"))

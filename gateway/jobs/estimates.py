@@ -49,7 +49,9 @@ def _run_seconds(job: Job) -> float:
 
 
 class Estimator:
-    def __init__(self, settings: GatewaySettings, store: JobStore, weights: ServedWeights, media: MediaSettings) -> None:
+    def __init__(
+        self, settings: GatewaySettings, store: JobStore, weights: ServedWeights, media: MediaSettings
+    ) -> None:
         self.settings = settings
         self.store = store
         self.weights = weights
@@ -60,8 +62,11 @@ class Estimator:
         steps = options.inference_steps or defaults.get("inference_steps")
         mode = options.mode or defaults["mode"]
         recent = [job for job in self.store.recent_succeeded(self.settings.estimate_history_jobs) if _size(job)]
-        alike = [job for job in recent if self._same_weights(job, options.version) and
-                 (job.params.get("mode") or BY_NAME["mode"].default) == mode]
+        alike = [
+            job
+            for job in recent
+            if self._same_weights(job, options.version) and (job.params.get("mode") or BY_NAME["mode"].default) == mode
+        ]
         same_steps = [job for job in alike if (job.info or {})["steps"] == steps]
         basis_jobs = same_steps or alike
         run_s = gpu_s = None
@@ -70,11 +75,17 @@ class Estimator:
             gpu_s = run_s * fmean(_devices_on_gpu(job) for job in basis_jobs) if run_s is not None else None
         counts = self.store.counts()
         return Estimate(
-            frames=frames, inference_steps=steps, mode=mode, weights=options.version or self.weights.value,
-            run_s=_rounded(run_s), gpu_s=_rounded(gpu_s),
+            frames=frames,
+            inference_steps=steps,
+            mode=mode,
+            weights=options.version or self.weights.value,
+            run_s=_rounded(run_s),
+            gpu_s=_rounded(gpu_s),
             start_in_s=_rounded(self._start_in(counts[IN_QUEUE], recent)),
-            queued_jobs=counts[IN_QUEUE], running_jobs=counts[IN_PROGRESS],
-            basis="same_options" if same_steps else "other_steps" if alike else "none", basis_jobs=len(basis_jobs),
+            queued_jobs=counts[IN_QUEUE],
+            running_jobs=counts[IN_PROGRESS],
+            basis="same_options" if same_steps else "other_steps" if alike else "none",
+            basis_jobs=len(basis_jobs),
         )
 
     def _same_weights(self, job: Job, version: str | None) -> bool:

@@ -31,7 +31,9 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re
 
 def _integer(name: str, text: str) -> int:
     if not _INTEGER.fullmatch(text):
-        raise InvalidInput(f"{name}: must be a JSON integer (digits, an optional minus, no leading zero), got {text[:40]!r}")
+        raise InvalidInput(
+            f"{name}: must be a JSON integer (digits, an optional minus, no leading zero), got {text[:40]!r}"
+        )
     return int(text)
 
 

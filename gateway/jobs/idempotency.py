@@ -22,7 +22,8 @@ _CHUNK = 1 << 20
 def fingerprint(options: SubmitOptions, video_sha256: str, audio_sha256: str) -> str:
     canonical = json.dumps(
         {"options": options.model_dump(mode="json"), "video": video_sha256, "audio": audio_sha256},
-        sort_keys=True, separators=(",", ":"),
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -41,4 +42,3 @@ def copy_file(source: BinaryIO, target: Path) -> str:
             hashed.update(chunk)
             out.write(chunk)
     return hashed.hexdigest()
-

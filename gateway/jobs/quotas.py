@@ -55,14 +55,16 @@ class Quotas:
 
     def too_many_in_flight(self) -> ApiError:
         return ApiError(
-            429, f"this API key already has {self.max_concurrent_submits} submits in progress "
+            429,
+            f"this API key already has {self.max_concurrent_submits} submits in progress "
             "(max_concurrent_submits); wait for one to be answered",
             {"Retry-After": "1"},
         )
 
     def too_many_jobs(self) -> ApiError:
         return ApiError(
-            429, f"this API key already has {self.max_active_jobs} queued or running jobs (max_active_jobs); "
+            429,
+            f"this API key already has {self.max_active_jobs} queued or running jobs (max_active_jobs); "
             "wait for one to end or cancel one",
             {"Retry-After": str(self._quota_retry_after_s)},
         )
@@ -73,6 +75,7 @@ class Quotas:
         reset_at, _ = self._limiter.get_window_stats(item, setting, owner)
         retry_after = max(1, math.ceil(reset_at - time.time()))
         raise ApiError(
-            429, f"too many {what}: at most {item} per API key ({setting}); retry in {retry_after} s",
+            429,
+            f"too many {what}: at most {item} per API key ({setting}); retry in {retry_after} s",
             {"Retry-After": str(retry_after)},
         )

@@ -52,6 +52,7 @@ class _OptionRules(BaseModel):
 
 
 if TYPE_CHECKING:
+
     class SubmitOptions(_OptionRules):
         """:data:`SubmitOptions` as type checkers see it: the contract's REST options and ``webhook_url``."""
 
@@ -73,7 +74,9 @@ class SubmitRequest(SubmitOptions):
     audio_source: StrictStr = Field(min_length=1)
 
     def options(self) -> SubmitOptions:
-        return SubmitOptions.model_validate(self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True))
+        return SubmitOptions.model_validate(
+            self.model_dump(exclude={"video_source", "audio_source"}, exclude_unset=True)
+        )
 
 
 class JobRef(BaseModel):
@@ -188,7 +191,8 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[dict[str, Any]] = Field(
-        min_length=1, description="each item a /lipsync/submit body (video_source, audio_source, options)",
+        min_length=1,
+        description="each item a /lipsync/submit body (video_source, audio_source, options)",
         json_schema_extra={"items": {"$ref": "#/components/schemas/SubmitRequest"}},
     )
     webhook_url: AnyHttpUrl | None = None
@@ -226,7 +230,7 @@ class BatchStatus(BaseModel):
 
     batch_id: str
     finished: bool = Field(description="true once no item is queued or running")
-    counts: dict[str, int] = Field(description="items per job status, and refused items under \"Refused\"")
+    counts: dict[str, int] = Field(description='items per job status, and refused items under "Refused"')
     created_at: float
     finished_at: float | None
     items: list[BatchItemStatus]
@@ -240,19 +244,29 @@ class EstimateRequest(SubmitOptions):
     height: int = Field(ge=1, strict=True)
 
     def options(self) -> SubmitOptions:
-        return SubmitOptions.model_validate(self.model_dump(exclude={"duration_s", "width", "height"}, exclude_unset=True))
+        return SubmitOptions.model_validate(
+            self.model_dump(exclude={"duration_s", "width", "height"}, exclude_unset=True)
+        )
 
 
 class Estimate(BaseModel):
     """What a job would cost on this deployment, from the stage rates of its recent succeeded jobs."""
 
     frames: int = Field(description="output frames (25 per second of audio)")
-    inference_steps: int | None = Field(description="the job's steps: the request's, else the served default; null before the served weights are known")
+    inference_steps: int | None = Field(
+        description="the job's steps: the request's, else the served default; null before the served weights are known"
+    )
     mode: str
     weights: str | None = Field(description="the weight set the estimate is for (the one served, or the version asked)")
-    run_s: float | None = Field(description="expected seconds from the job's start to its result; null when basis is none")
-    gpu_s: float | None = Field(description="GPU-seconds the run holds (0 on a CPU deployment); null when basis is none")
-    start_in_s: float | None = Field(description="expected wait before it starts, from the queue now; null when not known")
+    run_s: float | None = Field(
+        description="expected seconds from the job's start to its result; null when basis is none"
+    )
+    gpu_s: float | None = Field(
+        description="GPU-seconds the run holds (0 on a CPU deployment); null when basis is none"
+    )
+    start_in_s: float | None = Field(
+        description="expected wait before it starts, from the queue now; null when not known"
+    )
     queued_jobs: int
     running_jobs: int
     basis: Literal["same_options", "other_steps", "none"] = Field(

@@ -61,8 +61,17 @@ def _no_space(reason: str) -> ApiError:
 
 class JobService:
     def __init__(
-        self, settings: GatewaySettings, keys: ApiKeys, media: MediaSettings, data: DataDir, store: JobStore,
-        quotas: Quotas, metrics: Metrics, webhooks: Webhooks, weights: ServedWeights, on_queued: Callable[[], None],
+        self,
+        settings: GatewaySettings,
+        keys: ApiKeys,
+        media: MediaSettings,
+        data: DataDir,
+        store: JobStore,
+        quotas: Quotas,
+        metrics: Metrics,
+        webhooks: Webhooks,
+        weights: ServedWeights,
+        on_queued: Callable[[], None],
         on_batch_job_ended: Callable[[str], None] = lambda batch_id: None,
     ) -> None:
         self.settings = settings
@@ -88,16 +97,22 @@ class JobService:
         if job.status == SUCCEED:
             url = f"{self.settings.base_url}/lipsync/result/{job.id}?token={job.result_token}"
             results = JobResults(
-                video=[VideoUrl(url=url)], timings=Timings(inference=round(job.inference_s or 0.0, 3)),
+                video=[VideoUrl(url=url)],
+                timings=Timings(inference=round(job.inference_s or 0.0, 3)),
                 face=(job.info or {}).get("face"),
             )
         eta = round(job.eta_s, 1) if job.status == IN_PROGRESS and job.eta_s is not None else None
         return JobStatus(
-            request_id=job.id, status=job.status, reason=job.reason or None,  # type: ignore[arg-type]
+            request_id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            reason=job.reason or None,
             queue_position=self.store.queue_position(job) if queue_position is None else queue_position,
             progress=round(job.progress, 4),
-            stage=job.stage or None, eta_s=eta, weights=(job.info or {}).get("weights", self.weights.value),
-            created_at=round(job.created_at, 3), results=results,
+            stage=job.stage or None,
+            eta_s=eta,
+            weights=(job.info or {}).get("weights", self.weights.value),
+            created_at=round(job.created_at, 3),
+            results=results,
         )
 
     def recent(self, owner: str, limit: int, cursor: str | None = None) -> JobList:
@@ -141,9 +156,13 @@ class JobService:
         """
         job = self.store.get(_checked_id(request_id))
         owner = self.keys.owner(bearer_key(authorization)) if authorization is not None else None
-        allowed = job is not None and job.status == SUCCEED and (
-            (token is not None and job.result_token is not None and secure_equal(token, job.result_token))
-            or (owner is not None and secure_equal(owner, job.owner))
+        allowed = (
+            job is not None
+            and job.status == SUCCEED
+            and (
+                (token is not None and job.result_token is not None and secure_equal(token, job.result_token))
+                or (owner is not None and secure_equal(owner, job.owner))
+            )
         )
         path = self.data.result(request_id)
         if not allowed or not path.is_file():
@@ -151,7 +170,11 @@ class JobService:
         return path
 
     def submit(
-        self, owner: str, options: SubmitOptions, stage_inputs: StageInputs, idempotency_key: str | None,
+        self,
+        owner: str,
+        options: SubmitOptions,
+        stage_inputs: StageInputs,
+        idempotency_key: str | None,
     ) -> Submitted:
         """Stage the inputs, check them by content and queue the job.
 
@@ -166,7 +189,12 @@ class JobService:
             job_id, webhook = self.admit(staged, options)
         try:
             job, created = self.store.create(
-                job_id, owner, self.params(options), webhook, idempotency_key, request_hash,
+                job_id,
+                owner,
+                self.params(options),
+                webhook,
+                idempotency_key,
+                request_hash,
                 max_active=self.settings.max_active_jobs,
             )
         except QuotaExceeded:
@@ -231,7 +259,8 @@ class JobService:
             return None
         if existing.request_hash is not None and not secure_equal(existing.request_hash, request_hash):
             raise ApiError(
-                409, "this Idempotency-Key was already used with a different request (inputs or options); "
+                409,
+                "this Idempotency-Key was already used with a different request (inputs or options); "
                 "send the same request again, or use a new key for a new job",
             )
         return existing
@@ -290,6 +319,11 @@ def _read_cursor(cursor: str) -> tuple[float, str]:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, TypeError):
         raise ApiError(422, BAD_CURSOR) from None
-    if type(created_at) is not float or not math.isfinite(created_at) or not isinstance(job_id, str) or not is_job_id(job_id):
+    if (
+        type(created_at) is not float
+        or not math.isfinite(created_at)
+        or not isinstance(job_id, str)
+        or not is_job_id(job_id)
+    ):
         raise ApiError(422, BAD_CURSOR)
     return created_at, job_id

@@ -31,7 +31,7 @@ class InvalidInput(BadInput):
 def decode_base64(value: str, field: str) -> bytes:
     """Strict base64 (line breaks and a ``data:…;base64,`` prefix allowed); empty or malformed → InvalidInput."""
     match = _DATA_URL.match(value)
-    text = _WHITESPACE.sub("", value[match.end():] if match else value)
+    text = _WHITESPACE.sub("", value[match.end() :] if match else value)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

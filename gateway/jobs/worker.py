@@ -54,7 +54,12 @@ def human_duration(seconds: float) -> str:
 
 class Worker:
     def __init__(
-        self, settings: GatewaySettings, store: JobStore, data: DataDir, metrics: Metrics, backend: JobBackend,
+        self,
+        settings: GatewaySettings,
+        store: JobStore,
+        data: DataDir,
+        metrics: Metrics,
+        backend: JobBackend,
         on_finished: Callable[[str], None],
     ) -> None:
         self.settings = settings
@@ -123,7 +128,9 @@ class Worker:
             try:
                 return write(*args, **kwargs)
             except StoreUnavailable as exc:
-                log.warning("the job database is unavailable (%s); trying again in %d s", exc, self.settings.store_retry_s)
+                log.warning(
+                    "the job database is unavailable (%s); trying again in %d s", exc, self.settings.store_retry_s
+                )
                 if self._stop.wait(self.settings.store_retry_s):
                     raise
 
@@ -166,7 +173,9 @@ class Worker:
             self._finish(job, self._committed(self.store.fail, job.id, INPUTS_GONE))
             return
         request = JobRequest(
-            video=video, audio=audio, job_id=job.id,
+            video=video,
+            audio=audio,
+            job_id=job.id,
             **{option.name: job.params.get(option.name) for option in OPTIONS if option.rest},
         )
         started = time.monotonic()
@@ -198,10 +207,14 @@ class Worker:
                 self._committed(self.store.requeue, job.id, "re-queued: Triton was unavailable")
                 self._wake.set()
                 return
-        if self._stop.is_set() and (error.retry or error.kind is ErrorKind.CANCELLED):  # stopping: the next start reruns it
+        if self._stop.is_set() and (
+            error.retry or error.kind is ErrorKind.CANCELLED
+        ):  # stopping: the next start reruns it
             self._committed(self.store.requeue, job.id, "re-queued: the gateway stopped while the job ran", refund=True)
             return
-        if error.kind is ErrorKind.CANCELLED:  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
+        if (
+            error.kind is ErrorKind.CANCELLED
+        ):  # through the API (committed as Cancelled: fail() changes nothing), or by Triton
             self._finish(job, self._committed(self.store.fail, job.id, "cancelled by Triton"))
             return
         if error.retry:

@@ -30,14 +30,22 @@ def free_port() -> int:
 
 def taken(listeners: Iterable[Listener]) -> list[str]:
     """One line per listener whose port cannot be bound now, naming the process that holds it where visible."""
-    return [f"{listener.name} port {listener.port} on {listener.address} is in use by {holder(listener.port)}"
-            for listener in listeners if not _bindable(listener)]
+    return [
+        f"{listener.name} port {listener.port} on {listener.address} is in use by {holder(listener.port)}"
+        for listener in listeners
+        if not _bindable(listener)
+    ]
 
 
 def holder(port: int) -> str:
     """``pid N: command line`` of the process listening on TCP ``port``, as far as this user may see."""
     for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port and connection.pid is not None:
+        if (
+            connection.status == psutil.CONN_LISTEN
+            and connection.laddr
+            and connection.laddr.port == port
+            and connection.pid is not None
+        ):
             try:
                 return f"pid {connection.pid}: {' '.join(psutil.Process(connection.pid).cmdline())}"
             except psutil.Error:

@@ -45,7 +45,11 @@ class ProcessRecord:
         """The live process this record describes, or ``None`` (gone, or its PID now belongs to another)."""
         try:
             process = psutil.Process(self.pid)
-            if process.create_time() == self.started and tuple(process.cmdline()) == self.command and not _exited(process):
+            if (
+                process.create_time() == self.started
+                and tuple(process.cmdline()) == self.command
+                and not _exited(process)
+            ):
                 return process
         except psutil.Error:
             pass

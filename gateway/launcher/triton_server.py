@@ -169,8 +169,11 @@ class TritonSettings:
         return f"http://{self.address}:{self.metrics_port}/metrics"
 
     def listeners(self) -> list[Listener]:
-        return [Listener("Triton HTTP", self.address, self.http_port), Listener("Triton gRPC", self.address, self.grpc_port),
-                Listener("Triton metrics", self.address, self.metrics_port)]
+        return [
+            Listener("Triton HTTP", self.address, self.http_port),
+            Listener("Triton gRPC", self.address, self.grpc_port),
+            Listener("Triton metrics", self.address, self.metrics_port),
+        ]
 
 
 def bundled_triton() -> Path:
@@ -278,13 +281,20 @@ class TritonServer:
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             f"--cache-directory={dist / 'caches'}",
-            f"--http-address={s.address}", f"--http-port={s.http_port}",
-            f"--grpc-address={s.address}", f"--grpc-port={s.grpc_port}",
-            f"--metrics-address={s.address}", f"--metrics-port={s.metrics_port}",
+            f"--http-address={s.address}",
+            f"--http-port={s.http_port}",
+            f"--grpc-address={s.address}",
+            f"--grpc-port={s.grpc_port}",
+            f"--metrics-address={s.address}",
+            f"--metrics-port={s.metrics_port}",
             f"--exit-timeout-secs={s.exit_timeout_s}",
         ]
         if s.resolved_device() == "cpu":  # no CUDA: skip pinned/CUDA pools and the DCGM GPU metrics
-            command += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+            command += [
+                "--allow-gpu-metrics=false",
+                "--pinned-memory-pool-byte-size=0",
+                "--cuda-memory-pool-byte-size=0:0",
+            ]
         return command
 
     def environment(self) -> dict[str, str]:
@@ -304,7 +314,10 @@ class TritonServer:
             raise TritonError(f"the bundled Triton has no Python backend stub for Python {version}")
         backend = self.settings.workdir / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
-        files = {name: dist / "backends" / "python" / name for name in ("libtriton_python.so", "triton_python_backend_utils.py")}
+        files = {
+            name: dist / "backends" / "python" / name
+            for name in ("libtriton_python.so", "triton_python_backend_utils.py")
+        }
         files["triton_python_backend_stub"] = stub
         for name, source in files.items():  # copy, then rename: a stub of an earlier server may still be running
             temp = backend / f".{name}.new"
@@ -334,8 +347,12 @@ class TritonServer:
             command = self.command(render_repository(self.settings), self.backend_directory())
             self.log_path.write_bytes(b"")
             self.process = subprocess.Popen(
-                command, env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_server_preexec(),  # noqa: PLW1509 - signal settings only, before exec
+                command,
+                env=self.environment(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_server_preexec(),  # noqa: PLW1509 - signal settings only, before exec
             )
             noise = self.settings.cpu_log_noise if self.settings.resolved_device() == "cpu" else ()
             assert self.process.stdout is not None  # stdout=PIPE
@@ -354,13 +371,17 @@ class TritonServer:
         stubs = self._stubs()
         regions = recorded_regions(self.settings.workdir / REGIONS_FILE) | stub_regions(stubs)
         if triton is not None and server is not None:
-            log.warning("stopping the Triton left behind in %s by an earlier run (%s)", self.settings.workdir, triton.describe())
+            log.warning(
+                "stopping the Triton left behind in %s by an earlier run (%s)", self.settings.workdir, triton.describe()
+            )
             if os.getpgid(server.pid) == server.pid:  # its own session: the group is its stubs and their workers
                 os.killpg(server.pid, signal.SIGKILL)
         left = kill_and_wait([*([server] if server is not None else []), *stubs])
         if left:
-            raise TritonError(f"could not stop the Triton processes left in {self.settings.workdir}: "
-                              + ", ".join(str(process.pid) for process in left))
+            raise TritonError(
+                f"could not stop the Triton processes left in {self.settings.workdir}: "
+                + ", ".join(str(process.pid) for process in left)
+            )
         removed = remove_regions(regions)
         if removed:
             log.warning("removed %d shared-memory region(s) an earlier run left in /dev/shm", len(removed))
@@ -383,7 +404,9 @@ class TritonServer:
                 raise TritonError(f"tritonserver exited while starting:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TritonError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+                raise TritonError(
+                    f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
         self._regions |= stub_regions(self._stubs())
         record_regions(self.settings.workdir / REGIONS_FILE, self._regions)
@@ -465,7 +488,11 @@ class TritonServer:
     def _stubs(self) -> list[psutil.Process]:
         """Backend stubs started from this work folder: their command line names its backend folder."""
         backends = f"{self.settings.workdir / 'backends'}{os.sep}"
-        return [process for process in psutil.process_iter(["cmdline"]) if backends in " ".join(process.info["cmdline"] or ())]
+        return [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if backends in " ".join(process.info["cmdline"] or ())
+        ]
 
     def _reap_stubs(self) -> None:
         """Kill backend stubs of this server that outlived it (seen after SIGKILL and after some SIGTERM shutdowns)."""

@@ -61,17 +61,46 @@ from gateway.store.records import (
 from gateway.store.store import JobStore
 
 __all__ = [
-    "CANCELLED", "FAILED", "FINISHED", "IN_PROGRESS", "IN_QUEUE", "LEASE_EXPIRED", "QUEUE_POLICIES", "STATES",
-    "SUCCEED", "WEBHOOK_DELIVERED", "WEBHOOK_FAILED", "WEBHOOK_PENDING", "Batch", "BatchItem", "Delivery", "Job",
-    "JobStore", "QueuePolicy", "QuotaExceeded", "StoreUnavailable", "new_claimant", "new_job_id", "open_store",
+    "CANCELLED",
+    "FAILED",
+    "FINISHED",
+    "IN_PROGRESS",
+    "IN_QUEUE",
+    "LEASE_EXPIRED",
+    "QUEUE_POLICIES",
+    "STATES",
+    "SUCCEED",
+    "WEBHOOK_DELIVERED",
+    "WEBHOOK_FAILED",
+    "WEBHOOK_PENDING",
+    "Batch",
+    "BatchItem",
+    "Delivery",
+    "Job",
+    "JobStore",
+    "QueuePolicy",
+    "QuotaExceeded",
+    "StoreUnavailable",
+    "new_claimant",
+    "new_job_id",
+    "open_store",
     "sqlite_url",
 ]
 
 
 def open_store(
-    database_url: str, sqlite_path: Path, lease_s: float, queue_policy: QueuePolicy, position_ttl_s: float,
+    database_url: str,
+    sqlite_path: Path,
+    lease_s: float,
+    queue_policy: QueuePolicy,
+    position_ttl_s: float,
     pool_size: int,
 ) -> JobStore:
     """The job table at ``database_url`` (PostgreSQL), else SQLite at ``sqlite_path``."""
-    return JobStore(database_url or sqlite_url(sqlite_path), lease_s=lease_s, queue_policy=queue_policy,
-                    position_ttl_s=position_ttl_s, pool_size=pool_size)
+    return JobStore(
+        database_url or sqlite_url(sqlite_path),
+        lease_s=lease_s,
+        queue_policy=queue_policy,
+        position_ttl_s=position_ttl_s,
+        pool_size=pool_size,
+    )

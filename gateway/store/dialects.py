@@ -118,7 +118,9 @@ class Sqlite(Dialect):
         path = Path(make_url(url).database or "")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(
-            url, poolclass=StaticPool, connect_args={"check_same_thread": False, "timeout": 30},
+            url,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False, "timeout": 30},
         )
         self._lock = threading.Lock()
         event.listen(self.engine, "connect", _sqlite_connect)
@@ -146,7 +148,9 @@ class Sqlite(Dialect):
             for table in legacy:
                 kept = [c["name"] for c in inspect(db).get_columns(f"legacy_{table.name}") if c["name"] in table.c]
                 columns = ", ".join(f'"{name}"' for name in kept)
-                db.exec_driver_sql(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "legacy_{table.name}"')
+                db.exec_driver_sql(
+                    f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "legacy_{table.name}"'
+                )
                 db.exec_driver_sql(f'DROP TABLE "legacy_{table.name}"')
 
 

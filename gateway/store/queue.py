@@ -44,7 +44,9 @@ def _owners() -> Select:
     when its last job started."""
     queued = (
         select(jobs.c.owner, func.count().label("queued"), func.min(jobs.c.seq).label("first_seq"))
-        .where(jobs.c.status == IN_QUEUE).group_by(jobs.c.owner).subquery("queued")
+        .where(jobs.c.status == IN_QUEUE)
+        .group_by(jobs.c.owner)
+        .subquery("queued")
     )
     return select(queued, _running(queued.c.owner).label("running"), _last_start(queued.c.owner).label("last_start"))
 
@@ -56,7 +58,9 @@ def _next_job(policy: QueuePolicy) -> Select:
         # Materialized: each owner's figures once, not once for each of its queued jobs in the join.
         owners = _owners().cte("owners").prefix_with("MATERIALIZED")
         query = (
-            select(jobs.c.seq).join_from(jobs, owners, owners.c.owner == jobs.c.owner).where(jobs.c.status == IN_QUEUE)
+            select(jobs.c.seq)
+            .join_from(jobs, owners, owners.c.owner == jobs.c.owner)
+            .where(jobs.c.status == IN_QUEUE)
             .order_by(owners.c.running, owners.c.last_start, jobs.c.seq)
         )
     return query.limit(1).with_for_update(skip_locked=True, of=jobs).correlate(None)
@@ -94,7 +98,10 @@ def queued_owners(db: Connection) -> Owners:
 
 
 def positions(
-    db: Connection, policy: QueuePolicy, listed: Sequence[Job], owners: Callable[[Connection], Owners] = queued_owners,
+    db: Connection,
+    policy: QueuePolicy,
+    listed: Sequence[Job],
+    owners: Callable[[Connection], Owners] = queued_owners,
 ) -> list[int]:
     """The queue position (1 = next) of each of the ``listed`` jobs; 0 for one that is not queued. The
     owners' figures are read once for all of them, by ``owners`` (a cache may stand in)."""
@@ -117,5 +124,6 @@ def _fair_position(db: Connection, owners: Owners, job: Job) -> int:
     # ahead, and the one in the same turn if that owner goes first within a turn.
     return nth + sum(
         min(other.queued, max(0, turn - other.running + (other.rank < mine.rank)))
-        for owner, other in owners.items() if owner != job.owner
+        for owner, other in owners.items()
+        if owner != job.owner
     )

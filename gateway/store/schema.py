@@ -27,7 +27,8 @@ SEQ = BigInteger().with_variant(Integer, "sqlite")
 RUNNING_ONLY = text("status = 'InProgress'")
 
 jobs = Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     Column("seq", SEQ, Identity(always=True), primary_key=True),  # submission order
     Column("id", Text, nullable=False, unique=True),
     Column("owner", Text, nullable=False),  # id of the API key that submitted it
@@ -63,7 +64,8 @@ jobs = Table(
 )
 
 batches = Table(
-    "batches", metadata,
+    "batches",
+    metadata,
     Column("seq", SEQ, Identity(always=True), primary_key=True),
     Column("id", Text, nullable=False, unique=True),
     Column("owner", Text, nullable=False),
@@ -80,7 +82,8 @@ batches = Table(
 )
 
 webhook_outbox = Table(
-    "webhook_outbox", metadata,
+    "webhook_outbox",
+    metadata,
     Column("seq", SEQ, Identity(always=True), primary_key=True),
     Column("id", Text, nullable=False, unique=True),  # the webhook-id header: the same for every attempt
     Column("job_id", Text, nullable=False, unique=True),  # one delivery per job (or batch: its id)

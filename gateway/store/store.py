@@ -93,8 +93,13 @@ class JobStore:
     """
 
     def __init__(
-        self, url: str, lease_s: float = 30.0, claimant: str | None = None, queue_policy: QueuePolicy = "fair",
-        position_ttl_s: float = 0.0, pool_size: int = 8,
+        self,
+        url: str,
+        lease_s: float = 30.0,
+        claimant: str | None = None,
+        queue_policy: QueuePolicy = "fair",
+        position_ttl_s: float = 0.0,
+        pool_size: int = 8,
     ) -> None:
         self.lease_s = lease_s
         self.queue_policy = queue_policy
@@ -149,8 +154,14 @@ class JobStore:
     # Jobs
 
     def create(
-        self, job_id: str, owner: str, params: dict[str, Any], webhook_url: str | None = None,
-        idempotency_key: str | None = None, request_hash: str | None = None, max_active: int | None = None,
+        self,
+        job_id: str,
+        owner: str,
+        params: dict[str, Any],
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; with an ``idempotency_key`` this owner used before, return that job instead.
 
@@ -163,13 +174,24 @@ class JobStore:
                 self._db.lock_owner(db, owner)
                 if max_active is not None and db.execute(_ACTIVE, {"owner": owner}).scalar_one() >= max_active:
                     raise QuotaExceeded(owner)
-                row = db.execute(
-                    jobs.insert().values(
-                        id=job_id, owner=owner, idempotency_key=idempotency_key, status=IN_QUEUE,
-                        params=json.dumps(params), webhook_url=webhook_url, created_at=time.time(),
-                        request_hash=request_hash,
-                    ).returning(*jobs.c)
-                ).mappings().one()
+                row = (
+                    db.execute(
+                        jobs.insert()
+                        .values(
+                            id=job_id,
+                            owner=owner,
+                            idempotency_key=idempotency_key,
+                            status=IN_QUEUE,
+                            params=json.dumps(params),
+                            webhook_url=webhook_url,
+                            created_at=time.time(),
+                            request_hash=request_hash,
+                        )
+                        .returning(*jobs.c)
+                    )
+                    .mappings()
+                    .one()
+                )
         except IntegrityError:
             existing = self.find_idempotent(owner, idempotency_key)
             if existing is None:
@@ -178,8 +200,15 @@ class JobStore:
         return Job.from_row(row), True
 
     def create_batch(
-        self, batch_id: str, owner: str, items: Sequence[BatchItem], size: int, errors: dict[int, str],
-        webhook_url: str | None = None, idempotency_key: str | None = None, request_hash: str = "",
+        self,
+        batch_id: str,
+        owner: str,
+        items: Sequence[BatchItem],
+        size: int,
+        errors: dict[int, str],
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
         max_active: int | None = None,
     ) -> tuple[Batch, bool]:
         """Queue a batch's accepted ``items`` (one transaction: all of them or none); ``errors`` are the
@@ -196,20 +225,42 @@ class JobStore:
                 active = db.execute(_ACTIVE, {"owner": owner}).scalar_one()
                 if max_active is not None and active + len(items) > max_active:
                     raise QuotaExceeded(owner)
-                row = db.execute(
-                    batches.insert().values(
-                        id=batch_id, owner=owner, idempotency_key=idempotency_key, request_hash=request_hash,
-                        size=size, errors=json.dumps({str(index): reason for index, reason in errors.items()}),
-                        webhook_url=webhook_url, created_at=now,
-                    ).returning(*batches.c)
-                ).mappings().one()
+                row = (
+                    db.execute(
+                        batches.insert()
+                        .values(
+                            id=batch_id,
+                            owner=owner,
+                            idempotency_key=idempotency_key,
+                            request_hash=request_hash,
+                            size=size,
+                            errors=json.dumps({str(index): reason for index, reason in errors.items()}),
+                            webhook_url=webhook_url,
+                            created_at=now,
+                        )
+                        .returning(*batches.c)
+                    )
+                    .mappings()
+                    .one()
+                )
                 if items:
-                    db.execute(jobs.insert(), [
-                        {"id": item.job_id, "owner": owner, "status": IN_QUEUE, "params": json.dumps(item.params),
-                         "webhook_url": item.webhook_url, "created_at": now, "request_hash": item.request_hash,
-                         "batch_id": batch_id, "batch_index": item.index}
-                        for item in items
-                    ])
+                    db.execute(
+                        jobs.insert(),
+                        [
+                            {
+                                "id": item.job_id,
+                                "owner": owner,
+                                "status": IN_QUEUE,
+                                "params": json.dumps(item.params),
+                                "webhook_url": item.webhook_url,
+                                "created_at": now,
+                                "request_hash": item.request_hash,
+                                "batch_id": batch_id,
+                                "batch_index": item.index,
+                            }
+                            for item in items
+                        ],
+                    )
         except IntegrityError:
             existing = self.find_idempotent_batch(owner, idempotency_key)
             if existing is None:
@@ -234,19 +285,26 @@ class JobStore:
     def cancel_batch(self, batch_id: str, reason: str) -> list[str]:
         """Every queued or running job of the batch → ``Cancelled``; returns the ids of those cancelled."""
         with self._transaction() as db:
-            return list(db.execute(
-                update(jobs).where(jobs.c.batch_id == batch_id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
-                .values(status=CANCELLED, reason=reason, finished_at=time.time(), lease_until=None)
-                .returning(jobs.c.id)
-            ).scalars())
+            return list(
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.batch_id == batch_id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
+                    .values(status=CANCELLED, reason=reason, finished_at=time.time(), lease_until=None)
+                    .returning(jobs.c.id)
+                ).scalars()
+            )
 
     def end_batch(self, batch_id: str) -> bool:
         """Mark the batch ended if none of its jobs is queued or running any more; True for the one call that
         did (each job's ending calls it after committing, so the last one's call does)."""
-        return self._write(
-            update(batches).where(batches.c.id == batch_id, batches.c.finished_at.is_(None),
-                                  ~_ACTIVE_IN_BATCH.exists()).values(finished_at=time.time())
-        ) == 1
+        return (
+            self._write(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.finished_at.is_(None), ~_ACTIVE_IN_BATCH.exists())
+                .values(finished_at=time.time())
+            )
+            == 1
+        )
 
     def open_batches(self) -> list[str]:
         """Batches not marked ended: :meth:`end_batch` tells which of them ended meanwhile (restart)."""
@@ -311,18 +369,32 @@ class JobStore:
         now = time.time()
         chosen = NEXT_JOB[self.queue_policy].scalar_subquery()
         with self._transaction() as db:
-            row = db.execute(
-                update(jobs).where(jobs.c.seq == chosen).values(
-                    status=IN_PROGRESS, attempts=jobs.c.attempts + 1, started_at=now, progress=0, stage="", eta_s=None,
-                    claimed_by=self.claimant, lease_until=now + self.lease_s,
-                ).returning(*jobs.c)
-            ).mappings().one_or_none()
+            row = (
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.seq == chosen)
+                    .values(
+                        status=IN_PROGRESS,
+                        attempts=jobs.c.attempts + 1,
+                        started_at=now,
+                        progress=0,
+                        stage="",
+                        eta_s=None,
+                        claimed_by=self.claimant,
+                        lease_until=now + self.lease_s,
+                    )
+                    .returning(*jobs.c)
+                )
+                .mappings()
+                .one_or_none()
+            )
         return Job.from_row(row) if row else None
 
     def renew_leases(self) -> int:
         """Extend the leases of the jobs this store runs; returns how many."""
         return self._write(
-            update(jobs).where(jobs.c.status == IN_PROGRESS, jobs.c.claimed_by == self.claimant)
+            update(jobs)
+            .where(jobs.c.status == IN_PROGRESS, jobs.c.claimed_by == self.claimant)
             .values(lease_until=time.time() + self.lease_s)
         )
 
@@ -336,26 +408,45 @@ class JobStore:
             rows = db.execute(
                 select(jobs.c.id, jobs.c.attempts)
                 .where(jobs.c.status == IN_PROGRESS, or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now))
-                .order_by(jobs.c.seq).with_for_update(skip_locked=True)
+                .order_by(jobs.c.seq)
+                .with_for_update(skip_locked=True)
             ).all()
             requeued = [row.id for row in rows if row.attempts < max_attempts]
             failed = [row.id for row in rows if row.attempts >= max_attempts]
             if requeued:
-                db.execute(update(jobs).where(jobs.c.id.in_(requeued)).values(
-                    status=IN_QUEUE, reason=LEASE_EXPIRED, progress=0, stage="", eta_s=None, claimed_by=None,
-                    lease_until=None,
-                ))
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(requeued))
+                    .values(
+                        status=IN_QUEUE,
+                        reason=LEASE_EXPIRED,
+                        progress=0,
+                        stage="",
+                        eta_s=None,
+                        claimed_by=None,
+                        lease_until=None,
+                    )
+                )
             if failed:
-                db.execute(update(jobs).where(jobs.c.id.in_(failed)).values(
-                    status=FAILED, reason=f"the gateway running the job stopped, {max_attempts} times",
-                    finished_at=time.time(), lease_until=None,
-                ))
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(failed))
+                    .values(
+                        status=FAILED,
+                        reason=f"the gateway running the job stopped, {max_attempts} times",
+                        finished_at=time.time(),
+                        lease_until=None,
+                    )
+                )
         return requeued, failed
 
     def set_progress(self, job_id: str, progress: float, stage: str, eta_s: float | None = None) -> None:
         self._write(
-            update(jobs).where(_RUNNING_HERE).values(progress=greatest(jobs.c.progress, progress), stage=stage, eta_s=eta_s),
-            job_id=job_id, claimant=self.claimant,
+            update(jobs)
+            .where(_RUNNING_HERE)
+            .values(progress=greatest(jobs.c.progress, progress), stage=stage, eta_s=eta_s),
+            job_id=job_id,
+            claimant=self.claimant,
         )
 
     def is_running(self, job_id: str) -> bool:
@@ -365,40 +456,68 @@ class JobStore:
     def succeed(self, job_id: str, inference_s: float, info: dict[str, Any]) -> bool:
         """``InProgress`` → ``Succeed`` with a fresh download token; False if the job had left ``InProgress``."""
         return self._finish_running(
-            job_id, SUCCEED, "", result_token=secrets.token_urlsafe(32), inference_s=inference_s,
-            info=json.dumps(info), progress=1.0, stage="done", eta_s=None,
+            job_id,
+            SUCCEED,
+            "",
+            result_token=secrets.token_urlsafe(32),
+            inference_s=inference_s,
+            info=json.dumps(info),
+            progress=1.0,
+            stage="done",
+            eta_s=None,
         )
 
     def fail(self, job_id: str, reason: str) -> bool:
         return self._finish_running(job_id, FAILED, reason)
 
     def _finish_running(self, job_id: str, status: str, reason: str, **values: Any) -> bool:
-        return self._write(
-            update(jobs).where(_RUNNING_HERE)
-            .values(status=status, reason=reason, finished_at=time.time(), lease_until=None, **values),
-            job_id=job_id, claimant=self.claimant,
-        ) == 1
+        return (
+            self._write(
+                update(jobs)
+                .where(_RUNNING_HERE)
+                .values(status=status, reason=reason, finished_at=time.time(), lease_until=None, **values),
+                job_id=job_id,
+                claimant=self.claimant,
+            )
+            == 1
+        )
 
     def requeue(self, job_id: str, reason: str, refund: bool = False) -> bool:
         """``InProgress`` → ``InQueue`` (the job keeps its place: its submission order).
 
         ``refund``: the attempt does not count (the gateway stopped it on purpose).
         """
-        return self._write(
-            update(jobs).where(_RUNNING_HERE).values(
-                status=IN_QUEUE, reason=reason, progress=0, stage="", eta_s=None,
-                attempts=jobs.c.attempts - int(refund), claimed_by=None, lease_until=None,
-            ),
-            job_id=job_id, claimant=self.claimant,
-        ) == 1
+        return (
+            self._write(
+                update(jobs)
+                .where(_RUNNING_HERE)
+                .values(
+                    status=IN_QUEUE,
+                    reason=reason,
+                    progress=0,
+                    stage="",
+                    eta_s=None,
+                    attempts=jobs.c.attempts - int(refund),
+                    claimed_by=None,
+                    lease_until=None,
+                ),
+                job_id=job_id,
+                claimant=self.claimant,
+            )
+            == 1
+        )
 
     def cancel(self, job_id: str, reason: str) -> bool:
         """A queued or running job → ``Cancelled`` (a running one's worker, in whichever gateway, notices and
         cancels its Triton stream). False if the job had already ended."""
-        return self._write(
-            update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
-            .values(status=CANCELLED, reason=reason, finished_at=time.time(), lease_until=None)
-        ) == 1
+        return (
+            self._write(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status.in_((IN_QUEUE, IN_PROGRESS)))
+                .values(status=CANCELLED, reason=reason, finished_at=time.time(), lease_until=None)
+            )
+            == 1
+        )
 
     def set_webhook_state(self, job_id: str, state: str) -> None:
         self._write(update(jobs).where(jobs.c.id == job_id).values(webhook_state=state))
@@ -412,12 +531,11 @@ class JobStore:
         """Delete the rows (and deliveries) of jobs and batches finished before ``before``; returns the jobs'
         ids. Two stores never both delete the same job."""
         doomed = (
-            select(jobs.c.id).where(jobs.c.status.in_(FINISHED), jobs.c.finished_at < before)
+            select(jobs.c.id)
+            .where(jobs.c.status.in_(FINISHED), jobs.c.finished_at < before)
             .with_for_update(skip_locked=True)
         )
-        ended = (
-            select(batches.c.id).where(batches.c.finished_at < before).with_for_update(skip_locked=True)
-        )
+        ended = select(batches.c.id).where(batches.c.finished_at < before).with_for_update(skip_locked=True)
         with self._transaction() as db:
             ids = list(db.execute(delete(jobs).where(jobs.c.id.in_(doomed)).returning(jobs.c.id)).scalars())
             gone = list(db.execute(delete(batches).where(batches.c.id.in_(ended)).returning(batches.c.id)).scalars())
@@ -437,44 +555,73 @@ class JobStore:
         now = time.time()
         with self._transaction() as db:
             db.execute(
-                self._db.insert(outbox).values(
-                    id=f"msg_{secrets.token_hex(16)}", job_id=job_id, owner=owner, url=url, body=body,
-                    state=WEBHOOK_PENDING, next_attempt_at=now, created_at=now,
-                ).on_conflict_do_nothing(index_elements=["job_id"])
+                self._db.insert(outbox)
+                .values(
+                    id=f"msg_{secrets.token_hex(16)}",
+                    job_id=job_id,
+                    owner=owner,
+                    url=url,
+                    body=body,
+                    state=WEBHOOK_PENDING,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["job_id"])
             )
             for table in (jobs, batches):
                 db.execute(
-                    update(table).where(table.c.id == job_id, table.c.webhook_state.is_(None))
+                    update(table)
+                    .where(table.c.id == job_id, table.c.webhook_state.is_(None))
                     .values(webhook_state=WEBHOOK_PENDING)
                 )
             row = db.execute(select(outbox).where(outbox.c.job_id == job_id)).mappings().one()
         return Delivery.from_row(row)
 
     def due_webhooks(
-        self, now: float, running: Collection[str], saturated: Collection[str], per_owner: int, limit: int,
+        self,
+        now: float,
+        running: Collection[str],
+        saturated: Collection[str],
+        per_owner: int,
+        limit: int,
     ) -> list[Delivery]:
         """Pending deliveries due by ``now``, oldest first: not ``running`` (ids), not of ``saturated``
         owners, at most ``per_owner`` of one owner, at most ``limit``. They are leased to this store, so
         that no other gateway sends them meanwhile."""
         free = and_(
-            outbox.c.state == WEBHOOK_PENDING, outbox.c.next_attempt_at <= now,
+            outbox.c.state == WEBHOOK_PENDING,
+            outbox.c.next_attempt_at <= now,
             or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
         )
-        ranked = select(
-            outbox.c.id,
-            func.row_number().over(partition_by=outbox.c.owner, order_by=(outbox.c.next_attempt_at, outbox.c.seq))
-            .label("rank"),
-        ).where(free, outbox.c.id.not_in(tuple(running)), outbox.c.owner.not_in(tuple(saturated))).subquery()
+        ranked = (
+            select(
+                outbox.c.id,
+                func.row_number()
+                .over(partition_by=outbox.c.owner, order_by=(outbox.c.next_attempt_at, outbox.c.seq))
+                .label("rank"),
+            )
+            .where(free, outbox.c.id.not_in(tuple(running)), outbox.c.owner.not_in(tuple(saturated)))
+            .subquery()
+        )
         # Ranked per owner first; then the ranked rows no other gateway holds are locked and leased here.
         chosen = (
-            select(outbox.c.id).where(outbox.c.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_owner)), free)
-            .order_by(outbox.c.next_attempt_at, outbox.c.seq).limit(limit).with_for_update(skip_locked=True)
+            select(outbox.c.id)
+            .where(outbox.c.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_owner)), free)
+            .order_by(outbox.c.next_attempt_at, outbox.c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
         with self._transaction() as db:
-            rows = db.execute(
-                update(outbox).where(outbox.c.id.in_(chosen))
-                .values(claimed_by=self.claimant, lease_until=now + self.lease_s).returning(*outbox.c)
-            ).mappings().all()
+            rows = (
+                db.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_(chosen))
+                    .values(claimed_by=self.claimant, lease_until=now + self.lease_s)
+                    .returning(*outbox.c)
+                )
+                .mappings()
+                .all()
+            )
         return sorted((Delivery.from_row(row) for row in rows), key=lambda d: (d.next_attempt_at, d.seq))
 
     def next_webhook_due(self, running: Collection[str], saturated: Collection[str] = ()) -> float | None:
@@ -483,16 +630,19 @@ class JobStore:
         that gateway die)."""
         with self._transaction(write=False) as db:
             return db.execute(
-                select(func.min(greatest(outbox.c.next_attempt_at, func.coalesce(outbox.c.lease_until, 0.0))))
-                .where(outbox.c.state == WEBHOOK_PENDING, outbox.c.id.not_in(tuple(running)),
-                       outbox.c.owner.not_in(tuple(saturated)))
+                select(func.min(greatest(outbox.c.next_attempt_at, func.coalesce(outbox.c.lease_until, 0.0)))).where(
+                    outbox.c.state == WEBHOOK_PENDING,
+                    outbox.c.id.not_in(tuple(running)),
+                    outbox.c.owner.not_in(tuple(saturated)),
+                )
             ).scalar_one()
 
     def release_webhooks(self) -> None:
         """Hand back the pending deliveries this store holds (its sender stopped), so that any gateway, this
         one included, may send them at once instead of after their lease."""
         self._write(
-            update(outbox).where(outbox.c.claimed_by == self.claimant, outbox.c.state == WEBHOOK_PENDING)
+            update(outbox)
+            .where(outbox.c.claimed_by == self.claimant, outbox.c.state == WEBHOOK_PENDING)
             .values(claimed_by=None, lease_until=None)
         )
 
@@ -511,10 +661,16 @@ class JobStore:
         job_state = state if state != WEBHOOK_FAILED else f"{WEBHOOK_FAILED}: {error}"
         with self._transaction() as db:
             db.execute(
-                update(outbox).where(outbox.c.id == delivery_id, outbox.c.state == WEBHOOK_PENDING).values(
-                    state=state, attempts=outbox.c.attempts + 1, last_error=error,
+                update(outbox)
+                .where(outbox.c.id == delivery_id, outbox.c.state == WEBHOOK_PENDING)
+                .values(
+                    state=state,
+                    attempts=outbox.c.attempts + 1,
+                    last_error=error,
                     next_attempt_at=outbox.c.next_attempt_at if next_attempt_at is None else next_attempt_at,
-                    finished_at=None if state == WEBHOOK_PENDING else time.time(), claimed_by=None, lease_until=None,
+                    finished_at=None if state == WEBHOOK_PENDING else time.time(),
+                    claimed_by=None,
+                    lease_until=None,
                 )
             )
             subject = select(outbox.c.job_id).where(outbox.c.id == delivery_id).scalar_subquery()
@@ -529,7 +685,8 @@ class JobStore:
     def unnotified(self) -> list[str]:
         """Finished jobs with a webhook URL that never reached the outbox (the gateway stopped in between)."""
         rows = self._rows(
-            select(jobs.c.id).where(jobs.c.status.in_(FINISHED), jobs.c.webhook_url.is_not(None),
-                                    jobs.c.webhook_state.is_(None)).order_by(jobs.c.seq)
+            select(jobs.c.id)
+            .where(jobs.c.status.in_(FINISHED), jobs.c.webhook_url.is_not(None), jobs.c.webhook_state.is_(None))
+            .order_by(jobs.c.seq)
         )
         return [row["id"] for row in rows]

@@ -149,7 +149,9 @@ class Webhooks:
     def _saturated(self, owners: Counter[str]) -> tuple[str, ...]:
         return tuple(owner for owner, count in owners.items() if count >= self.settings.webhook_per_owner)
 
-    async def _start_due(self, client: httpx2.AsyncClient, running: dict[str, asyncio.Task], owners: Counter[str]) -> None:
+    async def _start_due(
+        self, client: httpx2.AsyncClient, running: dict[str, asyncio.Task], owners: Counter[str]
+    ) -> None:
         """Start the due deliveries that the global and per-owner caps leave room for."""
         per_owner, free = self.settings.webhook_per_owner, self.settings.webhook_concurrency - len(running)
         if free <= 0:
@@ -157,7 +159,12 @@ class Webhooks:
         # Each owner brings at most per_owner rows (saturated owners none), so this many rows hold enough
         # owners to fill every free slot.
         due = await self._store(
-            self.store.due_webhooks, time.time(), tuple(running), self._saturated(owners), per_owner, free * per_owner,
+            self.store.due_webhooks,
+            time.time(),
+            tuple(running),
+            self._saturated(owners),
+            per_owner,
+            free * per_owner,
         )
         for delivery in due:
             if len(running) >= self.settings.webhook_concurrency:
@@ -170,7 +177,11 @@ class Webhooks:
             task.add_done_callback(functools.partial(self._finished, delivery, running, owners))
 
     def _finished(
-        self, delivery: Delivery, running: dict[str, asyncio.Task], owners: Counter[str], _: asyncio.Task,
+        self,
+        delivery: Delivery,
+        running: dict[str, asyncio.Task],
+        owners: Counter[str],
+        _: asyncio.Task,
     ) -> None:
         running.pop(delivery.id, None)
         owners[delivery.owner] -= 1
@@ -198,7 +209,9 @@ class Webhooks:
         if error is None:
             await self._store(self.store.webhook_delivered, delivery.id)
             return
-        log.warning("webhook for job %s, attempt %d/%d: %s", delivery.job_id, attempts, self.settings.webhook_attempts, error)
+        log.warning(
+            "webhook for job %s, attempt %d/%d: %s", delivery.job_id, attempts, self.settings.webhook_attempts, error
+        )
         if attempts >= self.settings.webhook_attempts:
             await self._store(self.store.webhook_failed, delivery.id, error)
         else:
@@ -208,14 +221,23 @@ class Webhooks:
     async def _post(self, client: httpx2.AsyncClient, delivery: Delivery) -> str | None:
         """POST to the checked addresses in turn (the next one only if connecting failed); None on a 2xx."""
         destination: Destination = await _in_daemon_thread(self.policy.destination, delivery.url)
-        headers = destination.headers | self.signer.headers(delivery.id, delivery.body) | {
-            "Content-Type": "application/json", "User-Agent": USER_AGENT,
-        }
+        headers = (
+            destination.headers
+            | self.signer.headers(delivery.id, delivery.body)
+            | {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+            }
+        )
         body = delivery.body.encode()
         for index, address in enumerate(destination.addresses):
             try:
                 async with client.stream(
-                    "POST", destination.url(address), content=body, headers=headers, extensions=destination.extensions,
+                    "POST",
+                    destination.url(address),
+                    content=body,
+                    headers=headers,
+                    extensions=destination.extensions,
                 ) as response:
                     return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
             except httpx2.ConnectError:

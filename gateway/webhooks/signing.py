@@ -36,7 +36,7 @@ def check_secret(secret: str) -> str:
     if not secret.startswith(SECRET_PREFIX):
         raise SecretError(f"the webhook secret must start with {SECRET_PREFIX}")
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
         raise SecretError(f"the webhook secret must be {SECRET_PREFIX} + base64") from None
     if not SECRET_BYTES[0] <= len(key) <= SECRET_BYTES[1]:

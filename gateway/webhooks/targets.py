@@ -34,12 +34,34 @@ SCHEMES = {"http": 80, "https": 443}
 
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*", re.ASCII)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_NOT_GLOBAL = tuple(ipaddress.ip_network(network) for network in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
-    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-    "240.0.0.0/4", "::/127", "100::/63", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7",
-    "fe80::/10", "fec0::/10",
-))
+_NOT_GLOBAL = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "240.0.0.0/4",
+        "::/127",
+        "100::/63",
+        "2001::/23",
+        "2001:db8::/32",
+        "3fff::/20",
+        "5f00::/16",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+    )
+)
 """Blocks the IANA special-purpose registries mark not globally reachable, whole (``192.0.0.0/24`` with
 its two anycast addresses), and IPv6 site-local ``fec0::/10`` (deprecated): checked beside ``ipaddress``'s
 ``is_global``, which some Python versions get wrong for a few of them (3.11.7 calls ``192.0.0.8`` and
@@ -173,9 +195,12 @@ def forbidden_kind(address: IPAddress) -> str | None:
         if any(address in network for network in _NAT64):  # DNS64 answers: the IPv4 address decides
             return None
     checks = (
-        ("is_unspecified", "an unspecified address"), ("is_loopback", "a loopback address"),
-        ("is_link_local", "a link-local address"), ("is_multicast", "a multicast address"),
-        ("is_private", "a private address"), ("is_reserved", "a reserved address"),
+        ("is_unspecified", "an unspecified address"),
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address"),
+        ("is_multicast", "a multicast address"),
+        ("is_private", "a private address"),
+        ("is_reserved", "a reserved address"),
     )
     for attribute, kind in checks:
         if getattr(address, attribute):
@@ -208,7 +233,9 @@ class AddressPolicy:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 if not _HOST_NAME.fullmatch(entry):
-                    raise ValueError(f"webhook_allow entry {entry!r} is neither an address, a network nor a host name") from None
+                    raise ValueError(
+                        f"webhook_allow entry {entry!r} is neither an address, a network nor a host name"
+                    ) from None
                 self.hosts.add(entry)
         self.resolver = resolver
 

@@ -49,6 +49,8 @@ class AudioFeatureExtractor:
         """Features of the audio in a file (audio or video), decoded at the config's sample rate."""
         return self(load_audio(path, self.settings.sample_rate))
 
-    def frame_windows(self, features: torch.Tensor, num_frames: int | None = None, first_frame: int = 0) -> torch.Tensor:
+    def frame_windows(
+        self, features: torch.Tensor, num_frames: int | None = None, first_frame: int = 0
+    ) -> torch.Tensor:
         """Per-frame windows ``(N, K * (n_audio_layer + 1), C)``; see :func:`lipsync.audio.frame_windows`."""
         return frame_windows(features, self.settings, num_frames, first_frame)

@@ -73,9 +73,14 @@ class InsightFaceDetector:
         ``active_speaker`` needs the MediaPipe backend."""
         check_frame(frame)
         boxes, keypoints = self._detector.detect(frame, max_num=0, metric="default")
-        return [self._landmarks(frame, boxes, keypoints, index) for index in passing_faces(boxes[:, :4], boxes[:, 4], self.settings)]
+        return [
+            self._landmarks(frame, boxes, keypoints, index)
+            for index in passing_faces(boxes[:, :4], boxes[:, 4], self.settings)
+        ]
 
-    def _landmarks(self, frame: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray | None, index: int) -> FaceLandmarks:
+    def _landmarks(
+        self, frame: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray | None, index: int
+    ) -> FaceLandmarks:
         box, score = boxes[index, :4], float(boxes[index, 4])
         face = self._face_type(bbox=box, kps=None if keypoints is None else keypoints[index], det_score=score)
         landmarks = self._landmarker.get(frame, face)

@@ -76,8 +76,11 @@ def link_tracks(frames: Sequence[Sequence[FaceLandmarks]], settings: SelectionSe
     for index, faces in enumerate(frames):
         open_tracks = [track for track in tracks if index - track.last <= settings.max_gap + 1]
         pairs = sorted(
-            ((iou(track.faces[track.last].box, face.box), t, f) for t, track in enumerate(open_tracks)
-             for f, face in enumerate(faces)),
+            (
+                (iou(track.faces[track.last].box, face.box), t, f)
+                for t, track in enumerate(open_tracks)
+                for f, face in enumerate(faces)
+            ),
             key=lambda pair: -pair[0],
         )
         taken_tracks: set[int] = set()
@@ -102,7 +105,8 @@ def shot_starts(thumbnails: Sequence[np.ndarray], settings: SelectionSettings) -
     """The first frame of each shot: 0, then every frame that differs from the one before by more than
     ``cut_threshold`` (mean absolute difference of the thumbnails)."""
     return [0] + [
-        index for index in range(1, len(thumbnails))
+        index
+        for index in range(1, len(thumbnails))
         if float(cv2.absdiff(thumbnails[index], thumbnails[index - 1]).mean()) > settings.cut_threshold
     ]
 
@@ -112,7 +116,7 @@ def speech_envelope(waveform: np.ndarray, sample_rate: int, fps: int, frames: in
     per_frame = sample_rate / fps
     envelope = np.zeros(frames)
     for index in range(frames):
-        chunk = waveform[round(index * per_frame):round((index + 1) * per_frame)]
+        chunk = waveform[round(index * per_frame) : round((index + 1) * per_frame)]
         envelope[index] = math.sqrt(float(np.mean(np.square(chunk, dtype=np.float64)))) if chunk.size else 0.0
     return envelope
 
@@ -149,8 +153,8 @@ def speaker_score(track: Track, start: int, end: int, envelope: np.ndarray, sett
     speech = _smooth(envelope[frames], settings.smooth_frames)
     best = 0.0
     for lag in range(-settings.max_lag_frames, settings.max_lag_frames + 1):
-        a = motion[max(0, lag):len(motion) + min(0, lag)]
-        b = speech[max(0, -lag):len(speech) + min(0, -lag)]
+        a = motion[max(0, lag) : len(motion) + min(0, lag)]
+        b = speech[max(0, -lag) : len(speech) + min(0, -lag)]
         best = max(best, _correlation(a, b))
     return best
 
@@ -198,16 +202,20 @@ def _by_box(tracks: list[Track], values: tuple[float, ...]) -> tuple[Track, floa
         x, y = values
         holding = [t for t in present if _contains(t.faces[first].box, x, y)]
         if not holding:
-            raise BadInput(f"face_box point {x:g},{y:g} is on no face of frame {first}, the first with a face "
-                           f"(faces there: {boxes})")
+            raise BadInput(
+                f"face_box point {x:g},{y:g} is on no face of frame {first}, the first with a face "
+                f"(faces there: {boxes})"
+            )
         track = min(holding, key=lambda t: math.dist(_centre(t.faces[first].box), (x, y)))
         return track, 1.0 / len(holding)
     box: Box = (values[0], values[1], values[2], values[3])
     track = max(present, key=lambda t: iou(t.faces[first].box, box))
     overlap = iou(track.faces[first].box, box)
     if overlap == 0:
-        raise BadInput(f"face_box {', '.join(f'{v:g}' for v in box)} overlaps no face of frame {first}, "
-                       f"the first with a face (faces there: {boxes})")
+        raise BadInput(
+            f"face_box {', '.join(f'{v:g}' for v in box)} overlaps no face of frame {first}, "
+            f"the first with a face (faces there: {boxes})"
+        )
     return track, overlap
 
 
@@ -226,11 +234,14 @@ def _by_speaker(
     weighted = 0.0
     for start, end in zip(starts, [*starts[1:], count], strict=True):
         seen = {id(t): sum(start <= index < end for index in t.faces) for t in tracks}
-        candidates = [t for t in tracks if seen[id(t)] >= settings.min_track_frames] or [t for t in tracks if seen[id(t)]]
+        candidates = [t for t in tracks if seen[id(t)] >= settings.min_track_frames] or [
+            t for t in tracks if seen[id(t)]
+        ]
         if not candidates:
             continue
-        scores = sorted(((speaker_score(t, start, end, envelope, settings), t) for t in candidates),
-                        key=lambda pair: -pair[0])
+        scores = sorted(
+            ((speaker_score(t, start, end, envelope, settings), t) for t in candidates), key=lambda pair: -pair[0]
+        )
         best_score, track = scores[0]
         if len(scores) == 1:
             confidence = 1.0

@@ -41,7 +41,9 @@ def rgb_to_yuv420p(frames: torch.Tensor) -> torch.Tensor:
     """
     count, height, width, channels = frames.shape
     if channels != 3 or frames.dtype != torch.uint8 or height % 2 or width % 2:
-        raise ValueError(f"expected (N, H, W, 3) uint8 frames with even H and W, got {tuple(frames.shape)} {frames.dtype}")
+        raise ValueError(
+            f"expected (N, H, W, 3) uint8 frames with even H and W, got {tuple(frames.shape)} {frames.dtype}"
+        )
     rgb = frames.permute(0, 3, 1, 2).float()
     red, green, blue = rgb.unbind(1)
     luma = _KR * red + _KG * green + _KB * blue

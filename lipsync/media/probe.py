@@ -117,9 +117,7 @@ def check_picture_size(width: int, height: int, limits: MediaLimits) -> None:
 
 def check_video_length(seconds: float, limits: MediaLimits) -> None:
     if seconds > limits.max_video_s:
-        raise MediaLimitError(
-            f"the video lasts {seconds:,.1f} s; the limit is {limits.max_video_s:g} s (max_video_s)"
-        )
+        raise MediaLimitError(f"the video lasts {seconds:,.1f} s; the limit is {limits.max_video_s:g} s (max_video_s)")
 
 
 def check_frame_count(frames: int, limits: MediaLimits) -> None:
@@ -140,9 +138,7 @@ def check_audio_limits(container: InputContainer, stream: AudioStream, limits: M
 
 def check_audio_length(seconds: float, limits: MediaLimits) -> None:
     if seconds > limits.max_audio_s:
-        raise MediaLimitError(
-            f"the audio lasts {seconds:,.1f} s; the limit is {limits.max_audio_s:g} s (max_audio_s)"
-        )
+        raise MediaLimitError(f"the audio lasts {seconds:,.1f} s; the limit is {limits.max_audio_s:g} s (max_audio_s)")
 
 
 def check_file(path: Path, what: str, error: type[Exception]) -> None:

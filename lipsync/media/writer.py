@@ -118,7 +118,9 @@ class VideoWriter:
         (``(height·3/2, width)`` uint8, e.g. from :func:`lipsync.media.colour.rgb_to_yuv420p`)."""
         width, height = self.output_size
         if planes.shape != (height * 3 // 2, width) or planes.dtype != np.uint8:
-            raise ValueError(f"expected ({height * 3 // 2}, {width}) uint8 yuv420p planes, got {planes.shape} {planes.dtype}")
+            raise ValueError(
+                f"expected ({height * 3 // 2}, {width}) uint8 yuv420p planes, got {planes.shape} {planes.dtype}"
+            )
         return VideoFrame.from_ndarray(planes, format="yuv420p")
 
     def write_picture(self, picture: VideoFrame) -> None:

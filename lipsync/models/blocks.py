@@ -68,10 +68,18 @@ def spatial_transformer(channels: int, settings: BlockSettings) -> Transformer2D
 class _Layers(nn.Module):
     """Resnets with optional spatial transformers and motion modules, run layer by layer."""
 
-    def __init__(self, in_channels: list[int], out_channels: int, settings: BlockSettings, with_attention: bool, with_motion: bool) -> None:
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        settings: BlockSettings,
+        with_attention: bool,
+        with_motion: bool,
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock3D(channels, out_channels, settings.temb_channels, settings.groups, settings.eps) for channels in in_channels
+            ResnetBlock3D(channels, out_channels, settings.temb_channels, settings.groups, settings.eps)
+            for channels in in_channels
         )
         if with_attention:
             self.attentions = nn.ModuleList(spatial_transformer(out_channels, settings) for _ in in_channels)
@@ -80,7 +88,9 @@ class _Layers(nn.Module):
                 MotionModule(out_channels, settings.motion_settings, settings.groups) for _ in in_channels
             )
 
-    def layer(self, index: int, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def layer(
+        self, index: int, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
         hidden_states = self.resnets[index](hidden_states, frame_temb, num_frames)
         if hasattr(self, "attentions"):
             hidden_states = self.attentions[index](hidden_states, encoder_hidden_states=audio, return_dict=False)[0]
@@ -93,15 +103,29 @@ class DownBlock3D(_Layers):
     """``DownBlock3D`` / ``CrossAttnDownBlock3D``: returns its output and every skip tensor."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool,
-        settings: BlockSettings, with_attention: bool, with_motion: bool,
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_downsample: bool,
+        settings: BlockSettings,
+        with_attention: bool,
+        with_motion: bool,
     ) -> None:
-        super().__init__([in_channels] + [out_channels] * (num_layers - 1), out_channels, settings, with_attention, with_motion)
+        super().__init__(
+            [in_channels] + [out_channels] * (num_layers - 1), out_channels, settings, with_attention, with_motion
+        )
         if add_downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=1, name="op")])
+            self.downsamplers = nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=1, name="op")]
+            )
 
     def forward(
-        self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int,
+        self,
+        hidden_states: torch.Tensor,
+        frame_temb: torch.Tensor,
+        audio: torch.Tensor,
+        num_frames: int,
         downsample: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``downsample=False`` skips the downsampler (a shallow pass that never uses its output)."""
@@ -119,11 +143,19 @@ class UpBlock3D(_Layers):
     """``UpBlock3D`` / ``CrossAttnUpBlock3D``: each layer first concatenates one skip tensor."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, prev_output_channels: int, num_layers: int, add_upsample: bool,
-        settings: BlockSettings, with_attention: bool, with_motion: bool,
+        self,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channels: int,
+        num_layers: int,
+        add_upsample: bool,
+        settings: BlockSettings,
+        with_attention: bool,
+        with_motion: bool,
     ) -> None:
         resnet_inputs = [
-            (prev_output_channels if index == 0 else out_channels) + (in_channels if index == num_layers - 1 else out_channels)
+            (prev_output_channels if index == 0 else out_channels)
+            + (in_channels if index == num_layers - 1 else out_channels)
             for index in range(num_layers)
         ]
         super().__init__(resnet_inputs, out_channels, settings, with_attention, with_motion)
@@ -131,8 +163,13 @@ class UpBlock3D(_Layers):
             self.upsamplers = nn.ModuleList([Upsample(out_channels, use_conv=True, out_channels=out_channels)])
 
     def forward(
-        self, hidden_states: torch.Tensor, skips: list[torch.Tensor], frame_temb: torch.Tensor, audio: torch.Tensor,
-        num_frames: int, upsample_size: tuple[int, int] | None,
+        self,
+        hidden_states: torch.Tensor,
+        skips: list[torch.Tensor],
+        frame_temb: torch.Tensor,
+        audio: torch.Tensor,
+        num_frames: int,
+        upsample_size: tuple[int, int] | None,
     ) -> torch.Tensor:
         """``skips`` are consumed from the end (most recent first)."""
         for index in range(len(self.resnets)):
@@ -152,7 +189,9 @@ class UNetMidBlock3DCrossAttn(_Layers):
         if with_motion:
             self.motion_modules = nn.ModuleList([MotionModule(channels, settings.motion_settings, settings.groups)])
 
-    def forward(self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, frame_temb: torch.Tensor, audio: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, frame_temb, num_frames)
         hidden_states = self.attentions[0](hidden_states, encoder_hidden_states=audio, return_dict=False)[0]
         if hasattr(self, "motion_modules"):

@@ -45,8 +45,12 @@ class CompiledUNet:
         self.unet = unet
         self.frames = frames
         mode = COMPILE_MODE if backend == "inductor" else None
-        self._forward_caching = torch.compile(unet.forward_caching, backend=backend, fullgraph=True, dynamic=False, mode=mode)
-        self._forward_shallow = torch.compile(unet.forward_shallow, backend=backend, fullgraph=True, dynamic=False, mode=mode)
+        self._forward_caching = torch.compile(
+            unet.forward_caching, backend=backend, fullgraph=True, dynamic=False, mode=mode
+        )
+        self._forward_shallow = torch.compile(
+            unet.forward_shallow, backend=backend, fullgraph=True, dynamic=False, mode=mode
+        )
 
     @property
     def dtype(self) -> torch.dtype:

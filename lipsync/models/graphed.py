@@ -52,7 +52,10 @@ class _CapturedCall:
                     function(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with GPU_GUARD.exclusive(), torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+        with (
+            GPU_GUARD.exclusive(),
+            torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"),
+        ):
             outputs = function(*self.inputs)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.returns_tuple = isinstance(outputs, tuple)

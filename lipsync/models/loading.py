@@ -39,7 +39,9 @@ def read_unet_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(payload, dict):
         raise WeightsError(f"{path} holds a {type(payload).__name__}, not a LatentSync checkpoint dict")
     if "state_dict" not in payload:
-        layout = "a bare state dict" if payload and all(isinstance(v, torch.Tensor) for v in payload.values()) else "a dict"
+        layout = (
+            "a bare state dict" if payload and all(isinstance(v, torch.Tensor) for v in payload.values()) else "a dict"
+        )
         raise WeightsError(
             f"{path} is {layout} without a 'state_dict' entry; LatentSync 1.5/1.6 checkpoints are "
             "{'state_dict': ..., 'global_step': ...}"

@@ -71,7 +71,14 @@ class TemporalTransformer(nn.Module):
     """Per-frame GroupNorm → linear in → temporal blocks → linear out, plus the input."""
 
     def __init__(
-        self, dim: int, heads: int, head_dim: int, num_blocks: int, num_attention_blocks: int, groups: int, max_frames: int
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        num_blocks: int,
+        num_attention_blocks: int,
+        groups: int,
+        max_frames: int,
     ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)

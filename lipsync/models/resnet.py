@@ -23,10 +23,15 @@ class FramePooledGroupNorm(nn.GroupNorm):
     """
 
     def forward(  # type: ignore[override]  # it needs the window length, which a plain GroupNorm does not
-        self, hidden_states: torch.Tensor, num_frames: int, fuse_silu: bool = False,
+        self,
+        hidden_states: torch.Tensor,
+        num_frames: int,
+        fuse_silu: bool = False,
     ) -> torch.Tensor:
         frames_in_batch, channels, height, width = hidden_states.shape
-        windows = hidden_states.reshape(frames_in_batch // num_frames, num_frames, channels, height * width).transpose(1, 2)
+        windows = hidden_states.reshape(frames_in_batch // num_frames, num_frames, channels, height * width).transpose(
+            1, 2
+        )
         normalised = F.group_norm(windows, self.num_groups, self.weight, self.bias, self.eps)
         if fuse_silu:
             normalised = F.silu(normalised, inplace=True)

@@ -105,7 +105,9 @@ class UNet3DConditionModel(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """Predict the noise ε.
 
         Args:
@@ -132,13 +134,18 @@ class UNet3DConditionModel(nn.Module):
         hidden_states = self.mid_block(hidden_states, call.temb, call.audio, call.frames)
         for block in self.up_blocks[:-1]:
             resnets = cast(nn.ModuleList, block.resnets)
-            block_skips = skips[-len(resnets):]
-            del skips[-len(resnets):]
-            hidden_states = block(hidden_states, block_skips, call.temb, call.audio, call.frames, tuple(skips[-1].shape[-2:]))
+            block_skips = skips[-len(resnets) :]
+            del skips[-len(resnets) :]
+            hidden_states = block(
+                hidden_states, block_skips, call.temb, call.audio, call.frames, tuple(skips[-1].shape[-2:])
+            )
         return self._shallow_up(call, hidden_states, skips), hidden_states
 
     def forward_shallow(
-        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor,
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        encoder_hidden_states: torch.Tensor,
         deep_features: torch.Tensor,
     ) -> torch.Tensor:
         """DeepCache's cheap pass: the first down block and the last up block around cached deep features.

@@ -77,8 +77,10 @@ def _json_item(body: object) -> ItemRequest:
         item = SubmitRequest.model_validate(body)
 
         def stage(folder: Path) -> tuple[str, str]:
-            return (write_bytes(decode_base64(item.video_source, "video_source"), folder / "video"),
-                    write_bytes(decode_base64(item.audio_source, "audio_source"), folder / "audio"))
+            return (
+                write_bytes(decode_base64(item.video_source, "video_source"), folder / "video"),
+                write_bytes(decode_base64(item.audio_source, "audio_source"), folder / "audio"),
+            )
 
         return item.options(), stage
     except (ValidationError, InvalidInput) as exc:
@@ -106,7 +108,9 @@ def submit_batch(body: BatchRequest, batches: BatchServiceDep, who: ApiKeyOwner,
 
 
 @router.post("/v1/batches/upload", status_code=202)
-async def upload_batch(request: Request, batches: BatchServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> BatchAccepted:
+async def upload_batch(
+    request: Request, batches: BatchServiceDep, who: ApiKeyOwner, key: IdempotencyKey
+) -> BatchAccepted:
     """Multipart variant: item ``i``'s files and options as parts ``items.<i>.video``, ``items.<i>.audio``,
     ``items.<i>.<option>``; the batch's ``webhook_url`` as a field."""
     limit = batches.settings.max_batch_items
@@ -116,8 +120,11 @@ async def upload_batch(request: Request, batches: BatchServiceDep, who: ApiKeyOw
         if exc.status_code != 400:  # 413 from the body cap stays 413
             raise
         if "Too many files" in str(exc.detail) or "Too many fields" in str(exc.detail):
-            raise ApiError(422, f"the form has more parts than {limit} items may have; at most {limit} items are "
-                           "allowed (max_batch_items)") from None
+            raise ApiError(
+                422,
+                f"the form has more parts than {limit} items may have; at most {limit} items are "
+                "allowed (max_batch_items)",
+            ) from None
         raise ApiError(422, f"malformed multipart form: {exc.detail}") from None
     try:
         try:
@@ -192,6 +199,8 @@ def _estimate_files(runtime: Runtime, options: SubmitOptions, files: dict[str, U
             copy_file(files["audio"].file, staged / "audio")
             audio_s = check_audio(staged / "audio", "audio", estimator.media)
             fps = estimator.media.fps
-            frames = output_length(round(audio_s * fps), info.frames_at(fps), options.loop_mode or BY_NAME["loop_mode"].default)
+            frames = output_length(
+                round(audio_s * fps), info.frames_at(fps), options.loop_mode or BY_NAME["loop_mode"].default
+            )
             return estimator.estimate(max(1, frames), options)
     return estimator.estimate(output_frames(seconds, estimator.media), options)

@@ -28,7 +28,9 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Ready, responses={503: {"model": ErrorBody, "description": "Triton is not ready"}})
+@router.get(
+    "/readyz", response_model=Ready, responses={503: {"model": ErrorBody, "description": "Triton is not ready"}}
+)
 def readyz(runtime: RuntimeDep) -> Ready | JSONResponse:
     if not runtime.backend.ready():
         return error_response(503, "Triton is not ready")

@@ -30,7 +30,8 @@ class Info(BaseModel):
     options: dict[str, OptionRule]
     defaults: dict[str, int | float | str] = Field(
         description="what a job that leaves an option out gets from the served configuration; "
-        "those that depend on the weights only once Triton has said which it serves")
+        "those that depend on the weights only once Triton has said which it serves"
+    )
 
 
 @router.get("/v1/info")
@@ -38,8 +39,13 @@ def info(settings: SettingsDep, runtime: RuntimeDep) -> Info:
     """Says where keys are configured, by kind, never a key or a server path (anyone may ask)."""
     local = (settings.data_dir / LOCAL_KEY_FILE).is_file()  # made by `lipsync-serve up` when no key is configured
     return Info(
-        weights=runtime.weights.value, demo_weights=demo_weights(),
-        api_keys=KeyPlaces(env=settings.api_keys_env, local_key_file=LOCAL_KEY_FILE if local else None,
-                           keys_file=bool(settings.api_keys_file)),
-        options=option_rules(), defaults=served_defaults(runtime.weights.value, runtime.jobs.media),
+        weights=runtime.weights.value,
+        demo_weights=demo_weights(),
+        api_keys=KeyPlaces(
+            env=settings.api_keys_env,
+            local_key_file=LOCAL_KEY_FILE if local else None,
+            keys_file=bool(settings.api_keys_file),
+        ),
+        options=option_rules(),
+        defaults=served_defaults(runtime.weights.value, runtime.jobs.media),
     )

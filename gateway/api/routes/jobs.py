@@ -29,14 +29,22 @@ by shared caches or the browser: its URL carries the token that grants it."""
 
 UPLOAD_BODY: dict[str, Any] = {
     "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["video", "audio"],
-        "properties": {
-            "video": {"type": "string", "format": "binary"}, "audio": {"type": "string", "format": "binary"},
-            **{name: {"type": "string", "description": "as the submit's field of this name"}
-               for name in SubmitOptions.model_fields},
-        },
-    }}},
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["video", "audio"],
+                "properties": {
+                    "video": {"type": "string", "format": "binary"},
+                    "audio": {"type": "string", "format": "binary"},
+                    **{
+                        name: {"type": "string", "description": "as the submit's field of this name"}
+                        for name in SubmitOptions.model_fields
+                    },
+                },
+            }
+        }
+    },
 }
 """The multipart body the upload route parses itself (:mod:`gateway.jobs.forms`), described for OpenAPI."""
 
@@ -44,8 +52,10 @@ UPLOAD_BODY: dict[str, Any] = {
 @router.post("/lipsync/submit")
 def submit(body: SubmitRequest, jobs: JobServiceDep, who: ApiKeyOwner, key: IdempotencyKey) -> Submitted:
     def stage(folder: Path) -> tuple[str, str]:
-        return (write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
-                write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"))
+        return (
+            write_bytes(decode_base64(body.video_source, "video_source"), folder / "video"),
+            write_bytes(decode_base64(body.audio_source, "audio_source"), folder / "audio"),
+        )
 
     return jobs.submit(who, body.options(), stage, key)
 
@@ -90,10 +100,15 @@ def recent_jobs(jobs: JobServiceDep, who: ApiKeyOwner, query: Annotated[JobListQ
     return jobs.recent(who, query.limit, query.cursor)
 
 
-@router.get("/lipsync/result/{request_id}", response_class=FileResponse,
-            responses={200: {"content": {"video/mp4": {}}, "description": "the result video"}})
+@router.get(
+    "/lipsync/result/{request_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"video/mp4": {}}, "description": "the result video"}},
+)
 def result(
-    request_id: str, jobs: JobServiceDep, token: str | None = None,
+    request_id: str,
+    jobs: JobServiceDep,
+    token: str | None = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> FileResponse:
     """The video, for its owner's key or the unguessable ``token`` of the status's URL (players cannot send headers)."""

@@ -47,9 +47,11 @@ def _progress_sender(sender: Any) -> Callable[[ProgressReport], None]:
 
     def send(report: ProgressReport) -> None:
         eta = -1.0 if report.eta_s is None else report.eta_s
-        sender.send(pb_utils.InferenceResponse(
-            [_float("PROGRESS", report.fraction), _text("STAGE", report.stage), _float("ETA", eta)]
-        ))
+        sender.send(
+            pb_utils.InferenceResponse(
+                [_float("PROGRESS", report.fraction), _text("STAGE", report.stage), _float("ETA", eta)]
+            )
+        )
 
     return send
 
@@ -133,7 +135,8 @@ class TritonPythonModel:
         self.metrics = JobMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
         self.generator = params.generator
         settings = PipelineSettings.load(
-            detect_threads=params.detect_threads, finish_threads=params.finish_threads,
+            detect_threads=params.detect_threads,
+            finish_threads=params.finish_threads,
             compile_unet=params.compile_unet,
             split_min_seconds=0 if self.generator else None,  # every job keeps all its lanes busy
         )
@@ -141,7 +144,9 @@ class TritonPythonModel:
         if self.generator:
             remote = RemoteGenerator(lambda arrays: _bls_stream(self.generator, arrays), DTYPES[params.dtype])
             self.pipeline = LipSyncPipeline.with_generators(
-                paths, [remote] * params.generator_lanes, windows_per_call=params.windows_per_call,
+                paths,
+                [remote] * params.generator_lanes,
+                windows_per_call=params.windows_per_call,
                 settings=settings,
             )
         else:
@@ -155,10 +160,16 @@ class TritonPythonModel:
         self.jobs: set[threading.Thread] = set()
         self.logger = pb_utils.Logger
         places = ", ".join(str(one) for one in devices) + (f" (windows on {self.generator})" if self.generator else "")
-        self.logger.log_info(f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.replicas[0].dtype}")
+        self.logger.log_info(
+            f"lipsync: LatentSync {self.version} ({self.weights}) on {places}, {self.pipeline.replicas[0].dtype}"
+        )
 
     def _load_pipeline(
-        self, paths: WeightPaths, devices: list[torch.device], params: LipSyncParameters, settings: PipelineSettings,
+        self,
+        paths: WeightPaths,
+        devices: list[torch.device],
+        params: LipSyncParameters,
+        settings: PipelineSettings,
         batching: BatchingSettings,
     ) -> LipSyncPipeline:
         return LipSyncPipeline.from_weights(
@@ -221,8 +232,13 @@ class TritonPythonModel:
             eta = EtaEstimate(self.stage_rates)
             with ProgressReporter(_progress_sender(sender), self.heartbeat_s, eta) as progress:
                 output = run_job(
-                    self.pipeline, _bytes(request, "VIDEO"), _bytes(request, "AUDIO"), options,
-                    progress=progress, should_cancel=cancelled, on_plan=progress.plan,
+                    self.pipeline,
+                    _bytes(request, "VIDEO"),
+                    _bytes(request, "AUDIO"),
+                    options,
+                    progress=progress,
+                    should_cancel=cancelled,
+                    on_plan=progress.plan,
                 )
         except Exception as exc:  # noqa: BLE001 - reported to the client; the instance stays up for the next job
             cancelled.close()
@@ -230,14 +246,25 @@ class TritonPythonModel:
         else:
             cancelled.close()
             self.logger.log_info(f"lipsync: job {job} done: {output.result.frames} frames")
-            info = json.dumps(output.info() | {
-                "version": self.version, "weights": self.weights, "device": self.device.type,
-                "stages": eta.durations, "steps": eta.size.steps if eta.size else None,
-            })
-            final = pb_utils.InferenceResponse([
-                _text("VIDEO_OUT", output.video), _float("PROGRESS", 1.0), _text("STAGE", "done"), _float("ETA", 0.0),
-                _text("INFO", info),
-            ])
+            info = json.dumps(
+                output.info()
+                | {
+                    "version": self.version,
+                    "weights": self.weights,
+                    "device": self.device.type,
+                    "stages": eta.durations,
+                    "steps": eta.size.steps if eta.size else None,
+                }
+            )
+            final = pb_utils.InferenceResponse(
+                [
+                    _text("VIDEO_OUT", output.video),
+                    _float("PROGRESS", 1.0),
+                    _text("STAGE", "done"),
+                    _float("ETA", 0.0),
+                    _text("INFO", info),
+                ]
+            )
             sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self.metrics.finished("succeeded", output.result)
         finally:

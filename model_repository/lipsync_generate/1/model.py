@@ -61,8 +61,12 @@ class TritonPythonModel:
         self.metrics = InstanceMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
         batching = BatchingSettings(params.max_batch_windows, params.max_batch_delay_ms)
         self.pipeline = LipSyncPipeline.from_weights(
-            paths, self.device, DTYPES.get(params.dtype),
-            windows_per_call=params.windows_per_call, batching=batching, on_batch=self.metrics.observe_batch,
+            paths,
+            self.device,
+            DTYPES.get(params.dtype),
+            windows_per_call=params.windows_per_call,
+            batching=batching,
+            on_batch=self.metrics.observe_batch,
             settings=PipelineSettings.load(compile_unet=params.compile_unet),
             vae_slots=params.vae_slots,
         )
@@ -90,9 +94,12 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             if pb_utils.get_input_tensor_by_name(request, "FACES") is None:
-                info = json.dumps({"compiled": is_compiled(self.pipeline), "dtype": str(self.replica.dtype).removeprefix("torch.")})
+                info = json.dumps(
+                    {"compiled": is_compiled(self.pipeline), "dtype": str(self.replica.dtype).removeprefix("torch.")}
+                )
                 request.get_response_sender().send(
-                    pb_utils.InferenceResponse([text_tensor(pb_utils, "INFO", info)]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                    pb_utils.InferenceResponse([text_tensor(pb_utils, "INFO", info)]),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
                 continue
             self.slots.acquire()
@@ -113,9 +120,12 @@ class TritonPythonModel:
             group = remote.group_from_arrays(arrays, self.replica.dtype, on_step, self.stopping)
             timer = StageTimer(self.device)
             faces = self._generate(group, timer)
-            final = pb_utils.InferenceResponse([
-                pb_utils.Tensor("FACES_OUT", faces.numpy()), text_tensor(pb_utils, "SECONDS", json.dumps(dict(timer.seconds))),
-            ])
+            final = pb_utils.InferenceResponse(
+                [
+                    pb_utils.Tensor("FACES_OUT", faces.numpy()),
+                    text_tensor(pb_utils, "SECONDS", json.dumps(dict(timer.seconds))),
+                ]
+            )
         except Exception as exc:  # noqa: BLE001 - the job gets the error; the instance stays up
             final = pb_utils.InferenceResponse([text_tensor(pb_utils, "ERROR", failure_info(exc))])
         try:

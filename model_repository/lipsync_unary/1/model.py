@@ -19,10 +19,15 @@ class TritonPythonModel:
         return [self._forward(request) for request in requests]
 
     def _forward(self, request: Any) -> pb_utils.InferenceResponse:
-        inputs = [tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+        inputs = [
+            tensor for name in _INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
+        ]
         job = pb_utils.InferenceRequest(
-            model_name="lipsync", inputs=inputs, requested_output_names=[*_OUTPUTS, "STAGE"],
-            request_id=request.request_id(), parameters={contract.NO_ERROR_RESPONSE: True},
+            model_name="lipsync",
+            inputs=inputs,
+            requested_output_names=[*_OUTPUTS, "STAGE"],
+            request_id=request.request_id(),
+            parameters={contract.NO_ERROR_RESPONSE: True},
         )
         final = failure = None
         # Read to the end (its final flag), past a failure, so the lipsync request is complete when this one answers.
@@ -37,5 +42,7 @@ class TritonPythonModel:
             code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
         if final is None:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError("lipsync ended without a video", pb_utils.TritonError.INTERNAL))
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("lipsync ended without a video", pb_utils.TritonError.INTERNAL)
+            )
         return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(final, name) for name in _OUTPUTS])
