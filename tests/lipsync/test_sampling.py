@@ -138,9 +138,9 @@ def test_shallow_pass_over_its_own_deep_features_is_the_full_pass(tiny_unet) -> 
 
 def test_feature_caching_approximates_exact_sampling(tiny_unet, reference) -> None:
     inputs = _official_inputs(reference)
-    exact = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5)
-    again = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5, cache_interval=1)
-    cached = denoise(tiny_unet, load_scheduler(), **inputs, steps=20, guidance_scale=1.5, cache_interval=3)
+    exact = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5)
+    again = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5, cache_interval=1)
+    cached = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5, cache_interval=3)
     assert torch.equal(exact, again)
     assert not torch.equal(cached, exact)
     assert (cached - exact).norm() / exact.norm() < 0.5
