@@ -26,7 +26,6 @@ from gateway.backends.served import ServedWeights, served_defaults
 from gateway.core.settings import GatewaySettings
 from gateway.jobs.schemas import Estimate, SubmitOptions
 from gateway.store import IN_PROGRESS, IN_QUEUE, Job, JobStore
-from lipsync.contract import BY_NAME
 from lipsync.media import MediaSettings
 from lipsync.progress import STAGES, JobSize, StageRates
 
@@ -65,7 +64,7 @@ class Estimator:
         alike = [
             job
             for job in recent
-            if self._same_weights(job, options.version) and (job.params.get("mode") or BY_NAME["mode"].default) == mode
+            if self._same_weights(job, options.version) and (job.params.get("mode") or defaults["mode"]) == mode
         ]
         same_steps = [job for job in alike if (job.info or {})["steps"] == steps]
         basis_jobs = same_steps or alike
