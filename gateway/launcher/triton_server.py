@@ -227,8 +227,6 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
         config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
         config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
         config.parameters["gpu_memory_gib"].string_value = str(settings.gpu_memory_gib)
-        if settings.gpu_memory_gib:  # the compiled UNet's CUDA graphs do not fit a cap of this size yet
-            config.parameters["compile_unet"].string_value = "false"
     return dest
 
 
