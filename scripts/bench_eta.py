@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--version", choices=["1.5", "1.6", "tiny"], default="tiny",
                         help="weights of the started server (full-size random weights unless in --checkpoints)")
     parser.add_argument("--checkpoints", type=Path, help="weights root of the started server (default: a temporary folder)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="whether the started server compiles the UNet (default: the config's)")
     parser.add_argument("--workdir", type=Path, help="the started server's work folder (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
@@ -142,7 +144,7 @@ def main() -> None:
             ensure_weights(args.version, checkpoints)
             settings = TritonSettings.load(
                 device=args.device, weights=args.version, checkpoints=str(checkpoints),
-                workdir=args.workdir or Path(root, "serve"),
+                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile,
                 http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             )
             with TritonServer(settings) as server:

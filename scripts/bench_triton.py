@@ -286,6 +286,8 @@ def main() -> None:
     parser.add_argument("--job-processes", type=lambda text: text if text == "auto" else int(text), default="auto",
                         help="the server's job processes (0: one process per GPU does everything)")
     parser.add_argument("--gpu-memory-gib", type=float, help="the generation process's GPU memory cap (default: the config's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="whether the server compiles the UNet (default: the config's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
@@ -301,7 +303,7 @@ def main() -> None:
     ensure_weights(args.version, args.checkpoints)
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
-        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib,
+        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, compile_unet=args.compile,
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
     video = args.video.read_bytes()
@@ -309,7 +311,7 @@ def main() -> None:
     report: dict = {
         "version": args.version, "dtype": args.dtype, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv), "job_processes": settings.resolved_job_processes(),
-        "gpu_memory_gib": settings.gpu_memory_gib, "levels": [],
+        "gpu_memory_gib": settings.gpu_memory_gib, "compile_unet": settings.compile_unet, "levels": [],
     }
     rates = {"unet_window_step_tflop": round(unet_window_step_flops(weight_paths(args.version, args.checkpoints).unet_config) / 1e12, 3)}
     if args.device == "gpu":  # in a child process: this one must hold no CUDA context beside the server's
