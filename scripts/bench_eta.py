@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from bench_triton import SAMPLE_RATE, ensure_weights, wait_until_compiled, wav_bytes
+from bench_triton import SAMPLE_RATE, ensure_weights, stop_servers_on_sigterm, wait_until_compiled, wav_bytes
 
 from gateway.backends.triton_client import JobRequest, stream_job
 from gateway.launcher.ports import free_port
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     args = parser.parse_args()
+    stop_servers_on_sigterm()
 
     waveform = load_audio(args.audio, SAMPLE_RATE)
     speeches = [np.tile(waveform, -(-round(s * SAMPLE_RATE) // waveform.size))[: round(s * SAMPLE_RATE)] for s in args.seconds]

@@ -32,6 +32,7 @@ import argparse
 import io
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -268,6 +269,12 @@ def cache_files(settings: TritonSettings) -> int:
     return sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
 
 
+def stop_servers_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a job runner) into ``SystemExit``, so the ``TritonServer`` blocks stop their
+    server (it runs in its own session and would outlive this process)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def ensure_weights(version: str, checkpoints: Path) -> None:
     """Write full-size random weights of ``version`` in the official formats to ``checkpoints`` unless present."""
     if version != "tiny" and missing(weight_paths(version, checkpoints)):
@@ -299,6 +306,7 @@ def main() -> None:
                         help="time one job on the uncompiled UNet first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    stop_servers_on_sigterm()
 
     ensure_weights(args.version, args.checkpoints)
     settings = TritonSettings.load(
