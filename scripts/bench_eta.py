@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from bench_triton import SAMPLE_RATE, ensure_weights, stop_servers_on_sigterm, wait_until_compiled, wav_bytes
 
-from gateway.backends.triton_client import JobRequest, stream_job
+from gateway.backends.triton_client import JobRequest, TritonJobError, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -130,12 +130,17 @@ def main() -> None:
             args.markdown.write_text(markdown(report), encoding="utf-8")
 
     def run_all(url: str) -> None:
-        for seconds, speech in zip(args.seconds, speeches):
+        for seconds, speech in zip(args.seconds, speeches, strict=True):
             job = run_one(url, video, speech, args.steps) | {"speech_s": seconds}
             report["jobs"].append(job)
             save()
             print(f"job of {seconds} s: {job['actual_s']} s, worst error from 10 % progress "
                   f"{job['worst_error_from_10pct_progress']}", file=sys.stderr)
+        try:  # what the jobs ran on, asked after them (a failed answer is recorded, not fatal)
+            report["served"] = served_info(url)
+        except TritonJobError as exc:
+            report["served"] = {"error": str(exc)}
+        save()
 
     if args.url:
         run_all(args.url)
@@ -149,7 +154,7 @@ def main() -> None:
                 http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             )
             with TritonServer(settings) as server:
-                if args.device == "gpu":
+                if args.device == "gpu" and args.compile is not False:
                     report["waited_for_compiled_unet_s"] = wait_until_compiled(server)
                 run_all(settings.grpc_url)
     print(markdown(report))
