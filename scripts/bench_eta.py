@@ -20,7 +20,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +115,7 @@ def main() -> None:
     speeches = [np.tile(waveform, -(-round(s * SAMPLE_RATE) // waveform.size))[: round(s * SAMPLE_RATE)] for s in args.seconds]
     video = args.video.read_bytes()
     report: dict = {
-        "command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": "as served at --url" if args.url else f"{args.device.upper()} ({platform.processor() or platform.machine()})",
         "weights": None if args.url else args.version,
         "fresh_server": args.url is None, "jobs": [],
