@@ -179,7 +179,7 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int, rates
         "stage_seconds_first_job": results[0].info["seconds"],
     }
     if rates is not None:  # exact mode: every step is a full UNet pass
-        flops = concurrency * frames / 16 * job.steps * rates["unet_window_step_tflop"]
+        flops = concurrency * frames / 16 * job.inference_steps * rates["unet_window_step_tflop"]
         level["unet_tflops_achieved"] = round(flops / wall, 1)
         if rates.get("gemm_tflops"):
             level["unet_fraction_of_gemm"] = round(flops / wall / rates["gemm_tflops"], 3)
