@@ -51,11 +51,19 @@ def run_one(url: str, video: bytes, speech: np.ndarray, steps: int) -> dict:
 
 def summarise(reports: list[list], actual: float) -> dict:
     """The largest relative error of the predicted end from ``FROM`` of the job's progress on and from
-    ``FROM`` of its time on, and when the first ETA came."""
+    ``FROM`` of its time on (signed: + predicted too late; and the stage and progress where it was),
+    and when the first ETA came."""
+
+    def error(row: list) -> float:
+        at, _, _, eta = row
+        return (at + eta - actual) / actual
+
+    def worst_row(rows: list[list]) -> list | None:
+        return max((row for row in rows if row[3] is not None), key=lambda row: abs(error(row)), default=None)
 
     def worst(rows: list[list]) -> float | None:
-        errors = [abs(at + eta - actual) / actual for at, _, _, eta in rows if eta is not None]
-        return round(max(errors), 3) if errors else None
+        row = worst_row(rows)
+        return None if row is None else round(abs(error(row)), 3)
 
     def unknown(rows: list[list]) -> int:
         return sum(eta is None for *_, eta in rows)
@@ -63,9 +71,13 @@ def summarise(reports: list[list], actual: float) -> dict:
     by_progress = [row for row in reports if row[1] >= FROM]
     by_time = [row for row in reports if row[0] >= FROM * actual]
     first = next((row for row in reports if row[3] is not None), None)
+    at_worst = worst_row(by_progress)
     return {
         "actual_s": round(actual, 2),
         "worst_error_from_10pct_progress": worst(by_progress),
+        "worst_from_10pct_progress_at": None
+        if at_worst is None
+        else {"progress": at_worst[1], "stage": at_worst[2], "signed_error": round(error(at_worst), 3)},
         "worst_error_from_10pct_time": worst(by_time),
         "reports_without_eta_from_10pct_progress": unknown(by_progress),
         "first_eta_at_progress": None if first is None else first[1],
@@ -74,18 +86,21 @@ def summarise(reports: list[list], actual: float) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| job | speech s | frames | steps | actual s | worst error from 10 % progress | from 10 % time | first ETA at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| job | speech s | frames | steps | actual s | worst error from 10 % progress | where (stage, progress) "
+        "| from 10 % time | first ETA at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, job in enumerate(report["jobs"]):
         label = f"{index + 1}{' (cold)' if index == 0 and report['fresh_server'] else ''}"
 
-        def pct(value: float | None) -> str:
-            return "—" if value is None else f"{100 * value:.0f} %"
+        def pct(value: float | None, sign: str = "") -> str:
+            return "—" if value is None else f"{100 * value:{sign}.0f} %"
 
+        at = job["worst_from_10pct_progress_at"]
+        where = "—" if at is None else f"{pct(at['signed_error'], '+')} in {at['stage']}, at {pct(at['progress'])}"
         lines.append(
             f"| {label} | {job['speech_s']} | {job['frames']} | {job['steps']} | {job['actual_s']:.0f} | "
-            f"{pct(job['worst_error_from_10pct_progress'])} | {pct(job['worst_error_from_10pct_time'])} | "
+            f"{pct(job['worst_error_from_10pct_progress'])} | {where} | {pct(job['worst_error_from_10pct_time'])} | "
             f"{pct(job['first_eta_at_progress'])} |"
         )
     return "\n".join(lines) + "\n"
