@@ -9,6 +9,9 @@ started server has no learned stage rates yet (``lipsync.progress.EtaEstimate``)
 apart from the others.
 
     python scripts/bench_eta.py --seconds 3 6 4 6 --steps 10 --json docs/bench/eta-cpu.json --markdown eta.md
+
+``--replay`` starts no server: it feeds a recorded report's progress responses to the estimator as
+it is now (:func:`replay`), to tell how a change to it does on the very same run, drift included.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from gateway.backends.triton_client import JobRequest, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
+from lipsync.progress import EtaEstimate, EtaSettings, JobSize, StageRates
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -84,6 +88,48 @@ def summarise(reports: list[list], actual: float) -> dict:
     }
 
 
+class _RecordedClock:
+    """The recorded time of the progress response being replayed."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replay(recorded: dict, source: Path) -> dict:
+    """``recorded`` with every progress response's ETA recomputed by ``lipsync.progress`` as it is now.
+
+    The estimator reads the recorded times as its clock (the client's receive times standing in for
+    the server's), gets each job's size after the job's first response (the server plans once the
+    audio is read) and learns each job's stage times when its result came, in order, from no learned
+    rates, as a freshly started server with the ``eta`` settings of ``configs/pipeline.yaml`` would.
+    """
+    settings = EtaSettings.load()
+    rates = StageRates(settings.history_jobs, settings.fixed_share)
+    clock = _RecordedClock()
+    jobs = []
+    for job in recorded["jobs"]:
+        clock.now = 0.0
+        eta = EtaEstimate(rates, clock)
+        reports = []
+        for index, (at, fraction, stage, _) in enumerate(job["reports"]):
+            clock.now = at
+            seconds = eta(fraction, stage)
+            reports.append([at, fraction, stage, None if seconds is None else round(seconds, 2)])
+            if index == 0:
+                eta.plan(JobSize(job["frames"], job["steps"]))
+        clock.now = job["actual_s"]
+        eta.finish()
+        jobs.append(job | summarise(reports, job["actual_s"]) | {"reports": reports})
+    return recorded | {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "replayed": {"path": str(source), "command": recorded["command"], "date": recorded["date"]},
+        "jobs": jobs,
+    }
+
+
 def markdown(report: dict) -> str:
     lines = [
         "| job | speech s | frames | steps | actual s | worst error from 10 % progress | where (stage, progress) "
@@ -115,13 +161,14 @@ def main() -> None:
     parser.add_argument("--url", help="gRPC host:port of a running server (default: start one on CPU with tiny weights)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--replay", type=Path, help="a report --json wrote: recompute its ETAs instead of running jobs")
     args = parser.parse_args()
 
     waveform = load_audio(args.audio, SAMPLE_RATE)
     speeches = [np.tile(waveform, -(-round(s * SAMPLE_RATE) // waveform.size))[: round(s * SAMPLE_RATE)] for s in args.seconds]
     video = args.video.read_bytes()
     report: dict = {
-        "command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}), tiny demo weights" if not args.url else "as served at --url",
         "fresh_server": args.url is None, "jobs": [],
     }
@@ -134,8 +181,14 @@ def main() -> None:
         if args.markdown:
             args.markdown.write_text(markdown(report), encoding="utf-8")
 
+    if args.replay:
+        report = replay(json.loads(args.replay.read_text(encoding="utf-8")), args.replay)
+        save()
+        print(markdown(report))
+        return
+
     def run_all(url: str) -> None:
-        for seconds, speech in zip(args.seconds, speeches):
+        for seconds, speech in zip(args.seconds, speeches, strict=True):
             job = run_one(url, video, speech, args.steps) | {"speech_s": seconds}
             report["jobs"].append(job)
             save()
