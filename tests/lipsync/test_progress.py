@@ -191,11 +191,13 @@ def test_only_a_job_that_succeeded_teaches_the_rates() -> None:
     clock = Clock()
     rates = StageRates(8, IN_PROPORTION)
     size = JobSize(frames=100, steps=20)
-    with pytest.raises(RuntimeError):
-        with ProgressReporter(lambda report: None, 60, EtaEstimate(rates, clock=clock)) as progress:
-            progress.plan(size)
-            progress(0.0, "audio")
-            raise RuntimeError("the job failed")
+    with (
+        pytest.raises(RuntimeError),
+        ProgressReporter(lambda report: None, 60, EtaEstimate(rates, clock=clock)) as progress,
+    ):
+        progress.plan(size)
+        progress(0.0, "audio")
+        raise RuntimeError("the job failed")
     assert rates.seconds("audio", size) is None
     with ProgressReporter(lambda report: None, 60, EtaEstimate(rates, clock=clock)) as progress:
         progress.plan(size)
