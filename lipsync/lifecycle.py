@@ -202,10 +202,11 @@ def _generate_dummy(
     ``max_windows``), with guidance, with enough DDIM steps to reach every UNet pass of ``mode`` (fast:
     one caching and one shallow step)."""
     settings = SamplingSettings.from_config(pipeline.config, mode, windows_per_call=pipeline.windows_per_call)
-    counts = sorted(counts or {1, settings.windows_per_call, max_windows or settings.windows_per_call})
+    # Largest first: a graph captured later reuses the blocks the larger capture freed (``GraphedUNet``).
+    counts = sorted(counts or {1, settings.windows_per_call, max_windows or settings.windows_per_call}, reverse=True)
     audio = pipeline.audio
     sample_rate, fps = audio.settings.sample_rate, audio.settings.video_fps
-    features = audio(np.zeros(sample_rate * (settings.num_frames * counts[-1] // fps + 2), np.float32)).cpu()
+    features = audio(np.zeros(sample_rate * (settings.num_frames * counts[0] // fps + 2), np.float32)).cpu()
     random = torch.Generator().manual_seed(settings.seed)
     noise = initial_noise(random, pipeline.resolution // 8)
     for windows in counts:

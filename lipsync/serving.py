@@ -1,6 +1,6 @@
 """The parts of the Triton models (``lipsync``, ``lipsync_generate``) that need no Triton: their ``config.pbtxt``
-parameters, their metrics and their cancel checks (each ``model_repository/*/1/model.py`` wires them to
-``pb_utils``).
+parameters, their metrics, their cancel checks and how a CPU instance keeps off the GPUs (each
+``model_repository/*/1/model.py`` wires them to ``pb_utils``).
 
 They are here, importable, so unit tests exercise them with stand-ins for the Python backend's objects;
 the two rules they enforce (one lock around every metric update, a cancel check closed before a job's
@@ -9,6 +9,7 @@ last response) each fixed a crash of the server.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +29,20 @@ from pydantic import (
 from lipsync.config import ConfigError
 from lipsync.errors import ErrorKind
 from lipsync.gpu_stats import GPU_GAUGES
+
+GPU_HIDING_ENVIRONMENT = {"CUDA_VISIBLE_DEVICES": "", "__EGL_VENDOR_LIBRARY_FILENAMES": os.devnull}
+"""What :func:`keep_off_gpus` sets: no CUDA device, and no EGL vendor library (libglvnd then finds no driver)."""
+
+
+def keep_off_gpus() -> None:
+    """Hide every GPU from this process, for a CPU instance on a GPU server (the jobs' frame work).
+
+    MediaPipe detects on the CPU, yet where it finds an EGL driver it opens a GL context on the GPU, which
+    holds GPU memory in every such process beside the generation model's budget; without one it runs
+    exactly as on a host without a GPU. Call it before anything in the process opens a GPU or a detector
+    (both read these variables when they first start).
+    """
+    os.environ.update(GPU_HIDING_ENVIRONMENT)
 
 
 def _flag(value: Any) -> Any:

@@ -1,7 +1,8 @@
 """How well the streamed ETA predicts a job's end: predicted vs actual end over each of a series of jobs.
 
-Starts ``tritonserver`` through the launcher (CPU, tiny demo weights by default; or uses ``--url``, a
-running server's gRPC address), then runs one job after another, the speech cut to each of
+Starts ``tritonserver`` through the launcher (CPU, tiny demo weights by default; ``--device gpu`` with
+full-size random weights of ``--version``, timed once the UNet is compiled; or uses ``--url``, a running
+server's gRPC address), then runs one job after another, the speech cut to each of
 ``--seconds`` in turn, so the jobs differ in size. For every progress response it records the time
 since the job was sent, the progress, the stage and the ETA; the predicted end is that time plus the
 ETA, and its error is relative to when the result actually arrived. The first job of a freshly
@@ -26,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from bench_triton import SAMPLE_RATE, wav_bytes
+from bench_triton import SAMPLE_RATE, ensure_weights, stop_servers_on_sigterm, wait_until_compiled, wav_bytes
 
-from gateway.backends.triton_client import JobRequest, stream_job
+from gateway.backends.triton_client import JobRequest, TritonJobError, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -158,18 +159,27 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, default=FIXTURES / "demo1_audio.wav", help="speech, cut to each --seconds")
     parser.add_argument("--seconds", type=float, nargs="+", default=[3, 6, 4, 6], help="speech length of each job, in order")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every job")
-    parser.add_argument("--url", help="gRPC host:port of a running server (default: start one on CPU with tiny weights)")
+    parser.add_argument("--url", help="gRPC host:port of a running server (default: start one)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the started server runs")
+    parser.add_argument("--version", choices=["1.5", "1.6", "tiny"], default="tiny",
+                        help="weights of the started server (full-size random weights unless in --checkpoints)")
+    parser.add_argument("--checkpoints", type=Path, help="weights root of the started server (default: a temporary folder)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="whether the started server compiles the UNet (default: the config's)")
+    parser.add_argument("--workdir", type=Path, help="the started server's work folder (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--replay", type=Path, help="a report --json wrote: recompute its ETAs instead of running jobs")
     args = parser.parse_args()
+    stop_servers_on_sigterm()
 
     waveform = load_audio(args.audio, SAMPLE_RATE)
     speeches = [np.tile(waveform, -(-round(s * SAMPLE_RATE) // waveform.size))[: round(s * SAMPLE_RATE)] for s in args.seconds]
     video = args.video.read_bytes()
     report: dict = {
         "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}), tiny demo weights" if not args.url else "as served at --url",
+        "device": "as served at --url" if args.url else f"{args.device.upper()} ({platform.processor() or platform.machine()})",
+        "weights": None if args.url else args.version,
         "fresh_server": args.url is None, "jobs": [],
     }
 
@@ -194,16 +204,26 @@ def main() -> None:
             save()
             print(f"job of {seconds} s: {job['actual_s']} s, worst error from 10 % progress "
                   f"{job['worst_error_from_10pct_progress']}", file=sys.stderr)
+        try:  # what the jobs ran on, asked after them (a failed answer is recorded, not fatal)
+            report["served"] = served_info(url)
+        except TritonJobError as exc:
+            report["served"] = {"error": str(exc)}
+        save()
 
     if args.url:
         run_all(args.url)
     else:
         with tempfile.TemporaryDirectory(prefix="lipsync-bench-eta-") as root:
+            checkpoints = args.checkpoints or Path(root, "checkpoints")
+            ensure_weights(args.version, checkpoints)
             settings = TritonSettings.load(
-                device="cpu", weights="tiny", checkpoints=str(Path(root, "checkpoints")), workdir=Path(root, "serve"),
+                device=args.device, weights=args.version, checkpoints=str(checkpoints),
+                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile,
                 http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             )
-            with TritonServer(settings):
+            with TritonServer(settings) as server:
+                if args.device == "gpu" and args.compile is not False:
+                    report["waited_for_compiled_unet_s"] = wait_until_compiled(server)
                 run_all(settings.grpc_url)
     print(markdown(report))
 

@@ -32,18 +32,21 @@ import argparse
 import io
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 import wave
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import numpy as np
 
-from gateway.backends.triton_client import JobRequest, stream_job, served_info
+from gateway.backends.triton_client import JobRequest, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
@@ -57,9 +60,31 @@ def scrape(url: str, *names: str) -> dict[str, float]:
     return {name: sample_sum(text, name) for name in names}
 
 
-def sample_gpu(jobs: list, interval_s: float = 0.25) -> list[tuple[float, int]]:
-    """(busy fraction, bytes used by all processes) of GPU 0 from NVML, every ``interval_s`` until all
-    ``jobs`` are done; none without NVML (a CPU run). NVML needs no CUDA context in this process."""
+@dataclass(frozen=True)
+class GpuSample:
+    busy: float
+    """GPU 0's busy fraction (NVML)."""
+    used: int
+    """Bytes in use on GPU 0, all processes."""
+    processes: dict[str, int]
+    """Bytes each process holds on GPU 0 (CUDA and graphics contexts), by :func:`process_label`."""
+
+
+def process_label(pid: int) -> str:
+    """A Python backend stub's model instance name (its argv holds it), else the program's name, else the pid
+    (NVML may report pids of another pid namespace)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    if "triton_python_backend_stub" in argv[0]:
+        return next((arg for arg in argv if arg.startswith("lipsync")), f"stub {pid}")
+    return f"{Path(argv[0]).name} {pid}"
+
+
+def sample_gpu(jobs: list, interval_s: float = 0.25) -> list[GpuSample]:
+    """GPU 0 from NVML every ``interval_s`` until all ``jobs`` are done; none without NVML (a CPU run). NVML needs
+    no CUDA context in this process."""
     try:
         import pynvml
 
@@ -69,13 +94,37 @@ def sample_gpu(jobs: list, interval_s: float = 0.25) -> list[tuple[float, int]]:
         return []
     samples = []
     while not all(job.done() for job in jobs):
-        samples.append((pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100, pynvml.nvmlDeviceGetMemoryInfo(handle).used))
+        running = [
+            *pynvml.nvmlDeviceGetComputeRunningProcesses(handle),
+            *pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
+        ]
+        processes: dict[str, int] = {}
+        for process in running:
+            label = process_label(process.pid)
+            processes[label] = processes.get(label, 0) + (process.usedGpuMemory or 0)
+        samples.append(GpuSample(
+            pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100, pynvml.nvmlDeviceGetMemoryInfo(handle).used, processes,
+        ))
         time.sleep(interval_s)
     return samples
 
 
+def memory_peaks(samples: list[GpuSample]) -> dict:
+    """The peak of the whole GPU's memory and each process's own peak, in GiB (none without samples)."""
+    if not samples:
+        return {"gpu_memory_used_peak_gib": None}
+    peaks: dict[str, int] = {}
+    for sample in samples:
+        for label, used in sample.processes.items():
+            peaks[label] = max(peaks.get(label, 0), used)
+    return {
+        "gpu_memory_used_peak_gib": round(max(sample.used for sample in samples) / 2**30, 2),
+        "gpu_memory_peak_gib_per_process": {label: round(used / 2**30, 2) for label, used in sorted(peaks.items())},
+    }
+
+
 class Peak:
-    """NVML's peak of GPU 0's memory over a phase (the stress run), sampled on a thread."""
+    """NVML's memory peaks over a phase (the stress run), sampled on a thread."""
 
     def __init__(self) -> None:
         self._ended = threading.Event()
@@ -93,9 +142,8 @@ class Peak:
         self._ended.set()
         self._pool.shutdown()
 
-    def gib(self) -> float | None:
-        samples = self._samples.result()
-        return round(max(used for _, used in samples) / 2**30, 2) if samples else None
+    def peaks(self) -> dict:
+        return memory_peaks(self._samples.result())
 
 
 BATCH_SAMPLES = (
@@ -126,8 +174,8 @@ def run_level(settings: TritonSettings, job: JobRequest, concurrency: int, rates
         "mean_windows_per_loop": round(delta["lipsync_unet_batch_windows_sum"] / calls, 2) if calls else 0,
         "mean_jobs_per_loop": round(delta["lipsync_unet_batch_jobs_sum"] / calls, 2) if calls else 0,
         "seconds_per_video_second": round(wall / (frames / 25), 3),
-        "gpu_utilization_mean": round(sum(busy for busy, _ in samples) / len(samples), 3) if samples else None,
-        "gpu_memory_used_peak_gib": round(max(used for _, used in samples) / 2**30, 2) if samples else None,
+        "gpu_utilization_mean": round(sum(sample.busy for sample in samples) / len(samples), 3) if samples else None,
+        **memory_peaks(samples),
         "stage_seconds_first_job": results[0].info["seconds"],
     }
     if rates is not None:  # exact mode: every step is a full UNet pass
@@ -156,8 +204,11 @@ def wav_bytes(waveform: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, rounds: int) -> dict:
-    """``rounds`` rounds of ``jobs`` concurrent jobs, each with its own length, step count and mode."""
+def stress(
+    settings: TritonSettings, video: bytes, audio: Path, jobs: int, rounds: int, on_round: Callable[[dict], None]
+) -> dict:
+    """``rounds`` rounds of ``jobs`` concurrent jobs, each with its own length, step count and mode; ``on_round``
+    gets the summary so far after every round (a run cut short keeps its finished rounds)."""
     waveform = load_audio(audio, SAMPLE_RATE)
     cuts = [wav_bytes(waveform[: int(seconds * SAMPLE_RATE)]) for seconds in STRESS_SECONDS]
     mixes = itertools.cycle(itertools.product(range(len(cuts)), STRESS_OPTIONS))
@@ -177,10 +228,14 @@ def stress(settings: TritonSettings, video: bytes, audio: Path, jobs: int, round
                 except Exception as exc:  # counted and reported; the stress run goes on
                     outcome = {"status": "Failed", "error": str(exc)[:300]}
                 outcomes.append({"round": round_index, "seconds": STRESS_SECONDS[cut], "steps": steps, "mode": mode} | outcome)
-    succeeded = sum(outcome["status"] == "Succeed" for outcome in outcomes)
+        on_round(summary(outcomes, time.perf_counter() - started))
+    return summary(outcomes, time.perf_counter() - started)
+
+
+def summary(outcomes: list[dict], wall_s: float) -> dict:
     return {
-        "jobs": len(outcomes), "succeeded": succeeded, "wall_s": round(time.perf_counter() - started, 1),
-        "failures": [outcome for outcome in outcomes if outcome["status"] != "Succeed"],
+        "jobs": len(outcomes), "succeeded": sum(outcome["status"] == "Succeed" for outcome in outcomes),
+        "wall_s": round(wall_s, 1), "failures": [outcome for outcome in outcomes if outcome["status"] != "Succeed"],
     }
 
 
@@ -214,6 +269,19 @@ def cache_files(settings: TritonSettings) -> int:
     return sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
 
 
+def stop_servers_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a job runner) into ``SystemExit``, so the ``TritonServer`` blocks stop their
+    server (it runs in its own session and would outlive this process)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def ensure_weights(version: str, checkpoints: Path) -> None:
+    """Write full-size random weights of ``version`` in the official formats to ``checkpoints`` unless present."""
+    if version != "tiny" and missing(weight_paths(version, checkpoints)):
+        print(f"writing full-size random {version} weights to {checkpoints}", file=sys.stderr)
+        write_random_weights(version, checkpoints)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", type=Path, required=True)
@@ -225,6 +293,8 @@ def main() -> None:
     parser.add_argument("--job-processes", type=lambda text: text if text == "auto" else int(text), default="auto",
                         help="the server's job processes (0: one process per GPU does everything)")
     parser.add_argument("--gpu-memory-gib", type=float, help="the generation process's GPU memory cap (default: the config's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="whether the server compiles the UNet (default: the config's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
@@ -236,13 +306,12 @@ def main() -> None:
                         help="time one job on the uncompiled UNet first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    stop_servers_on_sigterm()
 
-    if args.version != "tiny" and missing(weight_paths(args.version, args.checkpoints)):
-        print(f"writing full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
-        write_random_weights(args.version, args.checkpoints)
+    ensure_weights(args.version, args.checkpoints)
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
-        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib,
+        job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, compile_unet=args.compile,
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
     video = args.video.read_bytes()
@@ -250,7 +319,7 @@ def main() -> None:
     report: dict = {
         "version": args.version, "dtype": args.dtype, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv), "job_processes": settings.resolved_job_processes(),
-        "gpu_memory_gib": settings.gpu_memory_gib, "levels": [],
+        "gpu_memory_gib": settings.gpu_memory_gib, "compile_unet": settings.compile_unet, "levels": [],
     }
     rates = {"unet_window_step_tflop": round(unet_window_step_flops(weight_paths(args.version, args.checkpoints).unet_config) / 1e12, 3)}
     if args.device == "gpu":  # in a child process: this one must hold no CUDA context beside the server's
@@ -277,16 +346,22 @@ def main() -> None:
             save()
 
         def run_stress() -> None:
+            def so_far(summary: dict) -> None:
+                report["stress"] = summary
+                save()
+
             with Peak() as peak:
-                report["stress"] = stress(settings, video, args.audio, *args.stress)
-            report["stress"]["gpu_memory_used_peak_gib"] = peak.gib()
-            report["stress"]["compiled_before_it_ended"] = compiled(server)
+                report["stress"] = stress(settings, video, args.audio, *args.stress, on_round=so_far)
+            report["stress"] |= peak.peaks()
+            if args.compile is not False:
+                report["stress"]["compiled_before_it_ended"] = compiled(server)
             save()
 
         if args.stress and args.stress_when == "compiling":
             run_stress()
-        wait_until_compiled(server)
-        report["compiled_serving_s"] = round(time.perf_counter() - started, 1)
+        if args.compile is not False:  # nothing to wait for without a compilation
+            wait_until_compiled(server)
+            report["compiled_serving_s"] = round(time.perf_counter() - started, 1)
         save()
         for concurrency in args.concurrency:
             report["levels"].append(run_level(settings, job, concurrency, rates))

@@ -106,6 +106,9 @@ class TritonSettings:
     weights: str = "auto"
     checkpoints: str = ""
     dtype: str = "auto"
+    compile_unet: bool | None = None
+    """Run the UNet through ``torch.compile`` (``True``) or not (``False``); ``None`` = ``configs/pipeline.yaml``'s
+    ``compile_unet`` (auto: on GPUs)."""
     compile_before_ready: bool = False
     """Compile the UNet before the ``lipsync`` model reports ready, instead of on a thread while it serves."""
     workdir: Annotated[Path, AfterValidator(home_path)] = Path(".serve")
@@ -215,7 +218,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
                 config.parameters["devices"].string_value = ",".join(map(str, settings.gpus)) or "all"
             config.parameters["dtype"].string_value = settings.dtype
             config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
-            config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
+            _compilation(config, settings)
         _weights(config, settings)
     if not processes:
         shutil.rmtree(dest / GENERATION_MODEL)
@@ -225,11 +228,16 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
         _weights(config, settings)
         config.parameters["dtype"].string_value = settings.resolved_dtype()
         config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
-        config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
+        _compilation(config, settings)
         config.parameters["gpu_memory_gib"].string_value = str(settings.gpu_memory_gib)
-        if settings.gpu_memory_gib:  # the compiled UNet's CUDA graphs do not fit a cap of this size yet
-            config.parameters["compile_unet"].string_value = "false"
     return dest
+
+
+def _compilation(config: model_config_pb2.ModelConfig, settings: TritonSettings) -> None:
+    """Whether and when a GPU instance compiles its UNet (``""``: the pipeline config decides)."""
+    config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
+    if settings.compile_unet is not None:
+        config.parameters["compile_unet"].string_value = str(settings.compile_unet).lower()
 
 
 @contextmanager

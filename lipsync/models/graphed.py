@@ -11,7 +11,11 @@ Each distinct input signature (method, shapes, dtypes) gets its own graph, captu
 (``lipsync.lifecycle.warm_up`` captures the common ones before a server reports ready) and replayed
 afterwards; inputs are copied into the graph's static tensors and outputs copied out. All graphs
 draw from one memory pool, which is safe because replays never overlap (a lock serialises them) and
-every output is copied before the next replay.
+every output is copied before the next replay. They are also captured on one stream: the caching
+allocator hands a freed block only to a request on the stream it was freed on, so only then does a
+capture reuse the activations the earlier captures freed, and the pool grows to about the largest
+shape's activations rather than their sum (:func:`lipsync.lifecycle.warm_up` captures the largest
+shape first, so the smaller ones fit inside its blocks).
 
 A capture holds :data:`~lipsync.gpu_guard.GPU_GUARD` exclusively, so no other thread's GPU work
 (another job's VAE, a stage timer's device sync) can invalidate it; replays and the eager warm-up
@@ -42,10 +46,11 @@ TensorFunction = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 class _CapturedCall:
     """One captured graph: its static inputs and outputs."""
 
-    def __init__(self, function: TensorFunction, inputs: tuple[torch.Tensor, ...], pool: _POOL_HANDLE) -> None:
+    def __init__(
+        self, function: TensorFunction, inputs: tuple[torch.Tensor, ...], pool: _POOL_HANDLE, side: torch.cuda.Stream
+    ) -> None:
         with GPU_GUARD.shared():
             self.inputs = tuple(tensor.clone() for tensor in inputs)
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(_WARMUP_CALLS):
@@ -90,6 +95,8 @@ class GraphedUNet:
         self._too_large: set[tuple] = set()
         """Shapes whose capture ran out of memory (a ``gpu_memory_gib`` cap): they run eagerly."""
         self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(unet.device)
+        """Every capture's stream (see the module docstring: blocks are reused on their own stream only)."""
         self._lock = threading.Lock()
         self.capturing = True
         self.pool_budget: int | None = None
@@ -143,10 +150,10 @@ class GraphedUNet:
         """Capture one shape, counting what it adds to reserved memory (the pool's growth; the warm-up calls'
         cached blocks are returned first, so they do not count)."""
         if self.pool_budget is None:
-            return _CapturedCall(function, inputs, self._pool)
+            return _CapturedCall(function, inputs, self._pool, self._stream)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
-        captured = _CapturedCall(function, inputs, self._pool)
+        captured = _CapturedCall(function, inputs, self._pool, self._stream)
         torch.cuda.empty_cache()
         self._pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
         return captured

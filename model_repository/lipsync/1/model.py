@@ -38,7 +38,15 @@ from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.progress import EtaEstimate, ProgressReport, ProgressReporter, StageRates
 from lipsync.remote import Arrays, RemoteGenerator
 from lipsync.server_weights import weights_for
-from lipsync.serving import OUTCOMES, InstanceStopping, JobMetrics, LipSyncParameters, RequestCancelCheck, text_tensor
+from lipsync.serving import (
+    OUTCOMES,
+    InstanceStopping,
+    JobMetrics,
+    LipSyncParameters,
+    RequestCancelCheck,
+    keep_off_gpus,
+    text_tensor,
+)
 from lipsync.weights import WeightPaths, load_weights_config
 
 
@@ -128,6 +136,8 @@ class TritonPythonModel:
         devices = _devices(params.devices, device) if on_gpu else [device]
         if on_gpu:
             torch.cuda.set_device(device)
+        else:
+            keep_off_gpus()
         if params.kernel_cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = params.kernel_cache_dir  # read by Inductor when it compiles
         self.version, paths = weights_for(params.weights, params.checkpoints or None)
