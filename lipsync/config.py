@@ -32,6 +32,8 @@ from lipsync.errors import LipSyncError
 
 CONFIG_DIR = Path(str(files("lipsync") / "configs"))
 """The package's ``configs/`` folder (in a checkout, a link to the repository's top-level ``configs/``)."""
+PIPELINE_CONFIG = CONFIG_DIR / "pipeline.yaml"
+"""How one job runs (``lipsync.pipeline.PipelineSettings``), its ETA's learning included."""
 
 _CHECKOUT = Path(str(files("lipsync"))).resolve().parent
 HOME = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()

@@ -44,7 +44,7 @@ from lipsync import analysis
 from lipsync.analysis import Choosing, FaceTrack, NoFaceError, probe, timed
 from lipsync.audio import AudioFeatureExtractor, load_audio, window_count
 from lipsync.batching import BatchingSettings, BatchObserver, WindowBatcher
-from lipsync.config import CONFIG_DIR, SCHEMA, load_config, load_settings
+from lipsync.config import PIPELINE_CONFIG, SCHEMA, load_config, load_settings
 from lipsync.contract import FaceChoice, check_against_video
 from lipsync.errors import BadInput
 from lipsync.faces import (
@@ -65,7 +65,7 @@ from lipsync.media.colour import yuv420p_pictures
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
-from lipsync.progress import STAGE_SPANS, JobSize
+from lipsync.progress import STAGE_SPANS, EtaSettings, JobSize
 from lipsync.remote import pixels_to_faces
 from lipsync.sampling import (
     CancelCheck,
@@ -99,8 +99,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], stage name)."""
 
-PIPELINE_CONFIG = CONFIG_DIR / "pipeline.yaml"
-
 
 @dataclass
 class LipSyncResult:
@@ -125,6 +123,8 @@ class LipSyncResult:
 class PipelineSettings:
     """CPU-side parallelism of one job and how the UNet runs; defaults in ``configs/pipeline.yaml``."""
 
+    eta: EtaSettings
+    """How a server's ETA learns its stage times (``lipsync.progress.StageRates``)."""
     detect_threads: PositiveInt = 4
     finish_threads: PositiveInt = 4
     analysis_chunk: PositiveInt = 16
@@ -136,8 +136,6 @@ class PipelineSettings:
     split_min_seconds: NonNegativeFloat = 60.0
     """On a pipeline with several devices, a job whose output is at least this long spreads its windows over all
     of them (unless it asks for a number of devices); shorter jobs run on the least busy device."""
-    eta_history_jobs: PositiveInt = 8
-    """Finished jobs a server's ETA learns its stage times from (``lipsync.progress.StageRates``)."""
     graph_memory_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Under a GPU memory cap: the share of what the cap leaves beside the loaded weights that CUDA graphs may
     take (:func:`lipsync.lifecycle.limit_graph_memory`); the rest is for the eager work (VAE, uncaptured calls)."""

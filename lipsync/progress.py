@@ -16,10 +16,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field, PositiveInt, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from lipsync.config import PIPELINE_CONFIG, SCHEMA, load_settings
 
 LAST_BEFORE_DONE = 0.99
 """The highest fraction streamed before the result."""
@@ -34,6 +40,30 @@ every DDIM step; ``encode`` is the last batch's paste-back and encoding, after t
 STAGES = tuple(STAGE_SPANS)
 PACED_STAGE = "generate"
 """The stage that dominates a job's time and whose progress moves evenly (one report per DDIM step)."""
+
+
+@pydantic_dataclass(frozen=True, config=SCHEMA)
+class EtaSettings:
+    """How a server's ETA learns its stage times: the ``eta`` section of ``configs/pipeline.yaml``."""
+
+    history_jobs: PositiveInt
+    """Finished jobs the stage times are fitted over (the newest)."""
+    fixed_share: dict[str, Annotated[float, Field(ge=0, le=1)]]
+    """Per stage, the share of its time that does not grow with the job's size, assumed while every
+    finished job had the same size (one size cannot tell the two apart); 0: the stage has no fixed
+    cost, its time always scales in proportion (:class:`StageRates`)."""
+
+    @field_validator("fixed_share")
+    @classmethod
+    def _every_stage(cls, shares: dict[str, float]) -> dict[str, float]:
+        if set(shares) != set(STAGES):
+            raise ValueError(f"needs a share for each of {', '.join(STAGES)} and no other")
+        return shares
+
+    @classmethod
+    def load(cls, path: str | Path = PIPELINE_CONFIG) -> EtaSettings:
+        """The section alone, for a process that does not run the pipeline (the gateway's estimates)."""
+        return load_settings(cls, path, "pipeline config", "eta")
 
 
 @dataclass(frozen=True)
@@ -69,14 +99,18 @@ class StageRates:
     analysis overlaps generation, so its stage ends when generation reports). Per stage, the last
     ``history`` jobs' ``(units, seconds)`` are fitted with a fixed cost plus a cost per unit
     (:meth:`JobSize.units`) by least squares: loading Whisper, opening the encoder and the first
-    batch's start cost the same whatever the clip, the rest scales with it. Only the jobs of one size
-    seen: seconds in proportion to units. Keeping only the newest jobs lets the fit follow a server
-    whose speed changes (jobs sharing the UNet, a compiled UNet taking over). Shared by the jobs of
-    one server; thread-safe.
+    batch's start cost the same whatever the clip, the rest scales with it. While every job seen had
+    one size, the stage's configured ``fixed_share`` of their time is taken as fixed. A stage whose
+    share is 0 (generation: its stage starts after the first DDIM step, and everything after it is
+    per window) is always fitted in proportion, through the origin: with the few jobs of a history,
+    a server whose speed drifts between jobs would otherwise fit a fixed cost out of the drift.
+    Keeping only the newest jobs lets the fit follow a server whose speed changes (jobs sharing the
+    UNet, a compiled UNet taking over). Shared by the jobs of one server; thread-safe.
     """
 
-    def __init__(self, history: int) -> None:
+    def __init__(self, history: int, fixed_share: Mapping[str, float]) -> None:
         self._samples: dict[str, deque[tuple[int, float]]] = {stage: deque(maxlen=history) for stage in STAGES}
+        self.fixed_share = fixed_share
         self._lock = threading.Lock()
 
     def seconds(self, stage: str, size: JobSize) -> float | None:
@@ -88,15 +122,17 @@ class StageRates:
         units = np.array([max(1, done) for done, _ in samples], dtype=float)
         seconds = np.array([taken for _, taken in samples])
         wanted = size.units(stage)
+        share = self.fixed_share[stage]
+        in_proportion = float(seconds @ units / (units @ units) * wanted)
+        if share == 0:
+            return in_proportion
         if np.ptp(units) == 0:
-            return float(seconds.mean() / units[0] * wanted)
+            return float(seconds.mean() * (share + (1 - share) * wanted / units[0]))
         slope = float(np.cov(units, seconds, bias=True)[0, 1] / units.var())
         if slope <= 0:  # no growth with size seen: the typical time
             return float(seconds.mean())
         fixed = float(seconds.mean() - slope * units.mean())
-        if fixed < 0:  # through the origin instead
-            return float(seconds @ units / (units @ units) * wanted)
-        return fixed + slope * wanted
+        return in_proportion if fixed < 0 else fixed + slope * wanted
 
     def learn(self, durations: dict[str, float], size: JobSize) -> None:
         """Add one finished job's stage durations."""
@@ -110,10 +146,11 @@ class EtaEstimate:
 
     Seconds left = what remains of the current stage + the learned durations of the stages after it.
     In the paced stage (generation) the remainder blends the learned duration left with the job's
-    own pace since the stage began, trusting its own pace more as the stage proceeds (weight = the
-    square of the stage's fraction done: its first steps share the CPU with the analysis of the rest of
-    the video, so its early pace says little about the rest), so a server slowed by other work is seen
-    before the stage ends. Before
+    own pace since the stage began, each weighted by the share of the stage it speaks for: the own
+    pace by the stage's fraction done (what it was measured over), the learned one by the rest. A
+    server whose speed changed since the jobs it learned from (other work sharing it) is thus
+    followed within the stage, while a few early steps, which on the CPU may share it with the
+    analysis of the rest of the video, do not decide the estimate alone. Before
     :meth:`plan` or before any job finished a stage, that stage falls back to the job's own pace
     over the whole progress scale, except generation: a job that has not generated yet on a server
     that never finished a job gets ``None`` (no way to tell how fast the UNet runs here).
@@ -151,8 +188,7 @@ class EtaEstimate:
                 # to its last move; a repeated report only spends time on the step in progress.
                 pace = (moved_at - since) / (moved_to - done_then)
                 own = max(0.0, pace * (1 - moved_to) - (now - moved_at))
-                trust = done**2
-                left = own if left is None else trust * own + (1 - trust) * left
+                left = own if left is None else done * own + (1 - done) * left
         if left is None:
             left = self._from_overall_pace(stage, 1 - done, now, fraction)
         for later in STAGES[STAGES.index(stage) + 1 :]:

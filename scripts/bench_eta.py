@@ -10,6 +10,9 @@ started server has no learned stage rates yet (``lipsync.progress.EtaEstimate``)
 apart from the others.
 
     python scripts/bench_eta.py --seconds 3 6 4 6 --steps 10 --json docs/bench/eta-cpu.json --markdown eta.md
+
+``--replay`` starts no server: it feeds a recorded report's progress responses to the estimator as
+it is now (:func:`replay`), to tell how a change to it does on the very same run, drift included.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gateway.backends.triton_client import JobRequest, TritonJobError, served_in
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
+from lipsync.progress import EtaEstimate, EtaSettings, JobSize, StageRates
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -52,11 +56,19 @@ def run_one(url: str, video: bytes, speech: np.ndarray, steps: int) -> dict:
 
 def summarise(reports: list[list], actual: float) -> dict:
     """The largest relative error of the predicted end from ``FROM`` of the job's progress on and from
-    ``FROM`` of its time on, and when the first ETA came."""
+    ``FROM`` of its time on (signed: + predicted too late; and the stage and progress where it was),
+    and when the first ETA came."""
+
+    def error(row: list) -> float:
+        at, _, _, eta = row
+        return (at + eta - actual) / actual
+
+    def worst_row(rows: list[list]) -> list | None:
+        return max((row for row in rows if row[3] is not None), key=lambda row: abs(error(row)), default=None)
 
     def worst(rows: list[list]) -> float | None:
-        errors = [abs(at + eta - actual) / actual for at, _, _, eta in rows if eta is not None]
-        return round(max(errors), 3) if errors else None
+        row = worst_row(rows)
+        return None if row is None else round(abs(error(row)), 3)
 
     def unknown(rows: list[list]) -> int:
         return sum(eta is None for *_, eta in rows)
@@ -64,29 +76,78 @@ def summarise(reports: list[list], actual: float) -> dict:
     by_progress = [row for row in reports if row[1] >= FROM]
     by_time = [row for row in reports if row[0] >= FROM * actual]
     first = next((row for row in reports if row[3] is not None), None)
+    at_worst = worst_row(by_progress)
     return {
         "actual_s": round(actual, 2),
         "worst_error_from_10pct_progress": worst(by_progress),
+        "worst_from_10pct_progress_at": None
+        if at_worst is None
+        else {"progress": at_worst[1], "stage": at_worst[2], "signed_error": round(error(at_worst), 3)},
         "worst_error_from_10pct_time": worst(by_time),
         "reports_without_eta_from_10pct_progress": unknown(by_progress),
         "first_eta_at_progress": None if first is None else first[1],
     }
 
 
+class _RecordedClock:
+    """The recorded time of the progress response being replayed."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replay(recorded: dict, source: Path) -> dict:
+    """``recorded`` with every progress response's ETA recomputed by ``lipsync.progress`` as it is now.
+
+    The estimator reads the recorded times as its clock (the client's receive times standing in for
+    the server's), gets each job's size after the job's first response (the server plans once the
+    audio is read) and learns each job's stage times when its result came, in order, from no learned
+    rates, as a freshly started server with the ``eta`` settings of ``configs/pipeline.yaml`` would.
+    """
+    settings = EtaSettings.load()
+    rates = StageRates(settings.history_jobs, settings.fixed_share)
+    clock = _RecordedClock()
+    jobs = []
+    for job in recorded["jobs"]:
+        clock.now = 0.0
+        eta = EtaEstimate(rates, clock)
+        reports = []
+        for index, (at, fraction, stage, _) in enumerate(job["reports"]):
+            clock.now = at
+            seconds = eta(fraction, stage)
+            reports.append([at, fraction, stage, None if seconds is None else round(seconds, 2)])
+            if index == 0:
+                eta.plan(JobSize(job["frames"], job["steps"]))
+        clock.now = job["actual_s"]
+        eta.finish()
+        jobs.append(job | summarise(reports, job["actual_s"]) | {"reports": reports})
+    return recorded | {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "replayed": {"path": str(source), "command": recorded["command"], "date": recorded["date"]},
+        "jobs": jobs,
+    }
+
+
 def markdown(report: dict) -> str:
     lines = [
-        "| job | speech s | frames | steps | actual s | worst error from 10 % progress | from 10 % time | first ETA at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| job | speech s | frames | steps | actual s | worst error from 10 % progress | where (stage, progress) "
+        "| from 10 % time | first ETA at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, job in enumerate(report["jobs"]):
         label = f"{index + 1}{' (cold)' if index == 0 and report['fresh_server'] else ''}"
 
-        def pct(value: float | None) -> str:
-            return "—" if value is None else f"{100 * value:.0f} %"
+        def pct(value: float | None, sign: str = "") -> str:
+            return "—" if value is None else f"{100 * value:{sign}.0f} %"
 
+        at = job["worst_from_10pct_progress_at"]
+        where = "—" if at is None else f"{pct(at['signed_error'], '+')} in {at['stage']}, at {pct(at['progress'])}"
         lines.append(
             f"| {label} | {job['speech_s']} | {job['frames']} | {job['steps']} | {job['actual_s']:.0f} | "
-            f"{pct(job['worst_error_from_10pct_progress'])} | {pct(job['worst_error_from_10pct_time'])} | "
+            f"{pct(job['worst_error_from_10pct_progress'])} | {where} | {pct(job['worst_error_from_10pct_time'])} | "
             f"{pct(job['first_eta_at_progress'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -108,6 +169,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="the started server's work folder (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--replay", type=Path, help="a report --json wrote: recompute its ETAs instead of running jobs")
     args = parser.parse_args()
     stop_servers_on_sigterm()
 
@@ -128,6 +190,12 @@ def main() -> None:
             args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         if args.markdown:
             args.markdown.write_text(markdown(report), encoding="utf-8")
+
+    if args.replay:
+        report = replay(json.loads(args.replay.read_text(encoding="utf-8")), args.replay)
+        save()
+        print(markdown(report))
+        return
 
     def run_all(url: str) -> None:
         for seconds, speech in zip(args.seconds, speeches, strict=True):

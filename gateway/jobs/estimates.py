@@ -27,7 +27,7 @@ from gateway.core.settings import GatewaySettings
 from gateway.jobs.schemas import Estimate, SubmitOptions
 from gateway.store import IN_PROGRESS, IN_QUEUE, Job, JobStore
 from lipsync.media import MediaSettings
-from lipsync.progress import STAGES, JobSize, StageRates
+from lipsync.progress import STAGES, EtaSettings, JobSize, StageRates
 
 
 def output_frames(seconds: float, media: MediaSettings) -> int:
@@ -96,7 +96,7 @@ class Estimator:
 
     @staticmethod
     def _seconds(jobs: Sequence[Job], size: JobSize) -> float | None:
-        rates = StageRates(len(jobs))
+        rates = StageRates(len(jobs), EtaSettings.load().fixed_share)
         for job in reversed(jobs):  # oldest first, as a server learns them
             rates.learn((job.info or {})["stages"], _size(job))  # type: ignore[arg-type]
         stages = [rates.seconds(stage, size) for stage in STAGES]

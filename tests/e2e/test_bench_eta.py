@@ -33,3 +33,27 @@ def test_bench_eta_records_predicted_and_actual_end_per_job(triton: TritonServer
         assert [row[0] for row in job["reports"]] == sorted(row[0] for row in job["reports"])
     assert jobs[1]["worst_error_from_10pct_progress"] is not None  # the second job had a finished one to learn from
     assert table.read_text().count("\n") == 4
+
+
+def test_bench_eta_replays_a_recorded_run_through_the_estimator_as_it_is(tmp_path: Path) -> None:
+    def job() -> dict:
+        """A job of 10 frames: 1 s of audio, 1 s of analysis, two generation moves 1 s apart, 0.5 s encoding."""
+        reports = [[0.0, 0.0, "audio", None], [1.0, 0.05, "analyse", None], [2.0, 0.575, "generate", None],
+                   [3.0, 0.95, "generate", None], [3.5, 0.95, "encode", None]]
+        return {"frames": 10, "steps": 2, "speech_s": 0.4, "actual_s": 4.0, "reports": reports}
+
+    recorded = tmp_path / "eta.json"
+    recorded.write_text(json.dumps({"command": "python bench_eta.py", "date": "2026-12-06T00:00:00+00:00",
+                                    "device": "CPU", "fresh_server": True, "jobs": [job(), job()]}))
+    report = tmp_path / "replayed.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_eta.py"), "--replay", str(recorded),
+                    "--json", str(report)], check=True, cwd=REPO, timeout=300)
+    replayed = json.loads(report.read_text())
+    assert replayed["replayed"]["path"] == str(recorded)
+    first, second = ([row[3] for row in job["reports"]] for job in replayed["jobs"])
+    # the first job: nothing learned, an ETA once generation moved (its own pace: the stage is done; the
+    # encoding at the job's pace over the scale, 3 s for 0.95 of it)
+    assert first[:3] == [None, None, None] and first[3] == pytest.approx(3.0 / 0.95 * 0.05, abs=0.01)
+    # the second: sized after its first response, then the first job's stage times (1 + 1.5 + 0.5 s)
+    assert second[0] is None and second[1] == pytest.approx(3.0)
+    assert replayed["jobs"][1]["worst_error_from_10pct_progress"] is not None
