@@ -36,8 +36,11 @@ from lipsync.server_weights import weights_for
 from lipsync.serving import GenerateParameters, InstanceMetrics, InstanceStopping, text_tensor
 from lipsync.timing import StageTimer
 
-CUDA_CONTEXT_GIB = 0.75
-"""GPU memory of the process that torch does not allocate (CUDA context, kernels, cuBLAS/cuDNN handles)."""
+SERVER_OVERHEAD_GIB = 1.35
+"""GPU memory the server holds on a GPU beside this process's torch allocations, so that ``gpu_memory_gib``
+bounds the whole server there: this process's CUDA context, kernels and cuBLAS/cuDNN handles (0.73 GiB) and
+the ``tritonserver`` process's own context and CUDA memory pool (0.57 GiB), as NVML measured them per process
+on an H100 (``docs/benchmarks.md``). The ``lipsync`` job processes hold none (``keep_off_gpus``)."""
 
 MEMORY_WAIT_S = 120.0
 """How long a group over the memory cap waits for another group to end before its job fails."""
@@ -53,7 +56,7 @@ class TritonPythonModel:
         if on_gpu:
             torch.cuda.set_device(self.device)
             if params.gpu_memory_gib > 0:
-                cap = limit_gpu_memory(self.device, params.gpu_memory_gib, CUDA_CONTEXT_GIB)
+                cap = limit_gpu_memory(self.device, params.gpu_memory_gib, SERVER_OVERHEAD_GIB)
                 log(f"lipsync_generate: torch allocations on {self.device} capped at {cap / 2**30:.2f} GiB")
         if params.kernel_cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = params.kernel_cache_dir
