@@ -5,6 +5,8 @@ Triton in tests/e2e/test_triton.py and test_triton_split.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,8 @@ from lipsync.serving import (
     text_tensor,
 )
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+REPO = Path(__file__).resolve().parents[2]
+REPOSITORY = REPO / "model_repository"
 MODEL_CONFIG = REPOSITORY / "lipsync" / "config.pbtxt"
 
 
@@ -233,3 +236,21 @@ def test_a_text_output_is_one_utf8_element() -> None:
     for value in ("stage é", "stage é".encode()):
         name, array = text_tensor(StandInTensors, "STAGE", value)
         assert name == "STAGE" and array.dtype == object and list(array) == ["stage é".encode()]
+
+
+def test_a_process_kept_off_the_gpus_sees_no_cuda_device_and_still_finds_faces() -> None:
+    """The job processes' frame work runs as on a host without a GPU (MediaPipe without an EGL driver)."""
+    script = (
+        "import av, torch\n"
+        "from lipsync.serving import GPU_HIDING_ENVIRONMENT, keep_off_gpus\n"
+        "keep_off_gpus()\n"
+        "import os\n"
+        "assert all(os.environ[name] == value for name, value in GPU_HIDING_ENVIRONMENT.items())\n"
+        "from lipsync.faces import MediaPipeFaceDetector\n"
+        "with av.open('tests/fixtures/demo1_video.mp4') as clip:\n"
+        "    frame = next(clip.decode(video=0)).to_ndarray(format='rgb24')\n"
+        "print(torch.cuda.device_count(), MediaPipeFaceDetector().detect(frame) is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "True"]
