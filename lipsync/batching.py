@@ -102,6 +102,17 @@ class WindowBatcher:
         self._worker = threading.Thread(target=self._serve, name="window-batcher", daemon=True)
         self._worker.start()
 
+    @property
+    def max_windows(self) -> int:
+        """Windows per call now: ``settings.max_windows``, less after a call ran out of memory."""
+        return self._max_windows
+
+    def take_fewer_than(self, windows: int) -> None:
+        """A call of ``windows`` windows did not fit in GPU memory: from now on calls take at most the next
+        smaller batch size (at least one window). A single job's larger group still runs as one call."""
+        smaller = max([1, *(size for size in self.settings.batch_sizes if size < windows)])
+        self._max_windows = min(self._max_windows, smaller)
+
     def __call__(self, batch: WindowBatch, should_cancel: CancelCheck | None = None) -> torch.Tensor:
         waiting = _Waiting(batch, should_cancel)
         with self._changed:
@@ -199,8 +210,7 @@ class WindowBatcher:
             if len(live) == 1:
                 live[0].future.set_exception(exc)
                 return
-            size = self.settings.padded(len(owners))
-            self._max_windows = max([1, *(smaller for smaller in self.settings.batch_sizes if smaller < size)])
+            self.take_fewer_than(self.settings.padded(len(owners)))
             torch.cuda.empty_cache()
             half = len(live) // 2
             self._run(live[:half])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lipsync.batching import WindowBatcher
 from lipsync.generation import FaceGenerator, Replica, WindowGenerator
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
@@ -94,8 +95,9 @@ def warm_up(
     cuDNN picks its algorithms and the VAE gets its first calls, on the UNet the denoisers use now
     (seconds; the compiled one is :func:`compile_unet`'s). A server calls this before it reports
     ready. Other shapes (other window counts, the shorter last window, no guidance) are captured on
-    first use, safely beside running jobs (``GpuGuard``) and in well under a second. ``log`` gets
-    one line per shape with its seconds.
+    first use, safely beside running jobs (``GpuGuard``) and in well under a second. A shape that does
+    not fit in GPU memory (a ``gpu_memory_gib`` cap) makes the batchers take smaller calls from then on
+    instead of failing the start. ``log`` gets one line per shape with its seconds.
     """
     for replica in pipeline.local_replicas:
         _generate_dummy(pipeline, replica, mode, max_windows, log)
@@ -214,7 +216,24 @@ def _generate_dummy(
         count = settings.num_frames * windows
         short = replace(settings, steps=min(settings.steps, settings.cache_interval + 1), windows_per_call=windows)
         faces = torch.zeros(count, 3, pipeline.resolution, pipeline.resolution)
-        FaceGenerator([replica], short)(faces, audio.frame_windows(features, count), pipeline.mask, noise, random)
+        try:
+            FaceGenerator([replica], short)(faces, audio.frame_windows(features, count), pipeline.mask, noise, random)
+        except torch.OutOfMemoryError:  # over a GPU memory cap: serve with smaller calls rather than not at all
+            batchers = [
+                other.denoiser for other in pipeline.local_replicas if isinstance(other.denoiser, WindowBatcher)
+            ]
+            if windows == 1 or not batchers:
+                raise
+            for batcher in batchers:
+                batcher.take_fewer_than(windows)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if log is not None:
+                log(
+                    f"lipsync: {what} on {replica.device}, {mode}: {windows} window(s) per UNet call do not fit in "
+                    f"GPU memory; calls take at most {batchers[0].max_windows}"
+                )
+            continue
         if log is not None:
             log(
                 f"lipsync: {what} on {replica.device}, {mode}, {windows} window(s) per UNet call: "

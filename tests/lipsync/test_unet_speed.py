@@ -256,6 +256,40 @@ def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights
     assert len(lines) == 3
 
 
+class _MemoryCapped(_CallRecorder):
+    """A UNet behind a memory cap: a call of more than ``max_rows`` batch rows runs out of memory."""
+
+    def __init__(self, inner, max_rows: int) -> None:
+        super().__init__(inner)
+        self.max_rows = max_rows
+
+    def __call__(self, sample, timestep, audio):
+        if sample.shape[0] > self.max_rows:
+            self.rows.append(sample.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in cap)")
+        return super().__call__(sample, timestep, audio)
+
+
+def test_a_warm_up_shape_over_the_memory_cap_makes_the_batcher_take_smaller_calls(tiny_weights) -> None:
+    """A server under a cap starts and serves with the calls that fit, rather than failing its warm-up."""
+    from lipsync.batching import BatchingSettings
+    from lipsync.pipeline import LipSyncPipeline
+
+    pipeline = LipSyncPipeline.from_weights(
+        tiny_weights, windows_per_call=2, batching=BatchingSettings(max_windows=4, max_delay_ms=0)
+    )
+    try:
+        capped = pipeline.denoiser.unet = _MemoryCapped(pipeline.denoiser.unet, max_rows=4)  # 2 windows, guided
+        lines: list[str] = []
+        warm_up(pipeline, max_windows=4, log=lines.append)
+        assert pipeline.denoiser.max_windows == 2
+        assert capped.rows.count(8) == 1 and set(capped.rows) == {8, 4, 2}  # 4 windows tried once, then 2 and 1
+        assert "4 window(s) per UNet call do not fit in GPU memory; calls take at most 2" in lines[0]
+        assert len(lines) == 3
+    finally:
+        pipeline.close()
+
+
 @pytest.mark.parametrize("output_size", [None, (9, 11)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @torch.no_grad()
