@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="whether the started server compiles the UNet (default: the config's)")
     parser.add_argument("--workdir", type=Path, help="the started server's work folder (default: a temporary folder)")
+    parser.add_argument("--job-processes", type=int,
+                        help="job processes of the started server (default: configs/serving.yaml's; 2+ on the CPU: a GPU server's layout)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--replay", type=Path, help="a report --json wrote: recompute its ETAs instead of running jobs")
@@ -218,10 +220,11 @@ def main() -> None:
             ensure_weights(args.version, checkpoints)
             settings = TritonSettings.load(
                 device=args.device, weights=args.version, checkpoints=str(checkpoints),
-                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile,
+                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile, job_processes=args.job_processes,
                 http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             )
             report["fresh_server"] = not settings.stage_rates_file().exists()  # nothing learned yet
+            report["job_processes"] = settings.resolved_job_processes()
             with TritonServer(settings) as server:
                 if args.device == "gpu" and args.compile is not False:
                     report["waited_for_compiled_unet_s"] = wait_until_compiled(server)
