@@ -12,20 +12,27 @@ response that carries the result.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.config import PIPELINE_CONFIG, SCHEMA, load_settings
+
+log = logging.getLogger(__name__)
 
 LAST_BEFORE_DONE = 0.99
 """The highest fraction streamed before the result."""
@@ -92,8 +99,16 @@ class JobSize:
         return self.frames * self.steps if stage == PACED_STAGE else self.frames
 
 
+Samples = dict[str, deque[tuple[int, float]]]
+"""Per stage, the newest finished jobs' ``(units, seconds)``."""
+_STORED = TypeAdapter(dict[str, list[tuple[NonNegativeInt, NonNegativeFloat]]])
+"""A stage rates file: ``{stage: [[units, seconds], …]}``, oldest first."""
+FileIdentity = tuple[int, int, int]
+"""``(inode, size, mtime_ns)`` of a stage rates file: a file replaced or rewritten since it was read differs."""
+
+
 class StageRates:
-    """Each stage's expected seconds for a job of a given size, learned from this process's finished jobs.
+    """Each stage's expected seconds for a job of a given size, learned from this server's finished jobs.
 
     A stage's time is the wall time from its first report to the next stage's first report (the
     analysis overlaps generation, so its stage ends when generation reports). Per stage, the last
@@ -105,17 +120,28 @@ class StageRates:
     per window) is always fitted in proportion, through the origin: with the few jobs of a history,
     a server whose speed drifts between jobs would otherwise fit a fixed cost out of the drift.
     Keeping only the newest jobs lets the fit follow a server whose speed changes (jobs sharing the
-    UNet, a compiled UNet taking over). Shared by the jobs of one server; thread-safe.
+    UNet, a compiled UNet taking over). Thread-safe.
+
+    Without ``path`` the samples live in this object. With it they live in that JSON file, shared by
+    every process given the same path (a server's job processes) and kept across restarts:
+    :meth:`learn` merges its job into the file under an exclusive lock on ``<path>.lock`` and replaces
+    the file atomically, so concurrent learners lose nothing and readers need no lock; :meth:`seconds`
+    reads the file again whenever it changed since last read (one ``stat`` per call). A missing, empty
+    or malformed file holds no samples.
     """
 
-    def __init__(self, history: int, fixed_share: Mapping[str, float]) -> None:
-        self._samples: dict[str, deque[tuple[int, float]]] = {stage: deque(maxlen=history) for stage in STAGES}
-        self.fixed_share = fixed_share
+    def __init__(self, history: int, fixed_share: Mapping[str, float], path: Path | None = None) -> None:
+        self.history, self.fixed_share, self.path = history, fixed_share, path
+        self._samples = self._empty()
+        self._read_file: FileIdentity | None = None
+        """The file's identity when its samples were last taken (``None``: no file, no samples from it)."""
         self._lock = threading.Lock()
 
     def seconds(self, stage: str, size: JobSize) -> float | None:
         """Expected wall time of ``stage`` in a job of ``size``; ``None`` before a job finished it."""
         with self._lock:
+            if self.path is not None and _identity(self.path) != self._read_file:
+                self._read_file, self._samples = self._read(self.path)
             samples = list(self._samples[stage])
         if not samples:
             return None
@@ -135,10 +161,76 @@ class StageRates:
         return in_proportion if fixed < 0 else fixed + slope * wanted
 
     def learn(self, durations: dict[str, float], size: JobSize) -> None:
-        """Add one finished job's stage durations."""
+        """Add one finished job's stage durations (to the file, with a path). A file that cannot be written
+        is logged and leaves the job's sample to this object only: a finished job never fails for it."""
         with self._lock:
-            for stage, seconds in durations.items():
-                self._samples[stage].append((size.units(stage), seconds))
+            self._add(self._samples, durations, size)
+            if self.path is None:
+                return
+            try:
+                with _exclusive(self.path):
+                    _, samples = self._read(self.path)
+                    self._add(samples, durations, size)
+                    _replace(self.path, samples)
+                    self._read_file, self._samples = _identity(self.path), samples
+            except OSError as exc:
+                log.warning("stage rates not saved to %s: %s", self.path, exc)
+
+    def _empty(self) -> Samples:
+        return {stage: deque(maxlen=self.history) for stage in STAGES}
+
+    @staticmethod
+    def _add(samples: Samples, durations: dict[str, float], size: JobSize) -> None:
+        for stage, seconds in durations.items():
+            samples[stage].append((size.units(stage), seconds))
+
+    def _read(self, path: Path) -> tuple[FileIdentity | None, Samples]:
+        """The file's identity and its newest ``history`` samples per stage (none when it is absent or malformed)."""
+        samples = self._empty()
+        try:
+            with path.open("rb") as file:
+                identity = _identity_of(os.fstat(file.fileno()))
+                text = file.read()
+        except OSError:
+            return None, samples
+        try:
+            stored = _STORED.validate_json(text)
+        except ValidationError:
+            return identity, samples
+        for stage in STAGES:
+            samples[stage].extend(stored.get(stage, ()))
+        return identity, samples
+
+
+def _identity_of(stat: os.stat_result) -> FileIdentity:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    """The identity of the file at ``path`` now; ``None`` when there is none."""
+    try:
+        return _identity_of(path.stat())
+    except OSError:
+        return None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (across processes) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f"{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _replace(path: Path, samples: Samples) -> None:
+    """Write ``samples`` to a temporary file beside ``path`` and rename it over ``path`` (readers see the
+    old file or the new one, never a part). Under :func:`_exclusive`: one writer at a time."""
+    temp = path.with_name(f".{path.name}.new")
+    temp.write_text(
+        json.dumps({stage: list(stage_samples) for stage, stage_samples in samples.items()}), encoding="utf-8"
+    )
+    os.replace(temp, path)
 
 
 class EtaEstimate:

@@ -54,6 +54,18 @@ def _flag(value: Any) -> Any:
 
 Flag = Annotated[bool | None, BeforeValidator(_flag)]
 
+
+def _absolute_path(value: Any) -> Any:
+    """A file parameter: an absolute path (a backend stub's working folder is not the launcher's), or ``""`` for none."""
+    if value == "":
+        return None
+    if not Path(value).is_absolute():
+        raise ValueError(f"expected an absolute path or empty, got {value!r}")
+    return Path(value)
+
+
+AbsolutePath = Annotated[Path | None, BeforeValidator(_absolute_path)]
+
 P = TypeVar("P", bound="ModelParameters")
 
 
@@ -98,6 +110,7 @@ class LipSyncParameters(ModelParameters):
     generator: str
     generator_lanes: PositiveInt
     progress_heartbeat_s: PositiveFloat
+    stage_rates_file: AbsolutePath
 
 
 class GenerateParameters(ModelParameters):

@@ -5,9 +5,9 @@ full-size random weights of ``--version``, timed once the UNet is compiled; or u
 server's gRPC address), then runs one job after another, the speech cut to each of
 ``--seconds`` in turn, so the jobs differ in size. For every progress response it records the time
 since the job was sent, the progress, the stage and the ETA; the predicted end is that time plus the
-ETA, and its error is relative to when the result actually arrived. The first job of a freshly
-started server has no learned stage rates yet (``lipsync.progress.EtaEstimate``), so it is reported
-apart from the others.
+ETA, and its error is relative to when the result actually arrived. The first job of a server
+started on a work folder without learned stage rates (``lipsync.progress.StageRates``' file; a new
+temporary folder unless ``--workdir``) has none to go by, so it is reported apart from the others.
 
     python scripts/bench_eta.py --seconds 3 6 4 6 --steps 10 --json docs/bench/eta-cpu.json --markdown eta.md
 
@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="whether the started server compiles the UNet (default: the config's)")
     parser.add_argument("--workdir", type=Path, help="the started server's work folder (default: a temporary folder)")
+    parser.add_argument("--job-processes", type=int,
+                        help="job processes of the started server (default: configs/serving.yaml's; 2+ on the CPU: a GPU server's layout)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--replay", type=Path, help="a report --json wrote: recompute its ETAs instead of running jobs")
@@ -180,7 +182,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": "as served at --url" if args.url else f"{args.device.upper()} ({platform.processor() or platform.machine()})",
         "weights": None if args.url else args.version,
-        "fresh_server": args.url is None, "jobs": [],
+        "fresh_server": False, "jobs": [],
     }
 
     def save() -> None:
@@ -218,9 +220,11 @@ def main() -> None:
             ensure_weights(args.version, checkpoints)
             settings = TritonSettings.load(
                 device=args.device, weights=args.version, checkpoints=str(checkpoints),
-                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile,
+                workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile, job_processes=args.job_processes,
                 http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             )
+            report["fresh_server"] = not settings.stage_rates_file().exists()  # nothing learned yet
+            report["job_processes"] = settings.resolved_job_processes()
             with TritonServer(settings) as server:
                 if args.device == "gpu" and args.compile is not False:
                     report["waited_for_compiled_unet_s"] = wait_until_compiled(server)

@@ -10,9 +10,10 @@ version. What the server needs around it:
   the first ``python3`` there, and that environment needs ``numpy<2`` and this package;
 The model repository is rendered into the work folder from ``model_repository/``: only the
 ``lipsync`` model's instance kind, GPU list (one instance per GPU, or with ``split_jobs`` one instance
-holding them all), weight parameters, when the UNet compiles and the kernel cache folder change, from configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
-across restarts; it travels as a model parameter because the backend stubs do not see the server's
-environment variables.
+holding them all), weight parameters, when the UNet compiles, the kernel cache folder and the stage rates file
+change, from configuration. The kernel cache (``workdir/inductor-cache``) keeps the compiled UNet's kernels
+across restarts, the stage rates file (``workdir/stage-rates-<weights>-<device>.json``) what the ETA learned;
+both travel as model parameters because the backend stubs do not see the server's environment variables.
 
 One launcher serves from a work folder at a time (``triton.pid`` there is locked while it lives and
 records its ``tritonserver``). Starting stops a Triton that a killed launcher left behind in the folder,
@@ -63,6 +64,7 @@ from gateway.launcher.shm import (
 )
 from gateway.launcher.triton_log import LogPump
 from lipsync.config import SCHEMA, ConfigError, home_path, load_settings
+from lipsync.weights import chosen_version
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ REGIONS_FILE = "shm-regions"
 """In the work folder: the server's shared-memory regions, removed by the next launcher if this one is killed."""
 STOP_FILE = "stopping"
 """In the work folder: created when the launcher stops the server; the ``lipsync`` model then cancels its jobs."""
+STAGE_RATES_FILE = "stage-rates-{weights}-{device}.json"
+"""In the work folder: the stage times the ``lipsync`` model's ETA learns, per served weight set and device kind."""
 
 
 class TritonError(RuntimeError):
@@ -134,6 +138,14 @@ class TritonSettings:
     def kernel_cache_dir(self) -> Path:
         """Where the compiled UNet's kernels are kept across restarts (absolute: the stubs run elsewhere)."""
         return (self.workdir / "inductor-cache").resolve()
+
+    def stage_rates_file(self) -> Path:
+        """Where the ``lipsync`` instances keep the stage times their ETA learns, shared and across restarts
+        (absolute: the stubs run elsewhere). One file per weight set the model will load (``auto`` resolved
+        as the model resolves it) and device kind: the speeds of one say nothing about another."""
+        weights = chosen_version(self.weights, self.checkpoints or None)
+        name = STAGE_RATES_FILE.format(weights=weights, device=self.resolved_device())
+        return (self.workdir / name).resolve()
 
     def resolved_job_processes(self) -> int:
         """How many separate job processes the server runs (0: jobs generate their own windows)."""
@@ -220,6 +232,7 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
             config.parameters["kernel_cache_dir"].string_value = str(settings.kernel_cache_dir())
             _compilation(config, settings)
         _weights(config, settings)
+        config.parameters["stage_rates_file"].string_value = str(settings.stage_rates_file())
     if not processes:
         shutil.rmtree(dest / GENERATION_MODEL)
         return dest

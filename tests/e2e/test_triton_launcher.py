@@ -118,6 +118,18 @@ def test_instances_compile_in_the_background_unless_told_to_compile_before_ready
     assert config.parameters["compile_before_ready"].string_value == "true"
 
 
+def test_learned_stage_rates_are_kept_in_the_work_folder_per_weight_set_and_device_kind(tmp_path: Path) -> None:
+    """Every job process of the server shares the file (absolute: the stubs run elsewhere); the speeds of one
+    weight set or device kind say nothing about another's."""
+    cpu = _rendered(tmp_path, device="cpu", weights="tiny").parameters["stage_rates_file"].string_value
+    assert cpu == str((tmp_path / "stage-rates-tiny-cpu.json").resolve())
+    gpu = _rendered(tmp_path, device="gpu", weights="1.6").parameters["stage_rates_file"].string_value
+    assert gpu == str((tmp_path / "stage-rates-1.6-gpu.json").resolve())
+    # auto: named after the weight set the model will load (no real checkpoints below this root: tiny)
+    auto = _rendered(tmp_path, device="gpu", weights="auto", checkpoints=str(tmp_path / "none"))
+    assert auto.parameters["stage_rates_file"].string_value == str((tmp_path / "stage-rates-tiny-gpu.json").resolve())
+
+
 def test_the_stop_file_is_in_the_work_folder(tmp_path: Path) -> None:
     """The model cancels its jobs once the file exists; the launcher creates it when it stops the server."""
     config = _rendered(tmp_path, device="cpu")

@@ -69,6 +69,20 @@ def test_the_generation_model_batches_and_reports(split_triton, clip) -> None:
     assert metric(split_triton, "lipsync_jobs_total", outcome="succeeded") >= 4
 
 
+def test_every_job_process_learns_from_the_jobs_the_others_finished(split_triton, clip) -> None:
+    """The job processes share one stage rates file: once a job finished, every later job has an ETA before its
+    own generation has moved, whichever process runs it (Triton spreads consecutive jobs over them)."""
+    _, first = _stream(split_triton, *clip, steps=1)
+    assert hasattr(first, "as_numpy"), first
+    for _ in range(3):
+        progress, ending = _stream(split_triton, *clip, steps=1)
+        assert hasattr(ending, "as_numpy"), ending
+        before_generation = progress[: next(index for index, (_, stage, _) in enumerate(progress) if stage == "generate")]
+        assert any(eta >= 0 for _, _, eta in before_generation), progress
+    rates = json.loads(split_triton.settings.stage_rates_file().read_text())
+    assert len(rates["generate"]) >= 4
+
+
 def test_bad_input_and_cancel_end_cleanly(split_triton, clip) -> None:
     video, _ = clip
     _, error = _stream(split_triton, b"not a video" * 10, clip[1])

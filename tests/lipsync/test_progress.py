@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import threading
 from pathlib import Path
 
@@ -203,3 +205,84 @@ def test_only_a_job_that_succeeded_teaches_the_rates() -> None:
         progress.plan(size)
         progress(0.0, "audio")
     assert rates.seconds("audio", size) is not None
+
+
+def test_rates_with_a_file_are_shared_by_every_instance_on_it(tmp_path: Path) -> None:
+    path = tmp_path / "stage-rates.json"
+    learner, reader = StageRates(8, IN_PROPORTION, path), StageRates(8, IN_PROPORTION, path)
+    size = JobSize(frames=100, steps=20)
+    assert reader.seconds("generate", size) is None
+    learner.learn({"audio": 1.0, "generate": 40.0}, size)
+    assert reader.seconds("generate", size) == pytest.approx(40.0)  # read again: the file changed
+    reader.learn({"generate": 20.0}, size)
+    assert learner.seconds("generate", size) == pytest.approx(30.0)  # both jobs, whichever instance learned them
+    assert learner.seconds("audio", size) == reader.seconds("audio", size) == pytest.approx(1.0)
+
+
+def test_a_restarted_server_starts_from_the_rates_its_file_kept(tmp_path: Path) -> None:
+    path = tmp_path / "stage-rates.json"
+    clock = Clock()
+    first = EtaEstimate(StageRates(8, IN_PROPORTION, path), clock=clock)
+    first.plan(JobSize(frames=100, steps=20))
+    run_job(first, clock, {"audio": 1.0, "analyse": 4.0, "generate": 40.0, "encode": 2.0})
+
+    restarted = EtaEstimate(StageRates(8, IN_PROPORTION, path), clock=clock)
+    restarted.plan(JobSize(frames=100, steps=20))
+    assert restarted(0.0, "audio") == pytest.approx(1.0 + 4.0 + 40.0 + 2.0)
+
+
+@pytest.mark.parametrize("content", ["", "{not json", '{"generate": [[100, "slow"]]}', '["generate"]'])
+def test_a_missing_empty_or_malformed_file_holds_no_rates_and_is_replaced_by_the_next_job(
+    tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "stage-rates.json"
+    size = JobSize(frames=100, steps=20)
+    assert StageRates(8, IN_PROPORTION, path).seconds("generate", size) is None
+    path.write_text(content)
+    rates = StageRates(8, IN_PROPORTION, path)
+    assert rates.seconds("generate", size) is None
+    rates.learn({"generate": 40.0}, size)
+    assert StageRates(8, IN_PROPORTION, path).seconds("generate", size) == pytest.approx(40.0)
+
+
+def test_a_file_that_cannot_be_written_keeps_the_job_in_memory(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    rates = StageRates(8, IN_PROPORTION, tmp_path / "not-a-folder" / "stage-rates.json")
+    size = JobSize(frames=100, steps=20)
+    rates.learn({"generate": 40.0}, size)
+    assert rates.seconds("generate", size) == pytest.approx(40.0)
+
+
+def learn_jobs(path: Path, history: int, first_frames: int, jobs: int) -> None:
+    """A job process: learn ``jobs`` jobs into ``path``, one frame count each from ``first_frames`` on."""
+    rates = StageRates(history, IN_PROPORTION, path)
+    for frames in range(first_frames, first_frames + jobs):
+        rates.learn({"audio": 1.0, "generate": 2.0}, JobSize(frames=frames, steps=1))
+
+
+def learn_in_two_processes(path: Path, history: int, jobs: int) -> None:
+    """Two processes learning ``jobs`` jobs each into ``path`` at once (frames 1000… and 2000…)."""
+    context = multiprocessing.get_context("fork")
+    learners = [context.Process(target=learn_jobs, args=(path, history, first, jobs)) for first in (1000, 2000)]
+    for learner in learners:
+        learner.start()
+    for learner in learners:
+        learner.join(120)
+    assert [learner.exitcode for learner in learners] == [0, 0]
+
+
+def test_processes_learning_at_once_lose_no_job(tmp_path: Path) -> None:
+    path = tmp_path / "stage-rates.json"
+    learn_in_two_processes(path, history=100, jobs=30)
+    stored = json.loads(path.read_text())
+    expected = {*range(1000, 1030), *range(2000, 2030)}
+    assert sorted(units for units, _ in stored["audio"]) == sorted(expected)
+    assert sorted(units for units, _ in stored["generate"]) == sorted(expected)
+
+
+def test_the_file_keeps_the_newest_history_jobs_whichever_process_learned_them(tmp_path: Path) -> None:
+    path = tmp_path / "stage-rates.json"
+    learn_in_two_processes(path, history=5, jobs=20)
+    stored = json.loads(path.read_text())
+    assert {stage: len(samples) for stage, samples in stored.items()} == dict(audio=5, analyse=0, generate=5, encode=0)
+    assert stored["audio"][-1][0] in {1019, 2019}  # the newest last: the last writer's last job

@@ -43,12 +43,14 @@ def test_the_shipped_and_the_rendered_parameters_parse_to_their_types(tmp_path) 
     shipped = LipSyncParameters.from_model_config(model_config(MODEL_CONFIG))
     assert shipped.max_concurrent_jobs == 8 and shipped.max_batch_delay_ms == 10.0
     assert shipped.compile_unet is None and shipped.compile_before_ready is False and shipped.devices == ""
+    assert shipped.stage_rates_file is None  # learned in memory only
     generate = GenerateParameters.from_model_config(model_config(REPOSITORY / "lipsync_generate" / "config.pbtxt"))
     assert generate.vae_slots == 2 and generate.gpu_memory_gib == 0.0 and generate.compile_unet is None
     rendered = render_repository(TritonSettings.load(workdir=tmp_path, device="cpu", weights="tiny", job_processes=2))
     params = LipSyncParameters.from_model_config(model_config(rendered / "lipsync" / "config.pbtxt"))
     assert params.weights == "tiny" and params.stop_file == str(tmp_path / "stopping")
     assert params.generator == "lipsync_generate"
+    assert params.stage_rates_file == tmp_path.resolve() / "stage-rates-tiny-cpu.json"
     generate = GenerateParameters.from_model_config(model_config(rendered / "lipsync_generate" / "config.pbtxt"))
     assert generate.weights == "tiny" and generate.stop_file == params.stop_file
 
@@ -61,7 +63,8 @@ def test_a_parameter_of_the_other_model_fails_the_load() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "named"),
     [("max_concurrent_jobs", "0", "max_concurrent_jobs"), ("max_batch_delay_ms", "soon", "max_batch_delay_ms"),
-     ("compile_unet", "yes", "compile_unet"), ("dtype", "fp64", "dtype"), ("max_batch_window", "8", "max_batch_window")],
+     ("compile_unet", "yes", "compile_unet"), ("dtype", "fp64", "dtype"), ("max_batch_window", "8", "max_batch_window"),
+     ("stage_rates_file", "rates.json", "stage_rates_file")],
 )
 def test_a_bad_or_unknown_parameter_fails_the_load_naming_it(key, value, named) -> None:
     config = model_config(MODEL_CONFIG)

@@ -163,7 +163,7 @@ class TritonPythonModel:
             self.pipeline = self._load_pipeline(paths, devices, params, settings, batching)
             self._prepare_unet(on_gpu, params, batching)
         self.heartbeat_s = params.progress_heartbeat_s
-        self.stage_rates = StageRates(settings.eta.history_jobs, settings.eta.fixed_share)
+        self.stage_rates = StageRates(settings.eta.history_jobs, settings.eta.fixed_share, params.stage_rates_file)
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, params.gpu_metrics_interval_s) if on_gpu else None
         self.slots = threading.BoundedSemaphore(params.max_concurrent_jobs)
         self.stopping = InstanceStopping(params.stop_file)
