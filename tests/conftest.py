@@ -7,6 +7,14 @@ skipped test fails the run too unless its reason is in :data:`EXPECTED_SKIPS`; t
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP (it reads this once): idle OpenMP threads sleep instead of spinning. The suite
+# runs two test files at a time beside the servers they start, each a torch process with a thread per core;
+# spinning threads then take the cores the other processes' work is waiting for (many times slower on two
+# cores). Subprocesses (Triton and its model stubs, the gateway, the CLI) inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Iterator
 
 import pytest
