@@ -13,7 +13,7 @@ from whisper.model import ModelDimensions, Whisper
 from lipsync.config import CONFIG_DIR
 from lipsync.models.loading import build_unet
 from lipsync.vae import FULL_VAE_ARCHITECTURE
-from lipsync.weights import WeightPaths, weight_paths
+from lipsync.weights import WeightPaths, missing, weight_paths
 
 FULL_WHISPER_DIMS = CONFIG_DIR / "whisper" / "tiny_dims.json"
 
@@ -33,6 +33,15 @@ def write_random_weights(version: str, root: str | Path) -> WeightPaths:
         paths.vae_dir
     )
     return paths
+
+
+def ensure_random_weights(version: str, root: str | Path) -> bool:
+    """:func:`write_random_weights` unless every file of ``version`` is already below ``root`` (the tiny
+    demo weights are the launcher's to write); whether it wrote them."""
+    if version == "tiny" or not missing(weight_paths(version, root)):
+        return False
+    write_random_weights(version, root)
+    return True
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float:
@@ -55,16 +64,23 @@ def unet_window_step_flops(config: str | Path) -> int:
     by ``torch.utils.flop_counter`` on the meta device (no memory, no device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    unet = build_unet(config, "meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(*unet_call_inputs(config, windows=1, device="meta"))
+    return counter.get_total_flops()
+
+
+def unet_call_inputs(
+    config: str | Path, windows: int, device: str | torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero ``(sample, timestep, audio)`` of one guided UNet call on ``windows`` full windows (2 batch rows each)."""
     from lipsync.config import load_config
 
     settings = load_config(config)
-    latent, frames = settings["data"]["resolution"] // 8, settings["data"]["num_frames"]
-    unet = build_unet(config, "meta")
-    sample = torch.zeros(2, settings["model"]["in_channels"], frames, latent, latent, device="meta")
-    audio = torch.zeros(2 * frames, 50, settings["model"]["cross_attention_dim"], device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(sample, torch.tensor(500, device="meta"), audio)
-    return counter.get_total_flops()
+    latent, frames, rows = settings["data"]["resolution"] // 8, settings["data"]["num_frames"], 2 * windows
+    sample = torch.zeros(rows, settings["model"]["in_channels"], frames, latent, latent, device=device, dtype=dtype)
+    audio = torch.zeros(rows * frames, 50, settings["model"]["cross_attention_dim"], device=device, dtype=dtype)
+    return sample, torch.tensor([500], device=device), audio
 
 
 def gemm_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.float16, repeats: int = 50) -> float:

@@ -27,13 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from bench_triton import SAMPLE_RATE, ensure_weights, stop_servers_on_sigterm, wait_until_compiled, wav_bytes
+from bench_triton import SAMPLE_RATE, stop_servers_on_sigterm, wait_until_compiled, wav_bytes
 
 from gateway.backends.triton_client import JobRequest, TritonJobError, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
 from lipsync.progress import EtaEstimate, EtaSettings, JobSize, StageRates
+from lipsync.testing import ensure_random_weights
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -217,7 +218,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="lipsync-bench-eta-") as root:
             checkpoints = args.checkpoints or Path(root, "checkpoints")
-            ensure_weights(args.version, checkpoints)
+            ensure_random_weights(args.version, checkpoints)
             settings = TritonSettings.load(
                 device=args.device, weights=args.version, checkpoints=str(checkpoints),
                 workdir=args.workdir or Path(root, "serve"), compile_unet=args.compile, job_processes=args.job_processes,

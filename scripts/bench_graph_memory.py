@@ -20,26 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from bench_triton import ensure_weights
 
 from lipsync.config import load_config
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
 from lipsync.models.loading import load_unet
+from lipsync.testing import ensure_random_weights, unet_call_inputs
 from lipsync.weights import weight_paths
 
 GIB = 2**30
-
-
-def inputs(settings: dict, windows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A guided UNet call's (sample, timestep, audio) for ``windows`` windows."""
-    latent, frames = settings["data"]["resolution"] // 8, settings["data"]["num_frames"]
-    rows = 2 * windows
-    sample = torch.randn(
-        rows, settings["model"]["in_channels"], frames, latent, latent, device=device, dtype=torch.float16
-    )
-    audio = torch.randn(rows * frames, 50, settings["model"]["cross_attention_dim"], device=device, dtype=torch.float16)
-    return sample, torch.tensor([500], device=device), audio
 
 
 def reserved_beyond(baseline: int) -> float:
@@ -48,11 +37,11 @@ def reserved_beyond(baseline: int) -> float:
     return round((torch.cuda.memory_reserved() - baseline) / GIB, 3)
 
 
-def capture_in_order(unet, settings: dict, order: list[int], baseline: int) -> list[dict]:
+def capture_in_order(unet, config: Path, order: list[int], baseline: int) -> list[dict]:
     graphed = GraphedUNet(unet)
     rows: list[dict] = [{"windows": 0, "reserved_beyond_weights_gib": reserved_beyond(baseline)}]
     for windows in order:
-        sample, timestep, audio = inputs(settings, windows, unet.device)
+        sample, timestep, audio = unet_call_inputs(config, windows, unet.device, torch.float16)
         started = time.perf_counter()
         graphed(sample, timestep, audio)
         deep = graphed.forward_caching(sample, timestep, audio)[1]
@@ -87,7 +76,7 @@ def main() -> None:
     }
     largest_first = sorted(args.windows, reverse=True)
     for version in args.versions:
-        ensure_weights(version, args.checkpoints)
+        ensure_random_weights(version, args.checkpoints)
         paths = weight_paths(version, args.checkpoints)
         settings = load_config(paths.unet_config)
         unet = load_unet(paths.unet_config, paths.unet, device, torch.float16)
@@ -96,13 +85,13 @@ def main() -> None:
         result: dict = {"weights_gib": round(torch.cuda.memory_allocated() / GIB, 3)}
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            unet(*inputs(settings, largest_first[0], device))
+            unet(*unet_call_inputs(paths.unet_config, largest_first[0], device, torch.float16))
         result["eager_call_peak_beyond_weights_gib"] = round(
             (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) / GIB, 3
         )
         for name, order in (("largest_first", largest_first), ("smallest_first", largest_first[::-1])):
             print(f"{version} {name}", file=sys.stderr)
-            result[name] = capture_in_order(model, settings, order, baseline)
+            result[name] = capture_in_order(model, paths.unet_config, order, baseline)
         report["versions"][version] = result
         del model, unet
         torch.cuda.empty_cache()

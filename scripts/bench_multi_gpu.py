@@ -41,8 +41,7 @@ from gateway.backends.triton_client import JobRequest, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
-from lipsync.testing import write_random_weights
-from lipsync.weights import missing, weight_paths
+from lipsync.testing import ensure_random_weights
 
 DEFAULT_JSON = REPO_ROOT / "docs" / "bench" / "multi-gpu.json"
 
@@ -131,9 +130,8 @@ def main() -> None:
     counts = sorted(set(args.counts or range(1, visible + 1)))
     if counts[0] < 1 or counts[-1] > visible:
         parser.error(f"--counts must be within 1 … {visible} (devices this machine has)")
-    if args.version != "tiny" and missing(weight_paths(args.version, args.checkpoints)):
-        print(f"writing full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
-        write_random_weights(args.version, args.checkpoints)
+    if ensure_random_weights(args.version, args.checkpoints):
+        print(f"wrote full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
 
     report = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
     report.update({"device": device_name(args.device, visible), "date": date.today().isoformat(), "version": args.version,

@@ -50,8 +50,8 @@ from gateway.backends.triton_client import JobRequest, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
-from lipsync.testing import sample_sum, unet_window_step_flops, write_random_weights
-from lipsync.weights import missing, weight_paths
+from lipsync.testing import ensure_random_weights, sample_sum, unet_window_step_flops
+from lipsync.weights import weight_paths
 
 
 def scrape(url: str, *names: str) -> dict[str, float]:
@@ -275,13 +275,6 @@ def stop_servers_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-def ensure_weights(version: str, checkpoints: Path) -> None:
-    """Write full-size random weights of ``version`` in the official formats to ``checkpoints`` unless present."""
-    if version != "tiny" and missing(weight_paths(version, checkpoints)):
-        print(f"writing full-size random {version} weights to {checkpoints}", file=sys.stderr)
-        write_random_weights(version, checkpoints)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", type=Path, required=True)
@@ -308,7 +301,8 @@ def main() -> None:
     args = parser.parse_args()
     stop_servers_on_sigterm()
 
-    ensure_weights(args.version, args.checkpoints)
+    if ensure_random_weights(args.version, args.checkpoints):
+        print(f"wrote full-size random {args.version} weights to {args.checkpoints}", file=sys.stderr)
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
         job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, compile_unet=args.compile,
