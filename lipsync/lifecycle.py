@@ -219,6 +219,8 @@ def _generate_dummy(
         try:
             FaceGenerator([replica], short)(faces, audio.frame_windows(features, count), pipeline.mask, noise, random)
         except torch.OutOfMemoryError:  # over a GPU memory cap: serve with smaller calls rather than not at all
+            # Every replica's batcher: the replicas hold the same models under the same cap, and a compilation's
+            # staging replica has no batcher of its own.
             batchers = [
                 other.denoiser for other in pipeline.local_replicas if isinstance(other.denoiser, WindowBatcher)
             ]
@@ -226,8 +228,7 @@ def _generate_dummy(
                 raise
             for batcher in batchers:
                 batcher.take_fewer_than(windows)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
             if log is not None:
                 log(
                     f"lipsync: {what} on {replica.device}, {mode}: {windows} window(s) per UNet call do not fit in "
