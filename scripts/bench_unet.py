@@ -9,7 +9,9 @@ call (compilation, graph capture) and the official-shape output's error against 
 ``--predictors`` picks the ways of running the UNet (``PREDICTORS``): ``eager``, ``graphs``
 (``GraphedUNet``), ``compiled`` (``CompiledUNet``: one compilation, batch size symbolic) and
 ``compiled-graphs`` (the compiled kernels replayed from CUDA graphs). ``--profile`` writes a
-``torch.profiler`` table of one official-shape step each. Random weights: speed does not depend on
+``torch.profiler`` table of one official-shape step each, and one per larger call shape (``_w<windows>``).
+Each row gives the UNet's achieved TFLOP/s at its call shape (counted FLOPs over time) beside the
+device's measured fp16 GEMM rate. Random weights: speed does not depend on
 their values. Prints each row as it is measured and a markdown table at the end; ``--json`` writes
 the numbers (after each config, predictor and dtype, so a run cut short keeps what it finished).
 
@@ -40,6 +42,7 @@ from lipsync.sampling import (
     initial_noise,
     load_scheduler,
 )
+from lipsync.testing import gemm_tflops, unet_window_step_flops
 from lipsync.vae import FULL_VAE_ARCHITECTURE
 from lipsync.weights import load_weights_config
 
@@ -129,6 +132,7 @@ def bench(
         audio = torch.randn(2 * windows * frames, 50, cross_dim, device="cuda", dtype=dtype)
         return lambda: model(sample, timestep, audio)
 
+    window_flops = unet_window_step_flops(config_path)
     official_step = step_at(1)
     official_first_s = first_call(official_step)
     output = model(sample, timestep, audio).float()
@@ -146,6 +150,11 @@ def bench(
         call_step = step_at(windows)
         first_s = official_first_s if windows == 1 else first_call(call_step)
         call_step_times = timed(call_step, repeats * 2)
+        if profile_path is not None and windows > 1:
+            try:
+                profile_step(call_step, profile_path.with_name(f"{profile_path.stem}_w{windows}.txt"))
+            except Exception as exc:  # a profiler problem must not lose the timings
+                print(f"profiling failed: {type(exc).__name__}: {exc}", flush=True)
         del call_step
 
         settings = SamplingSettings.from_config(config, steps=steps, windows_per_call=windows)
@@ -170,6 +179,7 @@ def bench(
             "windows_per_call": windows,
             "unet_step_ms": 1000 * statistics.median(step_times),
             "window_step_ms": 1000 * statistics.median(call_step_times) / windows,
+            "achieved_tflops": window_flops * windows / statistics.median(call_step_times) / 1e12,
             "official_first_call_s": official_first_s,
             "first_call_s": first_s,
             "window_s": statistics.median(window_times) / windows,
@@ -194,7 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_unet.py needs a CUDA GPU")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    gemm = gemm_tflops()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp16 GEMM {gemm:.1f} TFLOP/s")
     rows = []
     for config_path in args.configs:
         for predictor in args.predictors:
@@ -205,7 +216,7 @@ def main() -> None:
                     profile_path = args.profile / f"{config_path.stem}_{dtype_name}_{predictor}.txt"
                 rows += bench(config_path, DTYPES[dtype_name], args.steps, args.windows_per_call, args.repeats, predictor, profile_path)
                 if args.json:
-                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+                    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "gemm_tflops": gemm, "rows": rows}, indent=2))
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
     print(
