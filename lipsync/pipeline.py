@@ -5,7 +5,8 @@ diffusers' pipelines: :meth:`~LipSyncPipeline.check_options` (the job's options)
 :meth:`~LipSyncPipeline.plan` (audio, output length, devices, noise: a :class:`Job`),
 :meth:`~LipSyncPipeline.analyse` (detection and alignment, :mod:`lipsync.analysis`),
 :meth:`~LipSyncPipeline.prepare_batch` (the next frames in output order, their faces warped),
-:meth:`~LipSyncPipeline.generate` (the batch's faces through the models) and
+:meth:`~LipSyncPipeline.generate` (the batch's faces through the models; in two halves,
+:meth:`~LipSyncPipeline.prepare_generation` draws the batch's noise and returns the rest) and
 :meth:`~LipSyncPipeline.finish` (paste-back, YUV, encode). :meth:`~LipSyncPipeline.run` runs them
 on threads of their own, so that memory does not grow with the video's length and the passes overlap:
 
@@ -13,10 +14,12 @@ on threads of their own, so that memory does not grow with the video's length an
    alignment (only the 2×3 affine is kept per frame);
 2. *prepare* (a prefetch thread) — decode again in output order (looping when the audio is longer),
    wait until the batch's alignments are final, warp the faces;
-3. *generate* (the job's thread) — VAE encode, DDIM loop and VAE decode of the batch's windows, in
-   this process or another;
-4. *finish* (an encoder thread and its finishers) — paste-back and encoding of that batch while the
-   next batch is generated.
+3. *generate* (``generations_in_flight`` generation threads) — VAE encode, DDIM loop and VAE decode
+   of the batch's windows, in this process or another, several batches at once; the job's thread
+   draws each batch's noise in output order first, so the output does not depend on how many;
+4. *finish* (an encoder thread and its finishers) — paste-back and encoding of the batches in output
+   order, each once its generation and the previous batch's encoding are done, while the next
+   batches are generated.
 
 What happens to the models outside a job (placing jobs on replicas, warm-up, compilation) is
 :mod:`lipsync.lifecycle`'s.
