@@ -88,9 +88,9 @@ def base(tiny_weights: WeightPaths) -> LipSyncPipeline:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """12 frames of the demo face and 52 frames of speech: the video plays back and forth."""
+    """12 frames of the demo face (at half the test clips' size) and 52 frames of speech: the video plays back and forth."""
     folder = tmp_path_factory.mktemp("inflight")
-    return write_video(folder / "clip.mp4", demo_frames(12)), write_wav(folder / "speech.wav", speech(FRAMES / 25))
+    return write_video(folder / "clip.mp4", demo_frames(12, (270, 480))), write_wav(folder / "speech.wav", speech(FRAMES / 25))
 
 
 def _pipeline(base: LipSyncPipeline, in_flight: int, generator: WindowGenerator) -> LipSyncPipeline:
