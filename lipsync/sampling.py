@@ -237,7 +237,11 @@ class Denoiser(Protocol):
 
 
 class DirectDenoiser:
-    """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls."""
+    """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls.
+
+    Batches of that job may come from several threads at once (``generations_in_flight``): they share the
+    scheduler, which each sets to the same steps, the job's.
+    """
 
     def __init__(self, unet: NoisePredictor, scheduler: DDIMScheduler) -> None:
         self.unet, self.scheduler = unet, scheduler
