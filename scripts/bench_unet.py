@@ -8,7 +8,9 @@ call (compilation, graph capture) and the official-shape output's error against 
 
 ``--predictors`` picks the ways of running the UNet (``PREDICTORS``): ``eager``, ``graphs``
 (``GraphedUNet``), ``compiled`` (``CompiledUNet``: one compilation, batch size symbolic) and
-``compiled-graphs`` (the compiled kernels replayed from CUDA graphs). ``--profile`` writes a
+``compiled-graphs`` (the compiled kernels replayed from CUDA graphs) and ``compiled-graphs-channels-last``
+(the same with the convolution weights in channels-last memory format, which cuDNN's kernels use natively:
+the NCHW ↔ NHWC conversions around each convolution go away where the activations follow). ``--profile`` writes a
 ``torch.profiler`` table of one official-shape step each, and one per larger call shape (``_w<windows>``).
 Each row gives the UNet's achieved TFLOP/s at its call shape (counted FLOPs over time) beside the
 device's measured fp16 GEMM rate. Random weights: speed does not depend on
@@ -52,6 +54,9 @@ PREDICTORS = {
     "graphs": lambda unet, _frames: GraphedUNet(unet),
     "compiled": lambda unet, frames: CompiledUNet(unet, frames),
     "compiled-graphs": lambda unet, frames: GraphedUNet(CompiledUNet(unet, frames)),
+    "compiled-graphs-channels-last": lambda unet, frames: GraphedUNet(
+        CompiledUNet(unet.to(memory_format=torch.channels_last), frames)
+    ),
 }
 """Ways of running the UNet: name → wrapper of the loaded module and its window length."""
 
