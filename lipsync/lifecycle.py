@@ -169,10 +169,11 @@ def start_compiling(
 ) -> threading.Thread:
     """:func:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
 
-    ``log`` gets its lines, then one saying when the compiled UNet serves, or why it does not (jobs
-    then keep the eager one).
+    ``log`` gets a line saying that it starts, its lines, then one saying when the compiled UNet serves, or
+    why it does not (jobs then keep the eager one).
     """
     say = log or (lambda _line: None)
+    say(f"lipsync: compiling the UNet in the background on {', '.join(map(str, pipeline.devices))}")
 
     def compile_all() -> None:
         started = time.monotonic()

@@ -190,7 +190,8 @@ def test_jobs_run_on_the_eager_unet_without_new_captures_while_it_compiles_and_o
             pipeline.run(video, audio, tmp_path / "during.mp4", inference_steps=1)
         thread.join(timeout=600)
         assert not thread.is_alive() and "compiled UNet serving on cpu" in lines[-1]
-        assert [line.split(", ")[1] for line in lines[:-1]] == ["exact", "fast"]
+        assert lines[0] == "lipsync: compiling the UNet in the background on cpu"
+        assert [line.split(", ")[1] for line in lines[1:-1]] == ["exact", "fast"]
         assert counters["stats"]["unique_graphs"] - graphs_before == 2  # the full pass (exact and fast) and the shallow one
         assert False in serving.seen  # calls beside the compilation were told not to capture
         assert serving.capturing  # and may again once it is done
