@@ -2,7 +2,8 @@
 
 Decoupled: ``execute`` starts one thread per request and returns; each thread streams progress, then
 the final video, through the request's response sender. A request without VIDEO and AUDIO asks which
-weights are served: it is answered at once with one final INFO. The instance's ``LipSyncPipeline``
+weights are served: it is answered on a thread of its own too (in a split server the answer asks the
+generation model whether it compiled) with one final INFO. The instance's ``LipSyncPipeline``
 shares one ``WindowBatcher`` per device, so windows of all running jobs ride in the same UNet calls.
 With the ``devices`` parameter the instance holds a replica of the models on each listed GPU and
 spreads long jobs' windows over them. Its parameters, metrics and cancel checks are :mod:`lipsync.serving`'s
@@ -99,6 +100,11 @@ def _options(request: Any, served_version: str) -> JobOptions:
     if options.version not in (None, served_version):
         raise BadInput(f"this server runs LatentSync {served_version}, not {options.version!r}")
     return options
+
+
+def _triton_code(error: Exception) -> Any:
+    """The Triton error code of ``error``'s kind (:data:`lipsync.contract.FAILURES`)."""
+    return getattr(pb_utils.TritonError, contract.FAILURES[contract.kind_of(error)].triton_code)
 
 
 def _devices(value: str, own: torch.device) -> list[torch.device]:
@@ -209,8 +215,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            if _is_describe(request):
-                self._describe(request)
+            if _is_describe(request):  # on a thread too: the answer may wait on the generation model
+                threading.Thread(target=self._describe, args=(request,), daemon=True).start()
                 continue
             self.slots.acquire()  # a full instance holds the next request in Triton's queue
             job = threading.Thread(target=self._serve, args=(request,), daemon=True)
@@ -218,8 +224,12 @@ class TritonPythonModel:
             job.start()
 
     def _describe(self, request: Any) -> None:
-        info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self._compiled()})
-        final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
+        """Answer a describe request; an error (the generation model not answering) is the request's error."""
+        try:
+            info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self._compiled()})
+            final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
+        except Exception as exc:  # noqa: BLE001 - the client gets it; the instance stays up
+            final = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), _triton_code(exc)))
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _compiled(self) -> bool:
@@ -298,10 +308,9 @@ class TritonPythonModel:
             f"lipsync: job {job} {kind.value}: {error!r}"
         )
         info = contract.failure_info(error, message)
-        code = getattr(pb_utils.TritonError, contract.FAILURES[kind].triton_code)
         sender.send(pb_utils.InferenceResponse([_text("STAGE", contract.FAILED_STAGE), _text("INFO", info)]))
         if error_response:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, _triton_code(error))))
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self.metrics.finished(OUTCOMES.get(kind, "failed"))
 
