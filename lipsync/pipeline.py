@@ -131,7 +131,7 @@ class PipelineSettings:
     """How a server's ETA learns its stage times (``lipsync.progress.StageRates``)."""
     detect_threads: PositiveInt = 4
     finish_threads: PositiveInt = 4
-    generations_in_flight: PositiveInt = 1
+    generations_in_flight: PositiveInt = 2
     """Batches of one job generating at once (:meth:`LipSyncPipeline.run`); each holds its original frames."""
     analysis_chunk: PositiveInt = 16
     colour_chunk: PositiveInt = 16

@@ -292,7 +292,6 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gib", type=float, help="the generation process's GPU memory cap (default: the config's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="whether the server compiles the UNet (default: the config's)")
-    parser.add_argument("--generations-in-flight", type=int, help="batches of one job generating at once (default: the config's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lipsync-bench-serve"))
@@ -311,15 +310,14 @@ def main() -> None:
     settings = TritonSettings.load(
         device=args.device, weights=args.version, checkpoints=str(args.checkpoints), dtype=args.dtype, workdir=args.workdir,
         job_processes=args.job_processes, gpu_memory_gib=args.gpu_memory_gib, compile_unet=args.compile,
-        generations_in_flight=args.generations_in_flight, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),  # beside a running server
     )
     video = args.video.read_bytes()
     job = JobRequest(video, args.audio.read_bytes(), inference_steps=args.steps)
     report: dict = {
         "version": args.version, "dtype": args.dtype, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv), "job_processes": settings.resolved_job_processes(),
-        "gpu_memory_gib": settings.gpu_memory_gib, "compile_unet": settings.compile_unet,
-        "generations_in_flight": settings.generations_in_flight, "levels": [],
+        "gpu_memory_gib": settings.gpu_memory_gib, "compile_unet": settings.compile_unet, "levels": [],
     }
     rates = {"unet_window_step_tflop": round(unet_window_step_flops(weight_paths(args.version, args.checkpoints).unet_config) / 1e12, 3)}
     if args.device == "gpu":  # in a child process: this one must hold no CUDA context beside the server's

@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal
 import httpx2
 import psutil
 from google.protobuf import text_format
-from pydantic import AfterValidator, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, NonNegativeFloat, NonNegativeInt
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from tritonclient.grpc import model_config_pb2
 
@@ -115,8 +115,6 @@ class TritonSettings:
     ``compile_unet`` (auto: on GPUs)."""
     compile_before_ready: bool = False
     """Compile the UNet before the ``lipsync`` model reports ready, instead of on a thread while it serves."""
-    generations_in_flight: PositiveInt | None = None
-    """Batches of one job generating at once in the ``lipsync`` instances; ``None`` = the model config's."""
     workdir: Annotated[Path, AfterValidator(home_path)] = Path(".serve")
     """Relative paths in the config are taken from :data:`lipsync.config.HOME`."""
     startup_timeout_s: float = 600.0
@@ -235,8 +233,6 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
             _compilation(config, settings)
         _weights(config, settings)
         config.parameters["stage_rates_file"].string_value = str(settings.stage_rates_file())
-        if settings.generations_in_flight is not None:
-            config.parameters["generations_in_flight"].string_value = str(settings.generations_in_flight)
     if not processes:
         shutil.rmtree(dest / GENERATION_MODEL)
         return dest

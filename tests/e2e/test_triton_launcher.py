@@ -85,9 +85,6 @@ def test_a_gpu_server_splits_jobs_into_cpu_processes_and_one_generation_model_pe
     assert asked.parameters["compile_unet"].string_value == "true"
     uncapped = _config(_rendered_repository(tmp_path, device="gpu", gpu_memory_gib=0), "lipsync_generate")
     assert uncapped.parameters["compile_unet"].string_value == ""  # configs/pipeline.yaml's (auto: compiled)
-    assert jobs.parameters["generations_in_flight"].string_value == "1"  # the model config's unless set
-    two = _config(_rendered_repository(tmp_path, device="gpu", generations_in_flight=2))
-    assert two.parameters["generations_in_flight"].string_value == "2"
     with pytest.raises(ConfigError, match="job_processes"):
         _rendered(tmp_path, device="gpu", split_jobs=True, job_processes=2)
 
