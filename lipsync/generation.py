@@ -20,7 +20,6 @@ import torch
 from diffusers import AutoencoderKL
 
 from lipsync.gpu_guard import GPU_GUARD
-from lipsync.progress import SummedProgress
 from lipsync.sampling import (
     CancelCheck,
     Denoiser,
@@ -159,8 +158,7 @@ class FaceGenerator:
     The caller draws the video's shared ``noise`` once (``initial_noise``) and passes one CPU
     ``generator``. The VAE's sampling noise is drawn from it on the calling thread, window by window
     in official order, before any group starts: a window's result does not depend on which replica
-    generates it nor on how windows are grouped. :meth:`prepare` draws it and returns the rest
-    (:class:`Generation`), which may then run on another thread, beside the job's other calls.
+    generates it nor on how windows are grouped.
     """
 
     def __init__(
@@ -171,6 +169,7 @@ class FaceGenerator:
         self.replicas, self.settings = list(replicas), settings
         self.timer = timer or StageTimer()
 
+    @torch.no_grad()
     def __call__(
         self,
         faces: torch.Tensor,
@@ -182,7 +181,7 @@ class FaceGenerator:
         should_cancel: CancelCheck | None = None,
         on_step: Callable[[float], None] | None = None,
     ) -> torch.Tensor:
-        """Generate faces for ``N`` frames: :meth:`prepare`, then :meth:`Generation.run`, on this thread.
+        """Generate faces for ``N`` frames.
 
         Args:
             faces: aligned faces ``(N, 3, R, R)`` in [-1, 1].
@@ -190,7 +189,7 @@ class FaceGenerator:
             mask: ``(R, R)`` mouth mask, 1 = keep, 0 = generate.
             noise: ``(1, 4, 1, R/8, R/8)`` shared initial noise.
             generator: CPU generator for the VAE's latent sampling.
-            on_window: called on the generating thread with (windows done, windows total) after each group.
+            on_window: called on the calling thread with (windows done, windows total) after each group.
             should_cancel: checked by the denoisers before every DDIM step.
             on_step: called with the windows done, fractions of running groups included, after every
                 DDIM step of any group; it may run on a denoiser's thread (see ``WindowBatch.on_step``).
@@ -200,25 +199,6 @@ class FaceGenerator:
         Raises:
             ``JobCancelled`` once ``should_cancel`` (or ``on_window``) says so; with several
             replicas, only after every group has stopped.
-        """
-        return self.prepare(faces, audio, mask, noise, generator, on_window, should_cancel, on_step).run()
-
-    def prepare(
-        self,
-        faces: torch.Tensor,
-        audio: torch.Tensor,
-        mask: torch.Tensor,
-        noise: torch.Tensor,
-        generator: torch.Generator,
-        on_window: Callable[[int, int], None] | None = None,
-        should_cancel: CancelCheck | None = None,
-        on_step: Callable[[float], None] | None = None,
-    ) -> Generation:
-        """Draw the VAE sampling noise of these frames from ``generator`` now, on the calling thread, and
-        return their generation (arguments as for :meth:`__call__`).
-
-        What is left to :meth:`Generation.run` draws nothing, so it may run on any thread, beside other
-        generations of the same job, while the draws stay in the order the caller prepares them.
         """
         count, _, size, _ = faces.shape
         if audio.shape[0] != count:
@@ -235,9 +215,18 @@ class FaceGenerator:
             )
             for window in windows
         }
-        progress = None if on_step is None else SummedProgress(on_step)
+        progress = None if on_step is None else _StepProgress(on_step, self.settings.steps)
         inputs = _GenerationInputs(faces, audio, mask.to(faces.dtype), noise, sampling, should_cancel, progress)
-        return Generation(self, inputs, windows, on_window)
+        output = torch.empty_like(faces)
+        groups = _equal_length_groups(windows, self.settings.windows_per_call)
+        if len(self.replicas) == 1:
+            for group in groups:
+                output[_span(group)] = self._generate(self.replicas[0], group, inputs)
+                if on_window is not None:
+                    on_window(windows.index(group[-1]) + 1, len(windows))
+        else:
+            self._spread(groups, inputs, output, on_window, len(windows))
+        return output
 
     def _spread(
         self,
@@ -295,44 +284,13 @@ class FaceGenerator:
                     self.settings.steps,
                     self.settings.guidance_scale,
                     self.settings.cache_interval,
-                    on_step=None if inputs.progress is None else self._steps_reporter(inputs.progress, len(group)),
+                    on_step=None if inputs.progress is None else inputs.progress.reporter(group[0].start, len(group)),
                     should_cancel=inputs.should_cancel,
                 ),
                 timer,
             )
         finally:
             self.timer.add(timer)
-
-    def _steps_reporter(self, progress: SummedProgress, windows: int) -> Callable[[int], None]:
-        """A group's ``on_step``: its DDIM steps done, as the windows of ``windows`` they amount to."""
-        report = progress.part()
-        return lambda step: report(windows * step / self.settings.steps)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One :class:`FaceGenerator` call whose sampling noise is drawn (:meth:`FaceGenerator.prepare`)."""
-
-    generator: FaceGenerator
-    inputs: _GenerationInputs
-    windows: list[slice]
-    """The call's windows, in order; the last may be shorter."""
-    on_window: Callable[[int, int], None] | None
-
-    @torch.no_grad()
-    def run(self) -> torch.Tensor:
-        """The faces (see :meth:`FaceGenerator.__call__`), generated by the generator's replicas."""
-        generator, inputs, windows = self.generator, self.inputs, self.windows
-        output = torch.empty_like(inputs.faces)
-        groups = _equal_length_groups(windows, generator.settings.windows_per_call)
-        if len(generator.replicas) == 1:
-            for group in groups:
-                output[_span(group)] = generator._generate(generator.replicas[0], group, inputs)
-                if self.on_window is not None:
-                    self.on_window(windows.index(group[-1]) + 1, len(windows))
-        else:
-            generator._spread(groups, inputs, output, self.on_window, len(windows))
-        return output
 
 
 @dataclass(frozen=True)
@@ -346,8 +304,29 @@ class _GenerationInputs:
     sampling: dict[int, tuple[torch.Tensor, torch.Tensor]]
     """VAE sampling noise (masked faces, faces) per window, keyed by the window's first frame."""
     should_cancel: CancelCheck | None
-    progress: SummedProgress | None = None
-    """Windows done over the call's groups, each running group counted by the DDIM steps it has done."""
+    progress: _StepProgress | None = None
+
+
+class _StepProgress:
+    """Windows done over one call's groups, each running group counted by the DDIM steps it has done.
+
+    Groups may run on several replicas' threads at once, so the sum is taken and reported under a lock.
+    """
+
+    def __init__(self, on_step: Callable[[float], None], steps: int) -> None:
+        self._on_step, self._steps = on_step, steps
+        self._done: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def reporter(self, key: int, windows: int) -> Callable[[int], None]:
+        """The ``on_step`` of the group starting at frame ``key`` with ``windows`` windows."""
+
+        def report(step: int) -> None:
+            with self._lock:  # reported in the order summed: never a smaller total after a larger one
+                self._done[key] = windows * step / self._steps
+                self._on_step(sum(self._done.values()))
+
+        return report
 
 
 def _span(group: list[slice]) -> slice:

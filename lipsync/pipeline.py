@@ -5,8 +5,7 @@ diffusers' pipelines: :meth:`~LipSyncPipeline.check_options` (the job's options)
 :meth:`~LipSyncPipeline.plan` (audio, output length, devices, noise: a :class:`Job`),
 :meth:`~LipSyncPipeline.analyse` (detection and alignment, :mod:`lipsync.analysis`),
 :meth:`~LipSyncPipeline.prepare_batch` (the next frames in output order, their faces warped),
-:meth:`~LipSyncPipeline.generate` (the batch's faces through the models; in two halves,
-:meth:`~LipSyncPipeline.prepare_generation` draws the batch's noise and returns the rest) and
+:meth:`~LipSyncPipeline.generate` (the batch's faces through the models) and
 :meth:`~LipSyncPipeline.finish` (paste-back, YUV, encode). :meth:`~LipSyncPipeline.run` runs them
 on threads of their own, so that memory does not grow with the video's length and the passes overlap:
 
@@ -14,12 +13,10 @@ on threads of their own, so that memory does not grow with the video's length an
    alignment (only the 2×3 affine is kept per frame);
 2. *prepare* (a prefetch thread) — decode again in output order (looping when the audio is longer),
    wait until the batch's alignments are final, warp the faces;
-3. *generate* (``generations_in_flight`` generation threads) — VAE encode, DDIM loop and VAE decode
-   of the batch's windows, in this process or another, several batches at once; the job's thread
-   draws each batch's noise in output order first, so the output does not depend on how many;
-4. *finish* (an encoder thread and its finishers) — paste-back and encoding of the batches in output
-   order, each once its generation and the previous batch's encoding are done, while the next
-   batches are generated.
+3. *generate* (the job's thread) — VAE encode, DDIM loop and VAE decode of the batch's windows, in
+   this process or another;
+4. *finish* (an encoder thread and its finishers) — paste-back and encoding of that batch while the
+   next batch is generated.
 
 What happens to the models outside a job (placing jobs on replicas, warm-up, compilation) is
 :mod:`lipsync.lifecycle`'s.
@@ -28,11 +25,10 @@ What happens to the models outside a job (placing jobs on replicas, warm-up, com
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property, partial
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -69,7 +65,7 @@ from lipsync.media.colour import yuv420p_pictures
 from lipsync.models import load_unet
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.graphed import GraphedUNet
-from lipsync.progress import STAGE_SPANS, EtaSettings, JobSize, SummedProgress
+from lipsync.progress import STAGE_SPANS, EtaSettings, JobSize
 from lipsync.remote import pixels_to_faces
 from lipsync.sampling import (
     CancelCheck,
@@ -131,8 +127,6 @@ class PipelineSettings:
     """How a server's ETA learns its stage times (``lipsync.progress.StageRates``)."""
     detect_threads: PositiveInt = 4
     finish_threads: PositiveInt = 4
-    generations_in_flight: PositiveInt = 2
-    """Batches of one job generating at once (:meth:`LipSyncPipeline.run`); each holds its original frames."""
     analysis_chunk: PositiveInt = 16
     colour_chunk: PositiveInt = 16
     """Frames converted to YUV on the GPU at a time."""
@@ -428,34 +422,33 @@ class LipSyncPipeline:
         job.prepared += len(sources)
         return batch
 
-    def prepare_generation(
-        self, job: Job, generator: FaceGenerator, batch: FrameBatch, should_cancel: CancelCheck | None = None
-    ) -> Callable[[], np.ndarray]:
-        """The batch's generation, its VAE sampling noise drawn from ``job.random`` now: call this for the
-        job's batches in output order, on one thread, and the output does not depend on where or how many
-        at once the returned generations run. Calling one gives what :meth:`generate` returns."""
-        on_step = job.generated.part()
-        generation = generator.prepare(
-            pixels_to_faces(batch.faces).permute(0, 3, 1, 2),
-            self.audio.frame_windows(job.features, len(batch.sources), first_frame=batch.start),
-            self.mask,
-            job.noise,
-            job.random,
-            on_window=lambda _done, _total: _check_cancel(should_cancel),
-            should_cancel=should_cancel,
-            on_step=on_step,
-        )
-        return lambda: generation.run().permute(0, 2, 3, 1).numpy()
-
     def generate(
         self, job: Job, generator: FaceGenerator, batch: FrameBatch, should_cancel: CancelCheck | None = None
     ) -> np.ndarray:
         """The batch's faces lip-synced to their audio windows: ``(N, R, R, 3)`` floats in [-1, 1].
 
-        Progress (the windows done over all the job's batches) is reported after every DDIM step;
-        ``should_cancel`` is asked before each step and after each group of windows.
+        Progress is reported after every DDIM step; ``should_cancel`` is asked before each step and
+        after each group of windows.
         """
-        return self.prepare_generation(job, generator, batch, should_cancel)()
+        done_before = batch.start // job.settings.num_frames
+
+        def on_window(_done: int, _total: int) -> None:
+            _check_cancel(should_cancel)
+
+        def on_step(done: float) -> None:
+            job.report("generate", (done_before + done) / job.windows)
+
+        generated = generator(
+            pixels_to_faces(batch.faces).permute(0, 3, 1, 2),
+            self.audio.frame_windows(job.features, len(batch.sources), first_frame=batch.start),
+            self.mask,
+            job.noise,
+            job.random,
+            on_window=on_window,
+            should_cancel=should_cancel,
+            on_step=on_step,
+        )
+        return generated.permute(0, 2, 3, 1).numpy()
 
     def finish(
         self,
@@ -527,13 +520,11 @@ class LipSyncPipeline:
         )
         job = self.plan(video, audio, settings, loop_mode, devices, progress, on_plan, face=face, face_box=face_box)
         faceless = 0
-        in_flight = self.settings.generations_in_flight
-        # Threads beside this one: the analysis detects faces ahead of generation; the prefetcher prepares
-        # the next batch; up to `in_flight` batches generate at once on the generation threads (this thread
-        # draws their noise in output order, so the output does not depend on how many); the oldest one's
-        # faces are pasted back on the finisher threads, converted to YUV and encoded in order by the
-        # encoder thread. Waiting for the previous batch's encoding before queueing the next keeps the frame
-        # order and holds at most `in_flight` + 2 batches of frames (next, generating, encoding).
+        # Four threads beside this one: the analysis detects faces ahead of generation; the prefetcher
+        # prepares the next batch while this thread generates the current one; the previous batch is
+        # pasted back on the finisher threads, converted to YUV and encoded in order by the encoder
+        # thread. Waiting for the previous batch before queueing the next keeps the frame order and
+        # holds at most three batches of frames (next, current, previous), whatever the video's length.
         with (
             self.placement.placed(job.parts) as replicas,
             ThreadPoolExecutor(1, thread_name_prefix="analysis") as analyser,
@@ -548,38 +539,24 @@ class LipSyncPipeline:
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch,
             ThreadPoolExecutor(1, thread_name_prefix="encoder") as encoder,
             ThreadPoolExecutor(self.settings.finish_threads, thread_name_prefix="finisher") as finishers,
-            ThreadPoolExecutor(in_flight, thread_name_prefix="generation") as generations,
         ):
             analyser.submit(self.analyse, job, should_cancel)
             generator = FaceGenerator(replicas, job.settings, job.timer)
-            running = _InFlight(generations, should_cancel)
-            finishing: Future | None = None
-
-            def finish_oldest() -> None:
-                nonlocal finishing
-                batch, faces = running.oldest()
-                if finishing is not None:
-                    finishing.result()
-                finishing = encoder.submit(self.finish, job, batch, faces, writer, finishers, replicas[0].device)
-
             try:
+                finishing: Future | None = None
                 upcoming = prefetch.submit(self.prepare_batch, job)
                 for start in range(0, job.frames, job.batch_frames):
                     batch = upcoming.result()
                     if start + job.batch_frames < job.frames:
                         upcoming = prefetch.submit(self.prepare_batch, job)
                     faceless += batch.faceless
-                    running.submit(batch, self.prepare_generation(job, generator, batch, running.should_cancel))
-                    if len(running) == in_flight:
-                        finish_oldest()
-                while len(running):
-                    finish_oldest()
+                    faces = self.generate(job, generator, batch, should_cancel)
+                    if finishing is not None:
+                        finishing.result()
+                    finishing = encoder.submit(self.finish, job, batch, faces, writer, finishers, replicas[0].device)
                 job.report("encode", 0.0)
                 if finishing is not None:
                     finishing.result()
-            except BaseException:
-                running.stop()  # the generations still running leave within a DDIM step
-                raise
             finally:
                 job.track.stop()
             with job.timer.stage("encode", sync=False):
@@ -651,12 +628,6 @@ class Job:
     def windows(self) -> int:
         return -(-self.frames // self.settings.num_frames)
 
-    @cached_property
-    def generated(self) -> SummedProgress:
-        """Windows generated over the job's batches, each running batch counted by its DDIM steps done (several
-        batches generate at once), reported as the generation stage's fraction."""
-        return SummedProgress(lambda done: self.report("generate", done / self.windows))
-
 
 @dataclass(frozen=True)
 class FrameBatch:
@@ -726,58 +697,6 @@ class _Progress:
                 return
             self._reported = value
             self.callback(value, stage)
-
-
-class _InFlight:
-    """A job's batches generating on a pool, handed back in output order.
-
-    The first generation to fail (a cancel included) turns the others' :meth:`should_cancel` true, so they
-    leave within a DDIM step (a remote group: at its end); :meth:`oldest` then raises that first failure.
-    """
-
-    def __init__(self, pool: Executor, should_cancel: CancelCheck | None) -> None:
-        self._pool, self._asked = pool, should_cancel
-        self._running: deque[tuple[FrameBatch, Future[np.ndarray]]] = deque()
-        self._stopped = threading.Event()
-        self._failure: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._running)
-
-    def should_cancel(self) -> bool:
-        """Whether the job's generations must stop: the job was cancelled, or one of them failed."""
-        return self._stopped.is_set() or (self._asked is not None and self._asked())
-
-    def stop(self) -> None:
-        """Tell the running generations to stop (the job failed elsewhere)."""
-        self._stopped.set()
-
-    def submit(self, batch: FrameBatch, generate: Callable[[], np.ndarray]) -> None:
-        """Start generating ``batch`` (the next in output order) on the pool."""
-        self._running.append((batch, self._pool.submit(self._first_failure_stops_all, generate)))
-
-    def oldest(self) -> tuple[FrameBatch, np.ndarray]:
-        """The oldest batch and its faces, once generated; raises the first failure of any generation."""
-        batch, future = self._running.popleft()
-        try:
-            return batch, future.result()
-        except BaseException as error:
-            self.stop()
-            first = self._failure  # recorded before its future failed, so before any other stopped for it
-            if first is None or first is error:
-                raise
-            raise first from None
-
-    def _first_failure_stops_all(self, generate: Callable[[], np.ndarray]) -> np.ndarray:
-        try:
-            return generate()
-        except BaseException as error:
-            with self._lock:
-                if self._failure is None:
-                    self._failure = error
-            self._stopped.set()
-            raise
 
 
 def _check_cancel(should_cancel: CancelCheck | None) -> None:

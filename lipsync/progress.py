@@ -99,33 +99,6 @@ class JobSize:
         return self.frames * self.steps if stage == PACED_STAGE else self.frames
 
 
-class SummedProgress:
-    """Work done over parts that progress on several threads at once, reported as one sum.
-
-    Each part (a group of windows, a batch of frames) reports its own amount done, only rising; the
-    total is summed and handed to ``on_total`` under a lock, so totals come out in order: never a
-    smaller one after a larger one.
-    """
-
-    def __init__(self, on_total: Callable[[float], None]) -> None:
-        self._on_total = on_total
-        self._done: list[float] = []
-        self._lock = threading.Lock()
-
-    def part(self) -> Callable[[float], None]:
-        """A new part's report: called with the part's amount done so far."""
-        with self._lock:
-            index = len(self._done)
-            self._done.append(0.0)
-
-        def report(done: float) -> None:
-            with self._lock:
-                self._done[index] = done
-                self._on_total(sum(self._done))
-
-        return report
-
-
 Samples = dict[str, deque[tuple[int, float]]]
 """Per stage, the newest finished jobs' ``(units, seconds)``."""
 _STORED = TypeAdapter(dict[str, list[tuple[NonNegativeInt, NonNegativeFloat]]])

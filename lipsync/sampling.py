@@ -237,11 +237,7 @@ class Denoiser(Protocol):
 
 
 class DirectDenoiser:
-    """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls.
-
-    Batches of that job may come from several threads at once (``generations_in_flight``): they share the
-    scheduler, which each sets to the same steps, the job's.
-    """
+    """:class:`Denoiser` for one job at a time: each batch gets its own UNet calls."""
 
     def __init__(self, unet: NoisePredictor, scheduler: DDIMScheduler) -> None:
         self.unet, self.scheduler = unet, scheduler

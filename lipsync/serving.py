@@ -106,7 +106,6 @@ class LipSyncParameters(ModelParameters):
     max_concurrent_jobs: PositiveInt
     detect_threads: PositiveInt
     finish_threads: PositiveInt
-    generations_in_flight: PositiveInt
     devices: str
     generator: str
     generator_lanes: PositiveInt

@@ -153,7 +153,6 @@ class TritonPythonModel:
         settings = PipelineSettings.load(
             detect_threads=params.detect_threads,
             finish_threads=params.finish_threads,
-            generations_in_flight=params.generations_in_flight,
             compile_unet=params.compile_unet,
             split_min_seconds=0 if self.generator else None,  # every job keeps all its lanes busy
         )
