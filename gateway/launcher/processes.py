@@ -30,9 +30,12 @@ class ProcessRecord:
     command: tuple[str, ...]
 
     @classmethod
-    def of(cls, pid: int) -> ProcessRecord:
+    def of(cls, pid: int, command: tuple[str, ...] | None = None) -> ProcessRecord:
+        """The record of the running process ``pid``; a child started with a known ``command`` (its argv)
+        may give it, since a child that already exited (a zombie until it is waited for) has no command line
+        left to read, only its start time."""
         process = psutil.Process(pid)
-        return cls(pid, process.create_time(), tuple(process.cmdline()))
+        return cls(pid, process.create_time(), command if command is not None else tuple(process.cmdline()))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProcessRecord:

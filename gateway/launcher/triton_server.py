@@ -386,7 +386,9 @@ class TritonServer:
             noise = self.settings.cpu_log_noise if self.settings.resolved_device() == "cpu" else ()
             assert self.process.stdout is not None  # stdout=PIPE
             self._log_pump = LogPump(self.process.stdout, self.log_path, noise)
-            self.pid_file.record(launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(self.process.pid))
+            self.pid_file.record(
+                launcher=ProcessRecord.of(os.getpid()), triton=ProcessRecord.of(self.process.pid, tuple(command))
+            )
         except BaseException:
             self.stop()
             raise

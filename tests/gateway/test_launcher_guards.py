@@ -87,6 +87,23 @@ def test_a_record_matches_only_the_process_it_was_taken_from() -> None:
     assert child_record.process() is None
 
 
+def test_a_child_is_recorded_by_its_argv_even_after_it_exited() -> None:
+    """A server that dies at once is a zombie when its launcher records it: no command line can be read then."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert ProcessRecord.of(child.pid, ("sleep", "60")) == ProcessRecord.of(child.pid)  # the argv is what is read
+    finally:
+        child.kill()
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not yet waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    record = ProcessRecord.of(child.pid, ("sleep", "60"))
+    assert record.command == ("sleep", "60")
+    assert record.process() is None  # exited
+    child.wait()
+
+
 def test_a_taken_port_is_reported_with_its_holder() -> None:
     with socket.create_server(("127.0.0.1", 0)) as held:
         port = held.getsockname()[1]
