@@ -81,7 +81,7 @@ class VideoReader:
             if self._first is None:
                 raise MediaError(f"{self.path} has a video stream but no frames in it")
             rotation = round(self._first.rotation / 90) % 4 * 90
-            self._graph = self._build_graph(self._first, rotation)
+            self._graph: Graph | None = self._build_graph(self._first, rotation)
             self.info: VideoInfo = video_info(self.path, self._container, self._stream, rotation)
         except BaseException:
             self.close()
@@ -91,19 +91,32 @@ class VideoReader:
         if self._first is None:
             raise RuntimeError("a VideoReader's frames can be read once; open a new reader to read them again")
         first, self._first = self._first, None
+        graph = self._graph
+        assert graph is not None  # built on opening, dropped only by close()
         start = end = first.pts or 0
         for frame in chain([first], self._decoded):
             if frame.pts is None:  # raw elementary streams (.h264, .hevc) carry no timestamps: play back to back
                 frame.pts = end
             end = frame.pts + (frame.duration or 0)
-            self._graph.vpush(frame)
-            yield from self._pull()
-        self._graph.vpush(None)
-        yield from self._pull()
+            graph.vpush(frame)
+            yield from self._pull(graph)
+        graph.vpush(None)
+        yield from self._pull(graph)
         assert first.time_base is not None  # a decoded frame carries its stream's
         self._check_length(float((end - start) * first.time_base))
 
     def close(self) -> None:
+        """Close the file and drop the decoder's state now.
+
+        The decoding generator refers back to this reader, and PyAV's filter graph to itself: left to the
+        garbage collector, each finished reader would keep its decoder threads and frame buffers (about a
+        second of decoded video and more) until a full collection, which a process that allocates few
+        Python objects may not run for many jobs."""
+        decoded = getattr(self, "_decoded", None)
+        if decoded is not None:
+            decoded.close()
+        self._first = None
+        self._graph = None
         self._container.close()
 
     def __enter__(self) -> VideoReader:
@@ -145,10 +158,11 @@ class VideoReader:
         ).configure()
         return graph
 
-    def _pull(self) -> Iterator[np.ndarray]:
+    @staticmethod
+    def _pull(graph: Graph) -> Iterator[np.ndarray]:
         while True:
             try:
-                frame = self._graph.vpull()
+                frame = graph.vpull()
             except (av.error.BlockingIOError, av.error.EOFError):
                 return
             yield frame.to_ndarray()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -164,6 +165,33 @@ def test_frames_can_be_read_once(tmp_path: Path) -> None:
         assert len(list(reader)) == 2
         with pytest.raises(RuntimeError, match="read once"):
             list(reader)
+
+
+def _decoder_threads() -> int:
+    """Threads of this process that FFmpeg's decoders started (FFmpeg names them ``av:<codec>:…``)."""
+    return sum(Path(f"/proc/self/task/{task}/comm").read_text().startswith("av:") for task in os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("read", ["all", "some", "none"])
+def test_a_closed_reader_frees_its_decoder_without_the_garbage_collector(read: str) -> None:
+    """A job process allocates few Python objects, so a full collection may not come for many jobs: a
+    reader held only by a reference cycle would keep its decoder threads and frames that long."""
+    before = _decoder_threads()
+    gc.disable()
+    try:
+        with VideoReader(DEMO_VIDEO) as reader:
+            assert _decoder_threads() > before  # the demo clip's decoder runs frame threads
+            frames = iter(reader)
+            if read != "none":
+                for _ in range(240 if read == "all" else 3):
+                    next(frames, None)
+            del frames
+        freed = weakref.ref(reader)
+        del reader
+        assert freed() is None
+        assert _decoder_threads() == before
+    finally:
+        gc.enable()
 
 
 # --- writing -------------------------------------------------------------------------------------
