@@ -45,6 +45,12 @@ class GpuGuard:
         with self._changed:
             return self._readers
 
+    @property
+    def writers_waiting(self) -> int:
+        """Threads waiting for an exclusive hold now (for tests and diagnostics)."""
+        with self._changed:
+            return self._writers_waiting
+
     def held(self) -> bool:
         """Whether the calling thread holds the guard, shared or exclusive."""
         with self._changed:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lipsync.gpu_guard import GPU_GUARD
+from lipsync.gpu_guard import GPU_GUARD, GpuGuard
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.unet import UNet3DConditionModel
 
@@ -74,6 +74,57 @@ class _CapturedCall:
         return outputs if self.returns_tuple else outputs[0]
 
 
+class CapturedCalls:
+    """The captured calls of one UNet by input signature, and the locking around them.
+
+    Replays share one memory pool, so a lock serialises them with each other and with captures. Every
+    thread takes the GPU guard first and this lock second: a replay or an eager call holds the guard
+    shared, a capture exclusively. Waiting for the exclusive guard while holding the lock would deadlock
+    with a thread that holds the guard shared across a DDIM loop (the window batcher) and waits for the
+    lock to make its next call; that is what a compilation capturing its graphs beside running jobs did.
+    """
+
+    def __init__(
+        self,
+        captures: Callable[[torch.Tensor], bool],
+        capture: Callable[[TensorFunction, tuple[torch.Tensor, ...]], Callable[[tuple[torch.Tensor, ...]], Any]],
+        guard: GpuGuard = GPU_GUARD,
+    ) -> None:
+        self._captures, self._capture, self._guard = captures, capture, guard
+        self._calls: dict[tuple, Callable[[tuple[torch.Tensor, ...]], Any]] = {}
+        self._too_large: set[tuple] = set()
+        """Shapes whose capture ran out of memory (a ``gpu_memory_gib`` cap): they run eagerly."""
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._calls.clear()
+
+    def run(self, key: tuple, function: TensorFunction, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """``function(*inputs)``: replayed when ``key`` has a graph, captured first when it may get one."""
+        with self._guard.shared(), self._lock:
+            call = self._calls.get(key)
+            if call is not None:
+                return call(inputs)
+            if key in self._too_large or not self._captures(inputs[0]):
+                return function(*inputs)
+        with self._guard.exclusive(), self._lock:
+            call = self._calls.get(key)  # another thread may have captured it meanwhile
+            if call is None:
+                if key in self._too_large or not self._captures(inputs[0]):
+                    return function(*inputs)
+                try:
+                    call = self._calls[key] = self._capture(function, inputs)
+                except torch.OutOfMemoryError:  # over the process's memory cap: this shape runs uncaptured
+                    self._too_large.add(key)
+                    torch.cuda.empty_cache()
+                    return function(*inputs)
+            return call(inputs)
+
+
 class GraphedUNet:
     """Drop-in :class:`~lipsync.sampling.NoisePredictor` over a CUDA ``UNet3DConditionModel`` or ``CompiledUNet``.
 
@@ -91,13 +142,10 @@ class GraphedUNet:
         self.unet = unet
         self.max_graphs = max_graphs
         self.batch_rows = batch_rows
-        self._graphs: dict[tuple, _CapturedCall] = {}
-        self._too_large: set[tuple] = set()
-        """Shapes whose capture ran out of memory (a ``gpu_memory_gib`` cap): they run eagerly."""
+        self._graphs = CapturedCalls(self._captures, self._capture)
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(unet.device)
         """Every capture's stream (see the module docstring: blocks are reused on their own stream only)."""
-        self._lock = threading.Lock()
         self.capturing = True
         self.pool_budget: int | None = None
         """Bytes the captures may add to the device's reserved memory (under a process memory cap: what the
@@ -135,9 +183,8 @@ class GraphedUNet:
     def release(self) -> None:
         """Drop every graph and capture no more: calls run eagerly from now on, and the graphs' pool goes
         back to the allocator (for a UNet no longer serving, once the compiled one has taken over)."""
-        with self._lock:
-            self.capturing = False
-            self._graphs.clear()
+        self.capturing = False
+        self._graphs.clear()
         torch.cuda.empty_cache()
 
     def _captures(self, sample: torch.Tensor) -> bool:
@@ -167,17 +214,5 @@ class GraphedUNet:
         key = (name, *((tuple(tensor.shape), tensor.dtype) for tensor in inputs))
         # The calling thread's current device may be another GPU (each thread starts on device 0):
         # streams, the capture and the replay must all be on the UNet's device.
-        with self._lock, torch.cuda.device(self.device):
-            captured = self._graphs.get(key)
-            if captured is None:
-                if key in self._too_large or not self._captures(inputs[0]):
-                    with GPU_GUARD.shared():
-                        return function(*inputs)
-                try:
-                    captured = self._graphs[key] = self._capture(function, inputs)
-                except torch.OutOfMemoryError:  # over the process's memory cap: this shape runs uncaptured
-                    self._too_large.add(key)
-                    torch.cuda.empty_cache()
-                    with GPU_GUARD.shared():
-                        return function(*inputs)
-            return captured(inputs)
+        with torch.cuda.device(self.device):
+            return self._graphs.run(key, function, inputs)

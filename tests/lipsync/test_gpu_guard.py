@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +23,7 @@ from support.clips import demo_frames, speech, write_video, write_wav
 
 from lipsync.batching import BatchingSettings
 from lipsync.gpu_guard import GPU_GUARD, GpuGuard
+from lipsync.models.graphed import CapturedCalls
 from lipsync.pipeline import LipSyncPipeline
 from lipsync.weights import WeightPaths
 
@@ -86,6 +87,49 @@ def test_a_shared_holder_can_take_it_exclusively_without_deadlock() -> None:
         release.set()
         assert capture.result(5)
     assert guard.readers == 0 and not guard.held()
+
+
+def test_a_capture_beside_a_running_loop_on_the_same_unet_does_not_deadlock() -> None:
+    """A compilation captures its graphs while the window batcher's DDIM loop runs on the same UNet: the loop
+    holds the guard shared for all its steps and needs the UNet's lock for each call, while the capture waits
+    for the guard exclusively."""
+    guard = GpuGuard()
+
+    def capture(function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+        with guard.exclusive():  # as a CUDA-graph capture does
+            assert guard.readers == 0
+        return lambda call_inputs: function(*call_inputs)
+
+    calls = CapturedCalls(lambda sample: True, capture, guard)
+    sample = (torch.ones(2),)
+    assert torch.equal(calls.run(("loop",), torch.neg, sample), -sample[0])  # the loop's shape has its graph
+    loop_inside = threading.Event()
+    done: list[str] = []
+
+    def loop() -> None:
+        with guard.shared():
+            loop_inside.set()
+            deadline = time.monotonic() + 10
+            while guard.writers_waiting == 0:  # the capture now waits for the guard
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            for _ in range(3):  # the loop's next steps
+                calls.run(("loop",), torch.neg, sample)
+        done.append("loop")
+
+    def compilation() -> None:
+        with guard.shared():  # a compilation's own DDIM loop
+            calls.run(("compiled",), torch.neg, sample)
+        done.append("compilation")
+
+    threads = [threading.Thread(target=loop, daemon=True), threading.Thread(target=compilation, daemon=True)]
+    threads[0].start()
+    assert loop_inside.wait(10)
+    threads[1].start()
+    for thread in threads:  # daemon threads joined with a bound: a deadlock fails the test, not the run
+        thread.join(10)
+    assert sorted(done) == ["compilation", "loop"]
+    assert len(calls) == 2 and guard.readers == 0
 
 
 class _GpuWork:
