@@ -164,6 +164,13 @@ def compile_unet(
                 _generate_dummy(pipeline, capturing, mode, max_windows, log, what="capturing the compiled UNet")
 
 
+COMPILING_LINE = "lipsync: compiling the UNet in the background"
+"""How :func:`start_compiling`'s log lines begin: it starts, it failed (jobs keep the eager UNet), the compiled
+UNet serves. Each instance that compiles logs the first and then one of the others (``bench_triton`` counts them)."""
+COMPILE_FAILED_LINE = "lipsync: compiling the UNet failed"
+COMPILED_LINE = "lipsync: compiled UNet serving on"
+
+
 def start_compiling(
     pipeline: LipSyncPipeline, max_windows: int | None = None, log: Log | None = None
 ) -> threading.Thread:
@@ -173,19 +180,17 @@ def start_compiling(
     why it does not (jobs then keep the eager one).
     """
     say = log or (lambda _line: None)
-    say(f"lipsync: compiling the UNet in the background on {', '.join(map(str, pipeline.devices))}")
+    devices = ", ".join(map(str, pipeline.devices))
+    say(f"{COMPILING_LINE} on {devices}")
 
     def compile_all() -> None:
         started = time.monotonic()
         try:
             compile_unet(pipeline, max_windows=max_windows, log=log)
         except Exception as exc:  # noqa: BLE001 - the eager UNet keeps serving
-            say(f"lipsync: compiling the UNet failed, jobs keep the uncompiled one: {exc!r}")
+            say(f"{COMPILE_FAILED_LINE}, jobs keep the uncompiled one: {exc!r}")
         else:
-            say(
-                f"lipsync: compiled UNet serving on {', '.join(map(str, pipeline.devices))} after "
-                f"{time.monotonic() - started:.1f} s"
-            )
+            say(f"{COMPILED_LINE} {devices} after {time.monotonic() - started:.1f} s")
 
     thread = threading.Thread(target=compile_all, name="compile-unet", daemon=True)
     thread.start()

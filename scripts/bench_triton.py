@@ -50,6 +50,7 @@ from gateway.backends.triton_client import JobRequest, served_info, stream_job
 from gateway.launcher.ports import free_port
 from gateway.launcher.triton_server import TritonServer, TritonSettings
 from lipsync.audio import load_audio
+from lipsync.lifecycle import COMPILE_FAILED_LINE, COMPILED_LINE, COMPILING_LINE
 from lipsync.testing import ensure_random_weights, sample_sum, unet_window_step_flops
 from lipsync.weights import weight_paths
 
@@ -237,11 +238,6 @@ def summary(outcomes: list[dict], wall_s: float) -> dict:
         "jobs": len(outcomes), "succeeded": sum(outcome["status"] == "Succeed" for outcome in outcomes),
         "wall_s": round(wall_s, 1), "failures": [outcome for outcome in outcomes if outcome["status"] != "Succeed"],
     }
-
-
-COMPILING_LINE = "lipsync: compiling the UNet in the background"
-COMPILE_FAILED_LINE = "lipsync: compiling the UNet failed"
-COMPILED_LINE = "lipsync: compiled UNet serving on"
 
 
 def compiled(server: TritonServer) -> bool:

@@ -109,12 +109,12 @@ class CapturedCalls:
             call = self._calls.get(key)
             if call is not None:
                 return call(inputs)
-            if key in self._too_large or not self._captures(inputs[0]):
+            if self._runs_eagerly(key, inputs[0]):
                 return function(*inputs)
         with self._guard.exclusive(), self._lock:
             call = self._calls.get(key)  # another thread may have captured it meanwhile
             if call is None:
-                if key in self._too_large or not self._captures(inputs[0]):
+                if self._runs_eagerly(key, inputs[0]):
                     return function(*inputs)
                 try:
                     call = self._calls[key] = self._capture(function, inputs)
@@ -123,6 +123,10 @@ class CapturedCalls:
                     torch.cuda.empty_cache()
                     return function(*inputs)
             return call(inputs)
+
+    def _runs_eagerly(self, key: tuple, sample: torch.Tensor) -> bool:
+        """Whether a call of this shape, which has no graph, runs uncaptured (too large, or not to be captured)."""
+        return key in self._too_large or not self._captures(sample)
 
 
 class GraphedUNet:
