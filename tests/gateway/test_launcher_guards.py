@@ -90,11 +90,14 @@ def test_a_record_matches_only_the_process_it_was_taken_from() -> None:
 def test_a_child_is_recorded_by_its_argv_even_after_it_exited() -> None:
     """A server that dies at once is a zombie when its launcher records it: no command line can be read then."""
     child = subprocess.Popen(["sleep", "60"])
+    deadline = time.monotonic() + 30
     try:
+        while psutil.Process(child.pid).cmdline() != ["sleep", "60"]:  # until the exec is done (empty meanwhile)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert ProcessRecord.of(child.pid, ("sleep", "60")) == ProcessRecord.of(child.pid)  # the argv is what is read
     finally:
         child.kill()
-    deadline = time.monotonic() + 30
     while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not yet waited for
         assert time.monotonic() < deadline
         time.sleep(0.01)
