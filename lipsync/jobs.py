@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lipsync import contract
 from lipsync.errors import BadInput, LipSyncError
+from lipsync.heap import release_free_memory
 from lipsync.pipeline import LipSyncPipeline, LipSyncResult, ProgressCallback
 from lipsync.progress import JobSize
 from lipsync.sampling import CancelCheck
@@ -103,4 +104,6 @@ def run_job(
         except LipSyncError as exc:  # say "the video", not the server's temporary path
             message = str(exc).replace(str(video_path), "the video").replace(str(audio_path), "the audio")
             raise LipSyncError(message, exc.kind) from exc
+        finally:
+            release_free_memory()  # a server process runs job after job: what this one freed goes back now
         return JobOutput(output.read_bytes(), result)
