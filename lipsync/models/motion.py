@@ -39,13 +39,23 @@ class SinusoidalPositions(nn.Module):
 class TemporalSelfAttention(Attention):
     """Self-attention across the frames of each spatial position (diffusers ``Attention``)."""
 
+    max_sequences = 65535
+    """Sequences one attention call takes at most. CUDA's flash and memory-efficient attention kernels put
+    the batch on a grid axis of at most 2¹⁶ − 1 blocks and fail with an invalid launch beyond it; at 512 px
+    (64 × 64 latents) 8 windows with guidance are 2 · 8 · 4096 = 65536 sequences. Longer batches are
+    attended in slices: the sequences are independent, so the result is the same."""
+
     def __init__(self, dim: int, heads: int, head_dim: int, max_frames: int) -> None:
         super().__init__(query_dim=dim, heads=heads, dim_head=head_dim, bias=False)
         self.pos_encoder = SinusoidalPositions(dim, max_frames)
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         """``sequences``: ``(B·H·W, F, C)``, the frames of one spatial position each → same shape."""
-        return super().forward(self.pos_encoder(sequences))
+        positioned = self.pos_encoder(sequences)
+        attend = super().forward
+        if positioned.shape[0] <= self.max_sequences:
+            return attend(positioned)
+        return torch.cat([attend(part) for part in positioned.split(self.max_sequences)])
 
 
 class TemporalTransformerBlock(nn.Module):

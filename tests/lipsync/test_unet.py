@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 from support.files import OFFICIAL_UNET_KEYS, REFERENCE_DIR, TINY_UNET_CONFIG
 
 from lipsync import load_unet
 from lipsync.config import CONFIG_DIR
 from lipsync.models import build_unet
+from lipsync.models.motion import TemporalSelfAttention
 
 
 def _key_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -63,6 +65,31 @@ def test_windows_in_one_batch_equal_windows_alone(tiny_unet) -> None:
         alone = [tiny_unet(sample[index : index + 1], 501, audio[index * 6 : (index + 1) * 6]) for index in range(3)]
     alone = torch.cat(alone)
     assert (together - alone).norm() / alone.norm() <= 1e-5
+
+
+def test_motion_attention_over_the_kernel_batch_limit_runs_in_slices_with_the_same_result(
+    tiny_unet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention kernels take at most ``max_sequences`` spatial positions per call; more are sliced, unchanged."""
+    generator = torch.Generator().manual_seed(5)
+    sample = torch.randn(2, 13, 4, 8, 8, generator=generator)  # 2 · 8 · 8 = 128 sequences at the shallowest level
+    audio = torch.randn(2 * 4, 50, 64, generator=generator)
+    sizes: list[int] = []  # the batch of every attention call
+    attend = Attention.forward
+
+    def recorded(self: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        sizes.append(hidden_states.shape[0])
+        return attend(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "forward", recorded)
+    with torch.no_grad():
+        whole = tiny_unet(sample, 501, audio)
+        largest = max(sizes)
+        monkeypatch.setattr(TemporalSelfAttention, "max_sequences", 48)
+        sizes.clear()
+        sliced = tiny_unet(sample, 501, audio)
+    assert largest == 128 and max(sizes) == 48
+    assert torch.equal(sliced, whole)
 
 
 def test_frames_of_a_window_interact(tiny_unet) -> None:
