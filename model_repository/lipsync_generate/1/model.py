@@ -36,11 +36,12 @@ from lipsync.server_weights import weights_for
 from lipsync.serving import GenerateParameters, InstanceMetrics, InstanceStopping, text_tensor
 from lipsync.timing import StageTimer
 
-SERVER_OVERHEAD_GIB = 1.35
+SERVER_OVERHEAD_GIB = 1.6
 """GPU memory the server holds on a GPU beside this process's torch allocations, so that ``gpu_memory_gib``
-bounds the whole server there: this process's CUDA context, kernels and cuBLAS/cuDNN handles (0.73 GiB) and
-the ``tritonserver`` process's own context and CUDA memory pool (0.57 GiB), as NVML measured them per process
-on an H100 (``docs/benchmarks.md``). The ``lipsync`` job processes hold none (``keep_off_gpus``)."""
+bounds the whole server there: this process's CUDA context, kernels and cuBLAS/cuDNN handles (0.73 GiB; 0.97 GiB
+once the compiled UNet's kernels are loaded) and the ``tritonserver`` process's own context and CUDA memory pool
+(0.57 GiB), as NVML measured them per process on an H100 (``docs/benchmarks.md``). The ``lipsync`` job processes
+hold none (``keep_off_gpus``)."""
 
 MEMORY_WAIT_S = 120.0
 """How long a group over the memory cap waits for another group to end before its job fails."""
