@@ -247,18 +247,10 @@ def render_repository(settings: TritonSettings, source: Path = MODEL_REPOSITORY)
 
 
 def _compilation(config: model_config_pb2.ModelConfig, settings: TritonSettings) -> None:
-    """Whether and when a GPU instance compiles its UNet (``""``: the pipeline config decides).
-
-    Under a memory cap the UNet stays uncompiled unless ``compile_unet`` is true: its compiled graphs fit a
-    20 GiB cap, but that layout has not been through the mixed stress, and compiling takes minutes on a
-    cold kernel cache (``docs/benchmarks.md``).
-    """
+    """Whether and when a GPU instance compiles its UNet (``""``: the pipeline config decides)."""
     config.parameters["compile_before_ready"].string_value = str(settings.compile_before_ready).lower()
-    compile_unet = settings.compile_unet
-    if compile_unet is None and settings.gpu_memory_gib and settings.resolved_job_processes():
-        compile_unet = False
-    if compile_unet is not None:
-        config.parameters["compile_unet"].string_value = str(compile_unet).lower()
+    if settings.compile_unet is not None:
+        config.parameters["compile_unet"].string_value = str(settings.compile_unet).lower()
 
 
 @contextmanager

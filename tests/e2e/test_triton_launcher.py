@@ -80,11 +80,9 @@ def test_a_gpu_server_splits_jobs_into_cpu_processes_and_one_generation_model_pe
         (model_config_pb2.ModelInstanceGroup.KIND_GPU, [0, 1])
     ]
     assert generation.parameters["gpu_memory_gib"].string_value == "20.0"
-    assert generation.parameters["compile_unet"].string_value == "false"  # under the cap unless asked for
-    asked = _config(_rendered_repository(tmp_path, device="gpu", compile_unet=True), "lipsync_generate")
-    assert asked.parameters["compile_unet"].string_value == "true"
-    uncapped = _config(_rendered_repository(tmp_path, device="gpu", gpu_memory_gib=0), "lipsync_generate")
-    assert uncapped.parameters["compile_unet"].string_value == ""  # configs/pipeline.yaml's (auto: compiled)
+    assert generation.parameters["compile_unet"].string_value == ""  # configs/pipeline.yaml's (auto: compiled)
+    asked = _config(_rendered_repository(tmp_path, device="gpu", compile_unet=False), "lipsync_generate")
+    assert asked.parameters["compile_unet"].string_value == "false"
     with pytest.raises(ConfigError, match="job_processes"):
         _rendered(tmp_path, device="gpu", split_jobs=True, job_processes=2)
 
