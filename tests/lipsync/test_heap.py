@@ -1,7 +1,7 @@
 """A job gives the C heap's free pages back to the system when it ends.
 
 Run in a fresh process so that its resident memory is this test's alone. Before the measured job the
-process leaves 256 MiB of freed heap below a block still in use: glibc keeps such pages resident until
+process leaves 512 MiB of freed heap below a block still in use: glibc keeps such pages resident until
 someone trims the heap (it only ever shortens a heap from its top), which is what a job's freed frames
 look like after a job.
 """
@@ -21,7 +21,7 @@ from lipsync.weights import WeightPaths
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
 
 MIB = 1 << 20
-FREED = 256 * MIB
+FREED = 512 * MIB
 
 SCRIPT = """
 import ctypes, dataclasses, json, sys
