@@ -13,6 +13,10 @@ from lipsync.batching import BatchingSettings, WindowBatcher
 from lipsync.sampling import JobCancelled, WindowBatch, denoise, load_scheduler
 
 STEPS = 4
+FRAMES, LATENT = 4, 8
+"""Window shape of the random inputs: the batcher stacks windows along the batch axis whatever their shape, so
+a short window at a small latent size (a quarter of the tiny UNet's 16 frames, half its 16×16) keeps each
+UNet call cheap on the CPU."""
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +24,13 @@ def tiny_unet(tiny_weights):
     return load_unet(tiny_weights.unet_config, tiny_weights.unet)
 
 
-def _batch(seed: int, windows: int = 1, guidance: float = 1.5, steps: int = STEPS, frames: int = 16) -> WindowBatch:
-    """Random but seeded inputs in the tiny UNet's shapes (latent 16×16, audio 50×64 tokens)."""
+def _batch(seed: int, windows: int = 1, guidance: float = 1.5, steps: int = STEPS) -> WindowBatch:
+    """Random but seeded inputs for the tiny UNet (``FRAMES`` frames of ``LATENT``² latents, audio 50×64 tokens)."""
     generator = torch.Generator().manual_seed(seed)
-    latents = lambda channels: torch.randn(windows, channels, frames, 16, 16, generator=generator)  # noqa: E731
+    latents = lambda channels: torch.randn(windows, channels, FRAMES, LATENT, LATENT, generator=generator)  # noqa: E731
     return WindowBatch(
         latents(4), (latents(1) > 0).float(), latents(4), latents(4),
-        torch.randn(windows * frames, 50, 64, generator=generator), steps, guidance,
+        torch.randn(windows * FRAMES, 50, 64, generator=generator), steps, guidance,
     )
 
 
@@ -112,7 +116,7 @@ def test_errors_reach_the_job_and_the_batcher_keeps_serving(tiny_unet) -> None:
     batcher = WindowBatcher(tiny_unet, load_scheduler(), BatchingSettings(max_delay_ms=0))
     try:
         broken = _batch(1)
-        broken = WindowBatch(broken.latents, broken.mask, broken.masked_latents, broken.reference_latents, broken.audio[:5], STEPS, 1.5)
+        broken = WindowBatch(broken.latents, broken.mask, broken.masked_latents, broken.reference_latents, broken.audio[: FRAMES - 1], STEPS, 1.5)
         with pytest.raises(RuntimeError):
             batcher(broken)
         good = _batch(2)

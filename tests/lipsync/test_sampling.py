@@ -33,15 +33,24 @@ def reference() -> dict[str, torch.Tensor]:
     return {key: value.float() if value.is_floating_point() else value for key, value in load_file(REFERENCE_DIR / "ddim_cfg.safetensors").items()}
 
 
-def _official_inputs(reference: dict[str, torch.Tensor], windows: int = 1) -> dict[str, torch.Tensor]:
-    frames = reference["mask_latents"].shape[2]
+def _official_inputs(
+    reference: dict[str, torch.Tensor], windows: int = 1, frames: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The reference's DDIM inputs repeated for ``windows`` windows; ``frames`` keeps only a window's first frames
+    (for tests that compare our own runs with each other, not with the reference's outputs)."""
+    frames = frames or reference["mask_latents"].shape[2]
     return {
         "latents": reference["init_noise"].repeat(windows, 1, frames, 1, 1),
-        "mask": reference["mask_latents"].repeat(windows, 1, 1, 1, 1),
-        "masked_latents": reference["masked_image_latents"].repeat(windows, 1, 1, 1, 1),
-        "reference_latents": reference["ref_latents"].repeat(windows, 1, 1, 1, 1),
-        "audio": reference["audio_embeds"].repeat(windows, 1, 1),
+        "mask": reference["mask_latents"][:, :, :frames].repeat(windows, 1, 1, 1, 1),
+        "masked_latents": reference["masked_image_latents"][:, :, :frames].repeat(windows, 1, 1, 1, 1),
+        "reference_latents": reference["ref_latents"][:, :, :frames].repeat(windows, 1, 1, 1, 1),
+        "audio": reference["audio_embeds"][:frames].repeat(windows, 1, 1),
     }
+
+
+SHORT = 4
+"""Frames of a short window (a quarter of the UNet's work per step): the shortened official windows of
+:func:`_official_inputs`, and the windows of the face tests, whose grouping does not depend on window length."""
 
 
 def test_scheduler_timesteps_match_official(reference) -> None:
@@ -63,7 +72,7 @@ def test_several_windows_per_call_equal_one_window(tiny_unet, reference) -> None
 
 
 def test_guidance_one_runs_the_conditional_branch_only(tiny_unet, reference) -> None:
-    inputs = _official_inputs(reference)
+    inputs = _official_inputs(reference, frames=SHORT)
     plain = denoise(tiny_unet, load_scheduler(), **inputs, steps=2, guidance_scale=1.0)
     guided = denoise(tiny_unet, load_scheduler(), **inputs, steps=2, guidance_scale=1.5)
     assert plain.shape == guided.shape
@@ -92,13 +101,13 @@ def _demo_faces(count: int, size: int) -> torch.Tensor:
 
 def test_faces_end_to_end_with_real_audio(tiny_weights) -> None:
     config = load_config(TINY_UNET_CONFIG)
-    size, frames = config["data"]["resolution"], 20  # one full window and a 4-frame tail
+    size, frames = config["data"]["resolution"], SHORT + 2  # one full (short) window and a 2-frame tail
     audio_extractor = AudioFeatureExtractor.from_checkpoint(tiny_weights.whisper, config)
     audio = audio_extractor.frame_windows(audio_extractor.load(DEMO_AUDIO))[:frames]
     faces = _demo_faces(frames, size)
     mask = torch.ones(size, size)
     mask[size // 2 :, size // 8 : -size // 8] = 0
-    settings = SamplingSettings.from_config(config, steps=3, windows_per_call=2)
+    settings = SamplingSettings.from_config(config, steps=3, windows_per_call=2, num_frames=SHORT)
     generate = FaceGenerator(
         [Replica(load_vae(tiny_weights.vae_dir), DirectDenoiser(load_unet(tiny_weights.unet_config, tiny_weights.unet), load_scheduler()))],
         settings,
@@ -137,7 +146,7 @@ def test_shallow_pass_over_its_own_deep_features_is_the_full_pass(tiny_unet) -> 
 
 
 def test_feature_caching_approximates_exact_sampling(tiny_unet, reference) -> None:
-    inputs = _official_inputs(reference)
+    inputs = _official_inputs(reference, frames=SHORT)
     exact = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5)
     again = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5, cache_interval=1)
     cached = denoise(tiny_unet, load_scheduler(), **inputs, steps=10, guidance_scale=1.5, cache_interval=3)
@@ -148,14 +157,14 @@ def test_feature_caching_approximates_exact_sampling(tiny_unet, reference) -> No
 
 def test_feature_caching_keeps_each_windows_cache_when_another_window_leaves(tiny_unet, reference) -> None:
     """A cancelled window leaves mid-loop; the remaining one goes on with its own cached rows."""
-    solo = denoise(tiny_unet, load_scheduler(), **_official_inputs(reference), steps=8, guidance_scale=1.5, cache_interval=3)
+    solo = denoise(tiny_unet, load_scheduler(), **_official_inputs(reference, frames=SHORT), steps=8, guidance_scale=1.5, cache_interval=3)
     asked = []
 
     def active() -> list[bool]:
         asked.append(None)
         return [True, len(asked) <= 2]  # window 1 leaves before step 3 (a cached step)
 
-    pair = _official_inputs(reference, windows=2)
+    pair = _official_inputs(reference, windows=2, frames=SHORT)
     pair["latents"][1] += 1.0  # the second window differs, so mixing the rows up would show
     both = denoise(tiny_unet, load_scheduler(), **pair, steps=8, guidance_scale=1.5, cache_interval=3, active=active)
     assert (both[0] - solo[0]).norm() / solo[0].norm() < 1e-5
@@ -175,7 +184,7 @@ def test_sampling_modes_come_from_config() -> None:
 def test_generated_faces_do_not_depend_on_windows_per_call(tiny_weights) -> None:
     """VAE sampling noise is drawn window by window (official order), whatever the call grouping."""
     config = load_config(TINY_UNET_CONFIG)
-    size, frames = config["data"]["resolution"], 36
+    size, frames = config["data"]["resolution"], 2 * SHORT + 1  # two full (short) windows and a 1-frame tail
     audio_extractor = AudioFeatureExtractor.from_checkpoint(tiny_weights.whisper, config)
     audio = audio_extractor.frame_windows(audio_extractor.load(DEMO_AUDIO))[:frames]
     faces = _demo_faces(frames, size)
@@ -185,7 +194,7 @@ def test_generated_faces_do_not_depend_on_windows_per_call(tiny_weights) -> None
     unet = load_unet(tiny_weights.unet_config, tiny_weights.unet)
     results = []
     for windows in (1, 3):
-        settings = SamplingSettings.from_config(config, steps=2, windows_per_call=windows)
+        settings = SamplingSettings.from_config(config, steps=2, windows_per_call=windows, num_frames=SHORT)
         generator = torch.Generator().manual_seed(5)
         generate = FaceGenerator([Replica(vae, DirectDenoiser(unet, load_scheduler()))], settings)
         results.append(generate(faces, audio, mask, initial_noise(generator, size // 8), generator))

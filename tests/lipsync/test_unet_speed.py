@@ -245,12 +245,13 @@ class _CallRecorder:
         return self.inner(sample, timestep, audio)
 
 
-def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights) -> None:
-    """Both compiled batch ranges, one job's call and the batcher's largest call are ready before serving."""
+def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights, random_small_unet) -> None:
+    """Both compiled batch ranges, one job's call and the batcher's largest call are ready before serving
+    (on the cheaper cut of the UNet: warm-up only calls it)."""
     from lipsync.pipeline import LipSyncPipeline
 
     pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=2)
-    recorder = pipeline.denoiser.unet = _CallRecorder(pipeline.denoiser.unet)
+    recorder = pipeline.denoiser.unet = _CallRecorder(random_small_unet)
     lines: list[str] = []
     warm_up(pipeline, max_windows=4, log=lines.append)
     assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
@@ -271,8 +272,9 @@ class _MemoryCapped(_CallRecorder):
         return super().__call__(sample, timestep, audio)
 
 
-def test_a_warm_up_shape_over_the_memory_cap_makes_the_batcher_take_smaller_calls(tiny_weights) -> None:
-    """A server under a cap starts and serves with the calls that fit, rather than failing its warm-up."""
+def test_a_warm_up_shape_over_the_memory_cap_makes_the_batcher_take_smaller_calls(tiny_weights, random_small_unet) -> None:
+    """A server under a cap starts and serves with the calls that fit, rather than failing its warm-up
+    (on the cheaper cut of the UNet: warm-up only calls it)."""
     from lipsync.batching import BatchingSettings
     from lipsync.pipeline import LipSyncPipeline
 
@@ -280,7 +282,7 @@ def test_a_warm_up_shape_over_the_memory_cap_makes_the_batcher_take_smaller_call
         tiny_weights, windows_per_call=2, batching=BatchingSettings(max_windows=4, max_delay_ms=0)
     )
     try:
-        capped = pipeline.denoiser.unet = _MemoryCapped(pipeline.denoiser.unet, max_rows=4)  # 2 windows, guided
+        capped = pipeline.denoiser.unet = _MemoryCapped(random_small_unet, max_rows=4)  # 2 windows, guided
         lines: list[str] = []
         warm_up(pipeline, max_windows=4, log=lines.append)
         assert pipeline.denoiser.max_windows == 2
