@@ -5,6 +5,7 @@ Triton in tests/e2e/test_triton.py and test_triton_split.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from lipsync.serving import (
     JobMetrics,
     LipSyncParameters,
     RequestCancelCheck,
+    lower_this_thread_priority,
     text_tensor,
 )
 
@@ -257,3 +259,28 @@ def test_a_process_kept_off_the_gpus_sees_no_cuda_device_and_still_finds_faces()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0", "True"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_a_lowered_thread_and_the_threads_it_starts_run_lower_and_the_others_do_not() -> None:
+    niceness: dict[str, int] = {}
+
+    def own() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def child() -> None:
+        niceness["child"] = own()
+
+    def job() -> None:
+        lower_this_thread_priority(3)
+        niceness["job"] = own()
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    before = own()
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert niceness == {"job": before + 3, "child": before + 3}
+    assert own() == before

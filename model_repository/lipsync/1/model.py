@@ -46,6 +46,7 @@ from lipsync.serving import (
     LipSyncParameters,
     RequestCancelCheck,
     keep_off_gpus,
+    lower_this_thread_priority,
     text_tensor,
 )
 from lipsync.weights import WeightPaths, load_weights_config
@@ -240,6 +241,7 @@ class TritonPythonModel:
         raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)
 
     def _serve(self, request: Any) -> None:
+        lower_this_thread_priority()  # the job's work yields to the server's and the stubs' own threads
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
