@@ -10,26 +10,23 @@ arena. Where the C library has no ``malloc_trim`` (musl, macOS, Windows) this do
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from functools import cache
 
 
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    try:  # the symbols already loaded into this process, the C library's among them
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
 
 
-def release_free_memory() -> bool:
-    """Return the C heap's free pages to the system; ``True`` when some went back."""
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system."""
     trim = _malloc_trim()
-    return trim is not None and bool(trim(0))
+    if trim is not None:
+        trim(0)
