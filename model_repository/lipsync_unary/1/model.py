@@ -14,6 +14,19 @@ _INPUTS = (*contract.MEDIA, *(option.tensor for option in contract.OPTIONS))
 _OUTPUTS = ["VIDEO_OUT", "INFO"]
 
 
+def _outlive_the_stubs_copy(request: Any) -> None:
+    """Return once the stub has let go of a finished BLS stream's responses, so that this thread, which
+    holds the GIL, frees them last.
+
+    The stub keeps its own reference to each decoupled BLS stream and drops it on its message thread,
+    which does not hold the GIL; in Triton 2.51 freeing the responses there frees their NumPy arrays
+    without the GIL, corrupts the heap, and kills the stub. That thread handles its messages in order,
+    and ``is_cancelled()`` (never asked before of ``request``) is one of them and waits for its answer:
+    when it returns, the stream's release, queued when its last response was read, is done.
+    """
+    request.is_cancelled()
+
+
 class TritonPythonModel:
     def execute(self, requests):
         return [self._forward(request) for request in requests]
@@ -30,14 +43,19 @@ class TritonPythonModel:
             parameters={contract.NO_ERROR_RESPONSE: True},
         )
         final = failure = None
-        # Read to the end (its final flag), past a failure, so the lipsync request is complete when this one answers.
-        for response in job.exec(decoupled=True):
-            stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
-            if stage is not None and stage.as_numpy()[0].decode() == contract.FAILED_STAGE:
-                # INFO {"error", "code"}: the code is the Triton error code of the failure's kind
-                failure = json.loads(pb_utils.get_output_tensor_by_name(response, "INFO").as_numpy()[0])
-            elif pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
-                final = response
+        responses = job.exec(decoupled=True)
+        try:
+            # Read to the end (its final flag), past a failure, so the lipsync request is complete when this one answers.
+            for response in responses:
+                stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
+                if stage is not None and stage.as_numpy()[0].decode() == contract.FAILED_STAGE:
+                    # INFO {"error", "code"}: the code is the Triton error code of the failure's kind
+                    failure = json.loads(pb_utils.get_output_tensor_by_name(response, "INFO").as_numpy()[0])
+                elif pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
+                    final = response
+        finally:
+            _outlive_the_stubs_copy(request)
+            del responses
         if failure is not None:
             code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
