@@ -1,10 +1,10 @@
-"""The parts of the Triton models (``lipsync``, ``lipsync_generate``) that need no Triton: their ``config.pbtxt``
-parameters, their metrics, their cancel checks and how a CPU instance keeps off the GPUs (each
-``model_repository/*/1/model.py`` wires them to ``pb_utils``).
+"""The parts of the Triton models (``lipsync``, ``lipsync_generate``, ``lipsync_unary``) that need no Triton: their
+``config.pbtxt`` parameters, their metrics, their cancel checks, when they let go of a BLS stream, and how a CPU
+instance keeps off the GPUs (each ``model_repository/*/1/model.py`` wires them to ``pb_utils``).
 
 They are here, importable, so unit tests exercise them with stand-ins for the Python backend's objects;
-the two rules they enforce (one lock around every metric update, a cancel check closed before a job's
-last response) each fixed a crash of the server.
+the three rules they enforce (one lock around every metric update, a cancel check closed before a job's
+last response, a BLS stream let go of only after the stub did) each fixed a crash of the server.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def lower_this_thread_priority(niceness: int = JOB_NICENESS) -> None:
 
 
 P = TypeVar("P", bound="ModelParameters")
+Answer = TypeVar("Answer")
 
 
 class ModelParameters(BaseModel):
@@ -298,23 +299,74 @@ class CancellableRequest(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+class StreamReleases:
+    """Finished decoupled BLS streams, each kept until the stub has dropped its own reference to it.
+
+    The stub of the bundled Python backend (Triton 2.51) drops its reference to a stream whose last
+    response was read on its message thread, without the GIL. When that reference is the last, the
+    responses' NumPy arrays are freed there, beside Python code running on other threads: the heap is
+    corrupted and the stub dies (``Stub process '…' is not healthy`` for every later request). That
+    thread handles its messages in order, and a request's ``is_cancelled()`` is one of them whose caller
+    waits for the answer: once a question asked after a stream was kept here has been answered, the
+    stub's reference is gone, and the stream is let go of by the asking thread, with the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[int, object] = {}
+        self._kept = 0
+
+    def keep(self, stream: object) -> None:
+        """Keep ``stream`` (its last response read, or no longer wanted) until the next question is answered."""
+        with self._lock:
+            self._kept += 1
+            self._streams[self._kept] = stream
+
+    def ask(self, question: Callable[[], Answer]) -> Answer:
+        """``question()``, which must be a round trip through the stub's message thread (an ``is_cancelled()``
+        the stub does not answer from its cache); then let go of the streams kept before it was asked."""
+        with self._lock:
+            kept_before = self._kept
+        answer = question()
+        with self._lock:
+            settled = [self._streams.pop(number) for number in list(self._streams) if number <= kept_before]
+        del settled  # the last references: the arrays are freed here, with the GIL
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
 class RequestCancelCheck:
     """A job's cancel check: its request was cancelled (client gone, gRPC cancel) or the instance stops.
 
     :meth:`close` it before the job's last response. The Python backend frees a decoupled request's
     response factory when the final flag is sent, and ``is_cancelled()`` after that makes the server
-    read freed memory; the lock also lets a check already under way end first.
+    read freed memory; the lock also lets a check already under way end first. The lock keeps one
+    question to the stub at a time, so each is a round trip of its own until the request is known
+    cancelled (the stub then answers from its cache, and so does this check): each one lets
+    ``releases`` let go of the streams kept before it, and :meth:`close` asks once more for this job's last ones.
     """
 
-    def __init__(self, request: CancellableRequest, stopping: Callable[[], bool]) -> None:
-        self._request, self._stopping = request, stopping
+    def __init__(self, request: CancellableRequest, stopping: Callable[[], bool], releases: StreamReleases) -> None:
+        self._request, self._stopping, self._releases = request, stopping, releases
         self._lock = threading.Lock()
         self._open = True
+        self._cancelled = False
 
     def __call__(self) -> bool:
         with self._lock:
-            return self._open and (self._request.is_cancelled() or self._stopping())
+            if not self._open:
+                return False
+            self._ask()
+            return self._cancelled or self._stopping()
 
     def close(self) -> None:
         with self._lock:
+            if self._open:
+                self._ask()
             self._open = False
+
+    def _ask(self) -> None:
+        if not self._cancelled:
+            self._cancelled = self._releases.ask(self._request.is_cancelled)

@@ -26,6 +26,7 @@ from lipsync.serving import (
     JobMetrics,
     LipSyncParameters,
     RequestCancelCheck,
+    StreamReleases,
     lower_this_thread_priority,
     text_tensor,
 )
@@ -64,9 +65,14 @@ def test_a_parameter_of_the_other_model_fails_the_load() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "named"),
-    [("max_concurrent_jobs", "0", "max_concurrent_jobs"), ("max_batch_delay_ms", "soon", "max_batch_delay_ms"),
-     ("compile_unet", "yes", "compile_unet"), ("dtype", "fp64", "dtype"), ("max_batch_window", "8", "max_batch_window"),
-     ("stage_rates_file", "rates.json", "stage_rates_file")],
+    [
+        ("max_concurrent_jobs", "0", "max_concurrent_jobs"),
+        ("max_batch_delay_ms", "soon", "max_batch_delay_ms"),
+        ("compile_unet", "yes", "compile_unet"),
+        ("dtype", "fp64", "dtype"),
+        ("max_batch_window", "8", "max_batch_window"),
+        ("stage_rates_file", "rates.json", "stage_rates_file"),
+    ],
 )
 def test_a_bad_or_unknown_parameter_fails_the_load_naming_it(key, value, named) -> None:
     config = model_config(MODEL_CONFIG)
@@ -134,7 +140,9 @@ class StandInPbUtils:
                 self.name, self.kind = name, kind
 
             def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> StandInMetric:  # noqa: N802 - pb_utils' name
-                metric = StandInMetric(labels | {"family": self.name}, api.lock_free_during_update, buckets, lock=api.lock)
+                metric = StandInMetric(
+                    labels | {"family": self.name}, api.lock_free_during_update, buckets, lock=api.lock
+                )
                 api.metrics.append(metric)
                 return metric
 
@@ -158,9 +166,14 @@ def test_every_metric_update_holds_the_instances_one_lock() -> None:
     api = StandInPbUtils()
     metrics = api.instance = JobMetrics(api, {"model": "lipsync", "instance": "lipsync_0"})
     gauge = metrics.gpu_gauge("lipsync_gpu_utilization_ratio", "0")
-    threads = [threading.Thread(target=work) for work in (
-        lambda: metrics.active.increment(1), lambda: metrics.observe_batch(4, 2), lambda: gauge.set(0.5),
-    )]
+    threads = [
+        threading.Thread(target=work)
+        for work in (
+            lambda: metrics.active.increment(1),
+            lambda: metrics.observe_batch(4, 2),
+            lambda: gauge.set(0.5),
+        )
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -177,7 +190,9 @@ def test_the_generation_models_metrics_are_the_batch_sizes_and_gpu_gauges_under_
     metrics.observe_batch(8, 3)
     assert not any(api.lock_free_during_update)
     assert {metric.labels["family"] for metric in api.metrics} == {
-        "lipsync_unet_batch_windows", "lipsync_unet_batch_jobs", "lipsync_gpu_memory_used_bytes",
+        "lipsync_unet_batch_windows",
+        "lipsync_unet_batch_jobs",
+        "lipsync_gpu_memory_used_bytes",
     }
     assert api.named("lipsync_unet_batch_jobs", model="lipsync_generate").updates == [("observe", 3)]
     assert api.named("lipsync_gpu_memory_used_bytes", gpu="1", instance="lipsync_generate_0").updates == [("set", 2.0)]
@@ -203,15 +218,27 @@ class StandInRequest:
     def __init__(self) -> None:
         self.cancelled = False
         self.finished = False
+        self.asked = 0
 
     def is_cancelled(self) -> bool:
         assert not self.finished, "is_cancelled() after the final response"
+        self.asked += 1
         return self.cancelled
+
+
+class StandInStream:
+    """A finished BLS stream that notes when its last reference goes."""
+
+    def __init__(self, name: str, events: list[str]) -> None:
+        self.name, self.events = name, events
+
+    def __del__(self) -> None:
+        self.events.append(f"{self.name} released")
 
 
 def test_a_cancel_check_asks_the_request_and_the_instance_until_it_is_closed(tmp_path) -> None:
     request, stopping = StandInRequest(), InstanceStopping(str(tmp_path / "stopping"))
-    check = RequestCancelCheck(request, stopping)
+    check = RequestCancelCheck(request, stopping, StreamReleases())
     assert not check()
     request.cancelled = True
     assert check()
@@ -221,6 +248,52 @@ def test_a_cancel_check_asks_the_request_and_the_instance_until_it_is_closed(tmp
     check.close()
     request.finished = True
     assert not check()
+
+
+def test_a_stream_is_let_go_of_after_the_next_answer_to_a_question_asked_after_it_was_kept() -> None:
+    releases, events = StreamReleases(), []
+    releases.keep(StandInStream("first", events))
+
+    def question() -> bool:
+        events.append("asked")
+        releases.keep(StandInStream("second", events))  # kept by another thread while the question is out
+        events.append("answered")
+        return False
+
+    assert releases.ask(question) is False
+    assert events == ["asked", "answered", "first released"]
+    assert len(releases) == 1
+    releases.ask(lambda: True)
+    assert events[-1] == "second released"
+    assert len(releases) == 0
+
+
+def test_a_cancel_check_lets_go_of_the_streams_kept_before_each_question_and_asks_once_more_when_closed() -> None:
+    request, releases, events = StandInRequest(), StreamReleases(), []
+    check = RequestCancelCheck(request, lambda: False, releases)
+    releases.keep(StandInStream("group 1", events))
+    assert not check()
+    assert events == ["group 1 released"]
+    releases.keep(StandInStream("group 2", events))
+    check.close()  # before the job's last response: its last group's stream goes too
+    assert (request.asked, events[-1], len(releases)) == (2, "group 2 released", 0)
+    request.finished = True
+    assert not check()
+
+
+def test_a_cancelled_requests_streams_wait_for_another_jobs_question() -> None:
+    """The stub answers a cancelled request from its cache, without a round trip: no proof for a stream."""
+    releases, events = StreamReleases(), []
+    cancelled_request, other_request = StandInRequest(), StandInRequest()
+    cancelled_request.cancelled = True
+    check = RequestCancelCheck(cancelled_request, lambda: False, releases)
+    assert check()
+    releases.keep(StandInStream("cancelled job's group", events))
+    assert check()
+    check.close()
+    assert cancelled_request.asked == 1 and events == [] and len(releases) == 1
+    assert not RequestCancelCheck(other_request, lambda: False, releases)()
+    assert events == ["cancelled job's group released"]
 
 
 def test_the_instance_stops_when_it_unloads_or_its_stop_file_appears(tmp_path) -> None:

@@ -4,8 +4,8 @@ of the ``lipsync`` stream it read.
 The bundled Python backend's stub drops its own reference to a finished decoupled BLS stream on a thread
 without the GIL; whichever reference goes last frees the stream's responses. The adapter must ask the
 request ``is_cancelled()`` (handled on that thread, in order, after the stream's release) before it drops
-its own, so that its reference, dropped with the GIL, is the last. The real race needs thousands of
-requests to show (docs/architecture.md), so these tests check the order.
+its own, so that its reference, dropped with the GIL, is the last (``lipsync.serving.StreamReleases``).
+The real race needs thousands of requests to show (docs/architecture.md), so these tests check the order.
 """
 
 from __future__ import annotations
@@ -114,7 +114,10 @@ def forward(
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    [answer] = module.TritonPythonModel().execute([Request(events)])
+    model = module.TritonPythonModel()
+    model.initialize({})
+    [answer] = model.execute([Request(events)])
+    assert not model.releases
     events.append("answered")
     return answer
 

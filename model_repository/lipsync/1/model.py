@@ -45,6 +45,7 @@ from lipsync.serving import (
     JobMetrics,
     LipSyncParameters,
     RequestCancelCheck,
+    StreamReleases,
     keep_off_gpus,
     lower_this_thread_priority,
     text_tensor,
@@ -120,19 +121,24 @@ def _devices(value: str, own: torch.device) -> list[torch.device]:
 _GENERATOR_OUTPUTS = ["STEP", "FACES_OUT", "SECONDS", "ERROR", "INFO"]
 
 
-def _bls_stream(model: str, arrays: Arrays) -> Iterator[dict[str, np.ndarray]]:
-    """The responses of a decoupled model to one BLS request, as ``{output name: array}``."""
+def _bls_stream(model: str, arrays: Arrays, releases: StreamReleases) -> Iterator[dict[str, np.ndarray]]:
+    """The responses of a decoupled model to one BLS request, as ``{output name: array}``; the stream is then
+    kept in ``releases`` until a cancel check of the instance lets go of it."""
     request = pb_utils.InferenceRequest(
         model_name=model,
         inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in arrays.items()],
         requested_output_names=_GENERATOR_OUTPUTS,
     )
-    for response in request.exec(decoupled=True):
-        if response.has_error():
-            raise LipSyncError(f"{model}: {response.error().message()}", ErrorKind.INTERNAL)
-        outputs = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
-        if outputs:
-            yield outputs
+    responses = request.exec(decoupled=True)
+    try:
+        for response in responses:
+            if response.has_error():
+                raise LipSyncError(f"{model}: {response.error().message()}", ErrorKind.INTERNAL)
+            outputs = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
+            if outputs:
+                yield outputs
+    finally:
+        releases.keep(responses)
 
 
 class TritonPythonModel:
@@ -151,6 +157,7 @@ class TritonPythonModel:
         self.weights = load_weights_config().version(self.version).label
         self.metrics = JobMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
         self.generator = params.generator
+        self.releases = StreamReleases()
         settings = PipelineSettings.load(
             detect_threads=params.detect_threads,
             finish_threads=params.finish_threads,
@@ -159,7 +166,9 @@ class TritonPythonModel:
         )
         batching = BatchingSettings(params.max_batch_windows, params.max_batch_delay_ms)
         if self.generator:
-            remote = RemoteGenerator(lambda arrays: _bls_stream(self.generator, arrays), DTYPES[params.dtype])
+            remote = RemoteGenerator(
+                lambda arrays: _bls_stream(self.generator, arrays, self.releases), DTYPES[params.dtype]
+            )
             self.pipeline = LipSyncPipeline.with_generators(
                 paths,
                 [remote] * params.generator_lanes,
@@ -225,20 +234,26 @@ class TritonPythonModel:
 
     def _describe(self, request: Any) -> None:
         """Answer a describe request; an error (the generation model not answering) is the request's error."""
+        cancelled = RequestCancelCheck(request, self.stopping, self.releases)
         try:
             info = json.dumps({"weights": self.weights, "version": self.version, "compiled": self._compiled()})
             final = pb_utils.InferenceResponse([_text("STAGE", "served"), _text("INFO", info)])
         except Exception as exc:  # noqa: BLE001 - the client gets it; the instance stays up
             final = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), _triton_code(exc)))
+        cancelled.close()  # lets go of the generation model's stream
         request.get_response_sender().send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _compiled(self) -> bool:
         """Whether jobs run on the compiled UNet: this instance's, or the generation model's."""
         if not self.generator:
             return is_compiled(self.pipeline)
-        for outputs in _bls_stream(self.generator, {}):
-            return bool(json.loads(bytes(outputs["INFO"].reshape(-1)[0]))["compiled"])
-        raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)
+        answers = [
+            json.loads(bytes(outputs["INFO"].reshape(-1)[0]))
+            for outputs in _bls_stream(self.generator, {}, self.releases)
+        ]
+        if not answers:
+            raise LipSyncError(f"{self.generator} gave no answer", ErrorKind.UNAVAILABLE)
+        return bool(answers[0]["compiled"])
 
     def _serve(self, request: Any) -> None:
         lower_this_thread_priority()  # the job's work yields to the server's and the stubs' own threads
@@ -246,7 +261,7 @@ class TritonPythonModel:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
         job = request.request_id() or "-"
-        cancelled = RequestCancelCheck(request, self.stopping)
+        cancelled = RequestCancelCheck(request, self.stopping, self.releases)
         try:
             self.metrics.active.increment(1)
             options = _options(request, self.version)

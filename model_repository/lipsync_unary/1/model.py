@@ -9,25 +9,16 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from lipsync import contract
+from lipsync.serving import StreamReleases
 
 _INPUTS = (*contract.MEDIA, *(option.tensor for option in contract.OPTIONS))
 _OUTPUTS = ["VIDEO_OUT", "INFO"]
 
 
-def _outlive_the_stubs_copy(request: Any) -> None:
-    """Return once the stub has let go of a finished BLS stream's responses, so that this thread, which
-    holds the GIL, frees them last.
-
-    The stub keeps its own reference to each decoupled BLS stream and drops it on its message thread,
-    which does not hold the GIL; in Triton 2.51 freeing the responses there frees their NumPy arrays
-    without the GIL, corrupts the heap, and kills the stub. That thread handles its messages in order,
-    and ``is_cancelled()`` (never asked before of ``request``) is one of them and waits for its answer:
-    when it returns, the stream's release, queued when its last response was read, is done.
-    """
-    request.is_cancelled()
-
-
 class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.releases = StreamReleases()
+
     def execute(self, requests):
         return [self._forward(request) for request in requests]
 
@@ -54,8 +45,10 @@ class TritonPythonModel:
                 elif pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
                     final = response
         finally:
-            _outlive_the_stubs_copy(request)
+            self.releases.keep(responses)
             del responses
+            # Nothing else asks ``request``, so its answer is a round trip through the stub's message thread.
+            self.releases.ask(request.is_cancelled)
         if failure is not None:
             code = getattr(pb_utils.TritonError, failure["code"], pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure["error"], code))
