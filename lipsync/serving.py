@@ -10,7 +10,6 @@ last response, a BLS stream let go of only after the stub did) each fixed a cras
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,25 +65,6 @@ def _absolute_path(value: Any) -> Any:
 
 
 AbsolutePath = Annotated[Path | None, BeforeValidator(_absolute_path)]
-
-JOB_NICENESS = 5
-"""How much lower than the process's other threads a job's thread, and every thread it starts, is scheduled.
-
-Triton's Python backend fails a request when an instance's stub has not shown its heartbeat (a thread of the
-stub that sets a flag every 300 ms) within a second of the server asking. A job's frame work (decoders,
-encoders, detectors, torch) can fill every core for minutes; behind it, a stub's heartbeat may wait that
-long for a core, and the server then reports the stub "not healthy" though it only waited. Threads inherit
-their niceness from the thread that starts them, so lowering the job's thread lowers all of its work and
-leaves the stubs' own threads, the server and the gateway ahead of it."""
-
-
-def lower_this_thread_priority(niceness: int = JOB_NICENESS) -> None:
-    """Schedule the calling thread (and the threads it starts from now on) ``niceness`` lower; a no-op
-    where the system has no per-thread niceness (only Linux has it)."""
-    if sys.platform.startswith("linux"):
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
-
 
 P = TypeVar("P", bound="ModelParameters")
 Answer = TypeVar("Answer")

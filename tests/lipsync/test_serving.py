@@ -5,7 +5,6 @@ Triton in tests/e2e/test_triton.py and test_triton_split.py."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -27,7 +26,6 @@ from lipsync.serving import (
     LipSyncParameters,
     RequestCancelCheck,
     StreamReleases,
-    lower_this_thread_priority,
     text_tensor,
 )
 
@@ -334,26 +332,3 @@ def test_a_process_kept_off_the_gpus_sees_no_cuda_device_and_still_finds_faces()
     assert done.stdout.split() == ["0", "True"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_a_lowered_thread_and_the_threads_it_starts_run_lower_and_the_others_do_not() -> None:
-    niceness: dict[str, int] = {}
-
-    def own() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def child() -> None:
-        niceness["child"] = own()
-
-    def job() -> None:
-        lower_this_thread_priority(3)
-        niceness["job"] = own()
-        started = threading.Thread(target=child)
-        started.start()
-        started.join()
-
-    before = own()
-    thread = threading.Thread(target=job)
-    thread.start()
-    thread.join()
-    assert niceness == {"job": before + 3, "child": before + 3}
-    assert own() == before

@@ -47,7 +47,6 @@ from lipsync.serving import (
     RequestCancelCheck,
     StreamReleases,
     keep_off_gpus,
-    lower_this_thread_priority,
     text_tensor,
 )
 from lipsync.weights import WeightPaths, load_weights_config
@@ -256,7 +255,6 @@ class TritonPythonModel:
         return bool(answers[0]["compiled"])
 
     def _serve(self, request: Any) -> None:
-        lower_this_thread_priority()  # the job's work yields to the server's and the stubs' own threads
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this instance's GPU
         sender = request.get_response_sender()
