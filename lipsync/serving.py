@@ -166,19 +166,28 @@ class SerializedMetric:
     """
 
     def __init__(self, metric: Metric, lock: threading.RLock) -> None:
-        self._metric, self._lock = metric, lock
+        self._metric: Metric | None = metric
+        self._lock = lock
 
     def increment(self, value: float) -> None:
         with self._lock:
-            self._metric.increment(value)
+            if self._metric is not None:
+                self._metric.increment(value)
 
     def set(self, value: float) -> None:
         with self._lock:
-            self._metric.set(value)
+            if self._metric is not None:
+                self._metric.set(value)
 
     def observe(self, value: float) -> None:
         with self._lock:
-            self._metric.observe(value)
+            if self._metric is not None:
+                self._metric.observe(value)
+
+    def close(self) -> None:
+        """Let go of the backend's metric; later updates do nothing."""
+        with self._lock:
+            self._metric = None
 
 
 class InstanceMetrics:
@@ -196,6 +205,7 @@ class InstanceMetrics:
         # Families must outlive their metrics, so both are kept.
         self.labels = labels
         self._lock = threading.RLock()
+        self._metrics: list[SerializedMetric] = []
         family = api.MetricFamily
         self.families = {
             name: family(name, description, getattr(family, kind)) for name, description, kind in self.FAMILIES
@@ -205,8 +215,23 @@ class InstanceMetrics:
 
     def _metric(self, family: str, extra_labels: dict[str, str] | None = None, **options: Any) -> SerializedMetric:
         with self._lock:
-            metric = self.families[family].Metric(labels=self.labels | (extra_labels or {}), **options)
-        return SerializedMetric(metric, self._lock)
+            metric = SerializedMetric(
+                self.families[family].Metric(labels=self.labels | (extra_labels or {}), **options), self._lock
+            )
+            self._metrics.append(metric)
+        return metric
+
+    def close(self) -> None:
+        """Let go of the backend's metrics, then their families, while the stub still runs (from ``finalize``).
+
+        Left to the interpreter's exit, they are freed after the stub's shared memory, and each one's
+        destructor, which tells the server, makes the stub die with SIGSEGV as it ends.
+        """
+        with self._lock:
+            for metric in self._metrics:
+                metric.close()
+            self._metrics.clear()
+            self.families.clear()
 
     def gpu_gauge(self, name: str, gpu: str) -> SerializedMetric:
         return self._metric(name, {"gpu": gpu})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,19 @@ def test_finished_jobs_count_by_outcome_with_one_metric_per_label_set() -> None:
     assert all(metric.labels["instance"] == "lipsync_0" for metric in api.metrics)
 
 
+def test_closed_metrics_let_go_of_the_backends_metrics_and_families() -> None:
+    """``finalize`` closes them: freed at the interpreter's exit instead, they crash the stub as it ends."""
+    api = StandInPbUtils()
+    metrics = api.instance = JobMetrics(api, {"model": "lipsync", "instance": "lipsync_0"})
+    metrics.finished("succeeded", Result(frames=50, seconds={"generate": 1.5}))
+    gauge = metrics.gpu_gauge("lipsync_gpu_memory_used_bytes", "0")
+    backend = [weakref.ref(metric) for metric in api.metrics] + [weakref.ref(f) for f in metrics.families.values()]
+    api.metrics.clear()
+    metrics.close()
+    assert all(ref() is None for ref in backend)
+    gauge.set(1.0)  # an update after close does nothing
+
+
 class StandInRequest:
     """A decoupled request: asking it after its last response is what crashed the server."""
 
@@ -330,5 +344,3 @@ def test_a_process_kept_off_the_gpus_sees_no_cuda_device_and_still_finds_faces()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0", "True"]
-
-

@@ -335,3 +335,4 @@ class TritonPythonModel:
         if self.gpu is not None:
             self.gpu.stop()
         self.pipeline.close()
+        self.metrics.close()

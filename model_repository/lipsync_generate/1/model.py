@@ -170,3 +170,4 @@ class TritonPythonModel:
         if self.gpu is not None:
             self.gpu.stop()
         self.pipeline.close()
+        self.metrics.close()
