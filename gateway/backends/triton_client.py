@@ -154,6 +154,7 @@ def served_info(url: str, timeout_s: float = 10.0) -> dict:
         try:
             result, error = responses.get(timeout=timeout_s)
         except queue.Empty:
+            client.stop_stream(cancel_requests=True)  # without cancelling, closing waits for the answer
             raise TritonJobError(f"no answer from Triton in {timeout_s:.0f} s", ErrorKind.UNAVAILABLE) from None
         if error is not None:
             raise _job_error(error)
