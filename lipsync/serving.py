@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -68,6 +68,7 @@ AbsolutePath = Annotated[Path | None, BeforeValidator(_absolute_path)]
 
 P = TypeVar("P", bound="ModelParameters")
 Answer = TypeVar("Answer")
+Response = TypeVar("Response")
 
 
 class ModelParameters(BaseModel):
@@ -320,6 +321,14 @@ class StreamReleases:
         self._lock = threading.Lock()
         self._streams: dict[int, object] = {}
         self._kept = 0
+
+    def read(self, stream: Iterable[Response]) -> Iterator[Response]:
+        """``stream``'s responses; when they end (or the reader stops), :meth:`keep` it."""
+        try:
+            yield from stream
+        finally:
+            self.keep(stream)
+            del stream  # a traceback that keeps this frame must not keep the stream
 
     def keep(self, stream: object) -> None:
         """Keep ``stream`` (its last response read, or no longer wanted) until the next question is answered."""

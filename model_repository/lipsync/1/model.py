@@ -128,16 +128,12 @@ def _bls_stream(model: str, arrays: Arrays, releases: StreamReleases) -> Iterato
         inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in arrays.items()],
         requested_output_names=_GENERATOR_OUTPUTS,
     )
-    responses = request.exec(decoupled=True)
-    try:
-        for response in responses:
-            if response.has_error():
-                raise LipSyncError(f"{model}: {response.error().message()}", ErrorKind.INTERNAL)
-            outputs = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
-            if outputs:
-                yield outputs
-    finally:
-        releases.keep(responses)
+    for response in releases.read(request.exec(decoupled=True)):
+        if response.has_error():
+            raise LipSyncError(f"{model}: {response.error().message()}", ErrorKind.INTERNAL)
+        outputs = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
+        if outputs:
+            yield outputs
 
 
 class TritonPythonModel:

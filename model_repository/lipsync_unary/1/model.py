@@ -34,10 +34,9 @@ class TritonPythonModel:
             parameters={contract.NO_ERROR_RESPONSE: True},
         )
         final = failure = None
-        responses = job.exec(decoupled=True)
         try:
             # Read to the end (its final flag), past a failure, so the lipsync request is complete when this one answers.
-            for response in responses:
+            for response in self.releases.read(job.exec(decoupled=True)):
                 stage = pb_utils.get_output_tensor_by_name(response, "STAGE")
                 if stage is not None and stage.as_numpy()[0].decode() == contract.FAILED_STAGE:
                     # INFO {"error", "code"}: the code is the Triton error code of the failure's kind
@@ -45,8 +44,6 @@ class TritonPythonModel:
                 elif pb_utils.get_output_tensor_by_name(response, "VIDEO_OUT") is not None:
                     final = response
         finally:
-            self.releases.keep(responses)
-            del responses
             # Nothing else asks ``request``, so its answer is a round trip through the stub's message thread.
             self.releases.ask(request.is_cancelled)
         if failure is not None:
