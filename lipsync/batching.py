@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import DDIMScheduler
@@ -33,6 +33,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from lipsync.config import SCHEMA
 from lipsync.gpu_guard import GPU_GUARD
+from lipsync.gpu_memory import release_failed_call
 from lipsync.sampling import (
     CancelCheck,
     JobCancelled,
@@ -65,6 +66,13 @@ class BatchingSettings:
             raise ValueError(
                 f"batch_sizes must rise and end at max_windows ({self.max_windows}), got {list(self.batch_sizes)}"
             )
+
+    def at_most(self, windows: int) -> BatchingSettings:
+        """These settings with calls of at most ``windows`` windows (the batch sizes above it left out)."""
+        if windows >= self.max_windows:
+            return self
+        sizes = (*(size for size in self.batch_sizes if size < windows), windows)
+        return replace(self, max_windows=windows, batch_sizes=sizes)
 
     def padded(self, windows: int) -> int:
         """The call size ``windows`` windows are padded up to."""
@@ -207,11 +215,11 @@ class WindowBatcher:
                     on_step=on_step,
                 )
         except torch.OutOfMemoryError as exc:
+            release_failed_call(exc)  # the failed loop's activations, before a smaller call or the job's retry
             if len(live) == 1:
                 live[0].future.set_exception(exc)
                 return
             self.take_fewer_than(self.settings.padded(len(owners)))
-            torch.cuda.empty_cache()
             half = len(live) // 2
             self._run(live[:half])
             self._run(live[half:])

@@ -88,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help="torch device to run on: cpu, cuda, cuda:1, … (default: cuda when a GPU is visible, else cpu)",
     )
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    run.add_argument("--windows-per-call", type=int, help="16-frame windows per UNet call (memory vs speed)")
+    run.add_argument(
+        "--windows-per-call",
+        type=int,
+        help="16-frame windows per UNet call (memory vs speed), counted at 256 px faces: 1.6's 512 px count four each",
+    )
     run.add_argument(
         "--compile-unet",
         action=argparse.BooleanOptionalAction,

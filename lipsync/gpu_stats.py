@@ -81,24 +81,3 @@ class GpuSampler:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join()
-
-
-GIB = 1 << 30
-
-
-def limit_gpu_memory(device: torch.device, budget_gib: float, context_gib: float) -> int:
-    """Cap this process's allocations on ``device`` so that they plus ``context_gib`` (what torch does not see:
-    CUDA contexts, this process's and other processes' of the same server) stay within ``budget_gib``;
-    returns the cap in bytes.
-
-    An allocation over the cap raises ``torch.OutOfMemoryError`` instead of taking more of the card, so
-    callers size their work (batch windows, VAE slots) to fit and let the rest wait.
-    """
-    total = torch.cuda.get_device_properties(device).total_memory
-    cap = int((budget_gib - context_gib) * GIB)
-    if cap <= 0:
-        raise ValueError(
-            f"a GPU memory budget of {budget_gib} GiB leaves nothing beside the CUDA contexts ({context_gib} GiB)"
-        )
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    return min(cap, total)

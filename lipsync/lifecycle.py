@@ -20,6 +20,7 @@ import torch
 
 from lipsync.batching import WindowBatcher
 from lipsync.generation import FaceGenerator, Replica, WindowGenerator
+from lipsync.gpu_memory import release_failed_call
 from lipsync.models.graphed import GraphedUNet
 from lipsync.sampling import (
     DirectDenoiser,
@@ -85,13 +86,11 @@ def is_compiled(pipeline: LipSyncPipeline) -> bool:
     )
 
 
-def warm_up(
-    pipeline: LipSyncPipeline, mode: str = "exact", max_windows: int | None = None, log: Log | None = None
-) -> None:
+def warm_up(pipeline: LipSyncPipeline, mode: str = "exact", log: Log | None = None) -> None:
     """Generate from dummy inputs at the UNet call shapes a job of ``mode`` reaches most, with guidance.
 
-    That is 1 window, ``windows_per_call`` windows (one job) and ``max_windows`` windows (the
-    batcher's cap, when calls mix windows of several jobs): ``GraphedUNet`` captures those shapes,
+    That is 1 window, ``windows_per_call`` windows (one job) and the batchers' ``max_windows`` (when
+    calls mix windows of several jobs): ``GraphedUNet`` captures those shapes,
     cuDNN picks its algorithms and the VAE gets its first calls, on the UNet the denoisers use now
     (seconds; the compiled one is :func:`compile_unet`'s). A server calls this before it reports
     ready. Other shapes (other window counts, the shorter last window, no guidance) are captured on
@@ -100,13 +99,12 @@ def warm_up(
     instead of failing the start. ``log`` gets one line per shape with its seconds.
     """
     for replica in pipeline.local_replicas:
-        _generate_dummy(pipeline, replica, mode, max_windows, log)
+        _generate_dummy(pipeline, replica, mode, log)
 
 
 def compile_unet(
     pipeline: LipSyncPipeline,
     modes: Sequence[str] | None = None,
-    max_windows: int | None = None,
     log: Log | None = None,
 ) -> None:
     """Compile each replica's UNet (``Replica.compiled``) for every UNet pass of ``modes`` (default: all
@@ -142,7 +140,7 @@ def compile_unet(
                 replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
             )
             for mode in modes or sampling_modes():
-                _generate_dummy(pipeline, staging, mode, None, log, what="compiling the UNet", counts=(1,))
+                _generate_dummy(pipeline, staging, mode, log, what="compiling the UNet", counts=(1,))
         replaced = []
         for replica in pending:
             assert replica.compiled is not None
@@ -161,7 +159,7 @@ def compile_unet(
                 replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
             )
             for mode in modes or sampling_modes():
-                _generate_dummy(pipeline, capturing, mode, max_windows, log, what="capturing the compiled UNet")
+                _generate_dummy(pipeline, capturing, mode, log, what="capturing the compiled UNet")
 
 
 COMPILING_LINE = "lipsync: compiling the UNet in the background"
@@ -171,9 +169,7 @@ COMPILE_FAILED_LINE = "lipsync: compiling the UNet failed"
 COMPILED_LINE = "lipsync: compiled UNet serving on"
 
 
-def start_compiling(
-    pipeline: LipSyncPipeline, max_windows: int | None = None, log: Log | None = None
-) -> threading.Thread:
+def start_compiling(pipeline: LipSyncPipeline, log: Log | None = None) -> threading.Thread:
     """:func:`compile_unet` on a daemon thread, for a server that serves on the eager UNet meanwhile.
 
     ``log`` gets a line saying that it starts, its lines, then one saying when the compiled UNet serves, or
@@ -186,7 +182,7 @@ def start_compiling(
     def compile_all() -> None:
         started = time.monotonic()
         try:
-            compile_unet(pipeline, max_windows=max_windows, log=log)
+            compile_unet(pipeline, log=log)
         except Exception as exc:  # noqa: BLE001 - the eager UNet keeps serving
             say(f"{COMPILE_FAILED_LINE}, jobs keep the uncompiled one: {exc!r}")
         else:
@@ -201,17 +197,21 @@ def _generate_dummy(
     pipeline: LipSyncPipeline,
     replica: Replica,
     mode: str,
-    max_windows: int | None,
     log: Log | None,
     what: str = "warm-up",
     counts: Sequence[int] | None = None,
 ) -> None:
-    """Generate from zeros on ``replica`` at ``counts`` windows (default: 1, ``windows_per_call`` and
-    ``max_windows``), with guidance, with enough DDIM steps to reach every UNet pass of ``mode`` (fast:
-    one caching and one shallow step)."""
+    """Generate from zeros on ``replica`` at ``counts`` windows (default: 1, ``windows_per_call`` and the
+    batchers' ``max_windows`` as it is now, less than configured once a shape ran out of memory), with
+    guidance, with enough DDIM steps to reach every UNet pass of ``mode`` (fast: one caching and one
+    shallow step)."""
     settings = SamplingSettings.from_config(pipeline.config, mode, windows_per_call=pipeline.windows_per_call)
+    # Every replica's batcher: the replicas hold the same models under the same cap, and a compilation's
+    # staging replica has no batcher of its own.
+    batchers = [other.denoiser for other in pipeline.local_replicas if isinstance(other.denoiser, WindowBatcher)]
+    largest = min((batcher.max_windows for batcher in batchers), default=settings.windows_per_call)
     # Largest first: a graph captured later reuses the blocks the larger capture freed (``GraphedUNet``).
-    counts = sorted(counts or {1, settings.windows_per_call, max_windows or settings.windows_per_call}, reverse=True)
+    counts = sorted(counts or {1, settings.windows_per_call, largest}, reverse=True)
     audio = pipeline.audio
     sample_rate, fps = audio.settings.sample_rate, audio.settings.video_fps
     features = audio(np.zeros(sample_rate * (settings.num_frames * counts[0] // fps + 2), np.float32)).cpu()
@@ -224,17 +224,12 @@ def _generate_dummy(
         faces = torch.zeros(count, 3, pipeline.resolution, pipeline.resolution)
         try:
             FaceGenerator([replica], short)(faces, audio.frame_windows(features, count), pipeline.mask, noise, random)
-        except torch.OutOfMemoryError:  # over a GPU memory cap: serve with smaller calls rather than not at all
-            # Every replica's batcher: the replicas hold the same models under the same cap, and a compilation's
-            # staging replica has no batcher of its own.
-            batchers = [
-                other.denoiser for other in pipeline.local_replicas if isinstance(other.denoiser, WindowBatcher)
-            ]
+        except torch.OutOfMemoryError as exc:  # over a GPU memory cap: serve with smaller calls rather than not at all
+            release_failed_call(exc)  # the larger call's activations, before the next shape's
             if windows == 1 or not batchers:
                 raise
             for batcher in batchers:
                 batcher.take_fewer_than(windows)
-            torch.cuda.empty_cache()
             if log is not None:
                 log(
                     f"lipsync: {what} on {replica.device}, {mode}: {windows} window(s) per UNet call do not fit in "

@@ -139,6 +139,15 @@ class PipelineSettings:
     graph_memory_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Under a GPU memory cap: the share of what the cap leaves beside the loaded weights that CUDA graphs may
     take (:func:`lipsync.lifecycle.limit_graph_memory`); the rest is for the eager work (VAE, uncaptured calls)."""
+    window_resolution: PositiveInt = 256
+    """The face resolution that window counts given to a pipeline (``windows_per_call``, a batcher's
+    ``max_windows``) are meant for. A window of larger faces holds (resolution / window_resolution)² times the
+    activations, so it counts that many times: at 1.6's 512 px a setting of 8 windows means 2, and one setting
+    bounds the GPU memory of either version."""
+
+    def windows_at(self, windows: int, resolution: int) -> int:
+        """``windows`` windows of :attr:`window_resolution` faces as windows of ``resolution`` faces (at least one)."""
+        return max(1, windows * self.window_resolution**2 // max(resolution, self.window_resolution) ** 2)
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -178,10 +187,10 @@ class LipSyncPipeline:
         self.replicas = list(replicas)
         self.audio = audio
         self.detectors = detectors
-        self.windows_per_call = windows_per_call
         self.settings = settings or PipelineSettings.load()
         self.config = config
         self.resolution: int = config["data"]["resolution"]
+        self.windows_per_call = windows_per_call
         self.face_settings = face_settings or FaceSettings.load()
         self.mask = torch.from_numpy(load_mask(self.resolution, self.face_settings))
         self.placement = Placement(self.replicas, self.settings.split_min_seconds)
@@ -223,7 +232,8 @@ class LipSyncPipeline:
         """Load UNet, VAE and Whisper from a weight set; fp16 on CUDA (like official), fp32 on CPU.
 
         ``device`` may list several devices: each gets a replica of UNet and VAE (and its own batcher),
-        Whisper lives on the first. With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
+        Whisper lives on the first. ``windows_per_call`` and ``batching.max_windows`` count windows of
+        ``settings.window_resolution`` faces (fewer of this config's, when its faces are larger). With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
         ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``). Where
         ``settings.compile_unet`` says so (by default on CUDA), each replica also holds the UNet compiled
@@ -234,6 +244,9 @@ class LipSyncPipeline:
         dtype = dtype or (torch.float16 if devices[0].type == "cuda" else torch.float32)
         settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
+        resolution = config["data"]["resolution"]
+        if batching is not None:
+            batching = batching.at_most(settings.windows_at(batching.max_windows, resolution))
 
         # With a batcher, UNet calls come in its batch sizes (×2 rows with guidance): only those are captured.
         rows = (
@@ -262,7 +275,7 @@ class LipSyncPipeline:
             audio,
             detectors or DetectorPool(MediaPipeFaceDetector),
             config,
-            windows_per_call,
+            None if windows_per_call is None else settings.windows_at(windows_per_call, resolution),
             settings=settings,
         )
 
@@ -275,18 +288,20 @@ class LipSyncPipeline:
         windows_per_call: int | None = None,
         settings: PipelineSettings | None = None,
     ) -> LipSyncPipeline:
-        """A pipeline for the frame work of jobs whose windows ``generators`` generate elsewhere.
+        """A pipeline for the frame work of jobs whose windows ``generators`` generate elsewhere
+        (``windows_per_call`` counted as in :meth:`from_weights`).
 
         Loads Whisper only, on the CPU (float32): this process needs no GPU.
         """
         config = load_config(paths.unet_config)
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, torch.device("cpu"))
+        settings = settings or PipelineSettings.load()
         return cls(
             generators,
             audio,
             detectors or DetectorPool(MediaPipeFaceDetector),
             config,
-            windows_per_call,
+            None if windows_per_call is None else settings.windows_at(windows_per_call, config["data"]["resolution"]),
             settings=settings,
         )
 

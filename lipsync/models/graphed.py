@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lipsync.gpu_guard import GPU_GUARD, GpuGuard
+from lipsync.gpu_memory import release_failed_call
 from lipsync.models.compiled import CompiledUNet
 from lipsync.models.unet import UNet3DConditionModel
 
@@ -118,9 +119,9 @@ class CapturedCalls:
                     return function(*inputs)
                 try:
                     call = self._calls[key] = self._capture(function, inputs)
-                except torch.OutOfMemoryError:  # over the process's memory cap: this shape runs uncaptured
+                except torch.OutOfMemoryError as exc:  # over the process's memory cap: this shape runs uncaptured
+                    release_failed_call(exc)  # the half-captured graph and its pool's blocks
                     self._too_large.add(key)
-                    torch.cuda.empty_cache()
                     return function(*inputs)
             return call(inputs)
 

@@ -248,14 +248,20 @@ class _CallRecorder:
 def test_warm_up_reaches_one_job_and_the_batchers_cap_with_guidance(tiny_weights, random_small_unet) -> None:
     """Both compiled batch ranges, one job's call and the batcher's largest call are ready before serving
     (on the cheaper cut of the UNet: warm-up only calls it)."""
+    from lipsync.batching import BatchingSettings
     from lipsync.pipeline import LipSyncPipeline
 
-    pipeline = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=2)
-    recorder = pipeline.denoiser.unet = _CallRecorder(random_small_unet)
-    lines: list[str] = []
-    warm_up(pipeline, max_windows=4, log=lines.append)
-    assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
-    assert len(lines) == 3
+    pipeline = LipSyncPipeline.from_weights(
+        tiny_weights, windows_per_call=2, batching=BatchingSettings(max_windows=4, max_delay_ms=0)
+    )
+    try:
+        recorder = pipeline.denoiser.unet = _CallRecorder(random_small_unet)
+        lines: list[str] = []
+        warm_up(pipeline, log=lines.append)
+        assert set(recorder.rows) == {2, 4, 8}  # 1, 2 and 4 windows, each twice for guidance
+        assert len(lines) == 3
+    finally:
+        pipeline.close()
 
 
 class _MemoryCapped(_CallRecorder):
@@ -284,7 +290,7 @@ def test_a_warm_up_shape_over_the_memory_cap_makes_the_batcher_take_smaller_call
     try:
         capped = pipeline.denoiser.unet = _MemoryCapped(random_small_unet, max_rows=4)  # 2 windows, guided
         lines: list[str] = []
-        warm_up(pipeline, max_windows=4, log=lines.append)
+        warm_up(pipeline, log=lines.append)
         assert pipeline.denoiser.max_windows == 2
         assert capped.rows.count(8) == 1 and set(capped.rows) == {8, 4, 2}  # 4 windows tried once, then 2 and 1
         assert "4 window(s) per UNet call do not fit in GPU memory; calls take at most 2" in lines[0]

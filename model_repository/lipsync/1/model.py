@@ -172,7 +172,7 @@ class TritonPythonModel:
             )
         else:
             self.pipeline = self._load_pipeline(paths, devices, params, settings, batching)
-            self._prepare_unet(on_gpu, params, batching)
+            self._prepare_unet(on_gpu, params)
         self.heartbeat_s = params.progress_heartbeat_s
         self.stage_rates = StageRates(settings.eta.history_jobs, settings.eta.fixed_share, params.stage_rates_file)
         self.gpu = GpuSampler(devices, self.metrics.gpu_gauge, params.gpu_metrics_interval_s) if on_gpu else None
@@ -203,19 +203,19 @@ class TritonPythonModel:
             settings=settings,
         )
 
-    def _prepare_unet(self, on_gpu: bool, params: LipSyncParameters, batching: BatchingSettings) -> None:
+    def _prepare_unet(self, on_gpu: bool, params: LipSyncParameters) -> None:
         """Warm up (GPU) and compile this instance's own UNet, before or after it reports ready."""
         log = pb_utils.Logger.log_info
         if on_gpu:  # capture CUDA graphs and pick cuDNN algorithms before reporting ready
             started = time.monotonic()
-            warm_up(self.pipeline, max_windows=batching.max_windows, log=log)
+            warm_up(self.pipeline, log=log)
             log(f"lipsync: warmed up in {time.monotonic() - started:.1f} s")
         if not is_compiled(self.pipeline):
             log(f"lipsync: compiling the UNet, kernel cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'of Inductor')}")
             if params.compile_before_ready:
-                compile_unet(self.pipeline, max_windows=batching.max_windows, log=log)
+                compile_unet(self.pipeline, log=log)
             else:
-                start_compiling(self.pipeline, max_windows=batching.max_windows, log=log)
+                start_compiling(self.pipeline, log=log)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:

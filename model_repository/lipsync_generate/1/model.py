@@ -29,7 +29,8 @@ from lipsync import remote
 from lipsync.batching import BatchingSettings
 from lipsync.contract import failure_info
 from lipsync.generation import WindowGroup
-from lipsync.gpu_stats import GpuSampler, limit_gpu_memory
+from lipsync.gpu_memory import limit_gpu_memory, release_failed_call
+from lipsync.gpu_stats import GpuSampler
 from lipsync.lifecycle import compile_unet, is_compiled, limit_graph_memory, start_compiling, warm_up
 from lipsync.pipeline import DTYPES, LipSyncPipeline, PipelineSettings
 from lipsync.server_weights import weights_for
@@ -63,13 +64,12 @@ class TritonPythonModel:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = params.kernel_cache_dir
         _, paths = weights_for(params.weights, params.checkpoints or None)
         self.metrics = InstanceMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
-        batching = BatchingSettings(params.max_batch_windows, params.max_batch_delay_ms)
         self.pipeline = LipSyncPipeline.from_weights(
             paths,
             self.device,
             DTYPES.get(params.dtype),
             windows_per_call=params.windows_per_call,
-            batching=batching,
+            batching=BatchingSettings(params.max_batch_windows, params.max_batch_delay_ms),
             on_batch=self.metrics.observe_batch,
             settings=PipelineSettings.load(compile_unet=params.compile_unet),
             vae_slots=params.vae_slots,
@@ -79,13 +79,13 @@ class TritonPythonModel:
             limit_graph_memory(self.pipeline, cap)
         if on_gpu:
             started = time.monotonic()
-            warm_up(self.pipeline, max_windows=batching.max_windows, log=log)
+            warm_up(self.pipeline, log=log)
             log(f"lipsync_generate: warmed up in {time.monotonic() - started:.1f} s")
         if not is_compiled(self.pipeline):
             if params.compile_before_ready:
-                compile_unet(self.pipeline, max_windows=batching.max_windows, log=log)
+                compile_unet(self.pipeline, log=log)
             else:
-                start_compiling(self.pipeline, max_windows=batching.max_windows, log=log)
+                start_compiling(self.pipeline, log=log)
         self.gpu = GpuSampler([self.device], self.metrics.gpu_gauge, params.gpu_metrics_interval_s) if on_gpu else None
         self.stopping = InstanceStopping(params.stop_file)
         self.slots = threading.BoundedSemaphore(params.max_inflight_groups)
@@ -152,8 +152,8 @@ class TritonPythonModel:
                 ended_before = self._ended_groups
             try:
                 return self.replica.generate(group, timer)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
+            except torch.OutOfMemoryError as exc:
+                release_failed_call(exc)  # or this group would hold the memory it waits for
                 if not self._another_group_ends(ended_before):
                     raise
                 pb_utils.Logger.log_info("lipsync_generate: a group waited for GPU memory and runs again")
