@@ -90,6 +90,9 @@ class Replica:
     vae_slots: threading.Semaphore | None = None
     """Bounds the groups in VAE encode or decode at once (their activations are most of a group's GPU
     memory); ``None``: no bound."""
+    vae_frames: int | None = None
+    """Frames per VAE encode or decode call (fewer for larger faces, so a call's activations stay the same
+    size); ``None``: a window's."""
 
     @property
     def device(self) -> torch.device:
@@ -114,11 +117,12 @@ class Replica:
             mask[None, None], size=(latent_size, latent_size), mode="nearest"
         )[0]
         windows, length = group.windows, group.window_frames
+        chunk = min(length, self.vae_frames or length)
         with self._vae_slot(), GPU_GUARD.shared(), timer.stage("vae_encode"):
             encoded = [
                 (
-                    encode_latents(vae, faces[window] * mask, noise=group.masked_noise[window]),
-                    encode_latents(vae, faces[window], noise=group.reference_noise[window]),
+                    encode_latents(vae, faces[window] * mask, chunk_size=chunk, noise=group.masked_noise[window]),
+                    encode_latents(vae, faces[window], chunk_size=chunk, noise=group.reference_noise[window]),
                 )
                 for window in group.window_slices()
             ]
@@ -140,7 +144,7 @@ class Replica:
         with GPU_GUARD.shared():
             generated = latents.transpose(1, 2).flatten(0, 1).cpu()
         with self._vae_slot(), GPU_GUARD.shared(), timer.stage("vae_decode"):
-            decoded = decode_latents(vae, generated, chunk_size=length).float().cpu().clamp(-1, 1)
+            decoded = decode_latents(vae, generated, chunk_size=chunk).float().cpu().clamp(-1, 1)
         return decoded * (1 - mask) + faces * mask
 
     def _vae_slot(self) -> AbstractContextManager:

@@ -137,7 +137,10 @@ def compile_unet(
             if isinstance(replica.compiled, GraphedUNet):  # calls as the graphs will make them, uncaptured
                 replica.compiled.capturing = False
             staging = Replica(
-                replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
+                replica.vae,
+                DirectDenoiser(replica.compiled, load_scheduler()),
+                vae_slots=replica.vae_slots,
+                vae_frames=replica.vae_frames,
             )
             for mode in modes or sampling_modes():
                 _generate_dummy(pipeline, staging, mode, log, what="compiling the UNet", counts=(1,))
@@ -156,7 +159,10 @@ def compile_unet(
         if isinstance(replica.compiled, GraphedUNet):
             replica.compiled.capturing = True
             capturing = Replica(
-                replica.vae, DirectDenoiser(replica.compiled, load_scheduler()), vae_slots=replica.vae_slots
+                replica.vae,
+                DirectDenoiser(replica.compiled, load_scheduler()),
+                vae_slots=replica.vae_slots,
+                vae_frames=replica.vae_frames,
             )
             for mode in modes or sampling_modes():
                 _generate_dummy(pipeline, capturing, mode, log, what="capturing the compiled UNet")

@@ -145,9 +145,10 @@ class PipelineSettings:
     activations, so it counts that many times: at 1.6's 512 px a setting of 8 windows means 2, and one setting
     bounds the GPU memory of either version."""
 
-    def windows_at(self, windows: int, resolution: int) -> int:
-        """``windows`` windows of :attr:`window_resolution` faces as windows of ``resolution`` faces (at least one)."""
-        return max(1, windows * self.window_resolution**2 // max(resolution, self.window_resolution) ** 2)
+    def count_at(self, count: int, resolution: int) -> int:
+        """``count`` windows (or frames) of :attr:`window_resolution` faces as a count of ``resolution`` faces
+        holding no more activations (at least one)."""
+        return max(1, count * self.window_resolution**2 // max(resolution, self.window_resolution) ** 2)
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether the UNet is compiled on ``device``."""
@@ -233,7 +234,8 @@ class LipSyncPipeline:
 
         ``device`` may list several devices: each gets a replica of UNet and VAE (and its own batcher),
         Whisper lives on the first. ``windows_per_call`` and ``batching.max_windows`` count windows of
-        ``settings.window_resolution`` faces (fewer of this config's, when its faces are larger). With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
+        ``settings.window_resolution`` faces (fewer of this config's, when its faces are larger), and the
+        VAE takes as many frames per call as a window of such faces has. With ``batching``, concurrent :meth:`run` calls share UNet calls through a ``WindowBatcher``
         (``on_batch`` sees each call's size); without it, each job's windows run on their own.
         ``cuda_graphs`` (default: on for CUDA) replays the UNet from CUDA graphs (``GraphedUNet``). Where
         ``settings.compile_unet`` says so (by default on CUDA), each replica also holds the UNet compiled
@@ -246,7 +248,7 @@ class LipSyncPipeline:
         config = load_config(paths.unet_config)
         resolution = config["data"]["resolution"]
         if batching is not None:
-            batching = batching.at_most(settings.windows_at(batching.max_windows, resolution))
+            batching = batching.at_most(settings.count_at(batching.max_windows, resolution))
 
         # With a batcher, UNet calls come in its batch sizes (×2 rows with guidance): only those are captured.
         rows = (
@@ -267,7 +269,8 @@ class LipSyncPipeline:
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)
             )
             slots = None if vae_slots is None else threading.BoundedSemaphore(vae_slots)
-            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled, slots)
+            frames = settings.count_at(config["data"]["num_frames"], resolution)
+            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled, slots, frames)
 
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
@@ -275,7 +278,7 @@ class LipSyncPipeline:
             audio,
             detectors or DetectorPool(MediaPipeFaceDetector),
             config,
-            None if windows_per_call is None else settings.windows_at(windows_per_call, resolution),
+            None if windows_per_call is None else settings.count_at(windows_per_call, resolution),
             settings=settings,
         )
 
@@ -301,7 +304,7 @@ class LipSyncPipeline:
             audio,
             detectors or DetectorPool(MediaPipeFaceDetector),
             config,
-            None if windows_per_call is None else settings.windows_at(windows_per_call, config["data"]["resolution"]),
+            None if windows_per_call is None else settings.count_at(windows_per_call, config["data"]["resolution"]),
             settings=settings,
         )
 
