@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -163,6 +165,13 @@ def test_batch_sizes_must_rise_to_max_windows() -> None:
         BatchingSettings(max_windows=8, batch_sizes=(1, 4))
 
 
+def test_settings_at_most_a_smaller_call_keep_the_sizes_below_it() -> None:
+    settings = BatchingSettings(max_windows=8, max_delay_ms=3)
+    assert settings.at_most(2) == BatchingSettings(max_windows=2, max_delay_ms=3, batch_sizes=(1, 2))
+    assert settings.at_most(3).batch_sizes == (1, 2, 3)
+    assert settings.at_most(8) is settings and settings.at_most(12) is settings
+
+
 class _MemoryCapped:
     """The tiny UNet behind a memory cap: a call of more than ``max_rows`` batch rows runs out of memory."""
 
@@ -177,6 +186,41 @@ class _MemoryCapped:
         if sample.shape[0] > self.max_rows:
             raise torch.OutOfMemoryError("CUDA out of memory (stand-in cap)")
         return self.unet(sample, *args)
+
+
+class _Activations:
+    """Stands in for a UNet forward's tensors: something its frame holds that a weak reference can watch."""
+
+
+class _HoldsActivationsWhenItFails:
+    """A UNet whose every call runs out of memory while its frame holds activations."""
+
+    def __init__(self, unet) -> None:
+        self.unet, self.held = unet, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        activations = _Activations()
+        self.held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in cap)")
+
+
+def test_a_job_gets_its_memory_error_with_the_failed_calls_memory_already_freed(tiny_unet) -> None:
+    """The error reaches the job through a future, which with the batcher's frame forms a reference cycle: the
+    failed call's activations would stay until a full garbage collection, and a retry would find no room."""
+    failing = _HoldsActivationsWhenItFails(tiny_unet)
+    batcher = WindowBatcher(failing, load_scheduler(), BatchingSettings(max_windows=2, max_delay_ms=0))
+    gc.disable()
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as failed:
+            batcher(_batch(1, windows=1))
+        assert failing.held and all(ref() is None for ref in failing.held)
+    finally:
+        gc.enable()
+        batcher.close()
+    assert "out of memory" in str(failed.value)
 
 
 def test_a_call_over_the_memory_cap_splits_its_jobs_and_later_calls_stay_smaller(tiny_unet) -> None:

@@ -359,3 +359,27 @@ def test_same_seed_same_frames_other_seed_other_frames(
     changed = [index for index, (a, b) in enumerate(zip(first, different)) if not np.array_equal(a, b)]
     # Every frame with a face gets a different mouth; the face-less ones are passed through.
     assert set(changed) >= set(range(20)) - set(FACELESS)
+
+
+def test_window_counts_are_given_at_the_window_resolution_and_scale_with_face_area(tiny_weights: WeightPaths) -> None:
+    """A setting sized for the GPU memory of 256 px faces holds for larger ones: the tiny model's 128 px faces
+    against a window resolution of 64 count four times, as 1.6's 512 px faces do against 256."""
+    from lipsync.batching import BatchingSettings
+    from lipsync.pipeline import PipelineSettings
+
+    scaled = PipelineSettings.load(window_resolution=64)
+    pipeline = LipSyncPipeline.from_weights(
+        tiny_weights, windows_per_call=8, batching=BatchingSettings(max_windows=8, max_delay_ms=0), settings=scaled
+    )
+    try:
+        assert pipeline.windows_per_call == 2
+        assert pipeline.denoiser.max_windows == 2  # type: ignore[attr-defined]
+        assert pipeline.local_replicas[0].vae_frames == 4  # 16 frames' worth of 64 px faces
+    finally:
+        pipeline.close()
+    frame_work = LipSyncPipeline.with_generators(tiny_weights, pipeline.replicas, windows_per_call=8, settings=scaled)
+    assert frame_work.windows_per_call == 2
+    frame_work.detectors.close()
+    unscaled = LipSyncPipeline.from_weights(tiny_weights, windows_per_call=8)  # faces no larger than 256 px
+    assert unscaled.windows_per_call == 8 and unscaled.local_replicas[0].vae_frames == 16
+    unscaled.close()

@@ -101,6 +101,21 @@ def test_remote_generation_equals_local_generation(replica: Replica) -> None:
     assert steps and progress[-1] == pytest.approx(3.0)  # every window's steps reported, as locally
 
 
+def test_vae_calls_of_fewer_frames_generate_the_same_faces(replica: Replica) -> None:
+    """``vae_frames`` (fewer frames per VAE call for larger faces) bounds the VAE's memory, not what it computes."""
+    size = load_config(TINY_UNET_CONFIG)["data"]["resolution"]
+    faces, audio, mask = _inputs(2 * WINDOW, size)
+    settings = SamplingSettings.from_config(load_config(TINY_UNET_CONFIG), steps=2, num_frames=WINDOW)
+
+    def run(generator_replica: Replica) -> torch.Tensor:
+        random = torch.Generator().manual_seed(31)
+        return FaceGenerator([generator_replica], settings)(faces, audio, mask, initial_noise(random, size // 8), random)
+
+    whole = run(replica)
+    chunked = run(Replica(replica.vae, replica.denoiser, vae_frames=1))
+    assert (chunked - whole).abs().max() <= 1e-4
+
+
 def test_group_arrays_round_trip(replica: Replica) -> None:
     size = load_config(TINY_UNET_CONFIG)["data"]["resolution"]
     faces, audio, mask = _inputs(16, size)
