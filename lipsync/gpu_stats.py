@@ -12,11 +12,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from lipsync.gpu_guard import GPU_GUARD
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ GaugeFactory = Callable[[str, str], Gauge]
 
 
 def read_gpu(device: torch.device) -> GpuReading:
+    import torch  # here, not at the top: the gauge names are also read by torch-free processes (lipsync.serving)
+
     with GPU_GUARD.shared():  # a driver call beside a CUDA-graph capture could invalidate it
         free, total = torch.cuda.mem_get_info(device)
     return GpuReading(torch.cuda.utilization(device) / 100, total - free, torch.cuda.memory_allocated(device))

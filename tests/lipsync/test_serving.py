@@ -344,3 +344,11 @@ def test_a_process_kept_off_the_gpus_sees_no_cuda_device_and_still_finds_faces()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0", "True"]
+
+
+def test_the_serving_helpers_import_no_torch() -> None:
+    """``lipsync_unary``'s processes import only these and the job contract: each such stub starts about a second
+    sooner without torch (a CPU Triton starts two)."""
+    code = "import sys, lipsync.contract, lipsync.serving; print('torch' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "False"
