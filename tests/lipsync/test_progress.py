@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lipsync.progress import (
 )
 
 IN_PROPORTION = dict.fromkeys(STAGES, 0.0)
+REPO = Path(__file__).resolve().parents[2]
 """Fixed shares under which every stage scales in proportion with its units."""
 SHARES = {"audio": 0.8, "analyse": 0.5, "generate": 0.0, "encode": 0.5}
 
@@ -253,22 +255,42 @@ def test_a_file_that_cannot_be_written_keeps_the_job_in_memory(tmp_path: Path) -
     assert rates.seconds("generate", size) == pytest.approx(40.0)
 
 
-def learn_jobs(path: Path, history: int, first_frames: int, jobs: int) -> None:
-    """A job process: learn ``jobs`` jobs into ``path``, one frame count each from ``first_frames`` on."""
-    rates = StageRates(history, IN_PROPORTION, path)
-    for frames in range(first_frames, first_frames + jobs):
-        rates.learn({"audio": 1.0, "generate": 2.0}, JobSize(frames=frames, steps=1))
+LEARNER = """
+import sys
+from pathlib import Path
+from lipsync.progress import STAGES, JobSize, StageRates
+
+path, history, first_frames, jobs = Path(sys.argv[1]), *map(int, sys.argv[2:])
+rates = StageRates(history, dict.fromkeys(STAGES, 0.0), path)
+print("ready", flush=True)
+sys.stdin.read(1)  # both start learning when both are ready
+for frames in range(first_frames, first_frames + jobs):
+    rates.learn({"audio": 1.0, "generate": 2.0}, JobSize(frames=frames, steps=1))
+"""
+"""A job process: learn ``jobs`` jobs into ``path``, one frame count each from ``first_frames`` on."""
 
 
 def learn_in_two_processes(path: Path, history: int, jobs: int) -> None:
-    """Two processes learning ``jobs`` jobs each into ``path`` at once (frames 1000… and 2000…)."""
-    context = multiprocessing.get_context("fork")
-    learners = [context.Process(target=learn_jobs, args=(path, history, first, jobs)) for first in (1000, 2000)]
-    for learner in learners:
-        learner.start()
-    for learner in learners:
-        learner.join(120)
-    assert [learner.exitcode for learner in learners] == [0, 0]
+    """Two processes learning ``jobs`` jobs each into ``path`` at once (frames 1000… and 2000…).
+
+    Fresh interpreters, not forks: a fork of this multi-threaded test process can inherit a lock that another
+    thread held, and hang."""
+    learners = [
+        subprocess.Popen(
+            [sys.executable, "-c", LEARNER, str(path), str(history), str(first), str(jobs)],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for first in (1000, 2000)
+    ]
+    try:
+        assert [learner.stdout.readline() for learner in learners] == ["ready\n"] * 2  # type: ignore[union-attr]
+        for learner in learners:
+            learner.stdin.write("go")  # type: ignore[union-attr]
+            learner.stdin.close()  # type: ignore[union-attr]
+        assert [learner.wait(timeout=120) for learner in learners] == [0, 0]
+    finally:
+        for learner in learners:
+            learner.kill()
 
 
 def test_processes_learning_at_once_lose_no_job(tmp_path: Path) -> None:
