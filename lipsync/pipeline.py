@@ -247,6 +247,7 @@ class LipSyncPipeline:
         settings = settings or PipelineSettings.load()
         config = load_config(paths.unet_config)
         resolution = config["data"]["resolution"]
+        vae_frames = settings.count_at(config["data"]["num_frames"], resolution)
         if batching is not None:
             batching = batching.at_most(settings.count_at(batching.max_windows, resolution))
 
@@ -269,8 +270,7 @@ class LipSyncPipeline:
                 else WindowBatcher(eager, load_scheduler(), batching, on_batch)
             )
             slots = None if vae_slots is None else threading.BoundedSemaphore(vae_slots)
-            frames = settings.count_at(config["data"]["num_frames"], resolution)
-            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled, slots, frames)
+            return Replica(load_vae(paths.vae_dir, device, dtype), denoiser, compiled, slots, vae_frames)
 
         audio = AudioFeatureExtractor.from_checkpoint(paths.whisper, config, devices[0])
         return cls(
